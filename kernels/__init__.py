@@ -1,0 +1,1 @@
+"""Triton kernels of mmmod, shipped inside the package as ``mmmod.kernels``."""

@@ -1,0 +1,79 @@
+"""Backend registry and the ``"auto"`` choice.
+
+``auto`` picks, for the device the data lives on: the compiled ``cuda`` extension, else
+``triton``, else ``torch`` on GPUs; the compiled ``cpu`` extension, else ``torch`` on CPU. A
+fused backend that cannot be loaded is reported once with a warning naming why.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+from .base import Backend
+from .torch_backend import TorchBackend
+
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+# module and class for each backend that lives outside this file (imported lazily)
+_LAZY = {
+    "triton": ("mmmod.backends.triton_backend", "TritonBackend"),
+    "cpu": ("mmmod.backends.extension_backend", "CpuBackend"),
+    "cuda": ("mmmod.backends.extension_backend", "CudaBackend"),
+}
+_instances: dict[str, Backend] = {"torch": TorchBackend()}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> Backend | None:
+    if name in _instances:
+        return _instances[name]
+    module, cls = _LAZY[name]
+    try:
+        inst = getattr(importlib.import_module(module), cls)()
+    except ImportError:  # the module itself is not there yet
+        return None
+    _instances[name] = inst
+    return inst
+
+
+def status(name: str) -> tuple[bool, str]:
+    """(live, reason) for a named backend, without raising."""
+    if name not in BACKENDS or name == "auto":
+        return False, f"unknown backend {name!r}"
+    inst = _load(name)
+    if inst is None:
+        return False, f"backend {name!r} is not part of this build"
+    return inst.available()
+
+
+def get(name: str, device: torch.device | str | None = None) -> Backend:
+    """Resolve a backend name (``"auto"`` included) for data on ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name == "auto":
+        return _auto(device)
+    live, why = status(name)
+    if not live:
+        raise RuntimeError(f"mmmod backend {name!r} is not available: {why}")
+    inst = _instances[name]
+    if not inst.supports(device):
+        raise RuntimeError(f"mmmod backend {name!r} cannot run on device {device}")
+    return inst
+
+
+def _auto(device: torch.device) -> Backend:
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    reasons = []
+    for name in order:
+        live, why = status(name)
+        if live and _instances[name].supports(device):
+            return _instances[name]
+        reasons.append(f"{name}: {why or 'does not support ' + str(device)}")
+    key = device.type
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn("mmmod: no fused backend for " + key + " (" + "; ".join(reasons)
+                      + "); using the plain-torch reference backend", RuntimeWarning, stacklevel=3)
+    return _instances["torch"]

@@ -1,0 +1,37 @@
+"""The interface every compute backend implements.
+
+A *bucket* is the selected gradients of one modality on one device with one dtype, all
+contiguous (the functional layer guarantees it). ``k`` and ``gate`` arrive as 0-d float32
+tensors on that device so no backend ever needs a host value: ``gate`` is 1 or 0 and
+multiplies the noise, which lets a step with non-finite scores be skipped without a sync.
+``offsets[i]`` is the first element of tensor i in the modality's Philox stream.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class Backend:
+    name = "abstract"
+
+    def available(self) -> tuple[bool, str]:
+        """(live, why not) on this machine."""
+        raise NotImplementedError
+
+    def supports(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def coefficients(self, scores: torch.Tensor, method: str, alpha: float,
+                     beta_max: float) -> torch.Tensor:
+        from ..reference import coefficients
+        return coefficients(scores, method, alpha, beta_max)
+
+    def modulate_bucket_(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int],
+                         k: torch.Tensor, gate: torch.Tensor, *, noise: bool, noise_std: str,
+                         seed: int, step: int, modality: int) -> None:
+        raise NotImplementedError

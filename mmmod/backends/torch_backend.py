@@ -1,0 +1,24 @@
+"""``backend="torch"``: the reference itself; works on every device, never fused."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def available(self):
+        return True, ""
+
+    def supports(self, device):
+        return True
+
+    def scores(self, logits, labels):
+        return reference.scores(logits, labels)
+
+    def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
+        reference.modulate_bucket_(tensors, offsets, k, gate, noise=noise, noise_std=noise_std,
+                                   seed=seed, step=step, modality=modality)

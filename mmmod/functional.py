@@ -1,0 +1,153 @@
+"""Stateless entry points: scores, coefficients, in-place modulation, any backend.
+
+Everything here is sync-free on accelerators except ``noise_rng="torch"`` (parity mode).
+Inputs are validated from metadata only (shapes, dtypes, devices), so errors are raised before
+any gradient is touched.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import backends, reference
+
+NOISE_STD = ("raw", "scaled")
+NOISE_RNG = ("philox", "torch")
+DEFAULT_ALPHA = {"ogm": 0.1, "ogm_ge": 0.1, "mlb": 0.5, "none": 0.0}
+
+
+def _name(names, m):
+    return f"modality {names[m]!r}" if names else f"modality {m}"
+
+
+def check_logits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                 names: Sequence[str] | None = None) -> None:
+    """Shape/dtype/device checks that need no host sync."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D [B], got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if len(logits) == 0:
+        raise ValueError("no logits given")
+    for m, z in enumerate(logits):
+        who = _name(names, m)
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"logits of {who} must be a tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"logits of {who} must be 2-D [B, C], got shape {tuple(z.shape)}")
+        if z.shape[0] != labels.shape[0]:
+            raise ValueError(f"logits of {who} have batch size {z.shape[0]} but labels have "
+                             f"{labels.shape[0]}")
+        if z.shape[1] < 1:
+            raise ValueError(f"logits of {who} have no classes (shape {tuple(z.shape)})")
+        if not z.dtype.is_floating_point:
+            raise TypeError(f"logits of {who} must be floating point, got {z.dtype}")
+        if z.device != labels.device:
+            raise ValueError(f"logits of {who} are on {z.device} but labels are on {labels.device}")
+
+
+def check_labels_in_range(logits, labels, names=None) -> None:
+    """Eager range check: free for CPU labels, a host sync on accelerators."""
+    if labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    for m, z in enumerate(logits):
+        if lo < 0 or hi >= z.shape[1]:
+            raise ValueError(f"labels must lie in [0, {z.shape[1]}) for {_name(names, m)}, "
+                             f"got values in [{lo}, {hi}]")
+
+
+def scores(logits: Sequence[torch.Tensor], labels: torch.Tensor, backend: str = "auto",
+           names: Sequence[str] | None = None) -> torch.Tensor:
+    """Per-modality sum over the batch of softmax(z_m)[i, y_i]: float32 tensor [M].
+
+    A label outside [0, C) gives NaN for the modality instead of reading out of bounds.
+    """
+    logits = list(logits)
+    check_logits(logits, labels, names)
+    return backends.get(backend, labels.device).scores(logits, labels)
+
+
+def coefficients(scores: torch.Tensor, method: str, alpha: float | None = None,
+                 beta_max: float = 2.0, backend: str = "auto") -> torch.Tensor:
+    """Coefficients k [M] from scores [M]; NaN everywhere if any score is NaN."""
+    if method not in DEFAULT_ALPHA:
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(DEFAULT_ALPHA)}")
+    alpha = DEFAULT_ALPHA[method] if alpha is None else float(alpha)
+    if scores.dim() != 1 or scores.shape[0] < 2:
+        raise ValueError(f"scores must be 1-D with M >= 2 modalities, got shape {tuple(scores.shape)}")
+    return backends.get(backend, scores.device).coefficients(scores, method, alpha, float(beta_max))
+
+
+def _check_grads(grads, coeffs, names):
+    if coeffs.dim() != 1 or coeffs.shape[0] != len(grads):
+        raise ValueError(f"coeffs must have shape [{len(grads)}] (one per modality), "
+                         f"got {tuple(coeffs.shape)}")
+    for m, tensors in enumerate(grads):
+        for i, g in enumerate(tensors):
+            if g is None:
+                continue
+            who = f"tensor {i} of {_name(names, m)}"
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"{who} is a {type(g).__name__}, not a tensor")
+            if g.is_sparse or g.layout != torch.strided:
+                raise ValueError(f"{who} has a {g.layout} gradient; mmmod modulates dense "
+                                 f"(strided) gradients only")
+            if not g.dtype.is_floating_point:
+                raise TypeError(f"{who} has dtype {g.dtype}; expected a floating-point gradient")
+
+
+def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, noise: bool,
+              noise_std: str = "raw", noise_rng: str = "philox", seed: int = 0, step: int = 0,
+              backend: str = "auto", offsets: Sequence[Sequence[int]] | None = None,
+              names: Sequence[str] | None = None) -> None:
+    """Modulate every modality's gradients in place: g <- k_m g (+ sigma n when ``noise``).
+
+    ``grads[m]`` lists modality m's tensors (``None`` entries are skipped); ``offsets[m][i]``
+    is tensor i's first element in the modality's noise stream (default: running sum of
+    sizes). If any coefficient is NaN the whole call leaves the gradients untouched, decided
+    on the device (no sync).
+    """
+    if noise_std not in NOISE_STD:
+        raise ValueError(f"noise_std must be one of {NOISE_STD}, got {noise_std!r}")
+    if noise_rng not in NOISE_RNG:
+        raise ValueError(f"noise_rng must be one of {NOISE_RNG}, got {noise_rng!r}")
+    grads = [list(t) for t in grads]
+    _check_grads(grads, coeffs, names)
+    if offsets is None:
+        offsets = []
+        for tensors in grads:
+            run, offs = 0, []
+            for g in tensors:
+                offs.append(run)
+                run += 0 if g is None else g.numel()
+            offsets.append(offs)
+    if noise_rng == "torch":
+        if bool(torch.isfinite(coeffs).all()):
+            reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads], coeffs,
+                                          noise=noise, noise_std=noise_std)
+        return
+    ok = torch.isfinite(coeffs).all()
+    k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
+    gate = ok.float()
+    for m, tensors in enumerate(grads):
+        buckets: dict[tuple, tuple[list, list]] = {}
+        for g, off in zip(tensors, offsets[m]):
+            if g is None or g.numel() == 0:
+                continue
+            ts, os_ = buckets.setdefault((g.device, g.dtype), ([], []))
+            ts.append(g)
+            os_.append(off)
+        for (device, _), (ts, os_) in buckets.items():
+            impl = backends.get(backend, device)
+            k_m = k_eff[m].to(device, non_blocking=True)
+            gate_m = gate.to(device, non_blocking=True)
+            work = [g if g.is_contiguous() else g.contiguous() for g in ts]
+            impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
+                                  seed=int(seed), step=int(step), modality=m)
+            for g, w in zip(ts, work):
+                if w is not g:
+                    g.copy_(w)

@@ -1,0 +1,85 @@
+"""Applying the coefficients to gradients (SPEC.md section 4), in plain torch.
+
+Per selected tensor g of modality m, in float32 and cast back to g's dtype:
+  OGM, MLB:  g <- k_m * g
+  OGM-GE:    g <- k_m * g + sigma * n,   sigma = float32(std(g) + 1e-8)
+where std is the unbiased standard deviation of g's raw values accumulated in float64 (the
+std of a one-element tensor is defined as 0, so its sigma is 1e-8), ``noise_std="scaled"``
+uses |k_m| * std(g) instead (std after scaling, the first public version), and n is the
+counter-based noise of :mod:`mmmod.reference.philox`. Empty tensors are left alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .philox import CHUNK, philox_normal
+
+SIGMA_EPS = 1e-8
+
+
+def tensor_std(g: torch.Tensor) -> torch.Tensor:
+    """Unbiased std in float64; 0 for tensors of fewer than two elements."""
+    if g.numel() < 2:
+        return torch.zeros((), dtype=torch.float64, device=g.device)
+    return g.detach().double().std()
+
+
+def tensor_sigma(g: torch.Tensor, k: torch.Tensor, noise_std: str) -> torch.Tensor:
+    std = tensor_std(g)
+    if noise_std == "scaled":
+        std = std * k.double().abs()
+    return (std + SIGMA_EPS).float()
+
+
+@torch.no_grad()
+def modulate_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int], k: torch.Tensor,
+                     gate: torch.Tensor | None, *, noise: bool, noise_std: str, seed: int, step: int,
+                     modality: int) -> None:
+    """In-place k * g (+ gate * sigma * n) for the tensors of one modality.
+
+    ``k`` and ``gate`` are 0-d float32 device tensors (``gate`` 0 switches the noise off without
+    a host sync); ``offsets[i]`` is tensor i's first flat element in the modality's stream.
+    """
+    k = k.float()
+    for g, off in zip(tensors, offsets):
+        n = g.numel()
+        if n == 0:
+            continue
+        if not noise:
+            flat = g.view(-1)
+            for s in range(0, n, CHUNK):
+                part = flat[s:s + CHUNK]
+                part.copy_(part.float() * k)
+            continue
+        sigma = tensor_sigma(g, k, noise_std)
+        if gate is not None:
+            sigma = sigma * gate
+        flat = g.view(-1)
+        for s in range(0, n, CHUNK):
+            part = flat[s:s + CHUNK]
+            z = philox_normal(seed, step, modality, off + s, part.numel(), g.device)
+            part.copy_(part.float() * k + sigma * z)
+
+
+@torch.no_grad()
+def modulate_torch_rng_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *,
+                        noise: bool, noise_std: str) -> None:
+    """The official code's arithmetic and random stream (syncs: parity only).
+
+    For each tensor, modality by modality in order: ``g * k + zeros_like(g).normal_(0, std + 1e-8)``
+    with ``std = float(g.std())`` of the raw gradient (``"scaled"``: of ``g * k``).
+    """
+    for m, tensors in enumerate(grads):
+        k = float(coeffs[m])
+        for g in tensors:
+            if g.numel() == 0:
+                continue
+            if not noise:
+                g.mul_(k)
+                continue
+            src = g * k if noise_std == "scaled" else g
+            std = float(src.std()) if g.numel() > 1 else 0.0
+            z = torch.zeros_like(g).normal_(0, std + SIGMA_EPS)
+            g.copy_(g * k + z)
