@@ -2,6 +2,7 @@
 from . import backends, filters, functional, fusion, losses, reference
 from ._version import __version__
 from .optimizer import ModulatedOptimizer
+from .slices import ParamSlice
 
-__all__ = ["ModulatedOptimizer", "functional", "fusion", "losses", "reference", "backends",
+__all__ = ["ModulatedOptimizer", "ParamSlice", "functional", "fusion", "losses", "reference", "backends",
            "filters", "__version__"]

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .slices import ParamSlice
+
 
 @torch.no_grad()
 def concat_logits(linear: torch.nn.Linear, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -29,3 +31,16 @@ def sum_logits(linears: Sequence[torch.nn.Linear], features: Sequence[torch.Tens
     if len(linears) != len(features):
         raise ValueError(f"{len(linears)} linear layers for {len(features)} feature tensors")
     return [lin(f.detach()) for lin, f in zip(linears, features)]
+
+
+def concat_slices(linear: torch.nn.Linear, widths: Sequence[int]) -> list[ParamSlice]:
+    """Each modality's column block of a concat-fusion weight (MLB modulates it with the
+    modality's encoder): ``modalities={"audio": [enc_a, slices[0]], ...}``."""
+    if sum(widths) != linear.in_features:
+        raise ValueError(f"widths {list(widths)} sum to {sum(widths)} but the fusion layer takes "
+                         f"{linear.in_features} inputs")
+    out, start = [], 0
+    for w in widths:
+        out.append(ParamSlice(linear.weight, 1, start, start + w))
+        start += w
+    return out

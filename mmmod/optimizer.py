@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends, filters, functional
+from .slices import ParamSlice
 
 METHODS = ("ogm", "ogm_ge", "mlb", "none")
 APPLY_TO = ("grad", "update")
@@ -151,33 +152,32 @@ class ModulatedOptimizer(torch.optim.Optimizer):
     # ---- set-up ------------------------------------------------------------------------
     def _select(self, modalities, keep):
         optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        owner: dict[int, str] = {}
+        owner: dict[int, tuple[str, Any]] = {}  # id(param) -> (modality, entry)
         params, names = [], []
         for name, src in modalities.items():
-            if isinstance(src, torch.nn.Module):
-                named = list(src.named_parameters())
-            elif isinstance(src, torch.Tensor):
-                named = [(f"{name}[0]", src)]
-            else:
-                named = [(f"{name}[{i}]", p) for i, p in enumerate(src)]
+            named = _expand(name, src)
             chosen, chosen_names, seen = [], [], set()
-            for pname, p in named:
+            for pname, e in named:
+                p = e.param if isinstance(e, ParamSlice) else e
                 if not isinstance(p, torch.Tensor):
-                    raise TypeError(f"modality {name!r}: entry {pname!r} is a {type(p).__name__}, "
+                    raise TypeError(f"modality {name!r}: entry {pname!r} is a {type(e).__name__}, "
                                     f"not a parameter")
-                if id(p) in seen or not keep(pname, p):
+                explicit = isinstance(e, ParamSlice)  # slices are chosen by hand: no filter
+                if id(e) in seen or not (explicit or keep(pname, p)):
                     continue
-                seen.add(id(p))
-                if id(p) in owner:
+                seen.add(id(e))
+                prev = owner.get(id(p))
+                if prev is not None and not (explicit and isinstance(prev[1], ParamSlice)
+                                             and not prev[1].overlaps(e)):
                     raise ValueError(f"parameter {pname!r} of modality {name!r} also belongs to "
-                                     f"modality {owner[id(p)]!r}; a parameter may be modulated "
+                                     f"modality {prev[0]!r}; a parameter may be modulated "
                                      f"by one modality only")
                 if id(p) not in optimized:
                     raise ValueError(f"parameter {pname!r} of modality {name!r} is not in the "
                                      f"inner optimizer's param_groups, so it would never be "
                                      f"updated")
-                owner[id(p)] = name
-                chosen.append(p)
+                owner[id(p)] = (name, e)
+                chosen.append(e)
                 chosen_names.append(pname)
             if not chosen:
                 raise ValueError(f"modality {name!r}: param_filter {self.param_filter!r} "
@@ -270,7 +270,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         elif modulate:
             if self.method == "ogm_ge":  # noise still goes to the gradient; k goes to the update
                 self._modulate(grads, self._coeffs * 0 + 1, True)  # NaN (skip) survives
-            before = [[p.detach().clone() for p in ps] for ps in self.params]
+            before = [[_param_of(e).clone() for e in ps] for ps in self.params]
         self.optimizer.step()
         if modulate and self.apply_to == "update":
             self._scale_updates(before)
@@ -311,8 +311,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         out = []
         for name, ps, pnames in zip(self.names, self.params, self.param_names):
             gs = []
-            for p, pname in zip(ps, pnames):
-                g = p.grad
+            for e, pname in zip(ps, pnames):
+                g = _grad_of(e)
                 if g is not None and (g.is_sparse or g.layout != torch.strided):
                     raise ValueError(f"parameter {pname!r} of modality {name!r} has a sparse "
                                      f"gradient; mmmod modulates dense gradients only")
@@ -332,7 +332,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         k = torch.where(torch.isfinite(k).all(), k, torch.ones_like(k))
         for m, (ps, p0) in enumerate(zip(self.params, before)):
             by_device: dict[torch.device, tuple[list, list]] = {}
-            for p, q in zip(ps, p0):
+            for e, q in zip(ps, p0):
+                p = _param_of(e)
                 a, b = by_device.setdefault(p.device, ([], []))
                 a.append(p)
                 b.append(q)
@@ -372,6 +373,35 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self._skipped = own.get("skipped_steps")
         self._scores = own.get("scores")
         self._coeffs = own.get("coefficients")
+
+
+def _expand(name: str, src) -> list[tuple[str, Any]]:
+    """(name, tensor or ParamSlice) entries of one modality, modules expanded."""
+    if isinstance(src, torch.nn.Module):
+        return list(src.named_parameters())
+    if isinstance(src, (torch.Tensor, ParamSlice)):
+        src = [src]
+    out = []
+    for i, e in enumerate(src):
+        if isinstance(e, torch.nn.Module):
+            out += [(f"{name}[{i}].{n}", p) for n, p in e.named_parameters()]
+        elif isinstance(e, ParamSlice):
+            out.append((f"{name}[{i}][{e.start}:{e.stop} along dim {e.dim}]", e))
+        else:
+            out.append((f"{name}[{i}]", e))
+    return out
+
+
+def _param_of(e) -> torch.Tensor:
+    """The (detached) tensor a selected entry updates in place."""
+    return e.view(e.param.detach()) if isinstance(e, ParamSlice) else e.detach()
+
+
+def _grad_of(e) -> torch.Tensor | None:
+    if isinstance(e, ParamSlice):
+        g = e.param.grad
+        return None if g is None else e.view(g)
+    return e.grad
 
 
 def _running_offsets(params: Sequence[torch.Tensor]) -> list[int]:

@@ -246,3 +246,40 @@ def test_torch_rng_mode_through_optimizer_matches_official_loop(seed):
     plain.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_mlb_scales_each_modality_slice_of_the_fusion_head(seed):
+    torch.manual_seed(seed)
+    model = TwoEncoder(width=4)
+    cols = mmmod.fusion.concat_slices(model.head, [4, 4])
+    inner = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: read the modulated grads
+    opt = mmmod.ModulatedOptimizer(
+        inner, {"audio": [model.encoders[0], cols[0]], "visual": [model.encoders[1], cols[1]]},
+        method="mlb", alpha=2.0, backend="torch")
+    xs, y = batch()
+    opt.zero_grad()
+    out, feats = model(xs)
+    opt.observe(mmmod.fusion.concat_logits(model.head, feats), y)
+    nn.functional.cross_entropy(out, y).backward()
+    raw_w, raw_b = model.head.weight.grad.clone(), model.head.bias.grad.clone()
+    raw_enc = [p.grad.clone() for p in model.encoders[1].parameters()]
+    opt.step()
+    k = opt._coeffs
+    assert not torch.equal(k, torch.ones(2))
+    w = model.head.weight.grad
+    assert torch.equal(w[:, :4], (raw_w[:, :4] * k[0]))
+    assert torch.equal(w[:, 4:], (raw_w[:, 4:] * k[1]))
+    assert torch.equal(model.head.bias.grad, raw_b)  # the shared bias is nobody's
+    for p, g in zip(model.encoders[1].parameters(), raw_enc):
+        assert torch.equal(p.grad, g * k[1])
+
+
+def test_overlapping_slices_rejected():
+    model = TwoEncoder(width=4)
+    with pytest.raises(ValueError, match="also belongs to modality 'audio'"):
+        mmmod.ModulatedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            {"audio": [mmmod.ParamSlice(model.head.weight, 1, 0, 5)],
+             "visual": [mmmod.ParamSlice(model.head.weight, 1, 4, 8)]}, method="mlb")
+    with pytest.raises(ValueError, match="out of range"):
+        mmmod.ParamSlice(model.head.weight, 1, 4, 9)
