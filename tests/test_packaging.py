@@ -1,0 +1,41 @@
+"""The Triton kernels ship as ``mmmod.kernels`` (never a top-level ``kernels``)."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, MMMOD_NO_EXTENSION="1")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                        "-q", "-w", str(out), str(ROOT)], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail("pip wheel failed:\n" + r.stdout + r.stderr)
+    (whl,) = out.glob("mmmod-*.whl")
+    return whl
+
+
+def test_wheel_ships_kernels_inside_the_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mmmod/kernels/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+    assert "mmmod/reference/philox.py" in names and "mmmod/backends/base.py" in names
+
+
+def test_installed_wheel_imports_mmmod_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True)
+    code = ("import mmmod, mmmod.kernels, importlib.util as u; "
+            "assert mmmod.kernels.__file__.startswith(%r), mmmod.kernels.__file__; "
+            "assert u.find_spec('kernels') is None; print('ok')" % str(target))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(target)))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

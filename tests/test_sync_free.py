@@ -1,0 +1,43 @@
+"""observe()/step() never read a device value on the host on the default path.
+
+On CPU there is no real sync to catch, so every way of pulling a tensor value into Python is
+instrumented instead; any call during observe/step fails the test. (The label range check of
+CPU labels is such a read by design, free on CPU: it is patched out here, as on accelerators.)
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from mmmod import backends, functional
+from _models import TwoEncoder, batch, make, train_step
+
+READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy")
+# the Triton interpreter moves tensors to numpy by design; on a GPU the suite covers triton
+MMMOD_DIR = os.path.dirname(functional.__file__)
+HOST_BACKENDS = [b for b in ("torch", "cpu") if backends.status(b)[0]]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("method", ["ogm_ge", "ogm", "mlb"])
+@pytest.mark.parametrize("apply_to", ["grad", "update"])
+def test_no_host_reads_in_observe_and_step(monkeypatch, backend, method, apply_to):
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.AdamW(model.parameters(), lr=1e-3), method=method,
+                      backend=backend, apply_to=apply_to)
+    train_step(model, opt, names, *batch())  # warm-up outside the instrumented region
+    calls = []
+    for attr in READS:
+        orig = getattr(torch.Tensor, attr)
+
+        def spy(self, *a, _orig=orig, _attr=attr, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if MMMOD_DIR in caller:  # the inner optimizer's own CPU reads are not ours
+                calls.append(f"{_attr} in {caller}:{sys._getframe(1).f_lineno}")
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, attr, spy)
+    monkeypatch.setattr(functional, "check_labels_in_range", lambda *a, **k: None)
+    train_step(model, opt, names, *batch())
+    monkeypatch.undo()
+    assert calls == [], f"host reads during observe/step: {calls}"
