@@ -6,10 +6,13 @@ Per selected tensor g of modality m, in float32 and cast back to g's dtype:
 where std is the unbiased standard deviation of g's raw values accumulated in float64 (the
 std of a one-element tensor is defined as 0, so its sigma is 1e-8), ``noise_std="scaled"``
 uses |k_m| * std(g) instead (std after scaling, the first public version), and n is the
-counter-based noise of :mod:`mmmod.reference.philox`. Empty tensors are left alone.
+counter-based noise of :mod:`mmmod.reference.philox`. Empty tensors are left alone. A tensor
+whose sigma is not finite (NaN/inf in g, or an overflowing std) gets no noise (sigma = 0), so
+the modulation never spreads a non-finite value to other elements.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -54,6 +57,8 @@ def modulate_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int], k:
                 part.copy_(part.float() * k)
             continue
         sigma = tensor_sigma(g, k, noise_std)
+        # a non-finite gradient (NaN/inf anywhere in g) gets no noise: NaN stays where it was
+        sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
         if gate is not None:
             sigma = sigma * gate
         flat = g.view(-1)
@@ -81,5 +86,8 @@ def modulate_torch_rng_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.T
                 continue
             src = g * k if noise_std == "scaled" else g
             std = float(src.std()) if g.numel() > 1 else 0.0
+            if not math.isfinite(std + SIGMA_EPS):  # non-finite gradient: no noise to spread
+                g.mul_(k)
+                continue
             z = torch.zeros_like(g).normal_(0, std + SIGMA_EPS)
             g.copy_(g * k + z)
