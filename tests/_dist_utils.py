@@ -1,0 +1,182 @@
+"""Helpers for the multi-process tests: free ports, spawning gloo workers, the DDP worker itself.
+
+Workers live here (not in a test module) so that ``torch.multiprocessing`` spawn children can
+import them by module name; spawn passes the parent's ``sys.path``, which has ``tests/`` on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import mmmod
+from mmmod import functional
+from _models import TwoEncoder
+
+SPAWN_TIMEOUT_S = 240
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only cost (5x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; raise on any failure."""
+    port = free_port()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    ctx = mp.start_processes(fn, args=(world, port) + args, nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed workers did not finish in {timeout} s")
+
+
+def init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+def global_batch(step: int, seed: int, b: int, m: int = 2, classes: int = 5):
+    """The whole global batch of a step, identical in every process."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    xs = [torch.randn(b, 1 + i, 9, 9, generator=g) for i in range(m)]
+    return xs, torch.randint(0, classes, (b,), generator=g)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+# ---- the DDP training worker ----------------------------------------------------------------
+LOCAL_B = 6       # per-rank batch of the plain run
+STEPS = 30
+ACC_STEPS = 3     # steps of the no_sync accumulation run
+MICRO = 2         # micro-batches per accumulation step (the first under no_sync)
+ALPHA = 0.8
+LR = 0.05
+
+
+def make_opt(model: nn.Module, params, backend: str, seed: int, process_group=None):
+    inner = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    return mmmod.ModulatedOptimizer(inner, {"audio": model.encoders[0], "visual": model.encoders[1]},
+                                    method="ogm_ge", alpha=ALPHA, backend=backend, seed=seed,
+                                    process_group=process_group)
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, scenarios, seed: int) -> None:
+    """For each (bucket_view, backend, explicit_group) scenario: a 30-step OGM-GE run and a
+    no_sync accumulation run under DDP; results go to ``out_dir/<name>.rank<r>.pt``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    init(rank, world, port)
+    try:
+        for name, bucket_view, backend, explicit_group in scenarios:
+            group = dist.new_group(list(range(world))) if explicit_group else None
+            res = {}
+            # ---- plain run: every step scores the global batch ------------------------
+            torch.manual_seed(seed + 17 * rank)  # different init per rank: DDP broadcasts rank 0's
+            model = TwoEncoder()
+            res["init_local"] = flat_params(model).clone()
+            ddp = DDP(model, gradient_as_bucket_view=bucket_view, process_group=group)
+            res["init"] = flat_params(model).clone()
+            opt = make_opt(model, ddp.parameters(), backend, seed + rank, group)
+            res["seed"] = opt.seed
+            coeffs, scores, ref_scores, local_sums = [], [], [], []
+            for t in range(STEPS):
+                xs, y = global_batch(t, seed, LOCAL_B * world)
+                mine = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+                opt.zero_grad()
+                out, feats = ddp([x[mine] for x in xs])
+                opt.observe(mmmod.fusion.concat_logits(model.head, feats), y[mine])
+                nn.functional.cross_entropy(out, y[mine]).backward()
+                local_sums.append(opt._score_sum.clone())
+                with torch.no_grad():  # single-process scoring of the global batch, same params
+                    _, gfeats = model(xs)
+                    ref_scores.append(functional.scores(
+                        mmmod.fusion.concat_logits(model.head, gfeats), y, backend="torch"))
+                opt.step()
+                coeffs.append(opt._coeffs.clone())
+                scores.append(opt._scores.clone())
+            res.update(coeffs=torch.stack(coeffs), scores=torch.stack(scores),
+                       ref_scores=torch.stack(ref_scores), local_sums=torch.stack(local_sums),
+                       params=flat_params(model).clone(), step_count=opt.step_count,
+                       skipped=opt.skipped_steps)
+            res["all_local_sums"] = torch.stack(gather(res["local_sums"], group))
+            # ---- accumulation under no_sync ------------------------------------------
+            torch.manual_seed(seed)
+            model = TwoEncoder()
+            ddp = DDP(model, gradient_as_bucket_view=bucket_view, process_group=group)
+            opt = make_opt(model, ddp.parameters(), backend, seed, group)
+            acc_scores, acc_ref, acc_local = [], [], []
+            for t in range(ACC_STEPS):
+                xs, y = global_batch(100 + t, seed, LOCAL_B * world * MICRO)
+                opt.zero_grad()
+                for mb in range(MICRO):  # rank r takes micro-batches r*MICRO .. r*MICRO+MICRO-1
+                    part = slice((rank * MICRO + mb) * LOCAL_B, (rank * MICRO + mb + 1) * LOCAL_B)
+                    last = mb == MICRO - 1
+                    with (ddp.no_sync() if not last else contextlib.nullcontext()):
+                        out, feats = ddp([x[part] for x in xs])
+                        opt.observe(mmmod.fusion.concat_logits(model.head, feats), y[part])
+                        (nn.functional.cross_entropy(out, y[part]) / MICRO).backward()
+                acc_local.append(opt._score_sum.clone())
+                with torch.no_grad():
+                    _, gfeats = model(xs)
+                    acc_ref.append(functional.scores(
+                        mmmod.fusion.concat_logits(model.head, gfeats), y, backend="torch"))
+                opt.step()
+                acc_scores.append(opt._scores.clone())
+            res.update(acc_scores=torch.stack(acc_scores), acc_ref=torch.stack(acc_ref),
+                       acc_all_local=torch.stack(gather(torch.stack(acc_local), group)),
+                       acc_params=flat_params(model).clone())
+            torch.save(res, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process_run(init_params: torch.Tensor, seed: int, backend: str, world: int):
+    """The same 30 steps without DDP on the concatenated global batch: (coefficients, scores)."""
+    model = TwoEncoder()
+    torch.nn.utils.vector_to_parameters(init_params, model.parameters())
+    opt = make_opt(model, model.parameters(), backend, seed)
+    coeffs, scores = [], []
+    for t in range(STEPS):
+        xs, y = global_batch(t, seed, LOCAL_B * world)
+        opt.zero_grad()
+        out, feats = model(xs)
+        opt.observe(mmmod.fusion.concat_logits(model.head, feats), y)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        coeffs.append(opt._coeffs.clone())
+        scores.append(opt._scores.clone())
+    return torch.stack(coeffs), torch.stack(scores), flat_params(model)
