@@ -299,7 +299,9 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         s = self._score_sum
         if self._world() > 1:
             s = s.clone()
-            dist.all_reduce(s, group=self._group())
+            # one small collective; on NCCL wait() only makes the current stream wait for it
+            # (no host sync), on gloo it blocks until the M sums have arrived
+            dist.all_reduce(s, group=self._group(), async_op=True).wait()
         k = backends.get(self.backend, s.device).coefficients(s, self.method, self.alpha,
                                                               self.beta_max)
         bad = (~torch.isfinite(k).all()).to(torch.int64)
