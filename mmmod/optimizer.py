@@ -59,6 +59,25 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         strict: raise on out-of-range labels and non-finite logits even when that needs a host
             sync (labels on an accelerator). Otherwise such a step is skipped on the device and
             counted in :attr:`skipped_steps`; CPU labels are always range-checked eagerly.
+
+    Non-finite values are never spread by the modulation:
+
+    - NaN in a modality's logits, a label outside ``[0, C)``, or ``+inf`` at the true class make
+      that score NaN; then every coefficient is NaN, the step's modulation is skipped on the
+      device (gradients bit-for-bit untouched, no noise), counted in :attr:`skipped_steps`, and
+      the inner step still runs. ``+-inf`` at another class is the softmax limit (probability 0
+      for that sample, no skip). ``strict=True`` raises on any non-finite logit instead.
+    - NaN/inf in a selected gradient tensor: its std is not finite, so that tensor gets
+      ``k * g`` without noise; each non-finite element stays where it was, no other is touched.
+    - ``torch.amp.GradScaler``: ``scaler.step`` unscales before calling :meth:`step`, so the
+      modulation sees true gradients; a step the scaler skips (inf/NaN found) never reaches
+      :meth:`step`: ``step_count`` (the noise counter) does not advance and the step's scores are
+      dropped by the next :meth:`zero_grad` of this wrapper (call it, not only the model's).
+
+    Data parallel (DDP): the M score sums are all-reduced over ``process_group`` (one small
+    collective, no host sync on NCCL), so every rank gets the global batch's coefficients; with
+    the seed agreed at construction and sigma taken from the already-averaged gradients, the
+    replicas stay bit-identical. See ``docs/distributed.md``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer,
