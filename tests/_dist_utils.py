@@ -180,3 +180,95 @@ def single_process_run(init_params: torch.Tensor, seed: int, backend: str, world
         coeffs.append(opt._coeffs.clone())
         scores.append(opt._scores.clone())
     return torch.stack(coeffs), torch.stack(scores), flat_params(model)
+
+
+# ---- resume: one training loop shared by the uninterrupted run and the resumed process -------
+RESUME_CONFIGS = {
+    # name: method, inner optimizer, apply_to, GradScaler (+ an inf step), LR scheduler, window
+    "ogm_ge-adamw-scaler": dict(method="ogm_ge", inner="adamw", apply_to="grad", scaler=True,
+                                sched=True, starts=0),
+    "mlb-adam-update-slices": dict(method="mlb", inner="adam", apply_to="update", scaler=False,
+                                   sched=False, starts=0),
+    "ogm-sgd-window": dict(method="ogm", inner="sgd", apply_to="grad", scaler=False, sched=True,
+                           starts=1),
+}
+RESUME_AT, RESUME_TOTAL = 4, 8
+INF_STEP = 5  # after the resume point: the scaler's state (scale, growth tracker) matters
+
+
+def build_resume(cfg: dict, backend: str, init_seed: int, opt_seed: int, alpha: float):
+    torch.manual_seed(init_seed)
+    model = TwoEncoder()
+    if cfg["method"] == "mlb":
+        cols = mmmod.fusion.concat_slices(model.head, [4, 4])
+        modalities = {"audio": [model.encoders[0], cols[0]], "visual": [model.encoders[1], cols[1]]}
+    else:
+        modalities = {"audio": model.encoders[0], "visual": model.encoders[1]}
+    inner = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+             "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+             "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)}[cfg["inner"]]
+    opt = mmmod.ModulatedOptimizer(inner(model.parameters()), modalities, method=cfg["method"],
+                                   alpha=alpha, apply_to=cfg["apply_to"], backend=backend,
+                                   seed=opt_seed, modulation_starts=cfg["starts"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) \
+        if cfg["scaler"] else None
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if cfg["sched"] else None
+    return model, opt, scaler, sched
+
+
+def run_resume_steps(model, opt, scaler, sched, steps, data_seed: int) -> list[dict]:
+    names = opt.names
+    rec = []
+    for t in steps:
+        xs, y = global_batch(t, data_seed, 6)
+        opt.set_epoch(t // 3)
+        opt.zero_grad()
+        out, feats = model(xs)
+        opt.observe(dict(zip(names, mmmod.fusion.concat_logits(model.head, feats))), y)
+        loss = nn.functional.cross_entropy(out, y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if t == INF_STEP:
+                model.encoders[1][0].weight.grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if sched is not None:
+            sched.step()
+        rec.append({"coeffs": opt._coeffs.clone(), "scores": opt._scores.clone(),
+                    "grads": [None if p.grad is None else p.grad.clone()
+                              for p in model.parameters()],
+                    "step_count": opt.step_count})
+    return rec
+
+
+def checkpoint(model, opt, scaler, sched) -> dict:
+    return {"model": model.state_dict(), "opt": opt.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "sched": None if sched is None else sched.state_dict()}
+
+
+def final_state(model, opt, scaler, rec) -> dict:
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "opt": opt.state_dict(), "rec": rec,
+            "scaler": None if scaler is None else scaler.state_dict()}
+
+
+def resume_child(ckpt_dir: str, backend: str, data_seed: int) -> None:
+    """Run in a fresh interpreter: load every config's step-RESUME_AT checkpoint, finish."""
+    torch.set_num_threads(1)
+    for name, cfg in RESUME_CONFIGS.items():
+        # different constructor seed/alpha/init on purpose: everything must come from the checkpoint
+        model, opt, scaler, sched = build_resume(cfg, backend, init_seed=12345, opt_seed=999,
+                                                 alpha=0.33)
+        ck = torch.load(os.path.join(ckpt_dir, f"{name}.ckpt.pt"))  # weights_only by default
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if scaler is not None:
+            scaler.load_state_dict(ck["scaler"])
+        if sched is not None:
+            sched.load_state_dict(ck["sched"])
+        rec = run_resume_steps(model, opt, scaler, sched, range(RESUME_AT, RESUME_TOTAL), data_seed)
+        torch.save(final_state(model, opt, scaler, rec), os.path.join(ckpt_dir, f"{name}.resumed.pt"))
