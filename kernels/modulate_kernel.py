@@ -1,0 +1,84 @@
+"""In-place modulation of a bucket (SPEC.md section 4), one launch per bucket.
+
+``_modulate_noise_kernel`` (OGM-GE): grid = the bucket's noise chunks. A chunk is BLOCK_C
+consecutive Philox counters of one tensor; one ``tl.philox`` call per counter gives four words,
+turned into four normals (two Box-Muller pairs) that land on the four stream elements
+``4c .. 4c + 3`` (interleaved in registers), i.e. element e of the modality's stream gets output
+``e % 4`` of counter ``e // 4`` = ``(lo32(e//4), hi32(e//4), step, modality)`` under key
+``(lo32(seed), hi32(seed))``, exactly :mod:`mmmod.reference.philox`. Then
+``g <- float32(k * g + sigma_t * n)`` rounded to g's dtype, with k and sigma_t read from
+device memory. Seed, step and modality are runtime scalars (``do_not_specialize``): a new seed
+or step never recompiles.
+
+``_scale_kernel`` (OGM / MLB): ``g <- float32(k * g)`` over the statistics chunks (or, for a
+flat bucket, over one contiguous range with ``meta`` unused).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .bucket import F_NCHUNK, F_NUMEL, F_OFFSET, F_PTR, F_SCHUNK, META_FIELDS
+from .utils import round_to
+
+
+@triton.jit
+def _normals4(seed, counters, step, modality):
+    """The four normals of each int64 Philox counter, interleaved: [4 * len(counters)]."""
+    c0 = (counters & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counters >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = c0 * 0
+    c2 = zero + step
+    c3 = zero + modality
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    u0 = tl.uint_to_uniform_float(w0)
+    u1 = tl.uint_to_uniform_float(w1)
+    u2 = tl.uint_to_uniform_float(w2)
+    u3 = tl.uint_to_uniform_float(w3)
+    n0, n1 = tl.pair_uniform_to_normal(u0, u1)
+    n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit(do_not_specialize=["seed", "step", "modality"])
+def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed, step, modality,
+                           BLOCK_C: tl.constexpr, DT: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(noise_map + pid)
+    row = meta + t * META_FIELDS
+    ptr = tl.load(row + F_PTR).to(tl.pointer_type(DT))
+    n = tl.load(row + F_NUMEL)
+    off = tl.load(row + F_OFFSET)
+    j = pid - tl.load(row + F_NCHUNK)
+    c_first = off // 4 + j * BLOCK_C
+    counters = c_first + tl.arange(0, BLOCK_C).to(tl.int64)
+    z = _normals4(seed, counters, step.to(tl.uint32), modality.to(tl.uint32))
+    idx = 4 * c_first - off + tl.arange(0, 4 * BLOCK_C).to(tl.int64)
+    msk = (idx >= 0) & (idx < n)
+    k = tl.load(k_ptr)
+    sg = tl.load(sigma + t)
+    g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+    gk = g * k
+    nz = sg * z
+    tl.store(ptr + idx, round_to(gk + nz, DT), mask=msk)
+
+
+@triton.jit
+def _scale_kernel(meta, stats_map, k_ptr, flat_ptr, flat_n, BLOCK: tl.constexpr,
+                  DT: tl.constexpr, FLAT: tl.constexpr):
+    pid = tl.program_id(0)
+    if FLAT:
+        ptr = flat_ptr
+        n = flat_n
+        j = pid
+    else:
+        t = tl.load(stats_map + pid)
+        row = meta + t * META_FIELDS
+        ptr = tl.load(row + F_PTR).to(tl.pointer_type(DT))
+        n = tl.load(row + F_NUMEL)
+        j = pid - tl.load(row + F_SCHUNK)
+    idx = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    msk = idx < n
+    k = tl.load(k_ptr)
+    g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+    tl.store(ptr + idx, round_to(g * k, DT), mask=msk)

@@ -1,0 +1,241 @@
+"""``backend="triton"``: fused Triton kernels (``mmmod.kernels``), see docs/triton.md.
+
+Per step and modality bucket: OGM / MLB is one launch (``k * g`` over every tensor of the
+bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale). Scores are one
+launch for all M modalities plus a one-program epilogue that can also evaluate the
+coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
+value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .base import Backend
+
+_METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
+
+
+def _load_kernels():
+    """``mmmod.kernels`` (installed, or mapped from the checkout's kernels/ when not installed)."""
+    try:
+        return importlib.import_module("mmmod.kernels")
+    except ImportError:
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        init = root / "__init__.py"
+        if not init.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location("mmmod.kernels", init,
+                                                      submodule_search_locations=[str(root)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["mmmod.kernels"] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop("mmmod.kernels", None)
+            raise
+        return mod
+
+
+class _Kernels:
+    """The kernel modules, imported on first use (so importing this file never needs Triton)."""
+
+    def __init__(self):
+        _load_kernels()
+        imp = importlib.import_module
+        self.bucket = imp("mmmod.kernels.bucket")
+        self.score = imp("mmmod.kernels.score_kernel")
+        self.stats = imp("mmmod.kernels.stats_kernel")
+        self.modulate = imp("mmmod.kernels.modulate_kernel")
+        self.utils = imp("mmmod.kernels.utils")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    #: elements per statistics / scaling program
+    block = 4096
+    #: Philox counters per noise program (4 * block_c elements)
+    block_c = 1024
+    #: columns per step of the online log-sum-exp, and rows per scores program (upper bounds)
+    score_block_c = 2048
+    score_rows = 16
+    #: partials per step of the fixed-order combines
+    block_p = 256
+
+    def __init__(self):
+        self._k = None
+        self._cache = None
+
+    # -- availability ---------------------------------------------------------------------
+    def available(self):
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as e:  # ImportError or a broken install
+            return False, f"triton cannot be imported ({type(e).__name__}: {e})"
+        return True, ""
+
+    def supports(self, device):
+        device = torch.device(device)
+        if device.type == "cuda":
+            return True
+        if device.type == "cpu":
+            return os.environ.get("TRITON_INTERPRET", "0") == "1"
+        return False
+
+    @property
+    def kernels(self) -> _Kernels:
+        if self._k is None:
+            self._k = _Kernels()
+            self._cache = self._k.bucket.MetaCache()
+        return self._k
+
+    @property
+    def meta_cache(self):
+        self.kernels
+        return self._cache
+
+    # -- scores and coefficients -----------------------------------------------------------
+    def _launch_scores(self, logits, labels, method_code, alpha, beta_max, want_k):
+        K = self.kernels
+        M = len(logits)
+        device = labels.device
+        B = labels.shape[0]
+        scores = torch.empty(M, dtype=torch.float32, device=device)
+        k = torch.empty(M, dtype=torch.float32, device=device) if want_k else scores
+        zs = tuple(z.detach() for z in logits)
+        max_c = max(z.shape[1] for z in zs)
+        block_c = min(_next_pow2(max_c), self.score_block_c)
+        rows = max(1, min(self.score_rows, _next_pow2(B), 4096 // block_c))
+        n_blocks = -(-B // rows)
+        partial = torch.empty(max(M * n_blocks, 1), dtype=torch.float32, device=device)
+        if n_blocks > 0:
+            K.score._scores_partial_kernel[(n_blocks,)](
+                zs, tuple(z.stride(0) for z in zs), tuple(z.stride(1) for z in zs),
+                tuple(z.shape[1] for z in zs), labels, labels.stride(0), partial, B, n_blocks,
+                M=M, ROWS=rows, BLOCK_C=block_c)
+        K.score._finish_kernel[(1,)](
+            partial, n_blocks, scores, k, float(alpha), float(beta_max),
+            M=M, M_P2=max(2, _next_pow2(M)), BLOCK_P=self.block_p,
+            METHOD=method_code if want_k else 0, WRITE_SCORES=True)
+        return scores, k
+
+    def scores(self, logits, labels):
+        logits = list(logits)
+        scores, _ = self._launch_scores(logits, labels, 0, 0.0, 0.0, want_k=False)
+        return scores
+
+    @staticmethod
+    def _check_coeff_args(M, method):
+        if M < 2:
+            raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got M = {M}")
+        if method not in _METHOD_CODE:
+            from ..reference.coefficients import METHODS
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+    def coefficients(self, scores, method, alpha, beta_max):
+        if scores.dim() != 1:
+            raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape "
+                             f"{tuple(scores.shape)}")
+        M = scores.shape[0]
+        self._check_coeff_args(M, method)
+        if method == "none":
+            return torch.ones(M, dtype=torch.float32, device=scores.device)
+        s = scores.detach().float().contiguous()
+        k = torch.empty(M, dtype=torch.float32, device=s.device)
+        self.kernels.score._finish_kernel[(1,)](
+            s, 1, k, k, float(alpha), float(beta_max),
+            M=M, M_P2=_next_pow2(M), BLOCK_P=2, METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
+        return k
+
+    def scores_and_coefficients(self, logits, labels, method, alpha, beta_max=2.0):
+        """Scores [M] and coefficients [M] in one launch plus one epilogue (no host sync)."""
+        logits = list(logits)
+        self._check_coeff_args(len(logits), method)
+        if method == "none":
+            s = self.scores(logits, labels)
+            return s, torch.ones_like(s)
+        return self._launch_scores(logits, labels, _METHOD_CODE[method], alpha, beta_max,
+                                   want_k=True)
+
+    # -- modulation ------------------------------------------------------------------------
+    def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step,
+                         modality):
+        pairs = [(g, int(o)) for g, o in zip(tensors, offsets) if g.numel() > 0]
+        if not pairs:
+            return
+        ts = [g for g, _ in pairs]
+        offs = [o for _, o in pairs]
+        g0 = ts[0]
+        device, dtype = g0.device, g0.dtype
+        for g in ts:
+            if g.device != device or g.dtype != dtype:
+                raise ValueError("a bucket must hold tensors of one device and one dtype")
+            if not g.is_contiguous():
+                raise ValueError("bucket tensors must be contiguous")
+        K = self.kernels
+        DT = K.utils.tl_dtype(dtype)
+        k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
+        if not noise:
+            flat = K.bucket.flat_view(ts)
+            if flat is not None:  # flat gradient buffer: one contiguous range, no table
+                n = flat.numel()
+                K.modulate._scale_kernel[(-(-n // self.block),)](
+                    flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True)
+                return
+            meta = self._cache.get(ts, offs, self.block, self.block_c)
+            K.modulate._scale_kernel[(meta.n_stats_chunks,)](
+                meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False)
+            return
+        if noise_std not in ("raw", "scaled"):
+            raise ValueError(f"noise_std must be 'raw' or 'scaled', got {noise_std!r}")
+        if gate is None:
+            gate = torch.ones(1, dtype=torch.float32, device=device)
+        gate = gate.detach().to(device=device, dtype=torch.float32).reshape(1)
+        meta = self._cache.get(ts, offs, self.block, self.block_c)
+        part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
+        sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
+        K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT)
+        K.stats._sigma_kernel[(meta.num_tensors,)](
+            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+            SCALED=noise_std == "scaled")
+        seed = int(seed) & ((1 << 64) - 1)
+        if seed >= 1 << 63:
+            seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
+        K.modulate._modulate_noise_kernel[(meta.n_noise_chunks,)](
+            meta.meta, meta.noise_map, k, sigma, seed, int(step) & 0xFFFFFFFF, int(modality),
+            BLOCK_C=self.block_c, DT=DT)
+
+    def sigmas(self, tensors, k, *, noise_std="raw", gate=None):
+        """The per-tensor sigma the noisy modulation would use (float32 [T], for tests/tools)."""
+        ts = [g for g in tensors if g.numel() > 0]
+        K = self.kernels
+        device = ts[0].device
+        k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
+        gate = (torch.ones(1, dtype=torch.float32, device=device) if gate is None
+                else gate.detach().to(device=device, dtype=torch.float32).reshape(1))
+        offs, run = [], 0
+        for g in ts:
+            offs.append(run)
+            run += g.numel()
+        meta = self._cache.get(ts, offs, self.block, self.block_c)
+        part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
+        sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
+        DT = K.utils.tl_dtype(ts[0].dtype)
+        K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT)
+        K.stats._sigma_kernel[(meta.num_tensors,)](
+            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+            SCALED=noise_std == "scaled")
+        return sigma
