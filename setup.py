@@ -2,15 +2,113 @@
 when present, the C++/CUDA extension built with torch's BuildExtension (ninja).
 
 MMMOD_NO_EXTENSION=1 skips compiling entirely; the package then runs on the torch and triton
-backends only.
+backends only. Otherwise the CPU extension ``mmmod._C`` is always built, and the CUDA extension
+``mmmod._C_cuda`` too when torch has CUDA and nvcc is found (MMMOD_NO_CUDA=1 skips it).
+MAX_JOBS defaults to 2. A build record (backends, torch/CUDA versions, source hash) is compiled
+into each binary and written to ``mmmod/_build_info.json`` beside them; ``mmmod._ext`` checks it
+on load. Build in place with ``MAX_JOBS=2 pip install -e . --no-build-isolation``.
 """
 import os
 
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 ext_modules = []
 cmdclass = {}
-# The C++/CUDA extension (csrc/) is added here by its own issue.
+
+
+def _load_ext_helpers():
+    """mmmod/_ext.py loaded as a plain file (the package itself is not importable yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_mmmod_ext_build", os.path.join(ROOT, "mmmod", "_ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _extension():
+    import json
+    import shutil
+    import subprocess
+    import time
+
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    helpers = _load_ext_helpers()
+    os.environ.setdefault("MAX_JOBS", "2")
+    csrc = os.path.join(ROOT, "csrc")
+    rel = lambda *names: [os.path.relpath(os.path.join(csrc, n), ROOT) for n in names]  # noqa: E731
+
+    nvcc = None
+    if torch.version.cuda and os.environ.get("MMMOD_NO_CUDA", "0") in ("", "0"):
+        home = ce.CUDA_HOME
+        cand = os.path.join(home, "bin", "nvcc") if home else None
+        nvcc = cand if cand and os.path.exists(cand) else shutil.which("nvcc")
+    backends = ["cpu"] + (["cuda"] if nvcc else [])
+    nvcc_version = ""
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        nvcc_version = out.strip().splitlines()[-1] if out.strip() else ""
+    record = {
+        "backends": backends,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "nvcc": nvcc_version,
+        "source_hash": helpers.source_hash(csrc),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # the record compiled into the binaries (a generated header under build/, gitignored)
+    gen = os.path.join(ROOT, "build", "mmmod_gen")
+    os.makedirs(gen, exist_ok=True)
+    header = "".join(f'#define {macro} "{record[key]}"\n' for key, macro in (
+        ("torch", "MMMOD_TORCH_VERSION"), ("cuda", "MMMOD_CUDA_VERSION"),
+        ("source_hash", "MMMOD_SOURCE_HASH")))
+    header = "#pragma once\n" + header
+    path = os.path.join(gen, "mmmod_build_record.h")
+    if not os.path.exists(path) or open(path).read() != header:
+        with open(path, "w") as f:
+            f.write(header)
+
+    x86 = os.uname().machine in ("x86_64", "AMD64")
+    cxx = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    defines = [("MMMOD_HAVE_AVX2_TU", None)] if x86 else []
+    include = [csrc, gen]
+    exts = [ce.CppExtension(
+        "mmmod._C",
+        # vec_avx2.cpp sorts last (ninja links objects by name): the linker keeps the baseline
+        # (non-AVX2) copy of any inline function shared with the other objects
+        sources=rel("ops.cpp", "checks.cpp", "cpu_kernels.cpp", "module.cpp", "vec_avx2.cpp"),
+        include_dirs=include,
+        define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu")],
+        extra_compile_args=cxx,
+    )]
+    if nvcc:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        exts.append(ce.CUDAExtension(
+            "mmmod._C_cuda",
+            sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu"),
+            include_dirs=include,
+            define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false", "-std=c++17"]},
+        ))
+
+    class BuildExt(ce.BuildExtension):
+        def run(self):
+            super().run()
+            # the JSON twin of the compiled-in record, next to the built binaries
+            dirs = {os.path.dirname(self.get_ext_fullpath(e.name)) for e in self.extensions}
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "_build_info.json"), "w") as f:
+                    json.dump(record, f, indent=1)
+                    f.write("\n")
+
+    return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+
+if os.environ.get("MMMOD_NO_EXTENSION", "0") in ("", "0"):
+    ext_modules, cmdclass = _extension()
 
 setup(
     name="mmmod",

@@ -1,0 +1,82 @@
+// Coefficient rules of SPEC.md section 3 on M float32 scores, shared by the CPU and CUDA ops.
+// Every operation is the float32 operation of mmmod/reference/coefficients.py in the same order
+// (built without FMA contraction), so decisions such as the M = 2 tie rule are identical.
+#pragma once
+
+#include <stdint.h>
+
+#include "philox.h"
+
+namespace mmmod {
+
+enum CoefMethod : int { kMethodNone = 0, kMethodOgm = 1, kMethodMlb = 2 };
+
+MMMOD_HD float quiet_nanf() {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0x7fc00000);
+#else
+  return std::nanf("");
+#endif
+}
+
+MMMOD_HD float coef_tanhf(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+// mean_{j != m} s_j, summing the others in index order, divided by M - 1 (float32).
+MMMOD_HD float others_mean(const float* s, int64_t M, int64_t m) {
+  float acc = 0.0f;
+  bool first = true;
+  for (int64_t j = 0; j < M; ++j) {
+    if (j == m) continue;
+    acc = first ? s[j] : acc + s[j];
+    first = false;
+  }
+  return acc / static_cast<float>(M - 1);
+}
+
+MMMOD_HD void compute_coefficients(const float* s, float* k, int64_t M, int method, float alpha,
+                                   float beta_max) {
+  bool any_nan = false;
+  for (int64_t m = 0; m < M; ++m) any_nan = any_nan || (s[m] != s[m]);
+  if (method == kMethodNone) {
+    for (int64_t m = 0; m < M; ++m) k[m] = 1.0f;
+    return;
+  }
+  if (any_nan) {
+    const float nan = quiet_nanf();
+    for (int64_t m = 0; m < M; ++m) k[m] = nan;
+    return;
+  }
+  if (method == kMethodOgm) {
+    if (M == 2) {
+      const float rho1 = s[1] / s[0];
+      const float rho0 = 1.0f / rho1;
+      if (rho1 > 1.0f) {
+        k[0] = 1.0f;
+        k[1] = 1.0f - coef_tanhf(alpha * rho1);
+      } else {
+        k[0] = 1.0f - coef_tanhf(alpha * rho0);
+        k[1] = 1.0f;
+      }
+      return;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float rho = s[m] / others_mean(s, M, m);
+      k[m] = rho > 1.0f ? 1.0f - coef_tanhf(alpha * rho) : 1.0f;
+    }
+    return;
+  }
+  // MLB
+  for (int64_t m = 0; m < M; ++m) {
+    const float r = others_mean(s, M, m) / s[m];
+    const float beta = r > 1.0f ? beta_max : 2.0f;
+    k[m] = 1.0f + (beta - 1.0f) * coef_tanhf(alpha * (r - 1.0f));
+  }
+}
+
+}  // namespace mmmod

@@ -1,0 +1,24 @@
+// Shared declarations of the mmmod torch ops (C++ side only; never included by .cu files).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <string>
+
+namespace mmmod {
+
+// Elements per chunk of the statistics and modulation passes. Fixed (never derived from the
+// number of threads or SMs), so per-tensor statistics are combined in the same order
+// everywhere and results do not depend on the thread count.
+constexpr int64_t kChunkCpu = 1 << 14;
+constexpr int64_t kChunkCuda = 1 << 16;
+
+int method_code(const std::string& method);
+
+// Metadata checks shared by every device implementation of modulate_.
+void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                  const at::Tensor& gate);
+void check_scores_inputs(at::TensorList logits, const at::Tensor& labels);
+
+}  // namespace mmmod
