@@ -8,6 +8,7 @@ value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tes
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -53,6 +54,15 @@ class _Kernels:
         self.stats = imp("mmmod.kernels.stats_kernel")
         self.modulate = imp("mmmod.kernels.modulate_kernel")
         self.utils = imp("mmmod.kernels.utils")
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _warps(elements: int) -> int:
+    return 8 if elements >= 4096 else 4
 
 
 def _next_pow2(n: int) -> int:
@@ -132,7 +142,8 @@ class TritonBackend(Backend):
 
     def scores(self, logits, labels):
         logits = list(logits)
-        scores, _ = self._launch_scores(logits, labels, 0, 0.0, 0.0, want_k=False)
+        with _on(labels.device):
+            scores, _ = self._launch_scores(logits, labels, 0, 0.0, 0.0, want_k=False)
         return scores
 
     @staticmethod
@@ -153,9 +164,10 @@ class TritonBackend(Backend):
             return torch.ones(M, dtype=torch.float32, device=scores.device)
         s = scores.detach().float().contiguous()
         k = torch.empty(M, dtype=torch.float32, device=s.device)
-        self.kernels.score._finish_kernel[(1,)](
-            s, 1, k, k, float(alpha), float(beta_max),
-            M=M, M_P2=_next_pow2(M), BLOCK_P=2, METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
+        with _on(s.device):
+            self.kernels.score._finish_kernel[(1,)](
+                s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
+                METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
         return k
 
     def scores_and_coefficients(self, logits, labels, method, alpha, beta_max=2.0):
@@ -165,12 +177,20 @@ class TritonBackend(Backend):
         if method == "none":
             s = self.scores(logits, labels)
             return s, torch.ones_like(s)
-        return self._launch_scores(logits, labels, _METHOD_CODE[method], alpha, beta_max,
-                                   want_k=True)
+        with _on(labels.device):
+            return self._launch_scores(logits, labels, _METHOD_CODE[method], alpha, beta_max,
+                                       want_k=True)
 
     # -- modulation ------------------------------------------------------------------------
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step,
                          modality):
+        if tensors and tensors[0].device.type == "cuda":
+            with _on(tensors[0].device):
+                return self._modulate(tensors, offsets, k, gate, noise, noise_std, seed, step,
+                                      modality)
+        return self._modulate(tensors, offsets, k, gate, noise, noise_std, seed, step, modality)
+
+    def _modulate(self, tensors, offsets, k, gate, noise, noise_std, seed, step, modality):
         pairs = [(g, int(o)) for g, o in zip(tensors, offsets) if g.numel() > 0]
         if not pairs:
             return
@@ -191,11 +211,13 @@ class TritonBackend(Backend):
             if flat is not None:  # flat gradient buffer: one contiguous range, no table
                 n = flat.numel()
                 K.modulate._scale_kernel[(-(-n // self.block),)](
-                    flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True)
+                    flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
+                    num_warps=_warps(self.block))
                 return
             meta = self._cache.get(ts, offs, self.block, self.block_c)
             K.modulate._scale_kernel[(meta.n_stats_chunks,)](
-                meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False)
+                meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
+                num_warps=_warps(self.block))
             return
         if noise_std not in ("raw", "scaled"):
             raise ValueError(f"noise_std must be 'raw' or 'scaled', got {noise_std!r}")
@@ -206,7 +228,8 @@ class TritonBackend(Backend):
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
         K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT)
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            num_warps=_warps(self.block))
         K.stats._sigma_kernel[(meta.num_tensors,)](
             meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
@@ -215,7 +238,7 @@ class TritonBackend(Backend):
             seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
         K.modulate._modulate_noise_kernel[(meta.n_noise_chunks,)](
             meta.meta, meta.noise_map, k, sigma, seed, int(step) & 0xFFFFFFFF, int(modality),
-            BLOCK_C=self.block_c, DT=DT)
+            BLOCK_C=self.block_c, DT=DT, num_warps=_warps(4 * self.block_c))
 
     def sigmas(self, tensors, k, *, noise_std="raw", gate=None):
         """The per-tensor sigma the noisy modulation would use (float32 [T], for tests/tools)."""
@@ -234,7 +257,8 @@ class TritonBackend(Backend):
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
         DT = K.utils.tl_dtype(ts[0].dtype)
         K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT)
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            num_warps=_warps(self.block))
         K.stats._sigma_kernel[(meta.num_tensors,)](
             meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
