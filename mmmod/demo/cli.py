@@ -1,0 +1,265 @@
+"""``mmmod demo``: train baseline, OGM-GE and MLB on the built-in audio-visual data and compare.
+
+With no arguments nothing is downloaded: a procedurally generated data set (``demo.data``) is
+rendered, the three methods are trained with the same budget, seeds and initialisation, and a
+table of multimodal test accuracy, each modality's linear-probe accuracy and wall time is
+printed. ``--out`` (default ./demo_out) receives ``results.json`` with every number and the
+plots ``scores_coefficients.png`` and ``accuracy.png``. ``--data DIR --dataset cremad|ks|ave``
+trains on a real data set instead (see ``mmmod.data``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from .data import SyntheticConfig, class_signatures, make_dataset
+from .models import FUSIONS
+from .train import DEMO_ALPHA, METHODS, TrainConfig, train_one
+
+DEFAULT_METHODS = ("baseline", "ogm_ge", "mlb")
+
+
+def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods from {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 15 on the built-in data, 30 on --data)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"modulation strength (default per method: {DEMO_ALPHA})")
+    p.add_argument("--beta-max", type=float, default=2.0, help="MLB's beta_max")
+    p.add_argument("--fusion", default="concat", choices=FUSIONS)
+    p.add_argument("--backend", default="auto", help="mmmod backend: auto, torch, cpu, cuda, triton")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--out", default="demo_out", help="output folder for results.json and plots")
+    p.add_argument("--data", default=None, help="folder of a real data set (see --dataset)")
+    p.add_argument("--dataset", default="synthetic", choices=("synthetic", "cremad", "ks", "ave"),
+                   help="which data set --data holds")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.01, adam 1e-3)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--apply-to", default="grad", choices=("grad", "update"))
+    p.add_argument("--modulation-starts", type=int, default=0)
+    p.add_argument("--modulation-ends", type=int, default=None)
+    p.add_argument("--width", type=int, default=16, help="encoder base width (small ResNets)")
+    p.add_argument("--resnet18", action="store_true", help="the paper's ResNet-18 encoders")
+    p.add_argument("--n-train", type=int, default=None, help="built-in data: training samples")
+    p.add_argument("--n-test", type=int, default=None, help="built-in data: test samples")
+    p.add_argument("--image-size", type=int, default=None, help="frame size (real data: 112)")
+    p.add_argument("--n-frames", type=int, default=None, help="frames per clip (real data: 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _methods(spec: str) -> list[str]:
+    ms = list(METHODS) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    for m in ms:
+        if m not in METHODS:
+            raise SystemExit(f"mmmod demo: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    return ms
+
+
+def _real_data(args):
+    from ..data import load
+    kw = {"image_size": args.image_size or 112, "n_frames": args.n_frames or 3, "cache": True}
+    train = load(args.dataset, args.data, "train", **kw)
+    test = load(args.dataset, args.data, "test", **kw)
+    if len(train) == 0 or len(test) == 0:
+        raise SystemExit(f"mmmod demo: no usable samples in {args.data} (train {len(train)}, "
+                         f"test {len(test)}, skipped {train.skipped + test.skipped})")
+    return train, test, max(train.n_classes, test.n_classes)
+
+
+def _mean_sd(xs):
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == m]
+        out[m] = {
+            "seeds": [r["seed"] for r in rs],
+            "fused_acc": _mean_sd([r["fused_acc"] for r in rs]),
+            "audio_probe": _mean_sd([r["probe_acc"]["audio"] for r in rs]),
+            "visual_probe": _mean_sd([r["probe_acc"]["visual"] for r in rs]),
+            "audio_head": _mean_sd([r["head_acc"]["audio"] for r in rs]),
+            "visual_head": _mean_sd([r["head_acc"]["visual"] for r in rs]),
+            "wall_s": _mean_sd([r["wall_s"] for r in rs]),
+        }
+    return out
+
+
+def format_table(summary: dict) -> str:
+    def cell(ms, scale=100.0, fmt="{:.1f}"):
+        m, s = ms
+        txt = fmt.format(m * scale)
+        return txt + (" ± " + fmt.format(s * scale) if s == s and s > 0 else "")
+
+    head = ("method", "multimodal acc %", "audio probe %", "visual probe %", "train time s")
+    rows = [(m, cell(v["fused_acc"]), cell(v["audio_probe"]), cell(v["visual_probe"]),
+             cell(v["wall_s"], 1.0, "{:.0f}")) for m, v in summary.items()]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def plot(runs: list[dict], out_dir: str) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    seed0 = runs[0]["seed"]
+    first = [r for r in runs if r["seed"] == seed0]
+    files = []
+
+    def smooth(xs, k=10):
+        out, acc = [], 0.0
+        for i, x in enumerate(xs):
+            acc += x
+            if i >= k:
+                acc -= xs[i - k]
+            out.append(acc / min(i + 1, k))
+        return out
+
+    fig, axes = plt.subplots(2, len(first), figsize=(4.2 * len(first), 6.2), squeeze=False,
+                             sharex="col")
+    for j, r in enumerate(first):
+        st = r["steps"]
+        ax = axes[0, j]
+        ax.plot(smooth(st["score_audio"]), label="audio", color="tab:orange")
+        ax.plot(smooth(st["score_visual"]), label="visual", color="tab:blue")
+        ax.set_title(f"{r['method']}: score (mean p(true class))")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right")
+        ax = axes[1, j]
+        ax.plot(st["coef_audio"], label="audio", color="tab:orange", lw=0.8)
+        ax.plot(st["coef_visual"], label="visual", color="tab:blue", lw=0.8)
+        ax.axhline(1.0, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{r['method']}: coefficient k")
+        ax.set_xlabel("step")
+        ax.legend(loc="best")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "scores_coefficients.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = {}
+    for r in first:
+        c = r["curves"]
+        line, = axes[0].plot(c["epoch"], [100 * x for x in c["fused"]], marker=".",
+                             label=r["method"])
+        colors[r["method"]] = line.get_color()
+        axes[1].plot(c["epoch"], [100 * x for x in c["visual_head"]], color=line.get_color(),
+                     label=f"{r['method']} visual")
+        axes[1].plot(c["epoch"], [100 * x for x in c["audio_head"]], color=line.get_color(),
+                     ls="--", label=f"{r['method']} audio")
+    axes[0].set_title("multimodal test accuracy")
+    axes[1].set_title("unimodal head test accuracy (audio dashed)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "accuracy.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+    return files
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = _methods(args.method)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("mmmod demo: --device cuda but CUDA is not available")
+    real = args.data is not None
+    if real and args.dataset == "synthetic":
+        raise SystemExit("mmmod demo: --data needs --dataset cremad, ks or ave")
+    if args.dataset != "synthetic" and not real:
+        raise SystemExit(f"mmmod demo: --dataset {args.dataset} needs --data DIR")
+    epochs = args.epochs if args.epochs is not None else (30 if real else 15)
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3)
+    tcfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer,
+                       alpha=args.alpha, beta_max=args.beta_max, fusion=args.fusion,
+                       width=args.width, resnet18=args.resnet18, backend=args.backend,
+                       device=args.device, modulation_starts=args.modulation_starts,
+                       modulation_ends=args.modulation_ends, apply_to=args.apply_to,
+                       progress=not args.quiet)
+    os.makedirs(args.out, exist_ok=True)
+    seeds = [args.seed + i for i in range(max(1, args.seeds))]
+    t_start = time.perf_counter()
+    runs, data_info = [], {}
+    if real:
+        train, test, n_classes = _real_data(args)
+        data_info = {"dataset": args.dataset, "root": os.path.abspath(args.data),
+                     "n_train": len(train), "n_test": len(test), "classes": train.classes,
+                     "skipped": train.skipped + test.skipped}
+        print(f"{args.dataset}: {len(train)} train / {len(test)} test clips, {n_classes} classes")
+    for seed in seeds:
+        if not real:
+            dcfg = SyntheticConfig(seed=seed)
+            over = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test),
+                                      ("image_size", args.image_size),
+                                      ("n_frames", args.n_frames)) if v is not None}
+            dcfg = replace(dcfg, **over)
+            t0 = time.perf_counter()
+            train, test = make_dataset(dcfg)
+            n_classes = dcfg.n_classes
+            data_info = {"dataset": "synthetic", "config": dcfg.to_dict(),
+                         "classes": class_signatures(dcfg)}
+            if not args.quiet:
+                print(f"seed {seed}: rendered {len(train)} train / {len(test)} test clips "
+                      f"in {time.perf_counter() - t0:.1f}s")
+        for m in methods:
+            r = train_one(m, train, test, tcfg, seed=seed, n_classes=n_classes,
+                          desc=f"{m} (seed {seed})")
+            runs.append(r.to_dict())
+            if not args.quiet:
+                print(f"  {m:9s} seed {seed}: multimodal {100 * r.fused_acc:.1f}%  audio probe "
+                      f"{100 * r.probe_acc['audio']:.1f}%  visual probe "
+                      f"{100 * r.probe_acc['visual']:.1f}%  ({r.wall_s:.0f}s)")
+    total = time.perf_counter() - t_start
+    summary = summarize(runs)
+    table = format_table(summary)
+    print()
+    print(table)
+    print(f"\nseeds {seeds}, {epochs} epochs, fusion {args.fusion}, total {total:.0f}s "
+          f"(probe = linear probe of the frozen encoder)")
+    result = {"argv": sys.argv[1:] if argv is None else list(argv), "methods": methods,
+              "seeds": seeds, "train_config": tcfg.to_dict(), "data": data_info,
+              "summary": summary, "table": table, "total_s": total,
+              "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                              "threads": torch.get_num_threads(), "device": args.device},
+              "runs": runs}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    files = [] if args.no_plots else plot(runs, args.out)
+    print(f"wrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in files))
+    return 0

@@ -1,0 +1,242 @@
+"""Train baseline, OGM-GE, OGM and MLB audio-visual models with the same budget and seeds.
+
+Everything a run measures comes back as plain Python numbers (JSON-ready):
+
+* ``fused_acc``: multimodal test accuracy;
+* ``probe_acc``: per modality, a linear probe (logistic regression) fitted on the frozen
+  encoder's training-set features and scored on the test set -- the paper's unimodal measure,
+  identical for every method and fusion;
+* ``head_acc``: per modality, the model's unimodal head (trained on detached features except
+  under MLB, whose objective trains them with the encoders);
+* per-step ``scores`` (mean softmax probability of the true class from the per-modality logits
+  the optimizer observes) and ``coefficients`` (what ``ModulatedOptimizer`` applied; 1 for the
+  baseline), per-epoch accuracy curves, and wall time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import losses
+from ..optimizer import ModulatedOptimizer
+from .models import AVClassifier
+
+METHODS = ("baseline", "ogm_ge", "ogm", "mlb", "multiloss")
+_LIB_METHOD = {"baseline": "none", "ogm_ge": "ogm_ge", "ogm": "ogm", "mlb": "mlb",
+               "multiloss": "none"}
+# the demo's alphas: OGM-GE's CREMA-D setting (0.8); MLB's CREMA-D ResNet alpha (0.5)
+DEMO_ALPHA = {"ogm_ge": 0.8, "ogm": 0.8, "mlb": 0.5}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"          # "sgd" (momentum 0.9, as the official code) or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha: Optional[float] = None   # None: DEMO_ALPHA[method]
+    beta_max: float = 2.0
+    fusion: str = "concat"
+    width: int = 16
+    resnet18: bool = False
+    backend: str = "auto"
+    device: str = "cpu"
+    modulation_starts: int = 0
+    modulation_ends: Optional[int] = None
+    apply_to: str = "grad"
+    param_filter: Optional[str] = None
+    probe_steps: int = 100
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    fused_acc: float
+    probe_acc: dict
+    head_acc: dict
+    wall_s: float
+    curves: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
+    alpha: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(n: int, bs: int, g: Optional[torch.Generator]):
+    idx = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
+    for i in range(0, n, bs):
+        yield idx[i:i + bs]
+
+
+def _modalities(model: AVClassifier, method: str):
+    if method != "mlb":  # OGM(-GE): the encoders (the default filter keeps their conv weights)
+        return {"audio": model.audio_net, "visual": model.visual_net}
+    # MLB: encoder + unimodal head + the modality's block of a linear fusion head
+    extra = model.fusion.modality_slices() if model.fusion.modality_slices is not None else [[], []]
+    out = {}
+    for name, enc, sl in zip(model.names, (model.audio_net, model.visual_net), extra):
+        out[name] = [enc, model.heads[name]] + ([sl] if not isinstance(sl, list) else sl)
+    return out
+
+
+def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> ModulatedOptimizer:
+    if cfg.optimizer == "sgd":
+        inner = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        inner = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
+    alpha = cfg.alpha if cfg.alpha is not None else DEMO_ALPHA.get(method, 0.0)
+    return ModulatedOptimizer(inner, _modalities(model, method), method=_LIB_METHOD[method],
+                              alpha=alpha, beta_max=cfg.beta_max,
+                              modulation_starts=cfg.modulation_starts,
+                              modulation_ends=cfg.modulation_ends,
+                              param_filter=cfg.param_filter, apply_to=cfg.apply_to,
+                              backend=cfg.backend, seed=seed)
+
+
+@torch.no_grad()
+def features(model: AVClassifier, data, device, bs: int = 256):
+    """Fused logits and both encoders' features over a split (eval mode)."""
+    model.eval()
+    outs, fas, fvs = [], [], []
+    for idx in _batches(len(data), bs, None):
+        a, v, _ = data.batch(idx)
+        out, (fa, fv) = model(a.to(device), v.to(device))
+        outs.append(out.cpu())
+        fas.append(fa.cpu())
+        fvs.append(fv.cpu())
+    model.train()
+    return torch.cat(outs), torch.cat(fas), torch.cat(fvs)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 100,
+                 weight_decay: float = 1e-3) -> float:
+    """Test accuracy of a logistic regression fitted (L-BFGS) on frozen features."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
+    lin = torch.nn.Linear(xtr.shape[1], n_classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(xtr), train_y) + weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (lin(xte).argmax(1) == test_y).float().mean().item()
+
+
+def evaluate(model: AVClassifier, data, device) -> dict:
+    out, fa, fv = features(model, data, device)
+    y = data.labels
+    heads = model.head_logits([fa.to(device), fv.to(device)])
+    res = {"fused": (out.argmax(1) == y).float().mean().item()}
+    for n, z in zip(model.names, heads):
+        res[f"{n}_head"] = (z.cpu().argmax(1) == y).float().mean().item()
+    return res
+
+
+def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
+              n_classes: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
+    """Train one model with ``method`` and measure it (see the module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    device = torch.device(cfg.device)
+    n_classes = n_classes or int(max(train.labels.max(), test.labels.max())) + 1
+    torch.manual_seed(seed)
+    model = AVClassifier(n_classes, cfg.fusion, cfg.width, cfg.resnet18).to(device)
+    opt = _make_optimizer(model, method, cfg, seed)
+    joint_heads = method in ("mlb", "multiloss")
+    g = torch.Generator().manual_seed(seed)
+    steps = {"score_audio": [], "score_visual": [], "coef_audio": [], "coef_visual": []}
+    curves = {"epoch": [], "train_loss": [], "fused": [], "audio_head": [], "visual_head": []}
+    n_steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    bar = _bar(n_steps, desc or method, cfg.progress)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        opt.set_epoch(epoch)
+        loss_sum, seen = 0.0, 0
+        for idx in _batches(len(train), cfg.batch_size, g):
+            a, v, y = (t.to(device) for t in train.batch(idx))
+            out, feats = model(a, v)
+            heads = model.head_logits(feats, detach=not joint_heads)
+            if joint_heads:  # MLB objective: CE(fused) + sum_m CE(z_m); heads give the scores
+                loss = losses.multi_loss(out, heads, y)
+                z = [h.detach() for h in heads]
+            else:  # CE(fused); the heads learn on detached features and change no encoder
+                loss = F.cross_entropy(out, y)
+                loss_heads = sum(F.cross_entropy(h, y) for h in heads)
+                z = model.split_logits(feats) if model.has_split else [h.detach() for h in heads]
+            opt.zero_grad()
+            opt.observe({"audio": z[0], "visual": z[1]}, y)
+            (loss if joint_heads else loss + loss_heads).backward()
+            opt.step()
+            with torch.no_grad():
+                for n, zm in zip(model.names, z):
+                    steps[f"score_{n}"].append(
+                        zm.softmax(1).gather(1, y[:, None]).mean().item())
+                k = opt.coefficients
+                for n in model.names:
+                    steps[f"coef_{n}"].append(float(k[n]) if (k and opt.in_window()) else 1.0)
+            loss_sum += loss.item() * y.numel()
+            seen += y.numel()
+            bar.update(1)
+        ev = evaluate(model, test, device)
+        curves["epoch"].append(epoch + 1)
+        curves["train_loss"].append(loss_sum / seen)
+        for key in ("fused", "audio_head", "visual_head"):
+            curves[key].append(ev[key])
+        bar.set_postfix(acc=f"{ev['fused']:.3f}", a=f"{ev['audio_head']:.2f}",
+                        v=f"{ev['visual_head']:.2f}")
+    train_s = time.perf_counter() - t0
+    bar.close()
+    _, tr_a, tr_v = features(model, train, device)
+    _, te_a, te_v = features(model, test, device)
+    probe = {"audio": linear_probe(tr_a, train.labels, te_a, test.labels, n_classes, cfg.probe_steps),
+             "visual": linear_probe(tr_v, train.labels, te_v, test.labels, n_classes, cfg.probe_steps)}
+    final = curves["fused"][-1] if curves["fused"] else evaluate(model, test, device)["fused"]
+    return RunResult(method=method, seed=seed, fused_acc=final, probe_acc=probe,
+                     head_acc={"audio": curves["audio_head"][-1] if curves["audio_head"] else float("nan"),
+                               "visual": curves["visual_head"][-1] if curves["visual_head"] else float("nan")},
+                     wall_s=train_s, curves=curves, steps=steps,
+                     alpha=None if method in ("baseline", "multiloss") else opt.alpha)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
