@@ -90,7 +90,7 @@ def _extension():
             sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu"),
             include_dirs=include,
             define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
         ))
 
     class BuildExt(ce.BuildExtension):

@@ -108,13 +108,13 @@ def load(backend: str = "cpu") -> tuple[object, str]:
 
 def _load_cuda() -> tuple[object, str]:
     import torch
+    if torch.version.cuda is None:
+        return None, (f"torch {torch.__version__} is a CPU-only build, so the CUDA extension "
+                      "cannot be built or run (install a CUDA torch, then rebuild)")
     cpu, why = _import("mmmod._C")  # holds the op schemas
     if cpu is None:
         return None, why
     _cache.setdefault("cpu", (cpu, ""))
-    if torch.version.cuda is None:
-        return None, (f"torch {torch.__version__} is a CPU-only build, so the CUDA extension "
-                      "cannot be built or run (install a CUDA torch, then rebuild)")
     mod, why = _import("mmmod._C_cuda")
     if mod is None:
         if "not built" in why:

@@ -1,0 +1,72 @@
+// Plain C interface between the torch glue (cuda_ops.cpp, compiled by the host compiler) and the
+// CUDA kernels (kernels.cu, compiled by nvcc). Only fixed-width integers and raw pointers cross
+// it; streams travel as void* (cudaStream_t). Nothing here includes a CUDA or torch header.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { MMMOD_F32 = 0, MMMOD_F16 = 1, MMMOD_BF16 = 2, MMMOD_F64 = 3 };
+
+// Elements per chunk of the CUDA kernels (one thread block per chunk); fixed, so per-tensor
+// statistics are combined in the same order on every GPU.
+#define MMMOD_CUDA_CHUNK 65536
+
+// The metadata table uploaded to the device for one bucket: a header, then ntensors
+// MmmodTensorMeta, then nchunks MmmodChunkMeta (every entry 8-byte aligned).
+typedef struct {
+  uint64_t seed;
+  uint32_t step;
+  uint32_t modality;
+  int64_t ntensors;
+  int64_t nchunks;
+} MmmodHeader;
+
+typedef struct {
+  int64_t ptr;          // data pointer of the (contiguous) tensor
+  int64_t numel;        // may be 0: an empty tensor owns no chunks
+  int64_t offset;       // first element of the tensor in the modality's Philox stream
+  int64_t first_chunk;  // its chunks are first_chunk .. first_chunk + chunk_count - 1
+  int64_t chunk_count;
+} MmmodTensorMeta;
+
+typedef struct {
+  int64_t tensor;  // index into the tensor table
+  int64_t start;   // first element of the chunk in that tensor (64-bit: > 2^31 elements)
+} MmmodChunkMeta;
+
+// Bytes of device workspace the launchers below need for a table of this size.
+size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks);
+
+// g <- k g (+ gate sigma n) in place for every tensor of the table. table, k, gate, workspace
+// are device pointers; k and gate are read on the device (no host sync).
+int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                        const float* k, const float* gate, int noise, int scaled, void* workspace,
+                        void* stream);
+
+// Unbiased float64 std of every tensor of the table into out[ntensors] (device).
+int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                          void* workspace, double* out, void* stream);
+
+// out[0] = sum_i softmax(z)[i, labels[i]] (NaN for labels outside [0, C)); z is [B, C] with
+// element strides s0, s1; labels int64 [B]. One launch per modality.
+int mmmod_cuda_scores(const void* z, int dtype, int64_t B, int64_t C, int64_t s0, int64_t s1,
+                      const int64_t* labels, float* out, void* stream);
+
+// k[M] from scores s[M] (method: 0 none, 1 ogm, 2 mlb), on the device.
+int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,
+                            float beta_max, void* stream);
+
+// out[i] = normal of stream element offset + i, i < n.
+int mmmod_cuda_philox_normal(float* out, int64_t n, uint64_t seed, uint32_t step,
+                             uint32_t modality, uint64_t offset, void* stream);
+
+const char* mmmod_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,185 @@
+// CUDA implementations of the mmmod ops (dispatch key CUDA): torch glue compiled by the host
+// compiler with c10/ATen headers only (no CUDA headers); the kernels are behind the plain
+// launchers of cuda_api.h (kernels.cu).
+//
+// No host sync: the metadata table is staged in pinned host memory and copied with
+// non_blocking=true on the current stream (the caching host allocator keeps the staging buffer
+// alive until the copy has run); k and gate stay device tensors read by the kernels.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cuda_api.h"
+#include "ops.h"
+
+namespace mmmod {
+namespace cuda {
+namespace {
+
+void* current_stream(const at::Device& device) {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
+}
+
+void check(int rc, const char* what) {
+  TORCH_CHECK(rc == 0, "mmmod: CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
+}
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return MMMOD_F32;
+    case at::kHalf: return MMMOD_F16;
+    case at::kBFloat16: return MMMOD_BF16;
+    case at::kDouble: return MMMOD_F64;
+    default: TORCH_CHECK_TYPE(false, "mmmod: unsupported dtype ", t);
+  }
+}
+
+struct DeviceTable {
+  at::Tensor table;  // int64 words on the device
+  int64_t ntensors = 0;
+  int64_t nchunks = 0;
+};
+
+// Header, tensor entries and chunk entries (an empty tensor has no chunks, so no kernel touches
+// it), uploaded without a sync.
+DeviceTable upload_table(at::TensorList tensors, at::IntArrayRef offsets, uint64_t seed,
+                         uint32_t step, uint32_t modality, const at::Device& device) {
+  std::vector<MmmodTensorMeta> metas;
+  std::vector<MmmodChunkMeta> chunks;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t n = tensors[i].numel();
+    const int64_t count = (n + MMMOD_CUDA_CHUNK - 1) / MMMOD_CUDA_CHUNK;
+    const int64_t idx = static_cast<int64_t>(metas.size());
+    metas.push_back({reinterpret_cast<int64_t>(tensors[i].data_ptr()), n, offsets.empty() ? 0 : offsets[i],
+                     static_cast<int64_t>(chunks.size()), count});
+    for (int64_t c = 0; c < count; ++c) chunks.push_back({idx, c * MMMOD_CUDA_CHUNK});
+  }
+  DeviceTable out;
+  out.ntensors = static_cast<int64_t>(metas.size());
+  out.nchunks = static_cast<int64_t>(chunks.size());
+  const MmmodHeader header{seed, step, modality, out.ntensors, out.nchunks};
+  const size_t bytes = sizeof(MmmodHeader) + metas.size() * sizeof(MmmodTensorMeta) +
+                       chunks.size() * sizeof(MmmodChunkMeta);
+  at::Tensor host = at::empty({static_cast<int64_t>((bytes + 7) / 8)},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  char* p = static_cast<char*>(host.data_ptr());
+  std::memcpy(p, &header, sizeof(header));
+  p += sizeof(header);
+  if (!metas.empty()) std::memcpy(p, metas.data(), metas.size() * sizeof(MmmodTensorMeta));
+  p += metas.size() * sizeof(MmmodTensorMeta);
+  if (!chunks.empty()) std::memcpy(p, chunks.data(), chunks.size() * sizeof(MmmodChunkMeta));
+  out.table = host.to(device, /*non_blocking=*/true);
+  return out;
+}
+
+at::Tensor workspace(const DeviceTable& t, const at::Device& device) {
+  const size_t bytes = mmmod_cuda_workspace_bytes(t.ntensors, t.nchunks);
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)},
+                   at::TensorOptions().dtype(at::kByte).device(device));
+}
+
+}  // namespace
+
+at::Tensor scores_cuda(at::TensorList logits, const at::Tensor& labels) {
+  check_scores_inputs(logits, labels);
+  c10::DeviceGuard guard(labels.device());
+  const int64_t M = static_cast<int64_t>(logits.size());
+  at::Tensor out = at::empty({M}, labels.options().dtype(at::kFloat));
+  if (M == 0) return out;
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  void* stream = current_stream(labels.device());
+  for (int64_t m = 0; m < M; ++m) {
+    const at::Tensor& z = logits[m];
+    if (z.size(0) == 0) {
+      out.narrow(0, m, 1).zero_();
+      continue;
+    }
+    check(mmmod_cuda_scores(z.const_data_ptr(), dtype_code(z.scalar_type()), z.size(0), z.size(1),
+                            z.stride(0), z.stride(1), y.const_data_ptr<int64_t>(),
+                            out.mutable_data_ptr<float>() + m, stream),
+          "scores");
+  }
+  return out;
+}
+
+at::Tensor coefficients_cuda(const at::Tensor& scores, c10::string_view method, double alpha,
+                             double beta_max) {
+  const int code = method_code(std::string(method));
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) >= 2,
+                    "mmmod.coefficients: scores must be 1-D with M >= 2, got ", scores.sizes());
+  c10::DeviceGuard guard(scores.device());
+  const at::Tensor s = scores.to(at::kFloat).contiguous();
+  at::Tensor k = at::empty({s.size(0)}, s.options());
+  check(mmmod_cuda_coefficients(s.const_data_ptr<float>(), k.mutable_data_ptr<float>(), s.size(0),
+                                code, static_cast<float>(alpha), static_cast<float>(beta_max),
+                                current_stream(s.device())),
+        "coefficients");
+  return k;
+}
+
+void modulate_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                   const at::Tensor& gate, bool noise, bool scaled, int64_t seed, int64_t step,
+                   int64_t modality) {
+  check_bucket(tensors, offsets, k, gate);
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  c10::DeviceGuard guard(device);
+  const DeviceTable t = upload_table(tensors, offsets, static_cast<uint64_t>(seed),
+                                     static_cast<uint32_t>(step), static_cast<uint32_t>(modality),
+                                     device);
+  if (t.nchunks == 0) return;
+  at::Tensor ws = workspace(t, device);
+  check(mmmod_cuda_modulate(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+                            dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
+                            gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
+                            ws.mutable_data_ptr(), current_stream(device)),
+        "modulate_");
+}
+
+at::Tensor bucket_std_cuda(at::TensorList tensors) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "mmmod.bucket_std: no tensors");
+  const at::Device device = tensors[0].device();
+  c10::DeviceGuard guard(device);
+  std::vector<at::Tensor> flat;
+  for (const auto& x : tensors) {
+    TORCH_CHECK_VALUE(x.scalar_type() == tensors[0].scalar_type() && x.device() == device,
+                      "mmmod.bucket_std: tensors must share one dtype and device");
+    flat.push_back(x.contiguous());
+  }
+  const DeviceTable t = upload_table(flat, {}, 0, 0, 0, device);
+  at::Tensor out = at::empty({t.ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor ws = workspace(t, device);
+  check(mmmod_cuda_bucket_std(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+                              dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
+                              out.mutable_data_ptr<double>(), current_stream(device)),
+        "bucket_std");
+  return out;
+}
+
+void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t modality,
+                        int64_t offset) {
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous(),
+                    "mmmod.philox_normal_: out must be a contiguous float32 tensor");
+  TORCH_CHECK_VALUE(offset >= 0, "mmmod.philox_normal_: negative offset");
+  c10::DeviceGuard guard(out.device());
+  check(mmmod_cuda_philox_normal(out.mutable_data_ptr<float>(), out.numel(),
+                                 static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                                 static_cast<uint32_t>(modality), static_cast<uint64_t>(offset),
+                                 current_stream(out.device())),
+        "philox_normal_");
+}
+
+}  // namespace cuda
+}  // namespace mmmod
+
+TORCH_LIBRARY_IMPL(mmmod, CUDA, m) {
+  m.impl("scores", &mmmod::cuda::scores_cuda);
+  m.impl("coefficients", &mmmod::cuda::coefficients_cuda);
+  m.impl("modulate_", &mmmod::cuda::modulate_cuda);
+  m.impl("bucket_std", &mmmod::cuda::bucket_std_cuda);
+  m.impl("philox_normal_", &mmmod::cuda::philox_normal_cuda);
+}

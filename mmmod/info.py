@@ -1,0 +1,72 @@
+"""``python -m mmmod.info``: versions, the compiled extension's build record, and which backends
+are live on this machine (and why not)."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+
+def collect() -> dict:
+    import torch
+
+    from . import __version__, _ext, backends
+
+    info = {
+        "mmmod": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001 - report, never fail
+        info["triton"] = f"not importable ({type(e).__name__})"
+    info["build_record"] = _ext.build_record()
+    mod, _ = _ext.load("cpu")
+    info["extension"] = mod.build_info() if mod is not None else None
+    info["backends"] = {}
+    for name in backends.BACKENDS:
+        if name == "auto":
+            continue
+        live, why = backends.status(name)
+        info["backends"][name] = {"live": live, "why_not": why}
+    return info
+
+
+def render(info: dict) -> str:
+    lines = [f"mmmod {info['mmmod']}  (python {info['python']}, {info['platform']})",
+             f"torch {info['torch']}  CUDA {info['torch_cuda'] or '-'}  "
+             f"cuda available: {info['cuda_available']}  threads: {info['cpu_threads']}",
+             f"triton {info['triton']}"]
+    for i, d in enumerate(info["devices"]):
+        lines.append(f"  cuda:{i} {d}")
+    rec = info["build_record"]
+    if rec:
+        lines.append(f"extension build record: backends {rec.get('backends')}, torch {rec.get('torch')}, "
+                     f"CUDA {rec.get('cuda') or '-'}, nvcc {rec.get('nvcc') or '-'}, "
+                     f"sources {rec.get('source_hash')}, built {rec.get('built_at')}")
+    else:
+        lines.append("extension build record: none (extension not built)")
+    lines.append("backends:")
+    for name, st in info["backends"].items():
+        lines.append(f"  {name:7s} {'live' if st['live'] else 'not available'}"
+                     + ("" if st["live"] else f": {st['why_not']}"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = collect()
+    print(json.dumps(info, indent=1, default=str) if "--json" in argv else render(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
