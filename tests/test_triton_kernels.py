@@ -424,3 +424,19 @@ def test_backend_status_and_supports():
     assert b.supports(torch.device("cuda"))
     import os
     assert b.supports(torch.device("cpu")) == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def test_seed_and_step_are_not_specialisation_keys():
+    import inspect
+    import re
+    from mmmod.backends.triton_backend import TritonBackend
+    mod = TritonBackend().kernels.modulate
+    f = mod._modulate_noise_kernel
+    dns = getattr(f, "do_not_specialize", None)
+    if dns is not None:  # compiled JITFunction (GPU): parameter names or indices
+        names = {f.arg_names[i] if isinstance(i, int) else i for i in dns}
+        assert {"seed", "step"} <= names
+    else:  # interpreter: the decorator is not kept; check the source
+        src = inspect.getsource(mod)
+        m = re.search(r"do_not_specialize=\[([^\]]*)\]\)\s*\ndef _modulate_noise_kernel", src)
+        assert m and '"seed"' in m.group(1) and '"step"' in m.group(1)

@@ -243,6 +243,10 @@ class TritonBackend(Backend):
     def sigmas(self, tensors, k, *, noise_std="raw", gate=None):
         """The per-tensor sigma the noisy modulation would use (float32 [T], for tests/tools)."""
         ts = [g for g in tensors if g.numel() > 0]
+        with _on(ts[0].device):
+            return self._sigmas(ts, k, noise_std, gate)
+
+    def _sigmas(self, ts, k, noise_std, gate):
         K = self.kernels
         device = ts[0].device
         k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
