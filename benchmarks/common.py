@@ -230,7 +230,10 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     with Counter() as c:
+        t0 = time.perf_counter()
         fn()
+        sync(device)
+        out["elapsed_s"] = time.perf_counter() - t0  # includes the counter's own overhead
     out["syncs"] = c.n
     out["sync_ops"] = c.by_op
     if device.type == "cuda":
