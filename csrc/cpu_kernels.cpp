@@ -269,9 +269,15 @@ at::Tensor coefficients_cpu(const at::Tensor& scores, c10::string_view method, d
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) >= 2,
                     "mmmod.coefficients: scores must be 1-D with M >= 2, got ", scores.sizes());
   const at::Tensor s = scores.to(at::kFloat).contiguous();
-  at::Tensor k = at::empty({s.size(0)}, s.options());
-  compute_coefficients(s.const_data_ptr<float>(), k.mutable_data_ptr<float>(), s.size(0), code,
-                       static_cast<float>(alpha), static_cast<float>(beta_max));
+  const int64_t M = s.size(0);
+  at::Tensor x = at::empty({M}, s.options());
+  coefficient_tanh_args(s.const_data_ptr<float>(), x.mutable_data_ptr<float>(), M, code,
+                        static_cast<float>(alpha));
+  // at::tanh: the very kernel the reference's torch.tanh runs, so k is bit-identical to it
+  const at::Tensor t = at::tanh(x);
+  at::Tensor k = at::empty({M}, s.options());
+  coefficient_finish(s.const_data_ptr<float>(), t.const_data_ptr<float>(), k.mutable_data_ptr<float>(),
+                     M, code, static_cast<float>(beta_max));
   return k;
 }
 

@@ -111,6 +111,8 @@ at::Tensor coefficients_cuda(const at::Tensor& scores, c10::string_view method, 
   const int code = method_code(std::string(method));
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) >= 2,
                     "mmmod.coefficients: scores must be 1-D with M >= 2, got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.size(0) <= 64, "mmmod.coefficients: at most 64 modalities on CUDA, got ",
+                    scores.size(0));
   c10::DeviceGuard guard(scores.device());
   const at::Tensor s = scores.to(at::kFloat).contiguous();
   at::Tensor k = at::empty({s.size(0)}, s.options());
