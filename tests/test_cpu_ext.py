@@ -326,3 +326,18 @@ def test_op_input_errors():
         ops().modulate_([torch.randn(4)], [0], k.double(), g, False, False, 0, 0, 0)
     with pytest.raises(ValueError, match="batch size"):
         ops().scores([torch.randn(3, 2)], torch.zeros(4, dtype=torch.long))
+
+
+def test_torch_compile_fullgraph(seed):
+    def step(z0, z1, y, g, gate):
+        s = ops().scores([z0, z1], y)
+        k = ops().coefficients(s, "ogm", 0.8, 2.0)
+        ops().modulate_([g], [0], k[0], gate, True, False, seed, 1, 0)
+        return k
+
+    z0, z1, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
+    g, gate = torch.randn(100), torch.tensor(1.0)
+    g2 = g.clone()
+    k1 = torch.compile(step, fullgraph=True)(z0, z1, y, g, gate)
+    k2 = step(z0, z1, y, g2, gate)
+    assert torch.equal(k1, k2) and torch.equal(g, g2)
