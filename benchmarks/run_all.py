@@ -37,6 +37,11 @@ def targets(mod: dict, step: dict | None, tag: str) -> list[list]:
             rows.append([label, b or "-", f">= {goal:g}x",
                          "not live" if c is None else f"{v:.1f}x",
                          "-" if c is None else ("met" if v >= goal else "MISSED")])
+    if tag == "cpu" and ogm_ge and "cpu" in ogm_ge["contenders"]:
+        c = ogm_ge["contenders"]["cpu"]
+        for key, goal, who in (("x_vs_paper", 10.0, "(a)"), ("x_vs_plain", 2.0, "(b)")):
+            rows.append([f"(info) cpu backend OGM-GE modulation only vs {who}", "cpu",
+                         f">= {goal:g}x", f"{c[key]:.1f}x", "met" if c[key] >= goal else "MISSED"])
     if tag == "cuda" and ogm_ge:
         for b in fused:
             c = ogm_ge["contenders"][b]
