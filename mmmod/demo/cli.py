@@ -51,7 +51,9 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--apply-to", default="grad", choices=("grad", "update"))
     p.add_argument("--modulation-starts", type=int, default=0)
-    p.add_argument("--modulation-ends", type=int, default=None)
+    p.add_argument("--modulation-ends", default="auto",
+                   help="last modulated epoch (0-based, inclusive), 'none', or 'auto': the first "
+                        "half of training for OGM/OGM-GE (as the official script), all for MLB")
     p.add_argument("--width", type=int, default=16, help="encoder base width (small ResNets)")
     p.add_argument("--resnet18", action="store_true", help="the paper's ResNet-18 encoders")
     p.add_argument("--n-train", type=int, default=None, help="built-in data: training samples")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,8 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "cpu"
     modulation_starts: int = 0
-    modulation_ends: Optional[int] = None
+    modulation_ends: Union[int, str, None] = "auto"  # "auto": OGM(-GE) first half, MLB all
+    lr_decay_at: Optional[float] = 0.8  # lr x0.1 from this fraction of the epochs on (None: never)
     apply_to: str = "grad"
     param_filter: Optional[str] = None
     probe_steps: int = 100
@@ -92,6 +93,21 @@ def _modalities(model: AVClassifier, method: str):
     return out
 
 
+def modulation_window(method: str, cfg: TrainConfig) -> Optional[int]:
+    """Last modulated epoch: ``"auto"`` is the first half of training for OGM/OGM-GE (the
+    official CREMA-D script modulates epochs 0-50 of 100) and every epoch for MLB."""
+    ends = cfg.modulation_ends
+    if isinstance(ends, str):
+        if ends.lower() == "none":
+            return None
+        if ends.lower() != "auto":
+            return int(ends)
+        if method in ("ogm", "ogm_ge"):
+            return max(cfg.epochs // 2 - 1, cfg.modulation_starts)
+        return None
+    return ends
+
+
 def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> ModulatedOptimizer:
     if cfg.optimizer == "sgd":
         inner = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -104,7 +120,7 @@ def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> Modulate
     return ModulatedOptimizer(inner, _modalities(model, method), method=_LIB_METHOD[method],
                               alpha=alpha, beta_max=cfg.beta_max,
                               modulation_starts=cfg.modulation_starts,
-                              modulation_ends=cfg.modulation_ends,
+                              modulation_ends=modulation_window(method, cfg),
                               param_filter=cfg.param_filter, apply_to=cfg.apply_to,
                               backend=cfg.backend, seed=seed)
 
@@ -171,9 +187,14 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     curves = {"epoch": [], "train_loss": [], "fused": [], "audio_head": [], "visual_head": []}
     n_steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     bar = _bar(n_steps, desc or method, cfg.progress)
+    decay_epoch = (None if cfg.lr_decay_at is None
+                   else max(1, int(round(cfg.lr_decay_at * cfg.epochs))))
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         opt.set_epoch(epoch)
+        if decay_epoch is not None and epoch == decay_epoch:  # the same schedule for every method
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
         loss_sum, seen = 0.0, 0
         for idx in _batches(len(train), cfg.batch_size, g):
             a, v, y = (t.to(device) for t in train.batch(idx))

@@ -1,0 +1,194 @@
+"""The built-in demo: data, models, fusion heads' per-modality logits, training, CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmmod import fusion as mfusion
+from mmmod.demo import cli, data, models, train
+
+TINY = dict(n_train=96, n_test=48, duration=0.25, n_mels=16, image_size=16)
+
+
+def test_dataset_deterministic_and_shaped():
+    cfg = data.SyntheticConfig(**TINY)
+    tr1, te1 = data.make_dataset(cfg)
+    tr2, _ = data.make_dataset(cfg)
+    assert torch.equal(tr1.audio, tr2.audio) and torch.equal(tr1.visual, tr2.visual)
+    assert tr1.audio.shape[:3] == (96, 1, 16) and tr1.visual.shape == (96, 1, 3, 16, 16)
+    assert te1.labels.bincount().tolist() == [6] * 8  # balanced
+    assert torch.isfinite(tr1.audio).all() and torch.isfinite(tr1.visual).all()
+    tr3, _ = data.make_dataset(data.SyntheticConfig(seed=1, **TINY))
+    assert not torch.equal(tr1.visual, tr3.visual)
+
+
+def test_dataset_knobs():
+    with pytest.raises(ValueError):
+        data.SyntheticConfig(n_classes=7)
+    with pytest.raises(ValueError):
+        data.SyntheticConfig(audio_shared_pairs=3, visual_shared_pairs=2)
+    sig = data.class_signatures(data.SyntheticConfig(audio_shared_pairs=1, visual_shared_pairs=1))
+    assert "sounds like class 1" in sig[0]["audio"] and "looks like class 6" in sig[7]["visual"]
+    cfg = data.SyntheticConfig(n_frames=3, **TINY)
+    tr, _ = data.make_split(cfg, 8, 0), None
+    assert tr.visual.shape == (8, 3, 3, 16, 16)
+
+
+def test_audio_pair_sharing_removes_the_audio_cue():
+    """With every pair shared, the two members of a pair have the same audio distribution."""
+    cfg = data.SyntheticConfig(audio_shared_pairs=4, visual_shared_pairs=0, audio_dropout=0.0,
+                               **TINY)
+    g = torch.Generator().manual_seed(0)
+    lab = torch.tensor([0] * 200 + [1] * 200)
+    w = data.render_audio(lab, cfg, g)
+    env = w.abs().unfold(1, 100, 100).mean(-1)  # coarse envelope
+    # the 8 Hz pulse shows up as envelope variance; both classes carry it half the time
+    v0, v1 = env[:200].std(1).mean(), env[200:].std(1).mean()
+    assert abs(v0 - v1) / (v0 + v1) < 0.15
+
+
+@pytest.mark.parametrize("fusion", models.FUSIONS)
+def test_fusion_heads_give_per_modality_logits(fusion):
+    torch.manual_seed(0)
+    m = models.AVClassifier(8, fusion, width=4)
+    out, feats = m(torch.randn(3, 1, 16, 20), torch.randn(3, 2, 3, 16, 16))
+    assert out.shape == (3, 8) and feats[0].shape == (3, 16)
+    if fusion in ("concat", "sum"):
+        za, zv = m.split_logits(feats)
+        # the split adds back up to the fused logits (concat: b/M each; sum: exact)
+        torch.testing.assert_close(za + zv, out.detach())
+        assert not za.requires_grad
+    else:
+        assert not m.has_split
+        with pytest.raises(ValueError, match="unimodal heads"):
+            m.split_logits(feats)
+    za, zv = m.head_logits(feats)
+    assert za.shape == zv.shape == (3, 8)
+
+
+def test_concat_split_matches_library():
+    m = models.AVClassifier(5, "concat", width=4)
+    fa, fv = torch.randn(2, 16), torch.randn(2, 16)
+    ref = mfusion.concat_logits(m.fusion.fc_out, [fa, fv])
+    got = m.split_logits([fa, fv])
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(r, g)
+
+
+def test_resnet18_flag_sizes():
+    enc = models.make_encoder(3, resnet18=True)
+    assert enc.out_dim == 512
+    n = sum(p.numel() for p in enc.parameters())
+    assert 11_000_000 < n < 11_300_000  # torchvision resnet18 trunk without fc: 11.18 M
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data.make_dataset(data.SyntheticConfig(**TINY))
+
+
+@pytest.mark.parametrize("method,fusion", [("baseline", "concat"), ("ogm_ge", "concat"),
+                                           ("ogm", "sum"), ("mlb", "concat"), ("mlb", "sum"),
+                                           ("ogm_ge", "film"), ("mlb", "gated"),
+                                           ("multiloss", "concat")])
+def test_train_one_runs_every_method_and_fusion(tiny_data, method, fusion):
+    tr, te = tiny_data
+    cfg = train.TrainConfig(epochs=2, batch_size=32, width=4, fusion=fusion, progress=False,
+                            probe_steps=10, backend="torch")
+    r = train.train_one(method, tr, te, cfg, seed=0)
+    assert 0.0 <= r.fused_acc <= 1.0
+    assert set(r.probe_acc) == {"audio", "visual"}
+    n_steps = 2 * 3
+    assert len(r.steps["score_audio"]) == n_steps and len(r.steps["coef_visual"]) == n_steps
+    assert r.curves["epoch"] == [1, 2]
+    ks = r.steps["coef_audio"] + r.steps["coef_visual"]
+    if method in ("baseline", "multiloss"):
+        assert all(k == 1.0 for k in ks)
+    elif method in ("ogm", "ogm_ge"):
+        # OGM damps exactly one modality per step (inside the window)
+        for ka, kv in zip(r.steps["coef_audio"], r.steps["coef_visual"]):
+            assert min(ka, kv) <= 1.0 and max(ka, kv) == 1.0
+    else:
+        assert all(0.0 < k < 2.0 for k in ks)
+    json.dumps(r.to_dict())
+
+
+def test_ogm_window_defaults_to_first_half(tiny_data):
+    tr, te = tiny_data
+    cfg = train.TrainConfig(epochs=2, batch_size=48, width=4, progress=False, probe_steps=5,
+                            backend="torch")
+    r = train.train_one("ogm_ge", tr, te, cfg, seed=0)
+    # epoch 0 modulated, epoch 1 not (k logged as 1 outside the window)
+    assert r.steps["coef_audio"][2:] == [1.0, 1.0] and r.steps["coef_visual"][2:] == [1.0, 1.0]
+
+
+def test_same_seed_same_initialisation(tiny_data):
+    tr, te = tiny_data
+    cfg = train.TrainConfig(epochs=1, batch_size=48, width=4, progress=False, probe_steps=5,
+                            backend="torch")
+    a = train.train_one("baseline", tr, te, cfg, seed=3)
+    b = train.train_one("baseline", tr, te, cfg, seed=3)
+    assert a.fused_acc == b.fused_acc and a.steps["score_audio"] == b.steps["score_audio"]
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--epochs", "1", "--n-train", "64", "--n-test", "32", "--width", "4",
+                   "--seeds", "2", "--method", "baseline,ogm_ge", "--out", str(out), "--quiet",
+                   "--backend", "torch", "--image-size", "16"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| method" in text and "ogm_ge" in text and "baseline" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and len(res["runs"]) == 4
+    assert set(res["summary"]) == {"baseline", "ogm_ge"}
+    assert (out / "scores_coefficients.png").stat().st_size > 0
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_cli_errors():
+    with pytest.raises(SystemExit):
+        cli.main(["--method", "nope"])
+    with pytest.raises(SystemExit):
+        cli.main(["--dataset", "cremad"])  # needs --data
+
+
+def test_python_m_mmmod_dispatch():
+    r = subprocess.run([sys.executable, "-m", "mmmod"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mmmod", "bogus"], capture_output=True, text=True)
+    assert r.returncode == 2
+    r = subprocess.run([sys.executable, "-m", "mmmod", "demo", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "--epochs" in r.stdout and "--fusion" in r.stdout
+
+
+def test_cli_on_real_layout(tmp_path):
+    """--data trains on a data set in the official CREMA-D layout."""
+    sf = pytest.importorskip("soundfile")
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    emos = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+    for split, n in (("train", 12), ("test", 6)):
+        lines = []
+        for i in range(n):
+            clip, emo = f"{split}{i}", emos[i % 6]
+            lines.append(f"{clip},{emo}\n")
+            (tmp_path / "AudioWAV").mkdir(exist_ok=True)
+            sf.write(str(tmp_path / "AudioWAV" / f"{clip}.wav"),
+                     rng.standard_normal(4000).astype(np.float32) * 0.1, 16000)
+            d = tmp_path / "Image-01-FPS" / clip
+            d.mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(d / f"{k}.jpg")
+        (tmp_path / f"{split}.csv").write_text("".join(lines))
+    out = tmp_path / "out"
+    rc = cli.main(["--data", str(tmp_path), "--dataset", "cremad", "--epochs", "1", "--width", "4",
+                   "--image-size", "16", "--n-frames", "1", "--method", "baseline,ogm_ge",
+                   "--out", str(out), "--quiet", "--no-plots", "--backend", "torch"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["n_train"] == 12 and res["data"]["dataset"] == "cremad"
