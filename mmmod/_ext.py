@@ -91,6 +91,11 @@ def _import(name: str) -> tuple[object, str]:
 
 def load(backend: str = "cpu") -> tuple[object, str]:
     """(module, "") when the ops of ``backend`` ("cpu" or "cuda") are registered, else (None, why)."""
+    # lock-free once resolved: torch.compile traces through this on every backend lookup and
+    # cannot enter a threading.Lock (a graph break inside mmmod.functional otherwise)
+    res = _cache.get(backend)
+    if res is not None:
+        return res
     with _lock:
         if backend in _cache:
             return _cache[backend]
