@@ -52,3 +52,23 @@ def test_this_environment_imports_mmmod_kernels_from_anywhere(tmp_path):
     if r.returncode == 3:
         pytest.skip("mmmod is not installed in this environment (run scripts/setup.sh)")
     assert r.returncode == 0 and r.stdout.strip() == "mmmod.kernels", r.stderr
+
+
+def test_wheel_ships_every_subpackage(wheel):
+    """Every folder of mmmod/ with an __init__.py (demo, data, ...) is in the wheel."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    subpackages = [p.parent.relative_to(ROOT).as_posix()
+                   for p in (ROOT / "mmmod").rglob("__init__.py")]
+    missing = [d for d in subpackages if f"{d}/__init__.py" not in names]
+    assert not missing, f"setup.py packages= misses {missing}"
+    assert "mmmod/demo/cli.py" in names and "mmmod/data/loaders.py" in names
+
+
+def test_installed_wheel_runs_the_demo_entry_point(wheel, tmp_path):
+    """``python -m mmmod demo --help`` works from an installed wheel (not only from the tree)."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True)
+    r = subprocess.run([sys.executable, "-m", "mmmod", "demo", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(target)))
+    assert r.returncode == 0 and "--epochs" in r.stdout, r.stderr
