@@ -24,9 +24,10 @@ Knobs (see :class:`SyntheticConfig`):
 * information only audio has: ``visual_shared_pairs`` -- the last pairs look identical (each
   sample shows either shape of the pair at random).
 
-With the defaults audio alone can reach about 75-80 %, vision alone more, both together nearly
-100 %; audio is learned within an epoch or two, vision much more slowly -- the CREMA-D situation
-in which joint training leaves the visual encoder under-trained.
+With the defaults (one audio-shared pair, one visual-shared pair, 15 % of clips without usable
+sound) audio alone can reach about 76 %, vision alone about 87 %, both together 100 %; audio is
+learned within a few epochs, vision much more slowly -- the CREMA-D situation in which joint
+training leaves the visual encoder under-trained.
 """
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ class SyntheticConfig:
     image_size: int = 32
     n_frames: int = 1
     audio_snr_db: float = 6.0
-    audio_dropout: float = 0.25
+    audio_dropout: float = 0.15
     audio_shared_pairs: int = 1
     visual_shared_pairs: int = 1
-    visual_noise: float = 0.3
+    visual_noise: float = 0.15
     visual_contrast: tuple = (0.25, 0.6)
     shape_size: tuple = (0.45, 0.65)
     distractors: int = 3
