@@ -101,7 +101,8 @@ def _check_grads(grads, coeffs, names):
 
 
 def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, noise: bool,
-              noise_std: str = "raw", noise_rng: str = "philox", seed: int = 0, step: int = 0,
+              noise_std: str = "raw", noise_rng: str = "philox", seed: int = 0,
+              step: int | torch.Tensor = 0,
               backend: str = "auto", offsets: Sequence[Sequence[int]] | None = None,
               names: Sequence[str] | None = None) -> None:
     """Modulate every modality's gradients in place: g <- k_m g (+ sigma n when ``noise``).
@@ -109,8 +110,15 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     ``grads[m]`` lists modality m's tensors (``None`` entries are skipped); ``offsets[m][i]``
     is tensor i's first element in the modality's noise stream (default: running sum of
     sizes). If any coefficient is NaN the whole call leaves the gradients untouched, decided
-    on the device (no sync).
+    on the device (no sync). ``step`` (the Philox counter word) is an int or a 0-d integer
+    tensor; a tensor is read on the device, so a CUDA graph captured around this call draws new
+    noise at each replay when the tensor is advanced (``backend="auto"`` then prefers Triton to
+    the CUDA extension, whose op takes the step as an integer).
     """
+    if isinstance(step, torch.Tensor) and (step.dim() != 0 or step.dtype.is_floating_point
+                                           or step.dtype == torch.bool):
+        raise ValueError(f"step must be an int or a 0-d integer tensor, got a {step.dtype} "
+                         f"tensor of shape {tuple(step.shape)}")
     if noise_std not in NOISE_STD:
         raise ValueError(f"noise_std must be one of {NOISE_STD}, got {noise_std!r}")
     if noise_rng not in NOISE_RNG:
@@ -130,6 +138,8 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads], coeffs,
                                           noise=noise, noise_std=noise_std)
         return
+    # a 0-d integer tensor step (the optimizer's capturable counter) stays on the device
+    step_arg = step if isinstance(step, torch.Tensor) else int(step)
     ok = torch.isfinite(coeffs).all()
     k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
     gate = ok.float()
@@ -142,12 +152,12 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             ts.append(g)
             os_.append(off)
         for (device, _), (ts, os_) in buckets.items():
-            impl = backends.get(backend, device)
+            impl = backends.get(backend, device, device_step=isinstance(step, torch.Tensor))
             k_m = k_eff[m].to(device, non_blocking=True)
             gate_m = gate.to(device, non_blocking=True)
             work = [g if g.is_contiguous() else g.contiguous() for g in ts]
             impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
-                                  seed=int(seed), step=int(step), modality=m)
+                                  seed=int(seed), step=step_arg, modality=m)
             for g, w in zip(ts, work):
                 if w is not g:
                     g.copy_(w)

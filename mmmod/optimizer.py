@@ -56,6 +56,12 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         seed: Philox key; under ``torch.distributed`` rank 0's seed is broadcast once.
         process_group: group whose ranks share one global batch (default: the default group
             when ``torch.distributed`` is initialised, else none).
+        capturable: keep the noise counter (the optimizer step) in a 0-d int64 tensor on the
+            parameters' device and advance it there, so ``observe`` + ``step`` captured in a
+            CUDA graph draw fresh noise at every replay (as ``torch.optim.Adam(capturable=True)``
+            keeps its step on the device). ``backend="auto"`` then uses Triton rather than the
+            CUDA extension on GPUs. Replays do not advance the Python-side ``step_count``;
+            :attr:`device_step` is the counter.
         strict: raise on out-of-range labels and non-finite logits even when that needs a host
             sync (labels on an accelerator). Otherwise such a step is skipped on the device and
             counted in :attr:`skipped_steps`; CPU labels are always range-checked eagerly.
@@ -87,7 +93,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
                  noise_std: str = "raw", noise_rng: str = "philox",
                  param_filter: str | Callable | None = None, apply_to: str = "grad",
                  backend: str = "auto", seed: int = 0, process_group: Any = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, capturable: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -100,6 +106,9 @@ class ModulatedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"noise_std must be one of {functional.NOISE_STD}, got {noise_std!r}")
         if noise_rng not in functional.NOISE_RNG:
             raise ValueError(f"noise_rng must be one of {functional.NOISE_RNG}, got {noise_rng!r}")
+        if capturable and noise_rng == "torch":
+            raise ValueError("capturable=True needs noise_rng='philox': the 'torch' noise mode "
+                             "reads each gradient's std on the host (parity only)")
         if backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {backends.BACKENDS}")
         if not isinstance(modalities, Mapping) or len(modalities) < 2:
@@ -127,6 +136,11 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self.seed = self._agree_seed(int(seed))
         self.epoch = 0
         self.step_count = 0
+        self.capturable = bool(capturable)
+        self._step_t: torch.Tensor | None = None
+        if self.capturable:
+            dev = next((_param_of(e).device for ps in self.params for e in ps), None)
+            self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self._score_sum: torch.Tensor | None = None
         self._observed = 0
         self._scores: torch.Tensor | None = None
@@ -294,6 +308,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         if modulate and self.apply_to == "update":
             self._scale_updates(before)
         self.step_count += 1
+        if self._step_t is not None:
+            self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
         self._score_sum = None
         self._observed = 0
         return loss
@@ -307,6 +323,11 @@ class ModulatedOptimizer(torch.optim.Optimizer):
     def coefficients(self) -> dict[str, torch.Tensor]:
         """Last step's coefficients per modality (computed also outside the window)."""
         return {} if self._coeffs is None else dict(zip(self.names, self._coeffs.unbind()))
+
+    @property
+    def device_step(self) -> torch.Tensor | None:
+        """The capturable noise counter (0-d int64 on the parameters' device), else ``None``."""
+        return self._step_t
 
     @property
     def skipped_steps(self) -> int:
@@ -343,7 +364,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
 
     def _modulate(self, grads, coeffs, noise: bool) -> None:
         functional.modulate_(grads, coeffs, noise=noise, noise_std=self.noise_std,
-                             noise_rng=self.noise_rng, seed=self.seed, step=self.step_count,
+                             noise_rng=self.noise_rng, seed=self.seed,
+                             step=self.step_count if self._step_t is None else self._step_t,
                              backend=self.backend, offsets=self._offsets, names=self.names)
 
     @torch.no_grad()
@@ -367,7 +389,10 @@ class ModulatedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = self.optimizer.state_dict()
         sd["mmmod"] = {
-            "step_count": self.step_count, "seed": self.seed, "epoch": self.epoch,
+            # the device counter is the truth under capture (replays do not run Python);
+            # reading it here syncs once per checkpoint, never per step
+            "step_count": self.step_count if self._step_t is None else int(self._step_t),
+            "seed": self.seed, "epoch": self.epoch,
             "modalities": list(self.names),
             "hyper": {h: getattr(self, h) for h in _HYPER},
             "skipped_steps": self._skipped.clone() if self._skipped is not None else None,
@@ -387,6 +412,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
                              f"this optimizer has {self.names}")
         self.optimizer.load_state_dict(sd)
         self.step_count = int(own["step_count"])
+        if self._step_t is not None:
+            self._step_t.fill_(self.step_count)
         self.seed = int(own["seed"])
         self.epoch = int(own["epoch"])
         for h, v in own["hyper"].items():

@@ -47,13 +47,17 @@ def status(name: str) -> tuple[bool, str]:
     return inst.available()
 
 
-def get(name: str, device: torch.device | str | None = None) -> Backend:
-    """Resolve a backend name (``"auto"`` included) for data on ``device``."""
+def get(name: str, device: torch.device | str | None = None, *,
+        device_step: bool = False) -> Backend:
+    """Resolve a backend name (``"auto"`` included) for data on ``device``.
+
+    ``device_step``: the caller passes the Philox step as a device tensor (a CUDA-graph
+    capturable step); ``auto`` then skips backends that would need its value on the host."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if name == "auto":
-        return _auto(device)
+        return _auto(device, device_step)
     live, why = status(name)
     if not live:
         raise RuntimeError(f"mmmod backend {name!r} is not available: {why}")
@@ -63,12 +67,14 @@ def get(name: str, device: torch.device | str | None = None) -> Backend:
     return inst
 
 
-def _auto(device: torch.device) -> Backend:
+def _auto(device: torch.device, device_step: bool = False) -> Backend:
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     reasons = []
     for name in order:
         live, why = status(name)
         if live and _instances[name].supports(device):
+            if device_step and not _instances[name].device_step:
+                continue  # chosen quietly by the next in order (triton); not a missing backend
             return _instances[name]
         reasons.append(f"{name}: {why or 'does not support ' + str(device)}")
     key = device.type

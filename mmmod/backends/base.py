@@ -15,6 +15,9 @@ import torch
 
 class Backend:
     name = "abstract"
+    #: whether ``modulate_bucket_`` takes ``step`` as a 0-d device tensor without reading it on
+    #: the host (what a CUDA-graph-captured step needs; see ``ModulatedOptimizer(capturable=)``)
+    device_step = True
 
     def available(self) -> tuple[bool, str]:
         """(live, why not) on this machine."""

@@ -47,6 +47,12 @@ class _ExtensionBackend(Backend):
         tensors = list(tensors)
         if not tensors:
             return
+        if isinstance(step, torch.Tensor):
+            if step.device.type != "cpu":
+                raise RuntimeError(f"mmmod backend {self.name!r} takes the step as an integer; a "
+                                   f"step counter on {step.device} (capturable=True) needs "
+                                   f"backend 'triton' or 'torch'")
+            step = int(step)  # a CPU tensor: a plain memory read, not a device sync
         torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
                                   noise_std == "scaled", _seed64(seed), int(step) & 0xFFFFFFFF,
                                   int(modality) & 0xFFFFFFFF)
@@ -58,5 +64,6 @@ class CpuBackend(_ExtensionBackend):
 
 
 class CudaBackend(_ExtensionBackend):
+    device_step = False  # the op schema carries the step as an int (see modulate_bucket_)
     name = "cuda"
     device_type = "cuda"

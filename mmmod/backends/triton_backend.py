@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..reference.philox import step_word
 from .base import Backend
 
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
@@ -236,9 +237,14 @@ class TritonBackend(Backend):
         seed = int(seed) & ((1 << 64) - 1)
         if seed >= 1 << 63:
             seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
+        step_ptr = isinstance(step, torch.Tensor)
+        if step_ptr:
+            step = step_word(step, device)
+        else:
+            step = int(step) & 0xFFFFFFFF
         K.modulate._modulate_noise_kernel[(meta.n_noise_chunks,)](
-            meta.meta, meta.noise_map, k, sigma, seed, int(step) & 0xFFFFFFFF, int(modality),
-            BLOCK_C=self.block_c, DT=DT, num_warps=_warps(4 * self.block_c))
+            meta.meta, meta.noise_map, k, sigma, seed, step, int(modality),
+            BLOCK_C=self.block_c, DT=DT, STEP_PTR=step_ptr, num_warps=_warps(4 * self.block_c))
 
     def sigmas(self, tensors, k, *, noise_std="raw", gate=None):
         """The per-tensor sigma the noisy modulation would use (float32 [T], for tests/tools)."""

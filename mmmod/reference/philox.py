@@ -71,12 +71,24 @@ def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torc
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def normal4(seed: int, step: int, modality: int, counters: torch.Tensor) -> torch.Tensor:
-    """The four normals of each Philox counter in ``counters`` (int64), shape [len, 4]."""
+def step_word(step: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Counter word 2 from a step held in a 0-d integer tensor: ``step mod 2**32`` (int64),
+    computed on ``device`` without reading the value on the host."""
+    if step.dim() != 0 or step.dtype.is_floating_point or step.dtype == torch.bool:
+        raise ValueError(f"a tensor step must be a 0-d integer tensor, got {step.dtype} "
+                         f"of shape {tuple(step.shape)}")
+    return step.to(device=device, dtype=torch.int64) & MASK32
+
+
+def normal4(seed: int, step, modality: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four normals of each Philox counter in ``counters`` (int64), shape [len, 4].
+
+    ``step``: a Python int, or a 0-d integer tensor (read on the device, never on the host)."""
     seed = int(seed) & ((1 << 64) - 1)
     c0 = counters & MASK32
     c1 = (counters >> 32) & MASK32
-    c2 = torch.full_like(counters, int(step) & MASK32)
+    c2 = (torch.zeros_like(counters) + step_word(step, counters.device)
+          if isinstance(step, torch.Tensor) else torch.full_like(counters, int(step) & MASK32))
     c3 = torch.full_like(counters, int(modality) & MASK32)
     w = philox4x32_10(c0, c1, c2, c3, seed & MASK32, (seed >> 32) & MASK32)
     n0, n1 = box_muller(uint32_to_uniform(w[0]), uint32_to_uniform(w[1]))
