@@ -80,7 +80,8 @@ def _extension():
         # (non-AVX2) copy of any inline function shared with the other objects
         sources=rel("ops.cpp", "checks.cpp", "cpu_kernels.cpp", "module.cpp", "vec_avx2.cpp"),
         include_dirs=include,
-        define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu")],
+        define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
+                                 ("MMMOD_CPU_KERNELS_API", None)],
         extra_compile_args=cxx,
     )]
     if nvcc:

@@ -1,19 +1,31 @@
 // CPU implementations of the mmmod ops (dispatch key CPU).
 //
-// Determinism: work is split into fixed chunks of kChunkCpu elements (never by thread count);
-// per-chunk statistics are stored in their own slots and merged per tensor in chunk order, and
-// the modulation is element-wise, so results are bit-identical for any number of threads.
+// The per-chunk work goes through a KernelTable (cpu_kernels.h): AVX2 + FMA (vec_avx2.cpp) when
+// the CPU has it, else the portable scalar one below; MMMOD_CPU_SCALAR=1 forces the portable one.
+//
+// Determinism: work is split into fixed chunks of kChunkCpu elements of one tensor (never by
+// thread count); threads claim chunks dynamically, per-chunk statistics are stored in their own
+// slots and merged per tensor in chunk order, and a normal depends only on its stream position,
+// so results are bit-identical for any number of threads and any scheduling.
+//
+// OGM-GE modulation of a bucket runs window by window: consecutive tensors of about kWindow
+// elements (a tensor is never split) get their statistics pass and then, while that window is
+// still in the last-level cache, the fused pass that generates the Philox normals block by block
+// into an L1 buffer and applies g <- k g + sigma n. DRAM traffic stays at the 12 B/element floor
+// or below and nothing of the gradients' size is allocated.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
-#include "box_muller_vec.h"
 #include "coefficients.h"
 #include "cpu_kernels.h"
 #include "ops.h"
@@ -22,60 +34,146 @@
 namespace mmmod {
 namespace cpu {
 
-void box_muller_batch_default(const float* ua, const float* ub, float* c, float* s, int64_t n) {
-  box_muller_batch_vec(ua, ub, c, s, n);
+namespace {
+
+// ---- the portable (scalar) kernel table ------------------------------------------------------
+void normals_scalar(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, int64_t ngroups,
+                    float* z) {
+  for (int64_t j = 0; j < ngroups; ++j) {
+    const F32x4 v = philox_normal4(seed, step, modality, q0 + static_cast<uint64_t>(j));
+    z[4 * j] = v.x;
+    z[4 * j + 1] = v.y;
+    z[4 * j + 2] = v.z;
+    z[4 * j + 3] = v.w;
+  }
+}
+
+void modulate_f32_scalar(float* x, const float* z, int64_t n, float k, float sigma) {
+  for (int64_t i = 0; i < n; ++i) x[i] = modulate_value(x[i], k, sigma, z[i]);
+}
+
+// (n, mean, M2) of x[0 .. n) in the fixed order of cpu_kernels.h: element i into float64 lane
+// i % 16 (whole 16-blocks first, then the tail into lanes 0 ..), lanes combined by
+// moment_lanes_sum. The AVX2 table computes exactly this, four lanes per register.
+template <typename T>
+Moments moments_lanes(const T* x, int64_t n) {
+  double a[kMomentLanes] = {0};
+  const int64_t n16 = n - n % kMomentLanes;
+  for (int64_t i = 0; i < n16; i += kMomentLanes) {
+    for (int j = 0; j < kMomentLanes; ++j) a[j] += static_cast<double>(static_cast<float>(x[i + j]));
+  }
+  for (int64_t i = n16; i < n; ++i) a[i - n16] += static_cast<double>(static_cast<float>(x[i]));
+  const double mean = moment_lanes_sum(a) / static_cast<double>(n);
+  for (int j = 0; j < kMomentLanes; ++j) a[j] = 0.0;
+  for (int64_t i = 0; i < n16; i += kMomentLanes) {
+    for (int j = 0; j < kMomentLanes; ++j) {
+      const double d = static_cast<double>(static_cast<float>(x[i + j])) - mean;
+      a[j] += d * d;
+    }
+  }
+  for (int64_t i = n16; i < n; ++i) {
+    const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
+    a[i - n16] += d * d;
+  }
+  return {static_cast<double>(n), mean, moment_lanes_sum(a)};
+}
+
+Moments moments_f32_scalar(const float* x, int64_t n) { return moments_lanes<float>(x, n); }
+
+double row_lse_f32_scalar(const float* row, int64_t C) {
+  double mx = -std::numeric_limits<double>::infinity();
+  bool nan = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = static_cast<double>(row[c]);
+    nan = nan || std::isnan(v);
+    mx = v > mx ? v : mx;
+  }
+  if (nan) return std::numeric_limits<double>::quiet_NaN();
+  if (std::isinf(mx)) mx = 0.0;  // torch's logsumexp: an infinite max is not subtracted
+  double se = 0.0;
+  for (int64_t c = 0; c < C; ++c) se += std::exp(static_cast<double>(row[c]) - mx);
+  return mx + std::log(se);
+}
+
+const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, moments_f32_scalar,
+                             row_lse_f32_scalar};
+
+bool detect_avx2() {
+#if defined(MMMOD_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+const KernelTable& scalar_kernels() { return kScalar; }
+
+bool avx2_supported() {
+  static const bool ok = detect_avx2();
+  return ok;
+}
+
+const KernelTable& active_kernels() {
+  const char* e = std::getenv("MMMOD_CPU_SCALAR");
+  if (e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0) return kScalar;
+#if defined(MMMOD_HAVE_AVX2_TU)
+  if (avx2_supported()) return avx2_kernels();
+#endif
+  return kScalar;
 }
 
 namespace {
 
-BoxMullerFn pick_box_muller() {
-#if defined(MMMOD_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return box_muller_batch_avx2;
+// Elements per window of the OGM-GE pass (statistics, then modulation while cached): 8 MiB of
+// fp32, well inside a 32 MiB L3. MMMOD_CPU_WINDOW overrides it (0: the whole bucket at once).
+int64_t window_elements() {
+  const char* e = std::getenv("MMMOD_CPU_WINDOW");
+  if (e != nullptr && e[0] != '\0') {
+    const long long v = std::atoll(e);
+    return v <= 0 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(v);
   }
-#endif
-  return box_muller_batch_default;
+  return int64_t{1} << 21;
 }
 
-const BoxMullerFn box_muller_batch = pick_box_muller();
-
-constexpr int64_t kGroups = 64;  // Philox counter groups (4 normals each) per noise block
-
-// The 4 * kGroups normals of counter groups q0 .. q0 + kGroups - 1, in stream order.
-void normals_block(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, float* z) {
-  alignas(64) float ua[2 * kGroups], ub[2 * kGroups], c[2 * kGroups], s[2 * kGroups];
-  for (int64_t j = 0; j < kGroups; ++j) {
-    const U32x4 w = philox_words(seed, step, modality, q0 + static_cast<uint64_t>(j));
-    ua[2 * j] = uint32_to_uniform(w.x);
-    ub[2 * j] = uint32_to_uniform(w.y);
-    ua[2 * j + 1] = uint32_to_uniform(w.z);
-    ub[2 * j + 1] = uint32_to_uniform(w.w);
-  }
-  box_muller_batch(ua, ub, c, s, 2 * kGroups);
-  for (int64_t j = 0; j < kGroups; ++j) {
-    z[4 * j] = c[2 * j];
-    z[4 * j + 1] = s[2 * j];
-    z[4 * j + 2] = c[2 * j + 1];
-    z[4 * j + 3] = s[2 * j + 1];
-  }
-}
-
-// Calls f(i, n, z) for runs of elements i .. i + n - 1 of a range starting at stream position p0,
-// z[j] being the normal of element i + j.
+// f(c) for c in [0, n), spread over the intra-op threads, each claiming the next index (so a
+// descheduled thread does not hold up a fixed share). Results must not depend on who runs c.
 template <typename F>
-void for_each_noise_run(uint64_t seed, uint32_t step, uint32_t modality, uint64_t p0, int64_t len,
-                        F&& f) {
-  alignas(64) float z[4 * kGroups];
+void for_each_index(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < n; ++c) f(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(c);
+    }
+  });
+}
+
+// Calls f(i, n, z) for consecutive runs of elements i .. i + n - 1 of a range of len elements
+// starting at stream position p0, z[j] being the normal of element i + j (runs of at most
+// 4 * kBlockGroups elements; z lives in an L1-resident buffer).
+template <typename F>
+void for_each_noise_run(const KernelTable& K, uint64_t seed, uint32_t step, uint32_t modality,
+                        uint64_t p0, int64_t len, F&& f) {
+  alignas(64) float z[4 * kBlockGroups + kNormalsPad];
   uint64_t q = p0 >> 2;
   int64_t lead = static_cast<int64_t>(p0 & 3);
   int64_t i = 0;
   while (i < len) {
-    normals_block(seed, step, modality, q, z);
-    const int64_t n = std::min<int64_t>(4 * kGroups - lead, len - i);
+    const int64_t n = std::min<int64_t>(4 * kBlockGroups - lead, len - i);
+    const int64_t ng = (lead + n + 3) >> 2;
+    K.normals(seed, step, modality, q, ng, z);
     f(i, n, z + lead);
     i += n;
-    q += kGroups;
+    q += static_cast<uint64_t>(ng);
     lead = 0;
   }
 }
@@ -97,41 +195,19 @@ std::vector<Chunk> make_chunks(at::TensorList tensors) {
   return chunks;
 }
 
-// (n, mean, M2) of one chunk: two passes over cache-resident data, float64, fixed order.
+// (n, mean, M2) of one chunk.
 template <typename T>
-Moments chunk_moments(const T* x, int64_t n) {
-  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    a0 += static_cast<double>(static_cast<float>(x[i]));
-    a1 += static_cast<double>(static_cast<float>(x[i + 1]));
-    a2 += static_cast<double>(static_cast<float>(x[i + 2]));
-    a3 += static_cast<double>(static_cast<float>(x[i + 3]));
+Moments chunk_moments(const KernelTable& K, const T* x, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    return K.moments_f32(x, n);
+  } else {
+    return moments_lanes<T>(x, n);
   }
-  for (; i < n; ++i) a0 += static_cast<double>(static_cast<float>(x[i]));
-  const double mean = ((a0 + a1) + (a2 + a3)) / static_cast<double>(n);
-  double q0 = 0, q1 = 0, q2 = 0, q3 = 0;
-  i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const double d0 = static_cast<double>(static_cast<float>(x[i])) - mean;
-    const double d1 = static_cast<double>(static_cast<float>(x[i + 1])) - mean;
-    const double d2 = static_cast<double>(static_cast<float>(x[i + 2])) - mean;
-    const double d3 = static_cast<double>(static_cast<float>(x[i + 3])) - mean;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-    q2 += d2 * d2;
-    q3 += d3 * d3;
-  }
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
-    q0 += d * d;
-  }
-  return {static_cast<double>(n), mean, (q0 + q1) + (q2 + q3)};
 }
 
 // float64 input: statistics on the float64 values themselves (the reference's g.double()).
 template <>
-Moments chunk_moments<double>(const double* x, int64_t n) {
+Moments chunk_moments<double>(const KernelTable&, const double* x, int64_t n) {
   double a0 = 0, a1 = 0;
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
@@ -150,22 +226,42 @@ Moments chunk_moments<double>(const double* x, int64_t n) {
   return {static_cast<double>(n), mean, q0 + q1};
 }
 
-// Per-tensor moments of a bucket: per-chunk partials in parallel, merged in chunk order.
+// Per-tensor moments of tensors [t0, t1) whose chunks are [c0, c1): per-chunk partials in
+// parallel, merged in chunk order.
 template <typename T>
-std::vector<Moments> bucket_moments(at::TensorList tensors, const std::vector<Chunk>& chunks) {
-  std::vector<Moments> part(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const Chunk& ch = chunks[c];
-      const T* x = tensors[ch.tensor].const_data_ptr<T>() + ch.start;
-      part[c] = chunk_moments<T>(x, ch.len);
-    }
+void window_moments(const KernelTable& K, at::TensorList tensors, const std::vector<Chunk>& chunks,
+                    int64_t c0, int64_t c1, std::vector<Moments>& part, std::vector<Moments>& out) {
+  for_each_index(c1 - c0, [&](int64_t i) {
+    const Chunk& ch = chunks[c0 + i];
+    part[c0 + i] = chunk_moments<T>(K, tensors[ch.tensor].const_data_ptr<T>() + ch.start, ch.len);
   });
-  std::vector<Moments> out(tensors.size(), Moments{0, 0, 0});
-  for (size_t c = 0; c < chunks.size(); ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     out[chunks[c].tensor] = moments_merge(out[chunks[c].tensor], part[c]);
   }
+}
+
+template <typename T>
+std::vector<Moments> bucket_moments(const KernelTable& K, at::TensorList tensors,
+                                    const std::vector<Chunk>& chunks) {
+  std::vector<Moments> part(chunks.size()), out(tensors.size(), Moments{0, 0, 0});
+  window_moments<T>(K, tensors, chunks, 0, static_cast<int64_t>(chunks.size()), part, out);
   return out;
+}
+
+// g <- k g + sigma n on one chunk.
+template <typename T>
+void modulate_chunk(const KernelTable& K, T* x, int64_t len, uint64_t p0, float k, float sg,
+                    uint64_t seed, uint32_t step, uint32_t modality) {
+  for_each_noise_run(K, seed, step, modality, p0, len, [&](int64_t i, int64_t n, const float* z) {
+    if constexpr (std::is_same<T, float>::value) {
+      K.modulate_f32(x + i, z, n, k, sg);
+    } else {
+      T* y = x + i;
+      for (int64_t j = 0; j < n; ++j) {
+        y[j] = static_cast<T>(modulate_value(static_cast<float>(y[j]), k, sg, z[j]));
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -175,34 +271,42 @@ void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, flo
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   if (nchunks == 0) return;
   if (!noise) {
-    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const Chunk& ch = chunks[c];
-        T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start;
-        for (int64_t i = 0; i < ch.len; ++i) {
-          x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
-        }
+    for_each_index(nchunks, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start;
+      for (int64_t i = 0; i < ch.len; ++i) {
+        x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
       }
     });
     return;
   }
-  const std::vector<Moments> mom = bucket_moments<T>(tensors, chunks);
-  std::vector<float> sigma(tensors.size());
-  for (size_t t = 0; t < tensors.size(); ++t) sigma[t] = sigma_from_moments(mom[t], scaled, k, gate);
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const Chunk& ch = chunks[c];
-      T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start;
-      const float sg = sigma[ch.tensor];
-      const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
-      for_each_noise_run(seed, step, modality, p0, ch.len, [&](int64_t i, int64_t n, const float* z) {
-        T* y = x + i;
-        for (int64_t j = 0; j < n; ++j) {
-          y[j] = static_cast<T>(modulate_value(static_cast<float>(y[j]), k, sg, z[j]));
-        }
-      });
+  const KernelTable& K = active_kernels();
+  const int64_t window = window_elements();
+  std::vector<Moments> part(chunks.size()), mom(tensors.size(), Moments{0, 0, 0});
+  std::vector<float> sigma(tensors.size(), 0.0f);
+  int64_t c0 = 0;
+  while (c0 < nchunks) {
+    // the window: whole tensors from chunks[c0].tensor while the element count stays <= window
+    int64_t c1 = c0, elems = 0;
+    while (c1 < nchunks) {
+      const int64_t t = chunks[c1].tensor;
+      const int64_t n = tensors[t].numel();
+      if (c1 > c0 && elems + n > window) break;
+      elems += n;
+      while (c1 < nchunks && chunks[c1].tensor == t) ++c1;
     }
-  });
+    window_moments<T>(K, tensors, chunks, c0, c1, part, mom);
+    for (int64_t t = chunks[c0].tensor; t <= chunks[c1 - 1].tensor; ++t) {
+      sigma[t] = sigma_from_moments(mom[t], scaled, k, gate);
+    }
+    for_each_index(c1 - c0, [&](int64_t i) {
+      const Chunk& ch = chunks[c0 + i];
+      const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
+      modulate_chunk<T>(K, tensors[ch.tensor].mutable_data_ptr<T>() + ch.start, ch.len, p0, k,
+                        sigma[ch.tensor], seed, step, modality);
+    });
+    c0 = c1;
+  }
 }
 
 }  // namespace
@@ -212,6 +316,7 @@ void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, flo
 
 at::Tensor scores_cpu(at::TensorList logits, const at::Tensor& labels) {
   check_scores_inputs(logits, labels);
+  const KernelTable& K = active_kernels();
   const int64_t M = static_cast<int64_t>(logits.size());
   at::Tensor out = at::empty({M}, labels.options().dtype(at::kFloat));
   const at::Tensor y = labels.to(at::kLong).contiguous();
@@ -226,34 +331,29 @@ at::Tensor scores_cpu(at::TensorList logits, const at::Tensor& labels) {
     std::vector<double> part(nblk, 0.0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mmmod_scores_cpu", [&] {
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
-      at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-        for (int64_t blk = b; blk < e; ++blk) {
-          double acc = 0.0;
-          for (int64_t i = blk * kRows; i < std::min(B, (blk + 1) * kRows); ++i) {
-            const int64_t yi = yp[i];
-            if (yi < 0 || yi >= C) {
-              acc += std::numeric_limits<double>::quiet_NaN();
-              continue;
-            }
-            const scalar_t* row = zp + i * s0;
-            // logsumexp as torch defines it: an infinite max is not subtracted
-            double mx = -std::numeric_limits<double>::infinity();
-            bool nan = false;
-            for (int64_t c = 0; c < C; ++c) {
-              const double v = static_cast<double>(static_cast<float>(row[c * s1]));
-              nan = nan || std::isnan(v);
-              mx = v > mx ? v : mx;
-            }
-            if (std::isinf(mx)) mx = 0.0;
-            double se = 0.0;
-            for (int64_t c = 0; c < C; ++c) {
-              se += std::exp(static_cast<double>(static_cast<float>(row[c * s1])) - mx);
-            }
-            const double lse = nan ? std::numeric_limits<double>::quiet_NaN() : mx + std::log(se);
-            acc += std::exp(static_cast<double>(static_cast<float>(row[yi * s1])) - lse);
+      constexpr bool direct = std::is_same<scalar_t, float>::value;
+      for_each_index(nblk, [&](int64_t blk) {
+        std::vector<float> buf;  // the row as float32 when it is not a contiguous float32 row
+        double acc = 0.0;
+        for (int64_t i = blk * kRows; i < std::min(B, (blk + 1) * kRows); ++i) {
+          const int64_t yi = yp[i];
+          if (yi < 0 || yi >= C) {
+            acc += std::numeric_limits<double>::quiet_NaN();
+            continue;
           }
-          part[blk] = acc;
+          const scalar_t* row = zp + i * s0;
+          const float* r;
+          if (direct && s1 == 1) {
+            r = reinterpret_cast<const float*>(row);
+          } else {
+            buf.resize(static_cast<size_t>(C));
+            for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<float>(row[c * s1]);
+            r = buf.data();
+          }
+          const double lse = K.row_lse_f32(r, C);
+          acc += std::exp(static_cast<double>(r[yi]) - lse);
         }
+        part[blk] = acc;
       });
     });
     double total = 0.0;
@@ -304,9 +404,10 @@ at::Tensor bucket_std_cpu(at::TensorList tensors) {
     flat.push_back(tensors[i].contiguous());
   }
   const std::vector<Chunk> chunks = make_chunks(flat);
+  const KernelTable& K = active_kernels();
   double* op = out.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat[0].scalar_type(), "mmmod_bucket_std_cpu", [&] {
-    const std::vector<Moments> mom = bucket_moments<scalar_t>(flat, chunks);
+    const std::vector<Moments> mom = bucket_moments<scalar_t>(K, flat, chunks);
     for (size_t t = 0; t < flat.size(); ++t) {
       op[t] = mom[t].n >= 2 ? std::sqrt(mom[t].m2 / (mom[t].n - 1.0)) : 0.0;
     }
@@ -321,18 +422,17 @@ void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_
   TORCH_CHECK_VALUE(offset >= 0, "mmmod.philox_normal_: negative offset");
   const int64_t n = out.numel();
   float* p = out.mutable_data_ptr<float>();
+  const KernelTable& K = active_kernels();
   const int64_t nchunks = (n + kChunkCpu - 1) / kChunkCpu;
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t start = c * kChunkCpu;
-      const int64_t len = std::min(kChunkCpu, n - start);
-      for_each_noise_run(static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                         static_cast<uint32_t>(modality),
-                         static_cast<uint64_t>(offset) + static_cast<uint64_t>(start), len,
-                         [&](int64_t i, int64_t m, const float* z) {
-                           std::copy(z, z + m, p + start + i);
-                         });
-    }
+  for_each_index(nchunks, [&](int64_t c) {
+    const int64_t start = c * kChunkCpu;
+    const int64_t len = std::min(kChunkCpu, n - start);
+    for_each_noise_run(K, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                       static_cast<uint32_t>(modality),
+                       static_cast<uint64_t>(offset) + static_cast<uint64_t>(start), len,
+                       [&](int64_t i, int64_t m, const float* z) {
+                         std::copy(z, z + m, p + start + i);
+                       });
   });
 }
 

@@ -1,18 +1,67 @@
-// CPU building blocks shared by the default and the AVX2 translation units.
+// CPU kernels shared by the default (portable scalar) and the AVX2 translation units.
+//
+// cpu_kernels.cpp owns the ops, the chunking and the threading; the per-chunk work goes through
+// a KernelTable: the portable one (scalar Philox, libm Box-Muller, compiled for the baseline
+// ISA) or the AVX2 + FMA one from vec_avx2.cpp, picked at run time with __builtin_cpu_supports.
+// MMMOD_CPU_SCALAR=1 in the environment (read on every op call) forces the portable table.
+//
+// Contracts every table meets, so chunking and threading never change a bit:
+// - normals(): the value of a counter group depends only on (seed, step, modality, q), never on
+//   where a block starts or ends (the AVX2 table computes partial blocks with the same vector
+//   code on padded lanes);
+// - moments_f32(): one fixed accumulation order (16 float64 lanes, element i into lane i % 16,
+//   then a fixed tree), identical in both tables, so the statistics are bit-identical too;
+// - modulate_f32(): x <- float32(x k) + float32(sigma z), products rounded separately (no FMA),
+//   bit-identical to the reference for the same z.
 #pragma once
 
 #include <stdint.h>
 
+#include "philox.h"
+
 namespace mmmod {
 namespace cpu {
 
-// Normals of the 2 * n uniform pairs (ua[i], ub[i]): c[i] = r cos th, s[i] = r sin th.
-using BoxMullerFn = void (*)(const float* ua, const float* ub, float* c, float* s, int64_t n);
+// Counter groups per noise block (4 normals each): 2 KiB of normals, L1-resident. A multiple of
+// the AVX2 batch of 8 groups.
+constexpr int64_t kBlockGroups = 128;
+// Extra room a normals() output buffer needs past 4 * ngroups floats (padding to 8 groups).
+constexpr int64_t kNormalsPad = 32;
+// float64 accumulator lanes of the statistics pass.
+constexpr int kMomentLanes = 16;
 
-void box_muller_batch_default(const float* ua, const float* ub, float* c, float* s, int64_t n);
+struct KernelTable {
+  const char* name;
+  // The 4 * ngroups normals of counter groups q0 .. q0 + ngroups - 1 in stream order; z must
+  // have room for 4 * ngroups + kNormalsPad floats.
+  void (*normals)(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, int64_t ngroups,
+                  float* z);
+  // x[i] <- x[i] k + sigma z[i] (float32, separately rounded products).
+  void (*modulate_f32)(float* x, const float* z, int64_t n, float k, float sigma);
+  // (n, mean, M2) of x[0 .. n) in float64, two passes, fixed order (see above); n > 0.
+  Moments (*moments_f32)(const float* x, int64_t n);
+  // logsumexp of one row as torch defines it (an infinite max is not subtracted), exp terms
+  // summed in float64; NaN if the row holds a NaN. C > 0.
+  double (*row_lse_f32)(const float* row, int64_t C);
+};
+
+const KernelTable& scalar_kernels();
 #if defined(MMMOD_HAVE_AVX2_TU)
-void box_muller_batch_avx2(const float* ua, const float* ub, float* c, float* s, int64_t n);
+const KernelTable& avx2_kernels();
 #endif
+
+// The table the ops use now: AVX2 when the CPU has AVX2 + FMA and MMMOD_CPU_SCALAR is unset.
+const KernelTable& active_kernels();
+// Whether the AVX2 table is compiled in and the CPU supports it (independent of the env var).
+bool avx2_supported();
+
+// Fixed combination of the 16 lanes of the statistics pass (shared by both tables).
+static inline double moment_lanes_sum(const double* a) {
+  double s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = a[j] + a[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 
 }  // namespace cpu
 }  // namespace mmmod

@@ -22,6 +22,10 @@
 #define MMMOD_BACKEND_NAME cpu
 #endif
 
+#if defined(MMMOD_CPU_KERNELS_API)
+#include "cpu_kernels.h"
+#endif
+
 #define MMMOD_STR2(x) #x
 #define MMMOD_STR(x) MMMOD_STR2(x)
 #define MMMOD_CAT2(a, b) a##b
@@ -43,9 +47,22 @@ PyObject* build_info(PyObject*, PyObject*) {
                        MMMOD_SOURCE_HASH, "avx2_kernels", cpu_avx2_tu());
 }
 
+#if defined(MMMOD_CPU_KERNELS_API)
+// Which CPU kernel table the ops use now ("avx2" or "scalar"; MMMOD_CPU_SCALAR=1 forces
+// "scalar") and whether the AVX2 one could be used on this CPU.
+PyObject* cpu_kernels(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:O}", "active", mmmod::cpu::active_kernels().name, "avx2_supported",
+                       mmmod::cpu::avx2_supported() ? Py_True : Py_False);
+}
+#endif
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "The build record compiled into this binary: backend, torch and CUDA versions, source hash."},
+#if defined(MMMOD_CPU_KERNELS_API)
+    {"cpu_kernels", cpu_kernels, METH_NOARGS,
+     "The CPU kernel table in use ('avx2' or 'scalar') and whether AVX2 + FMA is supported."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "mmmod." MMMOD_STR(MMMOD_MODULE_NAME),

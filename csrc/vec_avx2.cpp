@@ -1,11 +1,25 @@
-// Box-Muller with at::vec compiled for AVX2 + FMA (Sleef log/sin/cos exported by libtorch_cpu),
-// selected at run time by cpu_kernels.cpp only when the CPU supports AVX2 and FMA.
+// The AVX2 + FMA kernel table (cpu_kernels.h), selected at run time by cpu_kernels.cpp only when
+// the CPU supports AVX2 and FMA (and MMMOD_CPU_SCALAR is unset).
+//
+// - Philox4x32-10 across lanes: a register holds one word of 4 counter groups, one uint32 in the
+//   low half of each 64-bit lane, so _mm256_mul_epu32 yields the full 32x32->64 product (hi in
+//   the upper half, lo in the lower); 4 such registers (16 groups) are in flight per iteration.
+//   The integer words are bit-identical to the scalar philox4x32_10 of philox.h, and so are the
+//   float32 uniforms (same fold, same int->float rounding, same product).
+// - Box-Muller with inlined float32 polynomials (Cephes logf, sinf/cosf on [-pi/4, pi/4] with a
+//   three-part pi/2 reduction done with FMA): within a few ulp of libm/Sleef; the rounding steps of
+//   the reference (th = 2pi u_b, r = sqrt(log(max(u_a, 1e-7)) * -2), r cos th, r sin th) are kept.
+// - Every group goes through the same vector code, a partial batch on padded lanes, so a normal
+//   never depends on where a block, chunk or thread boundary falls.
+// - Statistics: 16 float64 lanes in the order of the portable table (bit-identical to it).
+// - logsumexp of score rows with at::vec (Sleef expf, u10), terms summed in float64.
 //
 // The ISA is switched on for this translation unit alone with a target pragma (setuptools has no
 // per-file flags); at::vec's inline namespace is CPU_CAPABILITY=AVX2 so its symbols cannot clash
-// with the default build's. its name sorts last among the objects so the linker keeps the baseline copy
-// of any shared inline function, and compiles everything with -ffp-contract=off so the
-// reference's separately rounded products are kept even though FMA is enabled here.
+// with the default build's, and everything of ours lives in an anonymous namespace. Its name sorts
+// last among the objects so the linker keeps the baseline copy of any shared inline function; the
+// whole extension is compiled with -ffp-contract=off, so only the explicit _mm256_fmadd_ps below
+// fuse (the reference's separately rounded products are kept elsewhere).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(MMMOD_HAVE_AVX2_TU)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -32,15 +46,272 @@
 #undef __AVX2__
 #endif
 
-#include "box_muller_vec.h"
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
 #include "cpu_kernels.h"
 
 namespace mmmod {
 namespace cpu {
+namespace {
 
-void box_muller_batch_avx2(const float* ua, const float* ub, float* c, float* s, int64_t n) {
-  box_muller_batch_vec(ua, ub, c, s, n);
+#define MMMOD_INLINE inline __attribute__((always_inline))
+
+// ---- Philox4x32-10 ---------------------------------------------------------------------------
+constexpr int kHalves = 4;  // registers of 4 groups in flight: 16 groups per iteration
+
+// Ten rounds on kHalves x 4 groups. c[w][h]: word w of half h, in the low 32 bits of each 64-bit
+// lane (the upper halves carry garbage that only ever reaches _mm256_mul_epu32, which ignores it,
+// or the final extraction, which drops it).
+MMMOD_INLINE void philox_rounds(__m256i (&c)[4][kHalves], const __m256i* K0, const __m256i* K1,
+                                __m256i r0_c0x, __m256i r0_c1, __m256i r0_c2x) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
+  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
+  // round 0: words 2 and 3 (step, modality) are the same in every lane, so M1 * step and the
+  // key are folded into constants by the caller
+#pragma GCC unroll 4
+  for (int h = 0; h < kHalves; ++h) {
+    const __m256i p0 = _mm256_mul_epu32(c[0][h], m0);
+    c[0][h] = _mm256_xor_si256(r0_c0x, c[1][h]);
+    c[1][h] = r0_c1;
+    c[2][h] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), r0_c2x);
+    c[3][h] = p0;
+  }
+#pragma GCC unroll 9
+  for (int r = 1; r < 10; ++r) {
+#pragma GCC unroll 4
+    for (int h = 0; h < kHalves; ++h) {
+      const __m256i p0 = _mm256_mul_epu32(c[0][h], m0);
+      const __m256i p1 = _mm256_mul_epu32(c[2][h], m1);
+      c[0][h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c[1][h]), K0[r]);
+      c[1][h] = p1;
+      c[2][h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c[3][h]), K1[r]);
+      c[3][h] = p0;
+    }
+  }
 }
+
+// Eight uint32 words, lane j = group j, from the half with the even groups and the odd one.
+MMMOD_INLINE __m256i merge_halves(__m256i even, __m256i odd) {
+  return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+// uint32_to_uniform of philox.h: s ^ (s >> 31) is s for s >= 0 and -s - 1 otherwise.
+MMMOD_INLINE __m256 to_uniform(__m256i w) {
+  const __m256i s = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(kUniformScale));
+}
+
+// ---- float32 log / sincos -------------------------------------------------------------------
+// Natural log of positive normal x (Cephes logf: max relative error ~1 ulp).
+MMMOD_INLINE __m256 log_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
+                                                 _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
+  const __m256 lt = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  const __m256 t = _mm256_and_ps(m, lt);
+  e = _mm256_sub_ps(e, _mm256_and_ps(one, lt));
+  m = _mm256_add_ps(_mm256_sub_ps(m, one), t);  // m - 1 or 2m - 1, both exact
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 p = _mm256_set1_ps(7.0376836292E-2f);
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.1514610310E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.1676998740E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.2420140846E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.4249322787E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.6668057665E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(2.0000714765E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-2.4999993993E-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(3.3333331174E-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+// sin and cos of th in [0, 2pi]: th - j pi/2 with pi/2 split in three float32 parts (the first
+// FMA is exact, the reduced argument keeps full relative precision next to the zeros), then the
+// Cephes sinf/cosf polynomials on [-pi/4, pi/4] and the quadrant's swap and signs.
+MMMOD_INLINE void sincos_ps(__m256 th, __m256* s, __m256* c) {
+  const __m256 jf = _mm256_round_ps(_mm256_mul_ps(th, _mm256_set1_ps(0.636619772367581343f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(0x1.921fb6p+0f), th);
+  y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(-0x1.777a5cp-25f), y);
+  y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(-0x1.ee59dap-50f), y);
+  const __m256i j = _mm256_cvtps_epi32(jf);
+  const __m256 z = _mm256_mul_ps(y, y);
+  __m256 sp = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891E-4f), z, _mm256_set1_ps(8.3321608736E-3f));
+  sp = _mm256_fmadd_ps(sp, z, _mm256_set1_ps(-1.6666654611E-1f));
+  const __m256 sy = _mm256_fmadd_ps(_mm256_mul_ps(y, z), sp, y);
+  __m256 cp = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948E-5f), z,
+                              _mm256_set1_ps(-1.388731625493765E-3f));
+  cp = _mm256_fmadd_ps(cp, z, _mm256_set1_ps(4.166664568298827E-2f));
+  const __m256 cy = _mm256_fmadd_ps(_mm256_mul_ps(z, z), cp,
+                                    _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_set1_ps(1.0f)));
+  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, one), one));
+  const __m256 ss = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(j, two), 30));
+  const __m256 cs = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(j, one), two), 30));
+  *s = _mm256_xor_ps(_mm256_blendv_ps(sy, cy, swap), ss);
+  *c = _mm256_xor_ps(_mm256_blendv_ps(cy, sy, swap), cs);
+}
+
+// box_muller of philox.h on eight pairs.
+MMMOD_INLINE void box_muller8(__m256 ua, __m256 ub, __m256* n0, __m256* n1) {
+  const __m256 a = _mm256_max_ps(ua, _mm256_set1_ps(kMinUniform));
+  const __m256 th = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), ub);
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(log_ps(a), _mm256_set1_ps(-2.0f)));
+  __m256 s, c;
+  sincos_ps(th, &s, &c);
+  *n0 = _mm256_mul_ps(r, c);
+  *n1 = _mm256_mul_ps(r, s);
+}
+
+// The 32 normals of 8 groups (lane j = group j of each word) stored in stream order.
+MMMOD_INLINE void normals8_store(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float* z) {
+  __m256 a0, a1, a2, a3;
+  box_muller8(to_uniform(w0), to_uniform(w1), &a0, &a1);
+  box_muller8(to_uniform(w2), to_uniform(w3), &a2, &a3);
+  // 4 x 8 transpose: out[4 j + w] = a_w[j]
+  const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+  const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+  const __m256 g04 = _mm256_shuffle_ps(t0, t2, 0x44), g15 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 g26 = _mm256_shuffle_ps(t1, t3, 0x44), g37 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_storeu_ps(z, _mm256_permute2f128_ps(g04, g15, 0x20));
+  _mm256_storeu_ps(z + 8, _mm256_permute2f128_ps(g26, g37, 0x20));
+  _mm256_storeu_ps(z + 16, _mm256_permute2f128_ps(g04, g15, 0x31));
+  _mm256_storeu_ps(z + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
+}
+
+void normals_avx2(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, int64_t ngroups,
+                  float* z) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  __m256i K0[10], K1[10];
+  for (int r = 0; r < 10; ++r) {
+    K0[r] = _mm256_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(r) * kPhiloxW0));
+    K1[r] = _mm256_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(r) * kPhiloxW1));
+  }
+  const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * step;
+  const __m256i r0_c0x = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(p1 >> 32) ^ k0));
+  const __m256i r0_c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(p1)));
+  const __m256i r0_c2x = _mm256_set1_epi32(static_cast<int>(modality ^ k1));
+  // halves: groups q+{0,2,4,6}, q+{1,3,5,7}, q+{8,10,12,14}, q+{9,11,13,15}
+  const __m256i lane = _mm256_set_epi64x(6, 4, 2, 0);
+  const __m256i hoff[kHalves] = {_mm256_set1_epi64x(0), _mm256_set1_epi64x(1), _mm256_set1_epi64x(8),
+                                 _mm256_set1_epi64x(9)};
+  for (int64_t g = 0; g < ngroups; g += 4 * kHalves) {
+    const __m256i base = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(q0 + static_cast<uint64_t>(g))), lane);
+    __m256i c[4][kHalves];
+    for (int h = 0; h < kHalves; ++h) {
+      const __m256i q = _mm256_add_epi64(base, hoff[h]);  // 64-bit add: carries into hi32
+      c[0][h] = q;
+      c[1][h] = _mm256_srli_epi64(q, 32);
+    }
+    philox_rounds(c, K0, K1, r0_c0x, r0_c1, r0_c2x);
+    normals8_store(merge_halves(c[0][0], c[0][1]), merge_halves(c[1][0], c[1][1]),
+                   merge_halves(c[2][0], c[2][1]), merge_halves(c[3][0], c[3][1]), z + 4 * g);
+    if (g + 8 < ngroups) {
+      normals8_store(merge_halves(c[0][2], c[0][3]), merge_halves(c[1][2], c[1][3]),
+                     merge_halves(c[2][2], c[2][3]), merge_halves(c[3][2], c[3][3]), z + 4 * g + 32);
+    }
+  }
+}
+
+// ---- modulation -----------------------------------------------------------------------------
+void modulate_f32_avx2(float* x, const float* z, int64_t n, float k, float sigma) {
+  const __m256 kv = _mm256_set1_ps(k), sv = _mm256_set1_ps(sigma);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_mul_ps(v, kv), _mm256_mul_ps(sv, _mm256_loadu_ps(z + i))));
+  }
+  for (; i < n; ++i) x[i] = x[i] * k + sigma * z[i];  // -ffp-contract=off: same rounding
+}
+
+// ---- statistics -----------------------------------------------------------------------------
+Moments moments_f32_avx2(const float* x, int64_t n) {
+  alignas(32) double lanes[kMomentLanes];
+  const int64_t n16 = n - n % kMomentLanes;
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v0)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)));
+    a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(v1)));
+    a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)));
+  }
+  _mm256_store_pd(lanes, a0);
+  _mm256_store_pd(lanes + 4, a1);
+  _mm256_store_pd(lanes + 8, a2);
+  _mm256_store_pd(lanes + 12, a3);
+  for (int64_t i = n16; i < n; ++i) lanes[i - n16] += static_cast<double>(x[i]);
+  const double mean = moment_lanes_sum(lanes) / static_cast<double>(n);
+  const __m256d mv = _mm256_set1_pd(mean);
+  a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)), mv);
+    const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)), mv);
+    const __m256d d2 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v1)), mv);
+    const __m256d d3 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)), mv);
+    a0 = _mm256_add_pd(a0, _mm256_mul_pd(d0, d0));
+    a1 = _mm256_add_pd(a1, _mm256_mul_pd(d1, d1));
+    a2 = _mm256_add_pd(a2, _mm256_mul_pd(d2, d2));
+    a3 = _mm256_add_pd(a3, _mm256_mul_pd(d3, d3));
+  }
+  _mm256_store_pd(lanes, a0);
+  _mm256_store_pd(lanes + 4, a1);
+  _mm256_store_pd(lanes + 8, a2);
+  _mm256_store_pd(lanes + 12, a3);
+  for (int64_t i = n16; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - mean;
+    lanes[i - n16] += d * d;
+  }
+  return {static_cast<double>(n), mean, moment_lanes_sum(lanes)};
+}
+
+// ---- scores ---------------------------------------------------------------------------------
+double row_lse_f32_avx2(const float* row, int64_t C) {
+  using V = at::vec::Vectorized<float>;
+  static_assert(V::size() == 8, "AVX2 Vectorized<float> holds 8 floats");
+  const int64_t c8 = C - C % 8;
+  alignas(32) float tail[8];
+  for (int j = 0; j < 8; ++j) tail[j] = -std::numeric_limits<float>::infinity();
+  for (int64_t c = c8; c < C; ++c) tail[c - c8] = row[c];
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t c = 0; c <= c8; c += 8) {
+    const __m256 v = c < c8 ? _mm256_loadu_ps(row + c) : _mm256_load_ps(tail);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, v);
+  }
+  if (_mm256_movemask_ps(nan)) return std::numeric_limits<double>::quiet_NaN();
+  alignas(32) float m8[8];
+  _mm256_store_ps(m8, mx);
+  float m = m8[0];
+  for (int j = 1; j < 8; ++j) m = m8[j] > m ? m8[j] : m;
+  if (std::isinf(m)) m = 0.0f;  // torch's logsumexp: an infinite max is not subtracted
+  const V mv(m);
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+  for (int64_t c = 0; c <= c8; c += 8) {
+    const V v = c < c8 ? V::loadu(row + c) : V::loadu(tail);
+    const __m256 e = (v - mv).exp();
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double s[4];
+  _mm256_store_pd(s, _mm256_add_pd(s0, s1));
+  return static_cast<double>(m) + std::log((s[0] + s[2]) + (s[1] + s[3]));
+}
+
+const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, moments_f32_avx2, row_lse_f32_avx2};
+
+}  // namespace
+
+const KernelTable& avx2_kernels() { return kAvx2; }
 
 }  // namespace cpu
 }  // namespace mmmod
