@@ -25,9 +25,13 @@ Knobs (see :class:`SyntheticConfig`):
   sample shows either shape of the pair at random).
 
 With the defaults (one audio-shared pair, one visual-shared pair, 15 % of clips without usable
-sound) audio alone can reach about 76 %, vision alone about 87 %, both together 100 %; audio is
-learned within a few epochs, vision much more slowly -- the CREMA-D situation in which joint
-training leaves the visual encoder under-trained.
+sound) audio cannot separate one pair of classes and hears nothing in 15 % of clips, which caps
+an audio-only classifier near 0.85 x 7/8 + 0.15 x 1/8 = 76 %; vision cannot separate another
+pair (cap 7/8 = 87.5 %); both together can be perfect. Audio is learned within a few epochs, vision much more
+slowly -- the CREMA-D situation in which joint training leaves the visual encoder
+under-trained. Measured (docs/demo.md, 3 seeds, 15 epochs): a linear probe of the audio encoder
+reaches 76 % under every method; the visual encoder's probe 49 % after the baseline and 84 %
+after MLB.
 """
 from __future__ import annotations
 
