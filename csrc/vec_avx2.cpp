@@ -60,7 +60,10 @@ namespace {
 #define MMMOD_INLINE inline __attribute__((always_inline))
 
 // ---- Philox4x32-10 ---------------------------------------------------------------------------
-constexpr int kHalves = 4;  // registers of 4 groups in flight: 16 groups per iteration
+#ifndef MMMOD_HALVES
+#define MMMOD_HALVES 4
+#endif
+constexpr int kHalves = MMMOD_HALVES;  // registers of 4 groups in flight
 
 // Ten rounds on kHalves x 4 groups. c[w][h]: word w of half h, in the low 32 bits of each 64-bit
 // lane (the upper halves carry garbage that only ever reaches _mm256_mul_epu32, which ignores it,
@@ -85,9 +88,10 @@ MMMOD_INLINE void philox_rounds(__m256i (&c)[4][kHalves], const __m256i* K0, con
     for (int h = 0; h < kHalves; ++h) {
       const __m256i p0 = _mm256_mul_epu32(c[0][h], m0);
       const __m256i p1 = _mm256_mul_epu32(c[2][h], m1);
-      c[0][h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c[1][h]), K0[r]);
+      // (c1 ^ key) is off the multiply's critical path
+      c[0][h] = _mm256_xor_si256(_mm256_srli_epi64(p1, 32), _mm256_xor_si256(c[1][h], K0[r]));
       c[1][h] = p1;
-      c[2][h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c[3][h]), K1[r]);
+      c[2][h] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), _mm256_xor_si256(c[3][h], K1[r]));
       c[3][h] = p0;
     }
   }
@@ -104,77 +108,95 @@ MMMOD_INLINE __m256 to_uniform(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(kUniformScale));
 }
 
-// ---- float32 log / sincos -------------------------------------------------------------------
-// Natural log of positive normal x (Cephes logf: max relative error ~1 ulp).
-MMMOD_INLINE __m256 log_ps(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256i xi = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
-                                                 _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
-  const __m256 lt = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  const __m256 t = _mm256_and_ps(m, lt);
-  e = _mm256_sub_ps(e, _mm256_and_ps(one, lt));
-  m = _mm256_add_ps(_mm256_sub_ps(m, one), t);  // m - 1 or 2m - 1, both exact
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 p = _mm256_set1_ps(7.0376836292E-2f);
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.1514610310E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.1676998740E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.2420140846E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.4249322787E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.6668057665E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(2.0000714765E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-2.4999993993E-1f));
-  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(3.3333331174E-1f));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+// ---- float32 log / sincos, N independent vectors interleaved step by step -----------------
+// (the dependency chains are ~100 cycles long; written side by side they overlap in the
+// out-of-order window, written one after the other they do not)
+#define MMMOD_EACH(i) _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
+
+// Natural log of positive normal x: Cephes logf (max relative error ~1 ulp) on the mantissa
+// brought to [sqrt(1/2), sqrt(2)) with integer arithmetic (as musl does), where m - 1 is exact.
+template <int N>
+MMMOD_INLINE void log_ps(const __m256* x, __m256* out) {
+  const __m256i off = _mm256_set1_epi32(0x3f3504f3);  // bits of float32(sqrt(1/2))
+  __m256 e[N], m[N], z[N], p[N];
+  MMMOD_EACH(i) {
+    const __m256i d = _mm256_sub_epi32(_mm256_castps_si256(x[i]), off);
+    e[i] = _mm256_cvtepi32_ps(_mm256_srai_epi32(d, 23));
+    m[i] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x007fffff)), off)),
+                         _mm256_set1_ps(1.0f));
+  }
+  MMMOD_EACH(i) z[i] = _mm256_mul_ps(m[i], m[i]);
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(7.0376836292E-2f), m[i], _mm256_set1_ps(-1.1514610310E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(1.1676998740E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(-1.2420140846E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(1.4249322787E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(-1.6668057665E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(2.0000714765E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(-2.4999993993E-1f));
+  MMMOD_EACH(i) p[i] = _mm256_fmadd_ps(p[i], m[i], _mm256_set1_ps(3.3333331174E-1f));
+  MMMOD_EACH(i) {
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p[i], m[i]), z[i]);
+    y = _mm256_fmadd_ps(e[i], _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z[i], y);
+    out[i] = _mm256_fmadd_ps(e[i], _mm256_set1_ps(0.693359375f), _mm256_add_ps(m[i], y));
+  }
 }
 
 // sin and cos of th in [0, 2pi]: th - j pi/2 with pi/2 split in three float32 parts (the first
 // FMA is exact, the reduced argument keeps full relative precision next to the zeros), then the
 // Cephes sinf/cosf polynomials on [-pi/4, pi/4] and the quadrant's swap and signs.
-MMMOD_INLINE void sincos_ps(__m256 th, __m256* s, __m256* c) {
-  const __m256 jf = _mm256_round_ps(_mm256_mul_ps(th, _mm256_set1_ps(0.636619772367581343f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(0x1.921fb6p+0f), th);
-  y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(-0x1.777a5cp-25f), y);
-  y = _mm256_fnmadd_ps(jf, _mm256_set1_ps(-0x1.ee59dap-50f), y);
-  const __m256i j = _mm256_cvtps_epi32(jf);
-  const __m256 z = _mm256_mul_ps(y, y);
-  __m256 sp = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891E-4f), z, _mm256_set1_ps(8.3321608736E-3f));
-  sp = _mm256_fmadd_ps(sp, z, _mm256_set1_ps(-1.6666654611E-1f));
-  const __m256 sy = _mm256_fmadd_ps(_mm256_mul_ps(y, z), sp, y);
-  __m256 cp = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948E-5f), z,
-                              _mm256_set1_ps(-1.388731625493765E-3f));
-  cp = _mm256_fmadd_ps(cp, z, _mm256_set1_ps(4.166664568298827E-2f));
-  const __m256 cy = _mm256_fmadd_ps(_mm256_mul_ps(z, z), cp,
-                                    _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_set1_ps(1.0f)));
-  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
-  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, one), one));
-  const __m256 ss = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(j, two), 30));
-  const __m256 cs = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(j, one), two), 30));
-  *s = _mm256_xor_ps(_mm256_blendv_ps(sy, cy, swap), ss);
-  *c = _mm256_xor_ps(_mm256_blendv_ps(cy, sy, swap), cs);
+template <int N>
+MMMOD_INLINE void sincos_ps(const __m256* th, __m256* s, __m256* c) {
+  __m256 jf[N], y[N], z[N], sp[N], cp[N];
+  MMMOD_EACH(i) {
+    jf[i] = _mm256_round_ps(_mm256_mul_ps(th[i], _mm256_set1_ps(0.636619772367581343f)),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y[i] = _mm256_fnmadd_ps(jf[i], _mm256_set1_ps(0x1.921fb6p+0f), th[i]);
+  }
+  MMMOD_EACH(i) y[i] = _mm256_fnmadd_ps(jf[i], _mm256_set1_ps(-0x1.777a5cp-25f), y[i]);
+  MMMOD_EACH(i) y[i] = _mm256_fnmadd_ps(jf[i], _mm256_set1_ps(-0x1.ee59dap-50f), y[i]);
+  MMMOD_EACH(i) z[i] = _mm256_mul_ps(y[i], y[i]);
+  MMMOD_EACH(i) {
+    sp[i] = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891E-4f), z[i], _mm256_set1_ps(8.3321608736E-3f));
+    cp[i] = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948E-5f), z[i], _mm256_set1_ps(-1.388731625493765E-3f));
+  }
+  MMMOD_EACH(i) {
+    sp[i] = _mm256_fmadd_ps(sp[i], z[i], _mm256_set1_ps(-1.6666654611E-1f));
+    cp[i] = _mm256_fmadd_ps(cp[i], z[i], _mm256_set1_ps(4.166664568298827E-2f));
+  }
+  MMMOD_EACH(i) {
+    const __m256 sy = _mm256_fmadd_ps(_mm256_mul_ps(y[i], z[i]), sp[i], y[i]);
+    const __m256 cy = _mm256_fmadd_ps(_mm256_mul_ps(z[i], z[i]), cp[i],
+                                      _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z[i], _mm256_set1_ps(1.0f)));
+    const __m256i j = _mm256_cvtps_epi32(jf[i]);
+    const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+    const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(j, 31));  // blendv reads the sign bit
+    const __m256 ss = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(j, two), 30));
+    const __m256 cs = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(j, one), two), 30));
+    s[i] = _mm256_xor_ps(_mm256_blendv_ps(sy, cy, swap), ss);
+    c[i] = _mm256_xor_ps(_mm256_blendv_ps(cy, sy, swap), cs);
+  }
 }
 
-// box_muller of philox.h on eight pairs.
-MMMOD_INLINE void box_muller8(__m256 ua, __m256 ub, __m256* n0, __m256* n1) {
-  const __m256 a = _mm256_max_ps(ua, _mm256_set1_ps(kMinUniform));
-  const __m256 th = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), ub);
-  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(log_ps(a), _mm256_set1_ps(-2.0f)));
-  __m256 s, c;
-  sincos_ps(th, &s, &c);
-  *n0 = _mm256_mul_ps(r, c);
-  *n1 = _mm256_mul_ps(r, s);
+// box_muller of philox.h on N x 8 pairs of raw words: n0 = r cos th, n1 = r sin th.
+template <int N>
+MMMOD_INLINE void box_muller_words(const __m256i* wa, const __m256i* wb, __m256* n0, __m256* n1) {
+  __m256 a[N], th[N], r[N], s[N], c[N];
+  MMMOD_EACH(i) {
+    a[i] = _mm256_max_ps(to_uniform(wa[i]), _mm256_set1_ps(kMinUniform));
+    th[i] = _mm256_mul_ps(_mm256_set1_ps(kTwoPi), to_uniform(wb[i]));
+  }
+  log_ps<N>(a, r);
+  MMMOD_EACH(i) r[i] = _mm256_sqrt_ps(_mm256_mul_ps(r[i], _mm256_set1_ps(-2.0f)));
+  sincos_ps<N>(th, s, c);
+  MMMOD_EACH(i) {
+    n0[i] = _mm256_mul_ps(r[i], c[i]);
+    n1[i] = _mm256_mul_ps(r[i], s[i]);
+  }
 }
 
-// The 32 normals of 8 groups (lane j = group j of each word) stored in stream order.
-MMMOD_INLINE void normals8_store(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float* z) {
-  __m256 a0, a1, a2, a3;
-  box_muller8(to_uniform(w0), to_uniform(w1), &a0, &a1);
-  box_muller8(to_uniform(w2), to_uniform(w3), &a2, &a3);
+// The 32 normals of 8 groups (lane j = group j of each of a0 .. a3) stored in stream order.
+MMMOD_INLINE void store_transposed(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float* z) {
   // 4 x 8 transpose: out[4 j + w] = a_w[j]
   const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
   const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
@@ -188,6 +210,7 @@ MMMOD_INLINE void normals8_store(__m256i w0, __m256i w1, __m256i w2, __m256i w3,
 
 void normals_avx2(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, int64_t ngroups,
                   float* z) {
+  constexpr int kSets = kHalves / 2;  // batches of 8 groups per iteration
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   __m256i K0[10], K1[10];
   for (int r = 0; r < 10; ++r) {
@@ -198,24 +221,37 @@ void normals_avx2(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, 
   const __m256i r0_c0x = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(p1 >> 32) ^ k0));
   const __m256i r0_c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(p1)));
   const __m256i r0_c2x = _mm256_set1_epi32(static_cast<int>(modality ^ k1));
-  // halves: groups q+{0,2,4,6}, q+{1,3,5,7}, q+{8,10,12,14}, q+{9,11,13,15}
+  // half 2p holds groups q + 8p + {0, 2, 4, 6}, half 2p + 1 groups q + 8p + {1, 3, 5, 7}
   const __m256i lane = _mm256_set_epi64x(6, 4, 2, 0);
-  const __m256i hoff[kHalves] = {_mm256_set1_epi64x(0), _mm256_set1_epi64x(1), _mm256_set1_epi64x(8),
-                                 _mm256_set1_epi64x(9)};
-  for (int64_t g = 0; g < ngroups; g += 4 * kHalves) {
+  for (int64_t g = 0; g < ngroups; g += 8 * kSets) {
     const __m256i base = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(q0 + static_cast<uint64_t>(g))), lane);
     __m256i c[4][kHalves];
     for (int h = 0; h < kHalves; ++h) {
-      const __m256i q = _mm256_add_epi64(base, hoff[h]);  // 64-bit add: carries into hi32
+      // 64-bit add: the low word carries into the high one
+      const __m256i q = _mm256_add_epi64(base, _mm256_set1_epi64x(8 * (h / 2) + (h % 2)));
       c[0][h] = q;
       c[1][h] = _mm256_srli_epi64(q, 32);
     }
+#if !defined(MMMOD_BENCH_BM_ONLY)
     philox_rounds(c, K0, K1, r0_c0x, r0_c1, r0_c2x);
-    normals8_store(merge_halves(c[0][0], c[0][1]), merge_halves(c[1][0], c[1][1]),
-                   merge_halves(c[2][0], c[2][1]), merge_halves(c[3][0], c[3][1]), z + 4 * g);
-    if (g + 8 < ngroups) {
-      normals8_store(merge_halves(c[0][2], c[0][3]), merge_halves(c[1][2], c[1][3]),
-                     merge_halves(c[2][2], c[2][3]), merge_halves(c[3][2], c[3][3]), z + 4 * g + 32);
+#endif
+    // pairs (word 0, word 1) and (word 2, word 3) of every set, Box-Muller side by side
+    __m256i wa[2 * kSets], wb[2 * kSets];
+    __m256 n0[2 * kSets], n1[2 * kSets];
+    for (int p = 0; p < kSets; ++p) {
+      wa[2 * p] = merge_halves(c[0][2 * p], c[0][2 * p + 1]);
+      wb[2 * p] = merge_halves(c[1][2 * p], c[1][2 * p + 1]);
+      wa[2 * p + 1] = merge_halves(c[2][2 * p], c[2][2 * p + 1]);
+      wb[2 * p + 1] = merge_halves(c[3][2 * p], c[3][2 * p + 1]);
+    }
+#if defined(MMMOD_BENCH_PHILOX_ONLY)
+    for (int p = 0; p < 2 * kSets; ++p) { n0[p] = _mm256_castsi256_ps(wa[p]); n1[p] = _mm256_castsi256_ps(wb[p]); }
+#else
+    box_muller_words<2 * kSets>(wa, wb, n0, n1);
+#endif
+    for (int p = 0; p < kSets; ++p) {
+      if (p > 0 && g + 8 * p >= ngroups) break;  // padding past the last batch of 8 is not stored
+      store_transposed(n0[2 * p], n1[2 * p], n0[2 * p + 1], n1[2 * p + 1], z + 4 * (g + 8 * p));
     }
   }
 }
