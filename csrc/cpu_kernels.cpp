@@ -24,6 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "coefficients.h"
@@ -52,33 +54,41 @@ void modulate_f32_scalar(float* x, const float* z, int64_t n, float k, float sig
   for (int64_t i = 0; i < n; ++i) x[i] = modulate_value(x[i], k, sigma, z[i]);
 }
 
-// (n, mean, M2) of x[0 .. n) in the fixed order of cpu_kernels.h: element i into float64 lane
-// i % 16 (whole 16-blocks first, then the tail into lanes 0 ..), lanes combined by
-// moment_lanes_sum. The AVX2 table computes exactly this, four lanes per register.
+// The two accumulation passes of the statistics (cpu_kernels.h): element i into float64 lane
+// i % 16, in element order; n a multiple of 16. The AVX2 table does exactly this, four lanes per
+// register.
+// The statistics read every value as float32 then float64, except float64 input, whose values are
+// taken as they are (the reference's g.double()).
 template <typename T>
-Moments moments_lanes(const T* x, int64_t n) {
-  double a[kMomentLanes] = {0};
-  const int64_t n16 = n - n % kMomentLanes;
-  for (int64_t i = 0; i < n16; i += kMomentLanes) {
-    for (int j = 0; j < kMomentLanes; ++j) a[j] += static_cast<double>(static_cast<float>(x[i + j]));
+inline double stat_value(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+inline double stat_value<double>(double v) {
+  return v;
+}
+
+template <typename T>
+void lanes_sum(const T* x, int64_t n, double* a) {
+  for (int64_t i = 0; i < n; i += kMomentLanes) {
+    for (int j = 0; j < kMomentLanes; ++j) a[j] += stat_value<T>(x[i + j]);
   }
-  for (int64_t i = n16; i < n; ++i) a[i - n16] += static_cast<double>(static_cast<float>(x[i]));
-  const double mean = moment_lanes_sum(a) / static_cast<double>(n);
-  for (int j = 0; j < kMomentLanes; ++j) a[j] = 0.0;
-  for (int64_t i = 0; i < n16; i += kMomentLanes) {
+}
+
+template <typename T>
+void lanes_sqdev(const T* x, int64_t n, double mean, double* a) {
+  for (int64_t i = 0; i < n; i += kMomentLanes) {
     for (int j = 0; j < kMomentLanes; ++j) {
-      const double d = static_cast<double>(static_cast<float>(x[i + j])) - mean;
+      const double d = stat_value<T>(x[i + j]) - mean;
       a[j] += d * d;
     }
   }
-  for (int64_t i = n16; i < n; ++i) {
-    const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
-    a[i - n16] += d * d;
-  }
-  return {static_cast<double>(n), mean, moment_lanes_sum(a)};
 }
 
-Moments moments_f32_scalar(const float* x, int64_t n) { return moments_lanes<float>(x, n); }
+void lanes_sum_f32_scalar(const float* x, int64_t n, double* a) { lanes_sum<float>(x, n, a); }
+void lanes_sqdev_f32_scalar(const float* x, int64_t n, double mean, double* a) {
+  lanes_sqdev<float>(x, n, mean, a);
+}
 
 double row_lse_f32_scalar(const float* row, int64_t C) {
   double mx = -std::numeric_limits<double>::infinity();
@@ -95,8 +105,8 @@ double row_lse_f32_scalar(const float* row, int64_t C) {
   return mx + std::log(se);
 }
 
-const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, moments_f32_scalar,
-                             row_lse_f32_scalar};
+const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, lanes_sum_f32_scalar,
+                             lanes_sqdev_f32_scalar, row_lse_f32_scalar};
 
 bool detect_avx2() {
 #if defined(MMMOD_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__))
@@ -195,35 +205,53 @@ std::vector<Chunk> make_chunks(at::TensorList tensors) {
   return chunks;
 }
 
+// The statistics pass of one chunk, (n, mean, M2) in float64: pass 1 (the sum, in 16 lanes) may
+// be fed in slices (sum()), in element order, before finish() adds the tail, takes the mean and
+// runs pass 2. Slicing never changes a bit: every lane sees the same additions in the same order.
+template <typename T>
+struct ChunkStats {
+  const KernelTable& K;
+  const T* x;
+  int64_t n, n16, done = 0;
+  double lanes[kMomentLanes] = {0};
+
+  ChunkStats(const KernelTable& k, const T* data, int64_t len)
+      : K(k), x(data), n(len), n16(len - len % kMomentLanes) {}
+
+  // pass 1 over up to `count` more elements (count a multiple of 16)
+  void sum(int64_t count) {
+    count = std::min(count, n16 - done);
+    if (count <= 0) return;
+    if constexpr (std::is_same<T, float>::value) {
+      K.lanes_sum_f32(x + done, count, lanes);
+    } else {
+      lanes_sum<T>(x + done, count, lanes);
+    }
+    done += count;
+  }
+
+  Moments finish() {
+    sum(n16);
+    for (int64_t i = n16; i < n; ++i) lanes[i - n16] += stat_value<T>(x[i]);
+    const double mean = moment_lanes_sum(lanes) / static_cast<double>(n);
+    for (int j = 0; j < kMomentLanes; ++j) lanes[j] = 0.0;
+    if constexpr (std::is_same<T, float>::value) {
+      K.lanes_sqdev_f32(x, n16, mean, lanes);
+    } else {
+      lanes_sqdev<T>(x, n16, mean, lanes);
+    }
+    for (int64_t i = n16; i < n; ++i) {
+      const double d = stat_value<T>(x[i]) - mean;
+      lanes[i - n16] += d * d;
+    }
+    return {static_cast<double>(n), mean, moment_lanes_sum(lanes)};
+  }
+};
+
 // (n, mean, M2) of one chunk.
 template <typename T>
 Moments chunk_moments(const KernelTable& K, const T* x, int64_t n) {
-  if constexpr (std::is_same<T, float>::value) {
-    return K.moments_f32(x, n);
-  } else {
-    return moments_lanes<T>(x, n);
-  }
-}
-
-// float64 input: statistics on the float64 values themselves (the reference's g.double()).
-template <>
-Moments chunk_moments<double>(const KernelTable&, const double* x, int64_t n) {
-  double a0 = 0, a1 = 0;
-  int64_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    a0 += x[i];
-    a1 += x[i + 1];
-  }
-  for (; i < n; ++i) a0 += x[i];
-  const double mean = (a0 + a1) / static_cast<double>(n);
-  double q0 = 0, q1 = 0;
-  i = 0;
-  for (; i + 2 <= n; i += 2) {
-    q0 += (x[i] - mean) * (x[i] - mean);
-    q1 += (x[i + 1] - mean) * (x[i + 1] - mean);
-  }
-  for (; i < n; ++i) q0 += (x[i] - mean) * (x[i] - mean);
-  return {static_cast<double>(n), mean, q0 + q1};
+  return ChunkStats<T>(K, x, n).finish();
 }
 
 // Per-tensor moments of tensors [t0, t1) whose chunks are [c0, c1): per-chunk partials in
@@ -248,10 +276,17 @@ std::vector<Moments> bucket_moments(const KernelTable& K, at::TensorList tensors
   return out;
 }
 
-// g <- k g + sigma n on one chunk.
+// g <- k g + sigma n on one chunk; if stats is given, pass 1 of that (other) chunk's statistics
+// is interleaved slice by slice with the noise blocks, so its loads overlap the noise arithmetic.
 template <typename T>
 void modulate_chunk(const KernelTable& K, T* x, int64_t len, uint64_t p0, float k, float sg,
-                    uint64_t seed, uint32_t step, uint32_t modality) {
+                    uint64_t seed, uint32_t step, uint32_t modality, ChunkStats<T>* stats) {
+  int64_t slice = 0;
+  if (stats != nullptr) {
+    const int64_t blocks = (static_cast<int64_t>(p0 & 3) + len + 4 * kBlockGroups - 1) / (4 * kBlockGroups);
+    slice = (stats->n16 + blocks - 1) / blocks;
+    slice = (slice + kMomentLanes - 1) / kMomentLanes * kMomentLanes;
+  }
   for_each_noise_run(K, seed, step, modality, p0, len, [&](int64_t i, int64_t n, const float* z) {
     if constexpr (std::is_same<T, float>::value) {
       K.modulate_f32(x + i, z, n, k, sg);
@@ -261,7 +296,63 @@ void modulate_chunk(const KernelTable& K, T* x, int64_t len, uint64_t p0, float 
         y[j] = static_cast<T>(modulate_value(static_cast<float>(y[j]), k, sg, z[j]));
       }
     }
+    if (stats != nullptr) stats->sum(slice);
   });
+}
+
+// OGM-GE on a bucket, software-pipelined over windows of whole tensors (about window_elements()
+// each): phase p modulates window p - 1 (its sigmas are known) while it computes the statistics
+// of window p, task t pairing modulation chunk t with statistics chunk t; after the phase the
+// statistics of window p are merged per tensor in chunk order and its sigmas fixed. Window p's
+// data is then read by the next phase while still in the last-level cache.
+template <typename T>
+void modulate_noise(const KernelTable& K, at::TensorList tensors, at::IntArrayRef offsets,
+                    const std::vector<Chunk>& chunks, float k, float gate, bool scaled,
+                    uint64_t seed, uint32_t step, uint32_t modality) {
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  const int64_t window = window_elements();
+  std::vector<std::pair<int64_t, int64_t>> windows;  // chunk ranges
+  for (int64_t c0 = 0; c0 < nchunks;) {
+    int64_t c1 = c0, elems = 0;
+    while (c1 < nchunks) {
+      const int64_t t = chunks[c1].tensor;
+      const int64_t n = tensors[t].numel();
+      if (c1 > c0 && elems + n > window) break;
+      elems += n;
+      while (c1 < nchunks && chunks[c1].tensor == t) ++c1;
+    }
+    windows.emplace_back(c0, c1);
+    c0 = c1;
+  }
+  std::vector<Moments> part(chunks.size()), mom(tensors.size(), Moments{0, 0, 0});
+  std::vector<float> sigma(tensors.size(), 0.0f);
+  const int64_t nw = static_cast<int64_t>(windows.size());
+  for (int64_t p = 0; p <= nw; ++p) {
+    const int64_t m0 = p > 0 ? windows[p - 1].first : 0, mn = p > 0 ? windows[p - 1].second - m0 : 0;
+    const int64_t s0 = p < nw ? windows[p].first : 0, sn = p < nw ? windows[p].second - s0 : 0;
+    for_each_index(std::max(mn, sn), [&](int64_t t) {
+      std::unique_ptr<ChunkStats<T>> st;
+      if (t < sn) {
+        const Chunk& ch = chunks[s0 + t];
+        st.reset(new ChunkStats<T>(K, tensors[ch.tensor].const_data_ptr<T>() + ch.start, ch.len));
+      }
+      if (t < mn) {
+        const Chunk& ch = chunks[m0 + t];
+        const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
+        modulate_chunk<T>(K, tensors[ch.tensor].mutable_data_ptr<T>() + ch.start, ch.len, p0, k,
+                          sigma[ch.tensor], seed, step, modality, st.get());
+      }
+      if (st) part[s0 + t] = st->finish();
+    });
+    if (p < nw) {
+      for (int64_t c = s0; c < s0 + sn; ++c) {
+        mom[chunks[c].tensor] = moments_merge(mom[chunks[c].tensor], part[c]);
+      }
+      for (int64_t t = chunks[s0].tensor; t <= chunks[s0 + sn - 1].tensor; ++t) {
+        sigma[t] = sigma_from_moments(mom[t], scaled, k, gate);
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -280,33 +371,7 @@ void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, flo
     });
     return;
   }
-  const KernelTable& K = active_kernels();
-  const int64_t window = window_elements();
-  std::vector<Moments> part(chunks.size()), mom(tensors.size(), Moments{0, 0, 0});
-  std::vector<float> sigma(tensors.size(), 0.0f);
-  int64_t c0 = 0;
-  while (c0 < nchunks) {
-    // the window: whole tensors from chunks[c0].tensor while the element count stays <= window
-    int64_t c1 = c0, elems = 0;
-    while (c1 < nchunks) {
-      const int64_t t = chunks[c1].tensor;
-      const int64_t n = tensors[t].numel();
-      if (c1 > c0 && elems + n > window) break;
-      elems += n;
-      while (c1 < nchunks && chunks[c1].tensor == t) ++c1;
-    }
-    window_moments<T>(K, tensors, chunks, c0, c1, part, mom);
-    for (int64_t t = chunks[c0].tensor; t <= chunks[c1 - 1].tensor; ++t) {
-      sigma[t] = sigma_from_moments(mom[t], scaled, k, gate);
-    }
-    for_each_index(c1 - c0, [&](int64_t i) {
-      const Chunk& ch = chunks[c0 + i];
-      const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
-      modulate_chunk<T>(K, tensors[ch.tensor].mutable_data_ptr<T>() + ch.start, ch.len, p0, k,
-                        sigma[ch.tensor], seed, step, modality);
-    });
-    c0 = c1;
-  }
+  modulate_noise<T>(active_kernels(), tensors, offsets, chunks, k, gate, scaled, seed, step, modality);
 }
 
 }  // namespace

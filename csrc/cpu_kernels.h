@@ -9,8 +9,9 @@
 // - normals(): the value of a counter group depends only on (seed, step, modality, q), never on
 //   where a block starts or ends (the AVX2 table computes partial blocks with the same vector
 //   code on padded lanes);
-// - moments_f32(): one fixed accumulation order (16 float64 lanes, element i into lane i % 16,
-//   then a fixed tree), identical in both tables, so the statistics are bit-identical too;
+// - lanes_sum_f32() / lanes_sqdev_f32(): the statistics pass accumulates element i of a chunk into
+//   float64 lane i % 16 in element order (then a fixed tree, moment_lanes_sum), identically in
+//   both tables, so the statistics are bit-identical too, however a chunk's pass is sliced;
 // - modulate_f32(): x <- float32(x k) + float32(sigma z), products rounded separately (no FMA),
 //   bit-identical to the reference for the same z.
 #pragma once
@@ -38,8 +39,10 @@ struct KernelTable {
                   float* z);
   // x[i] <- x[i] k + sigma z[i] (float32, separately rounded products).
   void (*modulate_f32)(float* x, const float* z, int64_t n, float k, float sigma);
-  // (n, mean, M2) of x[0 .. n) in float64, two passes, fixed order (see above); n > 0.
-  Moments (*moments_f32)(const float* x, int64_t n);
+  // lanes[j] += float64(x[i]) for i = j mod 16, in order; n a multiple of 16.
+  void (*lanes_sum_f32)(const float* x, int64_t n, double* lanes);
+  // lanes[j] += (float64(x[i]) - mean)^2 for i = j mod 16, in order; n a multiple of 16.
+  void (*lanes_sqdev_f32)(const float* x, int64_t n, double mean, double* lanes);
   // logsumexp of one row as torch defines it (an infinite max is not subtracted), exp terms
   // summed in float64; NaN if the row holds a NaN. C > 0.
   double (*row_lse_f32)(const float* row, int64_t C);

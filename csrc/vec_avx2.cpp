@@ -60,10 +60,7 @@ namespace {
 #define MMMOD_INLINE inline __attribute__((always_inline))
 
 // ---- Philox4x32-10 ---------------------------------------------------------------------------
-#ifndef MMMOD_HALVES
-#define MMMOD_HALVES 4
-#endif
-constexpr int kHalves = MMMOD_HALVES;  // registers of 4 groups in flight
+constexpr int kHalves = 4;  // registers of 4 groups in flight: 16 groups per iteration
 
 // Ten rounds on kHalves x 4 groups. c[w][h]: word w of half h, in the low 32 bits of each 64-bit
 // lane (the upper halves carry garbage that only ever reaches _mm256_mul_epu32, which ignores it,
@@ -232,9 +229,7 @@ void normals_avx2(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, 
       c[0][h] = q;
       c[1][h] = _mm256_srli_epi64(q, 32);
     }
-#if !defined(MMMOD_BENCH_BM_ONLY)
     philox_rounds(c, K0, K1, r0_c0x, r0_c1, r0_c2x);
-#endif
     // pairs (word 0, word 1) and (word 2, word 3) of every set, Box-Muller side by side
     __m256i wa[2 * kSets], wb[2 * kSets];
     __m256 n0[2 * kSets], n1[2 * kSets];
@@ -244,11 +239,7 @@ void normals_avx2(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0, 
       wa[2 * p + 1] = merge_halves(c[2][2 * p], c[2][2 * p + 1]);
       wb[2 * p + 1] = merge_halves(c[3][2 * p], c[3][2 * p + 1]);
     }
-#if defined(MMMOD_BENCH_PHILOX_ONLY)
-    for (int p = 0; p < 2 * kSets; ++p) { n0[p] = _mm256_castsi256_ps(wa[p]); n1[p] = _mm256_castsi256_ps(wb[p]); }
-#else
     box_muller_words<2 * kSets>(wa, wb, n0, n1);
-#endif
     for (int p = 0; p < kSets; ++p) {
       if (p > 0 && g + 8 * p >= ngroups) break;  // padding past the last batch of 8 is not stored
       store_transposed(n0[2 * p], n1[2 * p], n0[2 * p + 1], n1[2 * p + 1], z + 4 * (g + 8 * p));
@@ -268,26 +259,27 @@ void modulate_f32_avx2(float* x, const float* z, int64_t n, float k, float sigma
 }
 
 // ---- statistics -----------------------------------------------------------------------------
-Moments moments_f32_avx2(const float* x, int64_t n) {
-  alignas(32) double lanes[kMomentLanes];
-  const int64_t n16 = n - n % kMomentLanes;
-  __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < n16; i += 16) {
+void lanes_sum_f32_avx2(const float* x, int64_t n, double* lanes) {
+  __m256d a0 = _mm256_loadu_pd(lanes), a1 = _mm256_loadu_pd(lanes + 4);
+  __m256d a2 = _mm256_loadu_pd(lanes + 8), a3 = _mm256_loadu_pd(lanes + 12);
+  for (int64_t i = 0; i < n; i += 16) {
     const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
     a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v0)));
     a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)));
     a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(v1)));
     a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)));
   }
-  _mm256_store_pd(lanes, a0);
-  _mm256_store_pd(lanes + 4, a1);
-  _mm256_store_pd(lanes + 8, a2);
-  _mm256_store_pd(lanes + 12, a3);
-  for (int64_t i = n16; i < n; ++i) lanes[i - n16] += static_cast<double>(x[i]);
-  const double mean = moment_lanes_sum(lanes) / static_cast<double>(n);
+  _mm256_storeu_pd(lanes, a0);
+  _mm256_storeu_pd(lanes + 4, a1);
+  _mm256_storeu_pd(lanes + 8, a2);
+  _mm256_storeu_pd(lanes + 12, a3);
+}
+
+void lanes_sqdev_f32_avx2(const float* x, int64_t n, double mean, double* lanes) {
   const __m256d mv = _mm256_set1_pd(mean);
-  a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t i = 0; i < n16; i += 16) {
+  __m256d a0 = _mm256_loadu_pd(lanes), a1 = _mm256_loadu_pd(lanes + 4);
+  __m256d a2 = _mm256_loadu_pd(lanes + 8), a3 = _mm256_loadu_pd(lanes + 12);
+  for (int64_t i = 0; i < n; i += 16) {
     const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
     const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)), mv);
     const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)), mv);
@@ -298,15 +290,10 @@ Moments moments_f32_avx2(const float* x, int64_t n) {
     a2 = _mm256_add_pd(a2, _mm256_mul_pd(d2, d2));
     a3 = _mm256_add_pd(a3, _mm256_mul_pd(d3, d3));
   }
-  _mm256_store_pd(lanes, a0);
-  _mm256_store_pd(lanes + 4, a1);
-  _mm256_store_pd(lanes + 8, a2);
-  _mm256_store_pd(lanes + 12, a3);
-  for (int64_t i = n16; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - mean;
-    lanes[i - n16] += d * d;
-  }
-  return {static_cast<double>(n), mean, moment_lanes_sum(lanes)};
+  _mm256_storeu_pd(lanes, a0);
+  _mm256_storeu_pd(lanes + 4, a1);
+  _mm256_storeu_pd(lanes + 8, a2);
+  _mm256_storeu_pd(lanes + 12, a3);
 }
 
 // ---- scores ---------------------------------------------------------------------------------
@@ -343,7 +330,8 @@ double row_lse_f32_avx2(const float* row, int64_t C) {
   return static_cast<double>(m) + std::log((s[0] + s[2]) + (s[1] + s[3]));
 }
 
-const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, moments_f32_avx2, row_lse_f32_avx2};
+const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, lanes_sum_f32_avx2, lanes_sqdev_f32_avx2,
+                           row_lse_f32_avx2};
 
 }  // namespace
 

@@ -1,0 +1,265 @@
+"""The CPU extension's kernel tables: AVX2 (vectorised Philox + polynomial Box-Muller, 16-lane
+statistics, at::vec score rows) against the portable scalar one (MMMOD_CPU_SCALAR=1) and the
+reference, and the bit-level invariants the chunked/threaded/windowed passes promise.
+
+Tolerances as in test_cpu_ext.py: normals within 1e-6 relative (+1e-7 absolute) of the reference;
+statistics bit-identical between the tables (same accumulation order by construction).
+"""
+import os
+
+import pytest
+import torch
+
+from mmmod import backends, reference
+from mmmod.reference import philox
+
+LIVE, WHY = backends.status("cpu")
+pytestmark = pytest.mark.skipif(not LIVE, reason=f"C++ extension (backend 'cpu') not available: {WHY}")
+
+CHUNK = 1 << 14  # kChunkCpu in csrc/ops.h
+BLOCK = 4 * 128  # normals per noise block (kBlockGroups in csrc/cpu_kernels.h)
+
+
+def ops():
+    return torch.ops.mmmod
+
+
+def kernels():
+    import mmmod._C
+    return mmmod._C.cpu_kernels()
+
+
+AVX2 = LIVE and kernels()["avx2_supported"]
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="CPU without AVX2 + FMA: only the scalar table")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["auto", "scalar"])
+def table(request, monkeypatch):
+    """Runs the test once on the table the CPU picks and once on the forced scalar table."""
+    if request.param == "scalar":
+        monkeypatch.setenv("MMMOD_CPU_SCALAR", "1")
+    else:
+        monkeypatch.delenv("MMMOD_CPU_SCALAR", raising=False)
+    return request.param
+
+
+def with_table(name, fn):
+    old = os.environ.pop("MMMOD_CPU_SCALAR", None)
+    try:
+        if name == "scalar":
+            os.environ["MMMOD_CPU_SCALAR"] = "1"
+        return fn()
+    finally:
+        os.environ.pop("MMMOD_CPU_SCALAR", None)
+        if old is not None:
+            os.environ["MMMOD_CPU_SCALAR"] = old
+
+
+def normals(n, seed, step, modality, offset):
+    out = torch.empty(n)
+    ops().philox_normal_(out, seed, step, modality, offset)
+    return out
+
+
+def assert_noise_close(got, want):
+    tol = 1e-6 * want.abs() + 1e-7
+    bad = (got - want).abs() > tol
+    assert not bad.any(), (bad.nonzero()[:5].flatten(), got[bad][:5], want[bad][:5])
+
+
+def modulate(ts, offsets, k=0.6, gate=1.0, seed=0, step=0, modality=0, scaled=False):
+    out = [t.clone() for t in ts]
+    ops().modulate_(out, offsets, torch.tensor(k), torch.tensor(gate), True, scaled, seed, step,
+                    modality)
+    return out
+
+
+def offsets_of(ts, start=0):
+    offs, run = [], start
+    for t in ts:
+        offs.append(run)
+        run += t.numel()
+    return offs
+
+
+# ---- which table ----------------------------------------------------------------------------
+def test_env_var_selects_table(monkeypatch):
+    monkeypatch.setenv("MMMOD_CPU_SCALAR", "1")
+    assert kernels()["active"] == "scalar"
+    monkeypatch.setenv("MMMOD_CPU_SCALAR", "0")
+    assert kernels()["active"] == ("avx2" if AVX2 else "scalar")
+    monkeypatch.delenv("MMMOD_CPU_SCALAR")
+    assert kernels()["active"] == ("avx2" if AVX2 else "scalar")
+
+
+# ---- noise: both tables against the reference, every alignment ----------------------------------
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 5, 6, 7, 9, 13, 31, 33, 4 * BLOCK - 1])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 9, 31, 33, 63, 65, BLOCK - 3, BLOCK + 5, 3 * BLOCK + 29])
+def test_normals_any_alignment(table, seed, offset, n):
+    want = philox.philox_normal(seed, 11, 1, offset, n)
+    assert_noise_close(normals(n, seed, 11, 1, offset), want)
+
+
+def test_normals_counter_carry_and_large_words(table, seed):
+    # group counters crossing 2^32 (the low word wraps, the high word is carried) and full 64-bit
+    # seeds/steps/modalities: the vector lanes add 64-bit counters
+    s64 = (seed * 0x9E3779B97F4A7C15 + 12345) & ((1 << 64) - 1)
+    signed = s64 - (1 << 64) if s64 >= (1 << 63) else s64
+    for offset in (4 * (2 ** 32) - 37, 4 * (2 ** 33) - 5, 4 * (2 ** 40) + 3):
+        got = normals(200, signed, 0xFFFFFFFF, 0xFFFFFFFF, offset)
+        assert_noise_close(got, philox.philox_normal(s64, 0xFFFFFFFF, 0xFFFFFFFF, offset, 200))
+
+
+def test_normals_do_not_depend_on_block_or_chunk_boundaries(table, seed):
+    # the same stream positions through different block/chunk alignments: bit-identical (every
+    # group goes through the same code, partial batches on padded lanes)
+    long = normals(3 * CHUNK + 100, seed, 4, 2, 0)
+    for start in (1, 3, 4, 7, 8, 29, BLOCK - 1, BLOCK + 3, CHUNK - 5, CHUNK + 1):
+        for n in (1, 5, 30, 1000, CHUNK + 11):
+            if start + n <= long.numel():
+                assert torch.equal(normals(n, seed, 4, 2, start), long[start:start + n]), (start, n)
+
+
+@needs_avx2
+def test_avx2_and_scalar_normals_agree(seed):
+    n = 1 << 18
+    for offset in (0, 3, 4 * (2 ** 32) - 10):
+        a = with_table("auto", lambda: normals(n, seed, 5, 1, offset))
+        b = with_table("scalar", lambda: normals(n, seed, 5, 1, offset))
+        assert_noise_close(a, b)
+        rel = ((a - b).abs() / b.abs().clamp_min(1e-3)).max().item()
+        assert rel < 1e-6, rel
+
+
+def test_noise_moments_both_tables(seed):
+    n = 1 << 20
+    for name in ("auto", "scalar"):
+        z = with_table(name, lambda: normals(n, seed, 2, 0, 1)).double()
+        assert abs(z.mean().item()) < 6 / n ** 0.5
+        assert abs(z.std().item() - 1) < 6 * (0.5 / n) ** 0.5 + 1e-4
+
+
+# ---- modulation ------------------------------------------------------------------------------
+SIZES = [[1], [3], [7], [8], [9], [0, 5, 0, 2], [17, 1, 33], [BLOCK - 1, 6, BLOCK + 3],
+         [CHUNK + 5, 3, 2 * CHUNK - 3]]
+
+
+@pytest.mark.parametrize("start", [0, 1, 6])
+@pytest.mark.parametrize("sizes", SIZES)
+def test_modulate_odd_offsets_match_reference(table, seed, sizes, start):
+    ts = [torch.randn(n) * 0.3 for n in sizes]
+    offs = offsets_of(ts, start)
+    got = modulate(ts, offs, seed=seed, step=3, modality=1)
+    want = [t.clone() for t in ts]
+    reference.modulate_bucket_(want, offs, torch.tensor(0.6), torch.tensor(1.0), noise=True,
+                               noise_std="raw", seed=seed, step=3, modality=1)
+    for t, x, y, off in zip(ts, got, want, offs):
+        if t.numel() == 0:
+            assert x.numel() == 0
+            continue
+        sigma = reference.modulate.tensor_sigma(t, torch.tensor(0.6), "raw")
+        z = philox.philox_normal(seed, 3, 1, off, t.numel())
+        tol = 1e-6 * (sigma * z).abs() + 2.0 ** -23 * y.abs() + 1e-30
+        assert ((x - y).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_modulate_tables_agree_all_dtypes(seed, dtype):
+    eps = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7,
+           torch.float64: 2.0 ** -52}[dtype]
+    ts = [(torch.randn(n) * 0.1).to(dtype) for n in (5, CHUNK + 7, 333)]
+    offs = offsets_of(ts, 3)
+    a = with_table("auto", lambda: modulate(ts, offs, k=0.45, seed=seed, step=9))
+    b = with_table("scalar", lambda: modulate(ts, offs, k=0.45, seed=seed, step=9))
+    for t, x, y in zip(ts, a, b):
+        sigma = float(t.double().std())
+        tol = 2e-6 * sigma * 6 + 2 * eps * y.double().abs() + 1e-30
+        assert ((x.double() - y.double()).abs() <= tol).all()
+
+
+def test_statistics_bit_identical_between_tables(seed):
+    # the 16-lane accumulation order is the same in both tables: float64 stds equal exactly
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        ts = [(torch.randn(n) * 3 + 2).to(dtype) for n in (1, 2, 15, 16, 17, 1000, 3 * CHUNK + 7)]
+        a = with_table("auto", lambda: ops().bucket_std(ts))
+        b = with_table("scalar", lambda: ops().bucket_std(ts))
+        assert torch.equal(a, b), dtype
+        want = torch.stack([reference.modulate.tensor_std(t) for t in ts])
+        torch.testing.assert_close(a, want, rtol=1e-10, atol=0)
+
+
+def test_statistics_large_mean_and_non_finite(table):
+    t = torch.randn(3 * CHUNK + 5, dtype=torch.float64).float() * 1e-3 + 1e4
+    got = ops().bucket_std([t])
+    torch.testing.assert_close(got, reference.modulate.tensor_std(t)[None], rtol=1e-9, atol=0)
+    for bad in (float("nan"), float("inf")):
+        u = torch.randn(2 * CHUNK)
+        u[CHUNK + 3] = bad
+        assert not torch.isfinite(ops().bucket_std([u])).all()
+
+
+@pytest.mark.parametrize("name", ["auto", "scalar"])
+def test_thread_count_and_window_do_not_change_bits(seed, threads, monkeypatch, name):
+    # chunks are claimed dynamically by the threads, windows pipeline the statistics with the
+    # modulation: none of it may change a bit
+    if name == "scalar":
+        monkeypatch.setenv("MMMOD_CPU_SCALAR", "1")
+    ts = [torch.randn(n) * 0.2 for n in (5 * CHUNK + 3, 7, 2 * CHUNK, 1, CHUNK - 1, 3 * CHUNK + 9)]
+    offs = offsets_of(ts, 5)
+    results = []
+    for nt, window in ((1, None), (2, None), (2, "1"), (2, "0"), (1, str(3 * CHUNK)), (2, str(CHUNK))):
+        torch.set_num_threads(nt)
+        if window is None:
+            monkeypatch.delenv("MMMOD_CPU_WINDOW", raising=False)
+        else:
+            monkeypatch.setenv("MMMOD_CPU_WINDOW", window)
+        results.append((modulate(ts, offs, k=0.7, seed=seed, step=2, modality=1, scaled=True),
+                        ops().bucket_std(ts), normals(2 * CHUNK + 3, seed, 1, 0, 7)))
+    first = results[0]
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(first[0], other[0]))
+        assert torch.equal(first[1], other[1]) and torch.equal(first[2], other[2])
+
+
+def test_modulate_noise_equals_philox_normal_bits(table, seed):
+    # the fused pass and philox_normal_ run the same generator: with k = 0 and a one-sigma
+    # gradient the output is float32(sigma * n) for exactly the normals philox_normal_ gives
+    g = torch.zeros(2 * CHUNK + 37)
+    g[::2] = 1.0
+    offs = [13]
+    out = modulate([g], offs, k=0.0, seed=seed, step=6, modality=0)[0]
+    sigma = torch.tensor(float(g.double().std()) + 1e-8, dtype=torch.float32)
+    z = normals(g.numel(), seed, 6, 0, 13)
+    assert torch.equal(out, (0.0 * g) + sigma * z)
+
+
+# ---- scores ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [1, 5, 8, 9, 31, 309, 1000])
+def test_scores_vectorised_rows(table, seed, C):
+    B = 257
+    logits = [torch.randn(B, C) * 4, (torch.randn(B, C) * 2).half(), torch.randn(C, B).t()]
+    labels = torch.randint(0, C, (B,))
+    got = ops().scores(logits, labels)
+    torch.testing.assert_close(got, reference.scores(logits, labels), rtol=1e-5, atol=1e-6)
+
+
+@needs_avx2
+def test_scores_tables_agree_and_non_finite(seed):
+    z = torch.randn(64, 1000) * 3
+    z[3, 17] = float("inf")
+    z[5, :] = float("-inf")
+    z[7, 999] = float("nan")
+    y = torch.randint(0, 1000, (64,))
+    for rows in ([0, 1, 2], [3], [5], [7], list(range(64))):
+        a = with_table("auto", lambda: ops().scores([z[rows]], y[rows]))
+        b = with_table("scalar", lambda: ops().scores([z[rows]], y[rows]))
+        want = reference.scores([z[rows]], y[rows])
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
