@@ -73,6 +73,9 @@ def _extension():
     x86 = os.uname().machine in ("x86_64", "AMD64")
     cxx = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     defines = [("MMMOD_HAVE_AVX2_TU", None)] if x86 else []
+    # OpenMP when torch's intra-op backend is OpenMP (the Linux/Windows wheels; macOS builds use
+    # the native pool, where at::parallel_for needs no compiler flag)
+    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and os.name != "nt" else []
     include = [csrc, gen]
     exts = [ce.CppExtension(
         "mmmod._C",
@@ -82,7 +85,10 @@ def _extension():
         include_dirs=include,
         define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
                                  ("MMMOD_CPU_KERNELS_API", None)],
-        extra_compile_args=cxx,
+        # at::parallel_for is a header template: without OpenMP in *this* build it silently
+        # runs every loop on one thread. torch's own libgomp (same soname) is the one loaded.
+        extra_compile_args=cxx + omp,
+        extra_link_args=omp,
     )]
     if nvcc:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
