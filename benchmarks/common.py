@@ -279,6 +279,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["loadavg_1_5_15"] = list(os.getloadavg())
     except OSError:
         pass
+    try:  # which CPU kernel table the cpu backend runs (avx2 / scalar) and the forcing env vars
+        import mmmod._C
+        env["cpu_kernels"] = mmmod._C.cpu_kernels()
+        env["cpu_kernels"]["MMMOD_CPU_SCALAR"] = os.environ.get("MMMOD_CPU_SCALAR")
+    except Exception:  # noqa: BLE001 - extension not built or an older build
+        env["cpu_kernels"] = None
     try:
         import triton
         env["triton"] = triton.__version__
