@@ -73,9 +73,11 @@ def _extension():
     x86 = os.uname().machine in ("x86_64", "AMD64")
     cxx = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     defines = [("MMMOD_HAVE_AVX2_TU", None)] if x86 else []
-    # OpenMP when torch's intra-op backend is OpenMP (the Linux/Windows wheels; macOS builds use
-    # the native pool, where at::parallel_for needs no compiler flag)
-    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and os.name != "nt" else []
+    # OpenMP when torch's intra-op backend is OpenMP, on Linux (gcc/clang take -fopenmp there;
+    # Apple clang does not and MSVC spells it differently: those builds keep serial loops)
+    import sys
+    omp = (["-fopenmp"] if sys.platform.startswith("linux")
+           and "OpenMP" in torch.__config__.parallel_info() else [])
     include = [csrc, gen]
     exts = [ce.CppExtension(
         "mmmod._C",
