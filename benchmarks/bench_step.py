@@ -166,7 +166,12 @@ def run(args) -> dict:
             r["overhead_pct"] = 100 * (r["median_s"] - t_in) / t_in
             r["pct_of_train_step"] = 100 * (r["median_s"] - t_in) / t_train
         if device.type == "cuda":
-            for b, opt in wrapped.items():
+            for b in wrapped:
+                # a graph replays its kernels' arguments: the noise counter must live on the
+                # device (capturable=True); the CUDA extension refuses that, which is reported
+                opt = ModulatedOptimizer(inner, enc, method="ogm_ge", alpha=ALPHA, backend=b,
+                                         capturable=True)
+
                 def cap(opt=opt):
                     opt.observe(logits, labels)
                     opt.step()

@@ -31,6 +31,9 @@ def collect() -> dict:
     info["build_record"] = _ext.build_record()
     mod, _ = _ext.load("cpu")
     info["extension"] = mod.build_info() if mod is not None else None
+    # which CPU kernel table the extension dispatches to (AVX2+FMA or the portable scalar one)
+    info["cpu_kernels"] = (mod.cpu_kernels() if mod is not None and hasattr(mod, "cpu_kernels")
+                           else None)
     info["backends"] = {}
     for name in backends.BACKENDS:
         if name == "auto":
@@ -54,6 +57,10 @@ def render(info: dict) -> str:
                      f"sources {rec.get('source_hash')}, built {rec.get('built_at')}")
     else:
         lines.append("extension build record: none (extension not built)")
+    ck = info.get("cpu_kernels")
+    if ck:
+        lines.append(f"cpu kernels: {ck.get('active')} (AVX2+FMA supported: "
+                     f"{ck.get('avx2_supported')}; MMMOD_CPU_SCALAR=1 forces scalar)")
     lines.append("backends:")
     for name, st in info["backends"].items():
         lines.append(f"  {name:7s} {'live' if st['live'] else 'not available'}"

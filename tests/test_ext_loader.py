@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmmod import _ext
@@ -64,3 +65,15 @@ def test_info_lists_every_backend():
     for name in ("torch", "triton", "cpu", "cuda"):
         assert f"  {name}" in r.stdout
     assert "torch " + torch.__version__ in r.stdout
+
+
+def test_info_reports_the_active_cpu_kernel_table():
+    from mmmod import backends
+    live, why = backends.status("cpu")
+    if not live:
+        pytest.skip(why)
+    env = dict(os.environ, MMMOD_CPU_SCALAR="1")
+    r = subprocess.run([sys.executable, "-m", "mmmod.info"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "cpu kernels: scalar" in r.stdout
