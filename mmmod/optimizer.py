@@ -13,6 +13,7 @@ objects, so LR schedulers, ``GradScaler`` and checkpointing act on the real thin
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -132,6 +133,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self.names = [str(n) for n in modalities]
         self.params, self.param_names = self._select(modalities, filters.resolve(self.param_filter))
         self._offsets = [_running_offsets(ps) for ps in self.params]
+        if method == "ogm_ge":
+            self._refuse_sharded()
         self.process_group = process_group
         self.seed = self._agree_seed(int(seed))
         self.epoch = 0
@@ -225,6 +228,19 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         if dist.is_available() and dist.is_initialized():
             return dist.group.WORLD
         return None
+
+    def _refuse_sharded(self) -> None:
+        """OGM-GE on sharded parameters (FSDP) would take sigma and the noise offsets from each
+        rank's shard, not the whole tensor: refuse rather than silently change the method."""
+        for name, ps, pnames in zip(self.names, self.params, self.param_names):
+            for e, pname in zip(ps, pnames):
+                kind = _sharded_kind(e.param if isinstance(e, ParamSlice) else e)
+                if kind:
+                    raise ValueError(
+                        f"parameter {pname!r} of modality {name!r} is {kind}: OGM-GE's per-tensor "
+                        f"sigma and noise need the whole tensor on every rank, which sharded "
+                        f"parameters do not have. Use method='ogm' or 'mlb' (exact under "
+                        f"sharding), or DDP for OGM-GE")
 
     def _world(self) -> int:
         group = self._group()
@@ -438,6 +454,18 @@ def _expand(name: str, src) -> list[tuple[str, Any]]:
         else:
             out.append((f"{name}[{i}]", e))
     return out
+
+
+def _sharded_kind(p: torch.Tensor) -> str:
+    """'' for an ordinary tensor, else what kind of sharded parameter it is. Looks only at
+    modules already imported: a DTensor or FlatParameter cannot exist before its module is."""
+    dt = sys.modules.get("torch.distributed.tensor")
+    if dt is not None and isinstance(p, getattr(dt, "DTensor", ())):
+        return "a DTensor (FSDP2 / tensor parallel)"
+    fp = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if fp is not None and isinstance(p, getattr(fp, "FlatParameter", ())):
+        return "an FSDP FlatParameter"
+    return ""
 
 
 def _param_of(e) -> torch.Tensor:

@@ -129,3 +129,38 @@ def test_single_process_without_init_needs_no_group():
     opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.1), backend="torch", seed=5)
     assert opt._world() == 1 and opt.seed == 5
     train_step(model, opt, names, *batch())
+
+
+_SHARDED_SCRIPT = r"""
+import tempfile, torch, torch.distributed as dist
+import mmmod
+from torch.distributed.fsdp._flat_param import FlatParameter
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+mesh = init_device_mesh("cpu", (1,))
+sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, 3, 3), mesh, [Shard(0)]))
+flat = FlatParameter(torch.zeros(4, 3, 3, 3), requires_grad=True)
+plain = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+for bad, kind in ((sharded, "DTensor"), (flat, "FlatParameter")):
+    try:
+        mmmod.ModulatedOptimizer(torch.optim.SGD([bad, plain], lr=0.1),
+                                 {"audio": [bad], "visual": [plain]}, method="ogm_ge")
+    except ValueError as e:
+        assert "modality 'audio'" in str(e) and kind in str(e) and "method='ogm'" in str(e), e
+    else:
+        raise SystemExit(f"OGM-GE accepted a {kind}")
+    # OGM and MLB scale element-wise: exact on shards, accepted
+    mmmod.ModulatedOptimizer(torch.optim.SGD([bad, plain], lr=0.1),
+                             {"audio": [bad], "visual": [plain]}, method="ogm")
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_ogm_ge_refuses_sharded_parameters(tmp_path):
+    """FSDP/DTensor shards: OGM-GE's sigma would be the shard's; refused with a clear error."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True,
+                       timeout=240, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
