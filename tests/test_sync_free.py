@@ -23,9 +23,20 @@ HOST_BACKENDS = [b for b in ("torch", "cpu") if backends.status(b)[0]]
 @pytest.mark.parametrize("method", ["ogm_ge", "ogm", "mlb"])
 @pytest.mark.parametrize("apply_to", ["grad", "update"])
 def test_no_host_reads_in_observe_and_step(monkeypatch, backend, method, apply_to):
+    _check_no_reads(monkeypatch, method=method, backend=backend, apply_to=apply_to)
+
+
+@pytest.mark.parametrize("apply_to", ["grad", "update"])
+def test_capturable_step_reads_nothing_on_the_host(monkeypatch, apply_to):
+    """The device step counter is read by the noise kernels, never by Python (the reference
+    backend here; the cpu extension reads a CPU step tensor by design, Triton on GPU)."""
+    _check_no_reads(monkeypatch, method="ogm_ge", backend="torch", apply_to=apply_to,
+                    capturable=True)
+
+
+def _check_no_reads(monkeypatch, **kw):
     model = TwoEncoder()
-    opt, names = make(model, torch.optim.AdamW(model.parameters(), lr=1e-3), method=method,
-                      backend=backend, apply_to=apply_to)
+    opt, names = make(model, torch.optim.AdamW(model.parameters(), lr=1e-3), **kw)
     train_step(model, opt, names, *batch())  # warm-up outside the instrumented region
     calls = []
     for attr in READS:
