@@ -8,7 +8,7 @@ turned into four normals (two Box-Muller pairs) that land on the four stream ele
 ``(lo32(seed), hi32(seed))``, exactly :mod:`mmmod.reference.philox`. Then
 ``g <- float32(k * g + sigma_t * n)`` rounded to g's dtype, with k and sigma_t read from
 device memory. Seed, step and modality are runtime scalars (``do_not_specialize``): a new seed
-or step never recompiles. With ``STEP_PTR`` the step is instead read from a 0-d int64 tensor,
+or step never recompiles. With ``STEP_PTR`` the step is instead read from a 0-d integer tensor,
 so a captured CUDA graph draws fresh noise at every replay as the counter advances.
 
 ``_scale_kernel`` (OGM / MLB): ``g <- float32(k * g)`` over the statistics chunks (or, for a
@@ -46,7 +46,7 @@ def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed, step, modality,
                            BLOCK_C: tl.constexpr, DT: tl.constexpr, STEP_PTR: tl.constexpr):
     pid = tl.program_id(0)
     if STEP_PTR:  # the optimizer's device step counter (CUDA-graph replays advance it)
-        step = tl.load(step + 0) & 0xFFFFFFFF
+        step = tl.load(step + 0).to(tl.int64) & 0xFFFFFFFF
     t = tl.load(noise_map + pid)
     row = meta + t * META_FIELDS
     ptr = tl.load(row + F_PTR).to(tl.pointer_type(DT))

@@ -100,6 +100,16 @@ def _check_grads(grads, coeffs, names):
                 raise TypeError(f"{who} has dtype {g.dtype}; expected a floating-point gradient")
 
 
+def stream_offsets(tensors: Sequence, start: int = 0) -> list[int]:
+    """First element of each tensor in its modality's noise stream: the running sum of the
+    sizes before it, from ``start`` (``None`` entries take no room)."""
+    out, run = [], int(start)
+    for t in tensors:
+        out.append(run)
+        run += 0 if t is None else t.numel()
+    return out
+
+
 def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, noise: bool,
               noise_std: str = "raw", noise_rng: str = "philox", seed: int = 0,
               step: int | torch.Tensor = 0,
@@ -115,10 +125,7 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     noise at each replay when the tensor is advanced (``backend="auto"`` then prefers Triton to
     the CUDA extension, whose op takes the step as an integer).
     """
-    if isinstance(step, torch.Tensor) and (step.dim() != 0 or step.dtype.is_floating_point
-                                           or step.dtype == torch.bool):
-        raise ValueError(f"step must be an int or a 0-d integer tensor, got a {step.dtype} "
-                         f"tensor of shape {tuple(step.shape)}")
+    reference.philox.check_step(step)
     if noise_std not in NOISE_STD:
         raise ValueError(f"noise_std must be one of {NOISE_STD}, got {noise_std!r}")
     if noise_rng not in NOISE_RNG:
@@ -126,13 +133,7 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     grads = [list(t) for t in grads]
     _check_grads(grads, coeffs, names)
     if offsets is None:
-        offsets = []
-        for tensors in grads:
-            run, offs = 0, []
-            for g in tensors:
-                offs.append(run)
-                run += 0 if g is None else g.numel()
-            offsets.append(offs)
+        offsets = [stream_offsets(tensors) for tensors in grads]
     if noise_rng == "torch":
         if bool(torch.isfinite(coeffs).all()):
             reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads], coeffs,

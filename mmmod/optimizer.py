@@ -132,7 +132,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self.param_filter = filters.DEFAULT_FILTER[method] if param_filter is None else param_filter
         self.names = [str(n) for n in modalities]
         self.params, self.param_names = self._select(modalities, filters.resolve(self.param_filter))
-        self._offsets = [_running_offsets(ps) for ps in self.params]
+        self._offsets = [functional.stream_offsets(ps) for ps in self.params]
         if method == "ogm_ge":
             self._refuse_sharded()
         self.process_group = process_group
@@ -478,15 +478,6 @@ def _grad_of(e) -> torch.Tensor | None:
         g = e.param.grad
         return None if g is None else e.view(g)
     return e.grad
-
-
-def _running_offsets(params: Sequence[torch.Tensor]) -> list[int]:
-    """First element of each selected tensor in its modality's noise stream."""
-    out, run = [], 0
-    for p in params:
-        out.append(run)
-        run += p.numel()
-    return out
 
 
 def _collective_device(group) -> torch.device:

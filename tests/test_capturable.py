@@ -47,6 +47,23 @@ def test_tensor_step_gives_the_int_steps_bits(seed, backend, step):
     assert not torch.equal(c[0][0], a[0][0])
 
 
+@pytest.mark.parametrize("backend", DEVICE_STEP)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_narrow_integer_tensor_step(seed, backend, dtype):
+    """Any 0-d integer dtype works, negative values included (step mod 2**32, as an int)."""
+    if not backends.status(backend)[0]:
+        pytest.skip(backends.status(backend)[1])
+    for step in (7, -3):
+        a = _grads(torch.Generator().manual_seed(seed))
+        b = [[t.clone() for t in ts] for ts in a]
+        k = torch.tensor([0.5, 2.0])
+        functional.modulate_(a, k, noise=True, seed=seed, step=step, backend=backend)
+        functional.modulate_(b, k, noise=True, seed=seed, step=torch.tensor(step, dtype=dtype),
+                             backend=backend)
+        for x, y in zip(sum(a, []), sum(b, [])):
+            assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("bad", [torch.tensor([1, 2]), torch.tensor(1.0), torch.tensor(True)])
 def test_bad_tensor_step_is_rejected(bad):
     g = [[torch.randn(4)], [torch.randn(4)]]

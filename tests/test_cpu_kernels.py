@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmmod import backends, reference
+from mmmod.functional import stream_offsets
 from mmmod.reference import philox
 
 LIVE, WHY = backends.status("cpu")
@@ -81,14 +82,6 @@ def modulate(ts, offsets, k=0.6, gate=1.0, seed=0, step=0, modality=0, scaled=Fa
     return out
 
 
-def offsets_of(ts, start=0):
-    offs, run = [], start
-    for t in ts:
-        offs.append(run)
-        run += t.numel()
-    return offs
-
-
 # ---- which table ----------------------------------------------------------------------------
 def test_env_var_selects_table(monkeypatch):
     monkeypatch.setenv("MMMOD_CPU_SCALAR", "1")
@@ -155,7 +148,7 @@ SIZES = [[1], [3], [7], [8], [9], [0, 5, 0, 2], [17, 1, 33], [BLOCK - 1, 6, BLOC
 @pytest.mark.parametrize("sizes", SIZES)
 def test_modulate_odd_offsets_match_reference(table, seed, sizes, start):
     ts = [torch.randn(n) * 0.3 for n in sizes]
-    offs = offsets_of(ts, start)
+    offs = stream_offsets(ts, start)
     got = modulate(ts, offs, seed=seed, step=3, modality=1)
     want = [t.clone() for t in ts]
     reference.modulate_bucket_(want, offs, torch.tensor(0.6), torch.tensor(1.0), noise=True,
@@ -175,7 +168,7 @@ def test_modulate_tables_agree_all_dtypes(seed, dtype):
     eps = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7,
            torch.float64: 2.0 ** -52}[dtype]
     ts = [(torch.randn(n) * 0.1).to(dtype) for n in (5, CHUNK + 7, 333)]
-    offs = offsets_of(ts, 3)
+    offs = stream_offsets(ts, 3)
     a = with_table("auto", lambda: modulate(ts, offs, k=0.45, seed=seed, step=9))
     b = with_table("scalar", lambda: modulate(ts, offs, k=0.45, seed=seed, step=9))
     for t, x, y in zip(ts, a, b):
@@ -212,7 +205,7 @@ def test_thread_count_and_window_do_not_change_bits(seed, threads, monkeypatch, 
     if name == "scalar":
         monkeypatch.setenv("MMMOD_CPU_SCALAR", "1")
     ts = [torch.randn(n) * 0.2 for n in (5 * CHUNK + 3, 7, 2 * CHUNK, 1, CHUNK - 1, 3 * CHUNK + 9)]
-    offs = offsets_of(ts, 5)
+    offs = stream_offsets(ts, 5)
     results = []
     for nt, window in ((1, None), (2, None), (2, "1"), (2, "0"), (1, str(3 * CHUNK)), (2, str(CHUNK))):
         torch.set_num_threads(nt)

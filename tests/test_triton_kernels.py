@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mmmod import backends, functional, reference
+from mmmod.functional import stream_offsets
 from mmmod.reference.philox import philox_normal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,14 +186,6 @@ def _grads(dtype, sizes=SIZES, scale=1.0, mean=0.0):
     return [(torch.randn(s) * scale + mean).to(dtype).to(DEVICE) for s in sizes]
 
 
-def _offsets(ts, base):
-    out, run = [], base
-    for t in ts:
-        out.append(run)
-        run += t.numel()
-    return out
-
-
 def _k(v):
     return torch.tensor(v, dtype=torch.float32, device=DEVICE)
 
@@ -202,7 +195,7 @@ def _k(v):
 def test_scale_bitwise(small, seed, dtype, kv):
     a = _grads(dtype)
     b = [t.clone() for t in a]
-    offs = _offsets(a, 0)
+    offs = stream_offsets(a, 0)
     small.modulate_bucket_(a, offs, _k(kv), _k(1.0), noise=False, noise_std="raw", seed=seed,
                            step=3, modality=0)
     reference.modulate_bucket_(b, offs, _k(kv), _k(1.0), noise=False, noise_std="raw",
@@ -231,7 +224,7 @@ def test_noisy_modulation_parity(small, seed, dtype, noise_std):
     base = [0, 1, 3, 2 ** 33 + 1][seed % 4]
     a = _grads(dtype)
     b = [t.clone() for t in a]
-    offs = _offsets(a, base)
+    offs = stream_offsets(a, base)
     rseed = int(torch.randint(0, 2 ** 62, (1,), generator=g)) * 4 + seed % 4  # full 64-bit range
     step = [0, 7, 2 ** 32 - 1, 2 ** 32 + 3][seed % 4]
     kv = _k(-0.8 if noise_std == "scaled" else 0.6)
@@ -294,7 +287,7 @@ def test_determinism(small, seed):
         for _ in range(2):
             torch.manual_seed(seed)
             a = _grads(torch.float32)
-            small.modulate_bucket_(a, _offsets(a, 0), _k(0.7), _k(1.0), noise=noise,
+            small.modulate_bucket_(a, stream_offsets(a, 0), _k(0.7), _k(1.0), noise=noise,
                                    noise_std="raw", seed=seed, step=1, modality=1)
             outs.append(a)
         for x, y in zip(*outs):
@@ -309,7 +302,7 @@ def test_determinism(small, seed):
 def test_gate_zero_leaves_gradients_untouched(small, seed):
     a = _grads(torch.float32)
     b = [t.clone() for t in a]
-    small.modulate_bucket_(a, _offsets(a, 0), _k(1.0), _k(0.0), noise=True, noise_std="raw",
+    small.modulate_bucket_(a, stream_offsets(a, 0), _k(1.0), _k(0.0), noise=True, noise_std="raw",
                            seed=seed, step=0, modality=0)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
@@ -320,7 +313,7 @@ def test_non_finite_gradient_gets_no_noise(small, seed):
     a[0][13] = float("nan")
     a[2][1] = float("inf")
     b = [t.clone() for t in a]
-    offs = _offsets(a, 0)
+    offs = stream_offsets(a, 0)
     small.modulate_bucket_(a, offs, _k(0.5), _k(1.0), noise=True, noise_std="raw", seed=seed,
                            step=0, modality=0)
     reference.modulate_bucket_(b, offs, _k(0.5), _k(1.0), noise=True, noise_std="raw", seed=seed,
@@ -357,16 +350,16 @@ def test_flat_gradient_buffer(small, seed):
     assert flat is not None and flat.data_ptr() == buf.data_ptr() and flat.numel() == 86
     assert flat_view([ts[1], ts[0]]) is None and flat_view([torch.randn(3), torch.randn(3)]) is None
     ref = [t.clone() for t in ts]
-    small.modulate_bucket_(ts, _offsets(ts, 0), _k(0.37), _k(1.0), noise=False, noise_std="raw",
+    small.modulate_bucket_(ts, stream_offsets(ts, 0), _k(0.37), _k(1.0), noise=False, noise_std="raw",
                            seed=0, step=0, modality=0)
-    reference.modulate_bucket_(ref, _offsets(ref, 0), _k(0.37), _k(1.0), noise=False,
+    reference.modulate_bucket_(ref, stream_offsets(ref, 0), _k(0.37), _k(1.0), noise=False,
                                noise_std="raw", seed=0, step=0, modality=0)
     for x, y in zip(ts, ref):
         assert torch.equal(x, y)
     ref = [t.clone() for t in ts]
-    small.modulate_bucket_(ts, _offsets(ts, 4), _k(0.37), _k(1.0), noise=True, noise_std="raw",
+    small.modulate_bucket_(ts, stream_offsets(ts, 4), _k(0.37), _k(1.0), noise=True, noise_std="raw",
                            seed=seed, step=5, modality=1)
-    reference.modulate_bucket_(ref, _offsets(ref, 4), _k(0.37), _k(1.0), noise=True,
+    reference.modulate_bucket_(ref, stream_offsets(ref, 4), _k(0.37), _k(1.0), noise=True,
                                noise_std="raw", seed=seed, step=5, modality=1)
     _check_noisy(ts, ref, [reference.tensor_sigma(t, _k(0.37), "raw") for t in ref], torch.float32)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..reference.philox import step_word
+from ..reference.philox import check_step
 from .base import Backend
 
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
@@ -239,7 +239,8 @@ class TritonBackend(Backend):
             seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
         step_ptr = isinstance(step, torch.Tensor)
         if step_ptr:
-            step = step_word(step, device)
+            check_step(step)  # the kernel loads it and keeps the low 32 bits
+            step = step if step.device == device else step.to(device)
         else:
             step = int(step) & 0xFFFFFFFF
         K.modulate._modulate_noise_kernel[(meta.n_noise_chunks,)](

@@ -71,12 +71,18 @@ def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torc
     return r * torch.cos(th), r * torch.sin(th)
 
 
+def check_step(step) -> None:
+    """A step is a Python int or a 0-d integer tensor (a device counter)."""
+    if isinstance(step, torch.Tensor) and (step.dim() != 0 or step.dtype.is_floating_point
+                                           or step.dtype == torch.bool):
+        raise ValueError(f"step must be an int or a 0-d integer tensor, got a {step.dtype} "
+                         f"tensor of shape {tuple(step.shape)}")
+
+
 def step_word(step: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Counter word 2 from a step held in a 0-d integer tensor: ``step mod 2**32`` (int64),
     computed on ``device`` without reading the value on the host."""
-    if step.dim() != 0 or step.dtype.is_floating_point or step.dtype == torch.bool:
-        raise ValueError(f"a tensor step must be a 0-d integer tensor, got {step.dtype} "
-                         f"of shape {tuple(step.shape)}")
+    check_step(step)
     return step.to(device=device, dtype=torch.int64) & MASK32
 
 
