@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import backends, reference
+from . import backends, methods, reference
 
 NOISE_STD = ("raw", "scaled")
 NOISE_RNG = ("philox", "torch")
@@ -72,14 +72,30 @@ def scores(logits: Sequence[torch.Tensor], labels: torch.Tensor, backend: str = 
 
 
 def coefficients(scores: torch.Tensor, method: str, alpha: float | None = None,
-                 beta_max: float = 2.0, backend: str = "auto") -> torch.Tensor:
-    """Coefficients k [M] from scores [M]; NaN everywhere if any score is NaN."""
-    if method not in DEFAULT_ALPHA:
-        raise ValueError(f"unknown method {method!r}; expected one of {tuple(DEFAULT_ALPHA)}")
-    alpha = DEFAULT_ALPHA[method] if alpha is None else float(alpha)
+                 beta_max: float = 2.0, backend: str = "auto",
+                 state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Coefficients k [M] (float32) from scores [M] by a registered method (``mmmod.methods``).
+
+    NaN everywhere if any score is NaN. A fused backend evaluates the rule natively when it
+    knows it (``Method.native``); any other method's torch rule runs on the scores' device (no
+    host sync). ``state`` is the method's state (see ``Method.init_state``), updated in place;
+    ``None`` evaluates a stateful method from a fresh state.
+    """
+    m = methods.get(method)
+    alpha, beta_max = m.check_hyperparameters(m.default_alpha if alpha is None else alpha,
+                                              beta_max)
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
     if scores.dim() != 1 or scores.shape[0] < 2:
         raise ValueError(f"scores must be 1-D with M >= 2 modalities, got shape {tuple(scores.shape)}")
-    return backends.get(backend, scores.device).coefficients(scores, method, alpha, float(beta_max))
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    impl = backends.get(backend, scores.device)
+    if m.native is not None and m.native in impl.native_rules:
+        return impl.coefficients(scores, m.native, alpha, beta_max)
+    if state is None:
+        state = m.init_state(scores.shape[0], scores.device)
+    return m.coefficients(scores.float(), alpha=alpha, beta_max=beta_max, state=state)
 
 
 def _check_grads(grads, coeffs, names):

@@ -18,6 +18,9 @@ class Backend:
     #: whether ``modulate_bucket_`` takes ``step`` as a 0-d device tensor without reading it on
     #: the host (what a CUDA-graph-captured step needs; see ``ModulatedOptimizer(capturable=)``)
     device_step = True
+    #: coefficient rules (``Method.native``) this backend evaluates in its own kernels; every
+    #: other method's torch rule runs on the device instead (``functional.coefficients``)
+    native_rules: frozenset = frozenset({"ogm", "mlb"})
 
     def available(self) -> tuple[bool, str]:
         """(live, why not) on this machine."""
@@ -29,10 +32,10 @@ class Backend:
     def scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def coefficients(self, scores: torch.Tensor, method: str, alpha: float,
+    def coefficients(self, scores: torch.Tensor, rule: str, alpha: float,
                      beta_max: float) -> torch.Tensor:
-        from ..reference import coefficients
-        return coefficients(scores, method, alpha, beta_max)
+        """Evaluate the native ``rule`` (one of :attr:`native_rules`) on the device."""
+        raise NotImplementedError
 
     def modulate_bucket_(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int],
                          k: torch.Tensor, gate: torch.Tensor, *, noise: bool, noise_std: str,

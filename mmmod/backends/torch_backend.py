@@ -9,6 +9,8 @@ from .base import Backend
 
 class TorchBackend(Backend):
     name = "torch"
+    # the reference rules are the methods' own torch rules (mmmod.methods): nothing native
+    native_rules = frozenset()
 
     def available(self):
         return True, ""
@@ -18,6 +20,9 @@ class TorchBackend(Backend):
 
     def scores(self, logits, labels):
         return reference.scores(logits, labels)
+
+    def coefficients(self, scores, rule, alpha, beta_max):
+        return reference.coefficients(scores, rule, alpha, beta_max)
 
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
         reference.modulate_bucket_(tensors, offsets, k, gate, noise=noise, noise_std=noise_std,

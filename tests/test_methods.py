@@ -1,0 +1,136 @@
+"""The method registry: every registered method on every live backend, and the public
+extension point (a method registered from outside the package, used by name)."""
+import math
+
+import pytest
+import torch
+
+import mmmod
+from mmmod import functional, methods
+
+from _backends import LIVE_BACKENDS, device_for
+
+
+class Half(methods.Method):
+    name = "half_test"
+    summary = "halves every selected gradient"
+
+    def coefficients(self, scores, *, alpha, beta_max, state):
+        return torch.full_like(scores, 0.5)
+
+
+class Counting(methods.Method):
+    """A stateful rule: k_m = 1 / (1 + number of steps seen), state on the device."""
+    name = "counting_test"
+    summary = "test: state advanced on the device"
+    default_alpha = 0.0
+
+    def init_state(self, num_modalities, device=None):
+        return {"steps": torch.zeros((), dtype=torch.float32, device=device)}
+
+    def coefficients(self, scores, *, alpha, beta_max, state):
+        state["steps"].add_(1)
+        return self.nan_if_any_nan(scores, (1.0 / (1.0 + state["steps"])).expand_as(scores).float())
+
+
+@pytest.fixture
+def registered():
+    added = []
+
+    def add(m):
+        methods.register(m)
+        added.append(m.name)
+        return m
+    yield add
+    for n in added:
+        methods.unregister(n)
+
+
+def test_builtins_are_registered_in_order():
+    assert methods.names()[:4] == ("ogm", "ogm_ge", "mlb", "none")
+    assert methods.get("ogm_ge").noise and not methods.get("ogm").noise
+    assert not methods.get("ogm_ge").shard_safe and methods.get("mlb").shard_safe
+    assert methods.get("mlb").default_alpha == 0.5 and methods.get("ogm").default_filter == "conv"
+
+
+def test_unknown_method_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown method 'bogus'.*ogm_ge"):
+        methods.get("bogus")
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        functional.coefficients(torch.ones(2), "bogus")
+
+
+def test_reregistering_a_taken_name_is_an_error(registered):
+    registered(Half())
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(Half())
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(type("Shadow", (methods.Method,), {"name": "ogm"})())
+
+
+@pytest.mark.parametrize("bad, err", [
+    (lambda: methods.register(Half), "Method instance"),
+    (lambda: methods.register(object()), "mmmod.methods.Method"),
+    (lambda: methods.register(type("Nameless", (methods.Method,), {})()), "identifier"),
+    (lambda: methods.register(type("BadFilter", (methods.Method,),
+                                   {"name": "badf", "default_filter": "convs"})()), "default_filter"),
+    (lambda: methods.register(type("BadNative", (methods.Method,),
+                                   {"name": "badn", "native": "agm"})()), "native"),
+])
+def test_register_refuses_malformed_methods(bad, err):
+    with pytest.raises((TypeError, ValueError), match=err):
+        bad()
+
+
+@pytest.mark.parametrize("alpha, beta_max, err", [
+    (-2.0, 2.0, "alpha must be >= 0"), (float("nan"), 2.0, "alpha must be finite"),
+    ("abc", 2.0, "alpha must be a real number"), (True, 2.0, "alpha must be a real number"),
+    (0.5, -1.0, "beta_max must be >= 1"), (0.5, float("inf"), "beta_max must be finite"),
+])
+def test_hyperparameters_are_validated_by_name(alpha, beta_max, err):
+    with pytest.raises((TypeError, ValueError), match=err):
+        functional.coefficients(torch.tensor([1.0, 2.0]), "mlb", alpha=alpha, beta_max=beta_max)
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+@pytest.mark.parametrize("name", [n for n in ("ogm", "ogm_ge", "mlb", "none")])
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_every_builtin_matches_its_torch_rule_on_every_backend(backend, name, M):
+    g = torch.Generator().manual_seed(M)
+    s = (torch.rand(M, generator=g) * 8 + 0.5).to(device_for(backend))
+    m = methods.get(name)
+    ref = m.coefficients(s, alpha=0.7, beta_max=2.5, state=m.init_state(M))
+    got = functional.coefficients(s, name, alpha=0.7, beta_max=2.5, backend=backend)
+    # native fused rules use a libdevice-free tanh: a few float32 ulp (docs/triton.md)
+    torch.testing.assert_close(got, ref, rtol=4e-7, atol=4e-7)
+    nan = functional.coefficients(torch.tensor([1.0] + [float("nan")] * (M - 1),
+                                               device=device_for(backend)), name,
+                                  backend=backend)
+    assert torch.isnan(nan).all() or name == "none"
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+def test_a_user_method_runs_on_every_backend(backend, registered):
+    registered(Half())
+    s = torch.tensor([3.0, 1.0, 2.0], device=device_for(backend))
+    k = functional.coefficients(s, "half_test", backend=backend)
+    assert torch.equal(k.cpu(), torch.full((3,), 0.5))
+
+
+def test_stateful_method_keeps_its_state_on_the_device(registered):
+    m = registered(Counting())
+    st = m.init_state(2)
+    ks = [functional.coefficients(torch.tensor([1.0, 2.0]), "counting_test", state=st)
+          for _ in range(3)]
+    assert torch.equal(torch.stack([k[0] for k in ks]),
+                       1.0 / (1.0 + torch.tensor([1.0, 2.0, 3.0])))
+    assert float(st["steps"]) == 3
+    # without a state the functional call is stateless
+    k = functional.coefficients(torch.tensor([1.0, 2.0]), "counting_test")
+    assert math.isclose(float(k[0]), 0.5)
+
+
+def test_table_lists_every_method():
+    rows = {r["name"]: r for r in methods.table()}
+    assert set(methods.names()) == set(rows)
+    assert rows["ogm_ge"]["noise"] and rows["mlb"]["hyperparameters"] == ("alpha", "beta_max")
