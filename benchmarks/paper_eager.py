@@ -1,4 +1,4 @@
-"""Contender (a): the official OGM-GE code's eager algorithm, transcribed (SPEC.md section 5).
+"""Contender (a): the official OGM-GE code's eager algorithm, transcribed (docs/semantics.md section 6).
 
 From the official ``main.py`` (GeWu-Lab/OGM-GE_CVPR2022), per training step::
 

@@ -87,7 +87,7 @@ class AVClassifier(nn.Module):
         fa, fv = self.audio_net(audio), self.visual_net(visual)
         out = self.fusion(torch.cat((fa, fv), 1))
         w = self.fusion.weight
-        # per-modality logits of concat fusion (SPEC 1): z_m = f_m W[:, cols(m)]^T + b / 2
+        # per-modality logits of concat fusion (docs/semantics.md section 1): z_m = f_m W[:, cols(m)]^T + b / 2
         d = fa.shape[1]
         z_a = fa @ w[:, :d].t() + self.fusion.bias / 2
         z_v = fv @ w[:, d:].t() + self.fusion.bias / 2

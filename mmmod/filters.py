@@ -1,4 +1,4 @@
-"""Which parameter tensors of a modality get modulated (SPEC.md section 4)."""
+"""Which parameter tensors of a modality get modulated (docs/semantics.md section 4)."""
 from __future__ import annotations
 
 from typing import Callable, Union

@@ -1,4 +1,4 @@
-"""Per-modality logits from a fusion head (SPEC.md section 1), without autograd."""
+"""Per-modality logits from a fusion head (docs/semantics.md section 1), without autograd."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""The MLB objective: L = CE(fused) + sum_m w_m CE(z_m) (SPEC.md section 3)."""
+"""The MLB objective: L = CE(fused) + sum_m w_m CE(z_m) (docs/semantics.md section 1)."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence, Union

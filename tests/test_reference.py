@@ -1,4 +1,4 @@
-"""The reference against a literal, per-sample transcription of SPEC.md (fresh seeds)."""
+"""The reference against a literal, per-sample transcription of docs/semantics.md (fresh seeds)."""
 import math
 
 import numpy as np
@@ -196,7 +196,7 @@ def test_default_alphas():
 
 # ---- modulation ------------------------------------------------------------------------
 def spec_modulate(grads, coeffs, noise, noise_std, seed, step):
-    """Per tensor, per element, straight from SPEC.md section 4 and the Philox definition."""
+    """Per tensor, per element, straight from docs/semantics.md sections 4 and 5 (Philox)."""
     out = []
     for m, tensors in enumerate(grads):
         k = float(coeffs[m])

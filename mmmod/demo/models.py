@@ -1,5 +1,5 @@
 """Small ResNet-style encoders for spectrograms and frames, and fusion heads that each give
-correct per-modality logits for modulation (SPEC.md section 1).
+correct per-modality logits for modulation (docs/semantics.md section 1).
 
 * ``concat``: ``out = W [f_a; f_v] + b``; z_m from ``mmmod.fusion.concat_logits`` (W's column
   block of modality m and b / M), as the official OGM-GE code.

@@ -1,4 +1,4 @@
-"""Coefficient rules (SPEC.md section 3), evaluated on the device with no host sync."""
+"""Coefficient rules (docs/semantics.md section 3), evaluated on the device with no host sync."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Applying the coefficients to gradients (SPEC.md section 4), in plain torch.
+"""Applying the coefficients to gradients (docs/semantics.md section 4), in plain torch.
 
 Per selected tensor g of modality m, in float32 and cast back to g's dtype:
   OGM, MLB:  g <- k_m * g

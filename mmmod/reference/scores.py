@@ -1,4 +1,4 @@
-"""Per-modality confidence on the true label (SPEC.md section 2), batched, fp32, no autograd."""
+"""Per-modality confidence on the true label (docs/semantics.md section 2), batched, fp32, no autograd."""
 from __future__ import annotations
 
 from typing import Sequence
