@@ -134,3 +134,31 @@ def test_table_lists_every_method():
     rows = {r["name"]: r for r in methods.table()}
     assert set(methods.names()) == set(rows)
     assert rows["ogm_ge"]["noise"] and rows["mlb"]["hyperparameters"] == ("alpha", "beta_max")
+
+
+def _semantics_table():
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "semantics.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_docs_method_table_matches_the_registry():
+    """docs/semantics.md section 7 lists every built-in method with its registered defaults."""
+    rows = _semantics_table()
+    builtin = [m for m in methods.names()
+               if type(methods.get(m)).__module__.startswith("mmmod.methods.")]
+    assert set(builtin) <= set(rows), f"methods missing from docs/semantics.md: {set(builtin) - set(rows)}"
+    for name in builtin:
+        m = methods.get(name)
+        _, alpha, filt, noise, shard, native, _ = rows[name]
+        if m.modulates:
+            assert float(alpha) == m.default_alpha, name
+        assert filt == m.default_filter, name
+        assert (noise == "yes") == m.noise, name
+        assert shard.startswith("yes") == m.shard_safe, name
+        assert native == (m.native or "-"), name
