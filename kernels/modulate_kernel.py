@@ -1,4 +1,5 @@
-"""In-place modulation of a bucket (SPEC.md section 4), one launch per bucket.
+"""In-place modulation of a bucket, one launch per bucket (docs/semantics.md: "Modulation",
+"Noise").
 
 ``_modulate_noise_kernel`` (OGM-GE): grid = the bucket's noise chunks. A chunk is BLOCK_C
 consecutive Philox counters of one tensor; one ``tl.philox`` call per counter gives four words,
@@ -7,9 +8,18 @@ turned into four normals (two Box-Muller pairs) that land on the four stream ele
 ``e % 4`` of counter ``e // 4`` = ``(lo32(e//4), hi32(e//4), step, modality)`` under key
 ``(lo32(seed), hi32(seed))``, exactly :mod:`mmmod.reference.philox`. Then
 ``g <- float32(k * g + sigma_t * n)`` rounded to g's dtype, with k and sigma_t read from
-device memory. Seed, step and modality are runtime scalars (``do_not_specialize``): a new seed
-or step never recompiles. With ``STEP_PTR`` the step is instead read from a 0-d integer tensor,
-so a captured CUDA graph draws fresh noise at every replay as the counter advances.
+device memory. Seed and step are int64 and modality int32 by annotation, and all three are in
+``do_not_specialize``: the compiled signature does not depend on their values (Triton would
+otherwise type a Python int i32 or i64 by value and specialise the value 1), so a new seed or
+step never recompiles. With ``STEP_PTR`` the step is instead read through ``step_ptr`` from a
+0-d integer tensor on the device, so a captured CUDA graph draws fresh noise at every replay as
+the counter advances; otherwise ``step_ptr`` is None (a compile-time constant, never read).
+
+Rounding: the backend launches these kernels with ``enable_fp_fusion=False``, so
+``k * g + sigma * n`` is two roundings and an add (no FMA), as in the reference, and the
+Box-Muller below takes a round-to-nearest square root (``tl.sqrt_rn``; Triton's
+``pair_uniform_to_normal`` uses the approximate one). log/cos/sin remain the GPU's
+approximate instructions (see docs/triton.md for their error bounds).
 
 ``_scale_kernel`` (OGM / MLB): ``g <- float32(k * g)`` over the statistics chunks (or, for a
 flat bucket, over one contiguous range with ``meta`` unused).
@@ -19,8 +29,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bucket import F_NCHUNK, F_NUMEL, F_OFFSET, F_PTR, F_SCHUNK, META_FIELDS
-from .utils import round_to
+from .utils import F_NCHUNK, F_NUMEL, F_OFFSET, F_PTR, F_SCHUNK, META_FIELDS, round_to
+
+
+@triton.jit
+def _box_muller(u_a, u_b):
+    """The reference's Box-Muller step by step (mmmod/reference/philox.py): clamp, float32
+    ``u_b * 2pi``, ``sqrt(log(u_a) * -2)`` correctly rounded, then ``r cos th``, ``r sin th``."""
+    u_a = tl.maximum(u_a, 1.0e-7)
+    th = u_b * 6.283185307179586  # the literal is rounded to float32, as torch.tensor(TWO_PI)
+    r = tl.sqrt_rn(tl.log(u_a) * -2.0)
+    return r * tl.cos(th), r * tl.sin(th)
 
 
 @triton.jit
@@ -36,17 +55,18 @@ def _normals4(seed, counters, step, modality):
     u1 = tl.uint_to_uniform_float(w1)
     u2 = tl.uint_to_uniform_float(w2)
     u3 = tl.uint_to_uniform_float(w3)
-    n0, n1 = tl.pair_uniform_to_normal(u0, u1)
-    n2, n3 = tl.pair_uniform_to_normal(u2, u3)
+    n0, n1 = _box_muller(u0, u1)
+    n2, n3 = _box_muller(u2, u3)
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
 @triton.jit(do_not_specialize=["seed", "step", "modality"])
-def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed, step, modality,
-                           BLOCK_C: tl.constexpr, DT: tl.constexpr, STEP_PTR: tl.constexpr):
+def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed: tl.int64, step: tl.int64,
+                           step_ptr, modality: tl.int32, BLOCK_C: tl.constexpr,
+                           DT: tl.constexpr, STEP_PTR: tl.constexpr):
     pid = tl.program_id(0)
     if STEP_PTR:  # the optimizer's device step counter (CUDA-graph replays advance it)
-        step = tl.load(step + 0).to(tl.int64) & 0xFFFFFFFF
+        step = tl.load(step_ptr).to(tl.int64) & 0xFFFFFFFF
     t = tl.load(noise_map + pid)
     row = meta + t * META_FIELDS
     ptr = tl.load(row + F_PTR).to(tl.pointer_type(DT))

@@ -1,5 +1,5 @@
-"""Scores and coefficients (SPEC.md sections 2-3): all M modalities in one launch plus a
-one-program epilogue.
+"""Scores and coefficients (docs/semantics.md: "Scores", "Coefficients"): all M modalities in
+one launch plus a one-program epilogue.
 
 ``_scores_partial_kernel``: grid ``(cdiv(B, ROWS),)``. Every program takes ROWS rows of the
 batch and, for each modality m (a static loop: the logits arrive as a tuple of tensors, one

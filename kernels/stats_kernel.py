@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bucket import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
+from .utils import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
 
 
 @triton.jit

@@ -7,6 +7,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bucket as _bucket
+
+# The bucket table layout (kernels/bucket.py) as compile-time constants. The compiler refuses a
+# plain int global inside @triton.jit code ("Cannot access global variable ... from within
+# @jit'ed function"; the interpreter accepts it), so the kernels use these tl.constexpr copies.
+META_FIELDS = tl.constexpr(_bucket.META_FIELDS)
+F_PTR = tl.constexpr(_bucket.F_PTR)
+F_NUMEL = tl.constexpr(_bucket.F_NUMEL)
+F_OFFSET = tl.constexpr(_bucket.F_OFFSET)
+F_SCHUNK = tl.constexpr(_bucket.F_SCHUNK)
+F_NCHUNK = tl.constexpr(_bucket.F_NCHUNK)
+
 TORCH_TO_TL = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,

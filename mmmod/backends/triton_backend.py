@@ -5,6 +5,10 @@ bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale). Sc
 launch for all M modalities plus a one-program epilogue that can also evaluate the
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+
+Every launch goes through :func:`_launch`, the one place that sets the launch options
+(``enable_fp_fusion=False``: each multiply and add rounds as in the reference) and that
+``mmmod.kernels.aot`` hooks to record the exact launches it then compiles ahead of time.
 """
 from __future__ import annotations
 
@@ -21,6 +25,21 @@ from ..reference.philox import check_step
 from .base import Backend
 
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
+_MASK32 = 0xFFFFFFFF
+
+#: Set by ``mmmod.kernels.aot.record_launches``: called as ``hook(kernel, grid, args, kwargs)``
+#: before every launch; when it returns False the launch is skipped (recording only).
+_launch_hook = None
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch ``kernel[grid](*args, **kwargs)`` with FMA contraction off (the reference rounds
+    ``k * g`` and ``sigma * n`` before adding them; so does the CUDA extension)."""
+    kwargs["enable_fp_fusion"] = False
+    hook = _launch_hook
+    if hook is not None and hook(kernel, grid, args, kwargs) is False:
+        return
+    kernel[grid](*args, **kwargs)
 
 
 def _load_kernels():
@@ -131,12 +150,12 @@ class TritonBackend(Backend):
         n_blocks = -(-B // rows)
         partial = torch.empty(max(M * n_blocks, 1), dtype=torch.float32, device=device)
         if n_blocks > 0:
-            K.score._scores_partial_kernel[(n_blocks,)](
-                zs, tuple(z.stride(0) for z in zs), tuple(z.stride(1) for z in zs),
+            _launch(
+                K.score._scores_partial_kernel, (n_blocks,), zs, tuple(z.stride(0) for z in zs), tuple(z.stride(1) for z in zs),
                 tuple(z.shape[1] for z in zs), labels, labels.stride(0), partial, B, n_blocks,
                 M=M, ROWS=rows, BLOCK_C=block_c)
-        K.score._finish_kernel[(1,)](
-            partial, n_blocks, scores, k, float(alpha), float(beta_max),
+        _launch(
+            K.score._finish_kernel, (1,), partial, n_blocks, scores, k, float(alpha), float(beta_max),
             M=M, M_P2=max(2, _next_pow2(M)), BLOCK_P=self.block_p,
             METHOD=method_code if want_k else 0, WRITE_SCORES=True)
         return scores, k
@@ -166,8 +185,8 @@ class TritonBackend(Backend):
         s = scores.detach().float().contiguous()
         k = torch.empty(M, dtype=torch.float32, device=s.device)
         with _on(s.device):
-            self.kernels.score._finish_kernel[(1,)](
-                s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
+            _launch(
+                self.kernels.score._finish_kernel, (1,), s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
                 METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
         return k
 
@@ -211,13 +230,13 @@ class TritonBackend(Backend):
             flat = K.bucket.flat_view(ts)
             if flat is not None:  # flat gradient buffer: one contiguous range, no table
                 n = flat.numel()
-                K.modulate._scale_kernel[(-(-n // self.block),)](
-                    flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
+                _launch(
+                    K.modulate._scale_kernel, (-(-n // self.block),), flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
                     num_warps=_warps(self.block))
                 return
             meta = self._cache.get(ts, offs, self.block, self.block_c)
-            K.modulate._scale_kernel[(meta.n_stats_chunks,)](
-                meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
+            _launch(
+                K.modulate._scale_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
                 num_warps=_warps(self.block))
             return
         if noise_std not in ("raw", "scaled"):
@@ -228,24 +247,36 @@ class TritonBackend(Backend):
         meta = self._cache.get(ts, offs, self.block, self.block_c)
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
-        K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+        _launch(
+            K.stats._stats_partial_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
             num_warps=_warps(self.block))
-        K.stats._sigma_kernel[(meta.num_tensors,)](
-            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+        _launch(
+            K.stats._sigma_kernel, (meta.num_tensors,), meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
         seed = int(seed) & ((1 << 64) - 1)
         if seed >= 1 << 63:
             seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
-        step_ptr = isinstance(step, torch.Tensor)
-        if step_ptr:
-            check_step(step)  # the kernel loads it and keeps the low 32 bits
-            step = step if step.device == device else step.to(device)
-        else:
-            step = int(step) & 0xFFFFFFFF
-        K.modulate._modulate_noise_kernel[(meta.n_noise_chunks,)](
-            meta.meta, meta.noise_map, k, sigma, seed, step, int(modality),
-            BLOCK_C=self.block_c, DT=DT, STEP_PTR=step_ptr, num_warps=_warps(4 * self.block_c))
+        step, step_ptr = self._step_args(step, device)
+        _launch(
+            K.modulate._modulate_noise_kernel, (meta.n_noise_chunks,), meta.meta, meta.noise_map,
+            k, sigma, seed, step, step_ptr, int(modality), BLOCK_C=self.block_c, DT=DT,
+            STEP_PTR=step_ptr is not None, num_warps=_warps(4 * self.block_c))
+
+    @staticmethod
+    def _step_args(step, device):
+        """(step as an int, None) or (0, a 0-d integer tensor on ``device`` the kernel reads).
+
+        A tensor already on the kernels' device is read by the kernel (a captured graph sees
+        the counter advance). A CPU tensor for a GPU bucket is read here: a plain host memory
+        read, where a copy would be a blocking transfer per bucket and fail under capture."""
+        if not isinstance(step, torch.Tensor):
+            return int(step) & _MASK32, None
+        check_step(step)  # the kernel keeps the low 32 bits of whatever integer dtype
+        if step.device == device:
+            return 0, step
+        if step.device.type == "cpu":
+            return int(step) & _MASK32, None
+        return 0, step.to(device)  # another accelerator: a device-to-device copy
 
     def sigmas(self, tensors, k, *, noise_std="raw", gate=None):
         """The per-tensor sigma the noisy modulation would use (float32 [T], for tests/tools)."""
@@ -267,10 +298,10 @@ class TritonBackend(Backend):
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
         DT = K.utils.tl_dtype(ts[0].dtype)
-        K.stats._stats_partial_kernel[(meta.n_stats_chunks,)](
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+        _launch(
+            K.stats._stats_partial_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
             num_warps=_warps(self.block))
-        K.stats._sigma_kernel[(meta.num_tensors,)](
-            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+        _launch(
+            K.stats._sigma_kernel, (meta.num_tensors,), meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
         return sigma
