@@ -3,12 +3,15 @@
 Commands:
   demo   train baseline, OGM-GE and MLB on built-in audio-visual data and compare
          (``mmmod demo --help`` for its flags)
+  plot   draw each modality's score / coefficient curves from a CSV log, a TensorBoard
+         folder or the demo's results.json (``mmmod plot --help``)
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "train baseline / OGM-GE / MLB on built-in audio-visual data and compare"}
+COMMANDS = {"demo": "train baseline / OGM-GE / MLB on built-in audio-visual data and compare",
+            "plot": "score / coefficient curves per modality from a CSV, TensorBoard or results.json"}
 
 
 def _usage() -> str:
@@ -31,6 +34,9 @@ def main(argv=None) -> int:
     if cmd == "demo":
         from .demo.cli import main as demo_main
         return demo_main(rest)
+    if cmd == "plot":
+        from .monitor.plot import main as plot_main
+        return plot_main(rest)
     print(f"mmmod: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -3,9 +3,11 @@
 With no arguments nothing is downloaded: a procedurally generated data set (``demo.data``) is
 rendered, the three methods are trained with the same budget, seeds and initialisation, and a
 table of multimodal test accuracy, each modality's linear-probe accuracy and wall time is
-printed. ``--out`` (default ./demo_out) receives ``results.json`` with every number and the
-plots ``scores_coefficients.png`` and ``accuracy.png``. ``--data DIR --dataset cremad|ks|ave``
-trains on a real data set instead (see ``mmmod.data``).
+printed. ``--out`` (default ./demo_out) receives ``results.json`` with every number, one CSV
+log per run in ``logs/`` (``--tensorboard`` adds TensorBoard event folders in ``tensorboard/``),
+and the plots ``scores_coefficients.png`` (drawn from the optimizer's recorded history, as
+``mmmod plot`` draws it) and ``accuracy.png``. ``--data DIR --dataset cremad|ks|ave`` trains on
+a real data set instead (see ``mmmod.data``).
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--n-frames", type=int, default=None, help="frames per clip (real data: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log each run's scores/coefficients to OUT/tensorboard/ "
+                        "(needs the tensorboard package)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -124,74 +129,27 @@ def format_table(summary: dict) -> str:
 
 
 def plot(runs: list[dict], out_dir: str) -> list[str]:
+    """The first seed's score/coefficient curves (from each run's recorded history) and
+    accuracy curves, drawn by :mod:`mmmod.monitor.plot`."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return []
-    seed0 = runs[0]["seed"]
-    first = [r for r in runs if r["seed"] == seed0]
-    files = []
+    from ..monitor import plot as mplot
+    first = mplot.runs_from_results(runs)
+    files = [mplot.plot_modulation(first, os.path.join(out_dir, "scores_coefficients.png"))]
+    acc = mplot.plot_accuracy(first, os.path.join(out_dir, "accuracy.png"))
+    return files + ([acc] if acc else [])
 
-    def smooth(xs, k=10):
-        out, acc = [], 0.0
-        for i, x in enumerate(xs):
-            acc += x
-            if i >= k:
-                acc -= xs[i - k]
-            out.append(acc / min(i + 1, k))
-        return out
 
-    fig, axes = plt.subplots(2, len(first), figsize=(4.2 * len(first), 6.2), squeeze=False,
-                             sharex="col")
-    for j, r in enumerate(first):
-        st = r["steps"]
-        ax = axes[0, j]
-        ax.plot(smooth(st["score_audio"]), label="audio", color="tab:orange")
-        ax.plot(smooth(st["score_visual"]), label="visual", color="tab:blue")
-        ax.set_title(f"{r['method']}: score (mean p(true class))")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right")
-        ax = axes[1, j]
-        ax.plot(st["coef_audio"], label="audio", color="tab:orange", lw=0.8)
-        ax.plot(st["coef_visual"], label="visual", color="tab:blue", lw=0.8)
-        ax.axhline(1.0, color="grey", lw=0.5, ls=":")
-        ax.set_title(f"{r['method']}: coefficient k")
-        ax.set_xlabel("step")
-        ax.legend(loc="best")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "scores_coefficients.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = {}
-    for r in first:
-        c = r["curves"]
-        line, = axes[0].plot(c["epoch"], [100 * x for x in c["fused"]], marker=".",
-                             label=r["method"])
-        colors[r["method"]] = line.get_color()
-        axes[1].plot(c["epoch"], [100 * x for x in c["visual_head"]], color=line.get_color(),
-                     label=f"{r['method']} visual")
-        axes[1].plot(c["epoch"], [100 * x for x in c["audio_head"]], color=line.get_color(),
-                     ls="--", label=f"{r['method']} audio")
-    axes[0].set_title("multimodal test accuracy")
-    axes[1].set_title("unimodal head test accuracy (audio dashed)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("%")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "accuracy.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
-    return files
+def _loggers(args, method: str, seed: int) -> list:
+    from ..monitor import CSVLogger, TensorBoardLogger
+    run = f"{method}_seed{seed}"
+    out = [CSVLogger(os.path.join(args.out, "logs", f"{run}.csv"))]
+    if args.tensorboard:
+        out.append(TensorBoardLogger(os.path.join(args.out, "tensorboard", run)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -215,6 +173,12 @@ def main(argv=None) -> int:
                        modulation_ends=args.modulation_ends, apply_to=args.apply_to,
                        progress=not args.quiet)
     os.makedirs(args.out, exist_ok=True)
+    if args.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SystemExit("mmmod demo: --tensorboard needs the tensorboard package "
+                             "(pip install tensorboard)")
     seeds = [args.seed + i for i in range(max(1, args.seeds))]
     t_start = time.perf_counter()
     runs, data_info = [], {}
@@ -241,7 +205,7 @@ def main(argv=None) -> int:
                       f"in {time.perf_counter() - t0:.1f}s")
         for m in methods:
             r = train_one(m, train, test, tcfg, seed=seed, n_classes=n_classes,
-                          desc=f"{m} (seed {seed})")
+                          desc=f"{m} (seed {seed})", loggers=_loggers(args, m, seed))
             runs.append(r.to_dict())
             if not args.quiet:
                 print(f"  {m:9s} seed {seed}: multimodal {100 * r.fused_acc:.1f}%  audio probe "

@@ -8,21 +8,25 @@ Everything a run measures comes back as plain Python numbers (JSON-ready):
   identical for every method and fusion;
 * ``head_acc``: per modality, the model's unimodal head (trained on detached features except
   under MLB, whose objective trains them with the encoders);
-* per-step ``scores`` (mean softmax probability of the true class from the per-modality logits
-  the optimizer observes) and ``coefficients`` (what ``ModulatedOptimizer`` applied; 1 for the
-  baseline), per-epoch accuracy curves, and wall time.
+* ``steps``: the optimizer's per-step history as recorded by :class:`mmmod.monitor.Recorder`
+  (columns ``step``, ``epoch``, ``samples``, ``modulated``, ``skipped``, ``score/<modality>``
+  -- the summed probability of the true class over the batch's ``samples`` --,
+  ``coeff/<modality>``: the coefficient computed at that step, applied where ``modulated``;
+  1 for the baseline), read on the host once at the end of the run, per-epoch accuracy
+  curves, and wall time.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import losses
+from ..monitor import Recorder, attach
 from ..optimizer import ModulatedOptimizer
 from .models import AVClassifier
 
@@ -55,6 +59,7 @@ class TrainConfig:
     param_filter: Optional[str] = None
     probe_steps: int = 100
     progress: bool = True
+    log_every: int = 50             # loggers' flush interval in steps (one host read each)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,8 +177,13 @@ def evaluate(model: AVClassifier, data, device) -> dict:
 
 
 def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
-              n_classes: Optional[int] = None, desc: Optional[str] = None) -> RunResult:
-    """Train one model with ``method`` and measure it (see the module docstring)."""
+              n_classes: Optional[int] = None, desc: Optional[str] = None,
+              loggers: Sequence = ()) -> RunResult:
+    """Train one model with ``method`` and measure it (see the module docstring).
+
+    ``loggers`` (e.g. :class:`mmmod.monitor.CSVLogger`) receive the per-step rows every
+    ``cfg.log_every`` steps and are closed at the end of the run.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     device = torch.device(cfg.device)
@@ -183,9 +193,12 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     opt = _make_optimizer(model, method, cfg, seed)
     joint_heads = method in ("mlb", "multiloss")
     g = torch.Generator().manual_seed(seed)
-    steps = {"score_audio": [], "score_visual": [], "coef_audio": [], "coef_visual": []}
     curves = {"epoch": [], "train_loss": [], "fused": [], "audio_head": [], "visual_head": []}
     n_steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    # the whole run stays in the ring (a few KB); nothing is read on the host until the end
+    recorder = attach(opt, Recorder(opt.names, max(n_steps, 1)))
+    for logger in loggers:
+        recorder.add_logger(logger, every=cfg.log_every)
     bar = _bar(n_steps, desc or method, cfg.progress)
     decay_epoch = (None if cfg.lr_decay_at is None
                    else max(1, int(round(cfg.lr_decay_at * cfg.epochs))))
@@ -195,7 +208,7 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
         if decay_epoch is not None and epoch == decay_epoch:  # the same schedule for every method
             for group in opt.param_groups:
                 group["lr"] *= 0.1
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), device=device), 0
         for idx in _batches(len(train), cfg.batch_size, g):
             a, v, y = (t.to(device) for t in train.batch(idx))
             out, feats = model(a, v)
@@ -210,26 +223,22 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
             opt.zero_grad()
             opt.observe({"audio": z[0], "visual": z[1]}, y)
             (loss if joint_heads else loss + loss_heads).backward()
-            opt.step()
-            with torch.no_grad():
-                for n, zm in zip(model.names, z):
-                    steps[f"score_{n}"].append(
-                        zm.softmax(1).gather(1, y[:, None]).mean().item())
-                k = opt.coefficients
-                for n in model.names:
-                    steps[f"coef_{n}"].append(float(k[n]) if (k and opt.in_window()) else 1.0)
-            loss_sum += loss.item() * y.numel()
+            opt.step()  # the recorder appends this step's scores and coefficients
+            loss_sum += loss.detach() * y.numel()  # on the device: no host read per step
             seen += y.numel()
             bar.update(1)
         ev = evaluate(model, test, device)
         curves["epoch"].append(epoch + 1)
-        curves["train_loss"].append(loss_sum / seen)
+        curves["train_loss"].append(loss_sum.item() / seen)
         for key in ("fused", "audio_head", "visual_head"):
             curves[key].append(ev[key])
         bar.set_postfix(acc=f"{ev['fused']:.3f}", a=f"{ev['audio_head']:.2f}",
                         v=f"{ev['visual_head']:.2f}")
     train_s = time.perf_counter() - t0
     bar.close()
+    recorder.close()  # delivers the loggers' last rows
+    rows = recorder.history(format="rows")
+    steps = {key: [r[key] for r in rows] for key in (rows[0] if rows else ())}
     _, tr_a, tr_v = features(model, train, device)
     _, te_a, te_v = features(model, test, device)
     probe = {"audio": linear_probe(tr_a, train.labels, te_a, test.labels, n_classes, cfg.probe_steps),
