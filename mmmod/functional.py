@@ -98,22 +98,130 @@ def coefficients(scores: torch.Tensor, method: str, alpha: float | None = None,
     return m.coefficients(scores.float(), alpha=alpha, beta_max=beta_max, state=state)
 
 
-def _check_grads(grads, coeffs, names):
+#: gradient dtypes every backend modulates (fp8 and complex are refused up front, not mid-call)
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _who(names, tensor_names, m, i):
+    if tensor_names is not None:
+        return f"tensor {tensor_names[m][i]!r} of {_name(names, m)}"
+    return f"tensor {i} of {_name(names, m)}"
+
+
+def self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (``expand()``, some ``as_strided`` views).
+
+    Metadata only: with the dims of more than one element sorted by stride, each stride must
+    step over everything the smaller-stride dims span. Layouts that interleave in stranger ways
+    are reported as overlapping, which is safe: they are refused, never written wrongly."""
+    if t.numel() == 0:
+        return False
+    span = 0  # elements (minus one) covered by the dims seen so far
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def _disjoint_blocks(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two views with overlapping byte ranges still share no element: blocks of one
+    buffer with the same strides (e.g. column blocks of one matrix, ``ParamSlice``). Each is a
+    box in the grid its strides define; when that grid maps to memory one-to-one the boxes (and
+    so the views) are disjoint iff they are disjoint along some dim. Anything else: False."""
+    es = a.element_size()
+    if b.element_size() != es or a.shape == () or a.dim() != b.dim() or a.stride() != b.stride():
+        return False
+    if a.data_ptr() > b.data_ptr():
+        a, b = b, a
+    diff, rem = divmod(b.data_ptr() - a.data_ptr(), es)
+    if rem:
+        return False
+    dims = sorted(range(a.dim()), key=lambda d: -a.stride(d))
+    corner = {}
+    for d in dims:  # b's first element as grid coordinates relative to a's
+        s = a.stride(d)
+        corner[d], diff = (diff // s, diff % s) if s > 0 else (0, diff)
+    if diff:
+        return False
+    span = 0  # the grid spanning both boxes must map to memory one-to-one
+    for d in reversed(dims):
+        hi = max(a.shape[d], corner[d] + b.shape[d])
+        if hi > 1 and a.stride(d) <= span:
+            return False
+        span += (hi - 1) * a.stride(d)
+    return any(corner[d] >= a.shape[d] for d in dims)
+
+
+def check_no_overlap(tensors, who) -> None:
+    """Refuse two tensors sharing memory (the same tensor twice, overlapping views): fused
+    kernels would race on them and a copy-back would drop one result, where the reference
+    applies them in order. Metadata only (addresses and strides), sorted sweep over ranges."""
+    if torch.compiler.is_compiling():
+        return  # fake tensors have no addresses; dynamo guards on the aliasing of its inputs
+    spans = sorted((t.device.type, t.device.index or 0, *_byte_range(t), key)
+                   for key, t in tensors if t.numel() > 0 and t.device.type != "meta")
+    by_key = dict(tensors)
+    open_: list = []
+    for dev, idx, lo, hi, key in spans:
+        open_ = [o for o in open_ if (o[0], o[1]) == (dev, idx) and o[3] > lo]
+        for o in open_:
+            if not _disjoint_blocks(by_key[o[4]], by_key[key]):
+                raise ValueError(f"{who(*o[4])} and {who(*key)} overlap in memory; each "
+                                 f"gradient element may be modulated once only (pass each "
+                                 f"tensor once, and disjoint views)")
+        open_.append((dev, idx, lo, hi, key))
+
+
+def _check_grads(grads, coeffs, names, tensor_names=None):
+    """Every check that can fail, for every modality and tensor, before anything is written:
+    type, layout, dtype, writability (no self-overlapping or inference-mode gradient) and
+    overlap between tensors."""
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
     if coeffs.dim() != 1 or coeffs.shape[0] != len(grads):
         raise ValueError(f"coeffs must have shape [{len(grads)}] (one per modality), "
                          f"got {tuple(coeffs.shape)}")
+    if not coeffs.dtype.is_floating_point:
+        raise TypeError(f"coeffs must be floating point, got {coeffs.dtype}")
+    if tensor_names is not None and [len(t) for t in tensor_names] != [len(t) for t in grads]:
+        raise ValueError("tensor_names must name every tensor of grads")
+
+    def who(m, i):
+        return _who(names, tensor_names, m, i)
+
+    # dynamo traces fake tensors: no addresses or inference flags to read (it guards on the
+    # aliasing of its inputs itself); the layout and dtype checks still run
+    compiling = torch.compiler.is_compiling()
+    present = []
     for m, tensors in enumerate(grads):
         for i, g in enumerate(tensors):
             if g is None:
                 continue
-            who = f"tensor {i} of {_name(names, m)}"
             if not isinstance(g, torch.Tensor):
-                raise TypeError(f"{who} is a {type(g).__name__}, not a tensor")
+                raise TypeError(f"{who(m, i)} is a {type(g).__name__}, not a tensor")
             if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(f"{who} has a {g.layout} gradient; mmmod modulates dense "
+                raise ValueError(f"{who(m, i)} has a {g.layout} gradient; mmmod modulates dense "
                                  f"(strided) gradients only")
-            if not g.dtype.is_floating_point:
-                raise TypeError(f"{who} has dtype {g.dtype}; expected a floating-point gradient")
+            if g.dtype not in GRAD_DTYPES:
+                raise TypeError(f"{who(m, i)} has dtype {g.dtype}; expected a floating-point "
+                                f"gradient of {', '.join(str(d) for d in GRAD_DTYPES)}")
+            if not compiling and g.is_inference() and not torch.is_inference_mode_enabled():
+                raise ValueError(f"{who(m, i)} is an inference tensor (made under "
+                                 f"torch.inference_mode) and cannot be modified in place here")
+            if self_overlaps(g):
+                raise ValueError(f"{who(m, i)} has a layout in which several elements share "
+                                 f"memory (shape {tuple(g.shape)}, strides {g.stride()}, e.g. "
+                                 f"from expand()); give it its own memory first "
+                                 f"(param.grad = param.grad.clone())")
+            present.append(((m, i), g))
+    check_no_overlap(present, who)
 
 
 def stream_offsets(tensors: Sequence, start: int = 0) -> list[int]:
@@ -130,7 +238,8 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
               noise_std: str = "raw", noise_rng: str = "philox", seed: int = 0,
               step: int | torch.Tensor = 0,
               backend: str = "auto", offsets: Sequence[Sequence[int]] | None = None,
-              names: Sequence[str] | None = None) -> None:
+              names: Sequence[str] | None = None,
+              tensor_names: Sequence[Sequence[str]] | None = None) -> None:
     """Modulate every modality's gradients in place: g <- k_m g (+ sigma n when ``noise``).
 
     ``grads[m]`` lists modality m's tensors (``None`` entries are skipped); ``offsets[m][i]``
@@ -140,6 +249,12 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     tensor; a tensor is read on the device, so a CUDA graph captured around this call draws new
     noise at each replay when the tensor is advanced (``backend="auto"`` then prefers Triton to
     the CUDA extension, whose op takes the step as an integer).
+
+    Every check that can fail runs for all modalities before the first write (so an error
+    leaves every gradient as it was): types, layouts, dtypes, the backend for each device, and
+    memory overlap, within a tensor (``expand()``) or between tensors. Non-contiguous tensors
+    are modulated through a contiguous copy written back. ``tensor_names[m][i]`` names tensor i
+    of modality m in those errors.
     """
     reference.philox.check_step(step)
     if noise_std not in NOISE_STD:
@@ -147,19 +262,38 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     if noise_rng not in NOISE_RNG:
         raise ValueError(f"noise_rng must be one of {NOISE_RNG}, got {noise_rng!r}")
     grads = [list(t) for t in grads]
-    _check_grads(grads, coeffs, names)
+    _check_grads(grads, coeffs, names, tensor_names)
     if offsets is None:
         offsets = [stream_offsets(tensors) for tensors in grads]
-    if noise_rng == "torch":
-        if bool(torch.isfinite(coeffs).all()):
-            reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads], coeffs,
-                                          noise=noise, noise_std=noise_std)
-        return
-    # a 0-d integer tensor step (the optimizer's capturable counter) stays on the device
-    step_arg = step if isinstance(step, torch.Tensor) else int(step)
-    ok = torch.isfinite(coeffs).all()
-    k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
-    gate = ok.float()
+    elif [len(o) for o in offsets] != [len(t) for t in grads]:
+        raise ValueError("offsets must give one stream offset per tensor of grads")
+    with torch.no_grad():
+        if noise_rng == "torch":
+            if bool(torch.isfinite(coeffs).all()):
+                reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads],
+                                              coeffs, noise=noise, noise_std=noise_std)
+            return
+        plan = _plan_buckets(grads, offsets, backend, step)
+        # a 0-d integer tensor step (the optimizer's capturable counter) stays on the device
+        step_arg = step if isinstance(step, torch.Tensor) else int(step)
+        ok = torch.isfinite(coeffs).all()
+        k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
+        gate = ok.float()
+        for m, impl, device, ts, os_ in plan:  # nothing below can fail on the inputs any more
+            k_m = k_eff[m].to(device, non_blocking=True)
+            gate_m = gate.to(device, non_blocking=True)
+            work = [g if g.is_contiguous() else g.contiguous() for g in ts]
+            impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
+                                  seed=int(seed), step=step_arg, modality=m)
+            for g, w in zip(ts, work):
+                if w is not g:
+                    g.copy_(w)
+
+
+def _plan_buckets(grads, offsets, backend, step):
+    """(modality, backend, device, tensors, offsets) per bucket of one device and dtype, every
+    backend resolved (and so every availability error raised) before the first bucket runs."""
+    plan = []
     for m, tensors in enumerate(grads):
         buckets: dict[tuple, tuple[list, list]] = {}
         for g, off in zip(tensors, offsets[m]):
@@ -170,11 +304,9 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             os_.append(off)
         for (device, _), (ts, os_) in buckets.items():
             impl = backends.get(backend, device, device_step=isinstance(step, torch.Tensor))
-            k_m = k_eff[m].to(device, non_blocking=True)
-            gate_m = gate.to(device, non_blocking=True)
-            work = [g if g.is_contiguous() else g.contiguous() for g in ts]
-            impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
-                                  seed=int(seed), step=step_arg, modality=m)
-            for g, w in zip(ts, work):
-                if w is not g:
-                    g.copy_(w)
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu" and not impl.device_step:
+                raise RuntimeError(f"mmmod backend {impl.name!r} takes the step as an integer; a "
+                                   f"step counter on {step.device} needs backend 'triton' or "
+                                   f"'torch'")
+            plan.append((m, impl, device, ts, os_))
+    return plan
