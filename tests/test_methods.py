@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import mmmod
 from mmmod import functional, methods
 
 from _backends import LIVE_BACKENDS, device_for

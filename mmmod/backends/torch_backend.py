@@ -1,7 +1,6 @@
 """``backend="torch"``: the reference itself; works on every device, never fused."""
 from __future__ import annotations
 
-import torch
 
 from .. import reference
 from .base import Backend
