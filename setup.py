@@ -3,7 +3,8 @@ when present, the C++/CUDA extension built with torch's BuildExtension (ninja).
 
 MMMOD_NO_EXTENSION=1 skips compiling entirely; the package then runs on the torch and triton
 backends only. Otherwise the CPU extension ``mmmod._C`` is always built, and the CUDA extension
-``mmmod._C_cuda`` too when torch has CUDA and nvcc is found (MMMOD_NO_CUDA=1 skips it).
+``mmmod._C_cuda`` too when torch has CUDA and a CUDA toolkit is found (MMMOD_NO_CUDA=1 skips
+it; the toolkit is located by :func:`find_cuda_home` and printed).
 MAX_JOBS defaults to 2. A build record (backends, torch/CUDA versions, source hash) is compiled
 into each binary and written to ``mmmod/_build_info.json`` beside them; ``mmmod._ext`` checks it
 on load. Build in place with ``MAX_JOBS=2 pip install -e . --no-build-isolation``.
@@ -26,25 +27,85 @@ def _load_ext_helpers():
     return mod
 
 
+def _is_toolkit(home):
+    """A CUDA toolkit root: bin/nvcc, the runtime library and its header (not a wrapper's dir)."""
+    import glob
+    if not home or not os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return False
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return False
+    return any(glob.glob(os.path.join(home, d, "libcudart*"))
+               for d in ("lib64", "lib", os.path.join("targets", "*", "lib")))
+
+
+def _wrapped_nvcc_homes(nvcc):
+    """Toolkit roots named by an nvcc that is a small wrapper script (``exec /x/bin/nvcc "$@"``)."""
+    import re
+    try:
+        if os.path.getsize(nvcc) > 4096:
+            return []  # the real (binary) nvcc
+        with open(nvcc, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []
+    return [os.path.dirname(os.path.dirname(p)) for p in re.findall(r"(/[^\s\"']*/bin/nvcc)\b", text)]
+
+
+def find_cuda_home():
+    """(toolkit root, how it was found) or (None, why not).
+
+    torch's own guess takes the parent of the ``nvcc`` on PATH, which is wrong when that nvcc is
+    a wrapper (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, and linking -lcudart fails).
+    Candidates in order: $CUDA_HOME, $CUDA_PATH, the toolkit the PATH nvcc resolves to (symlinks
+    followed, wrapper scripts read), /usr/local/cuda; the first that is a real toolkit wins."""
+    import shutil
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append((os.environ[var], f"${var}"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append((os.path.dirname(os.path.dirname(real)), f"nvcc on PATH ({nvcc})"))
+        candidates += [(h, f"wrapper {nvcc}") for h in _wrapped_nvcc_homes(real)]
+    candidates.append(("/usr/local/cuda", "default location"))
+    rejected = []
+    for home, how in candidates:
+        if _is_toolkit(home):
+            return os.path.realpath(home), how
+        rejected.append(f"{home} ({how})")
+    return None, "no CUDA toolkit (bin/nvcc + include/cuda_runtime.h + libcudart) in: " + ", ".join(rejected)
+
+
 def _extension():
     import json
-    import shutil
     import subprocess
     import time
 
     import torch
+
+    want_cuda = bool(torch.version.cuda) and os.environ.get("MMMOD_NO_CUDA", "0") in ("", "0")
+    cuda_home = None
+    if want_cuda:
+        cuda_home, how = find_cuda_home()
+        if cuda_home:
+            # cpp_extension reads CUDA_HOME once, at import: set it before the import below (and
+            # patch the module too, in case something imported it already)
+            os.environ["CUDA_HOME"] = cuda_home
+            print(f"mmmod setup: CUDA toolkit {cuda_home} (from {how}); building mmmod._C_cuda "
+                  f"for torch {torch.__version__}", flush=True)
+        else:
+            print(f"mmmod setup: not building mmmod._C_cuda: {how}", flush=True)
     from torch.utils import cpp_extension as ce
+    if cuda_home:
+        ce.CUDA_HOME = cuda_home
 
     helpers = _load_ext_helpers()
     os.environ.setdefault("MAX_JOBS", "2")
     csrc = os.path.join(ROOT, "csrc")
     rel = lambda *names: [os.path.relpath(os.path.join(csrc, n), ROOT) for n in names]  # noqa: E731
 
-    nvcc = None
-    if torch.version.cuda and os.environ.get("MMMOD_NO_CUDA", "0") in ("", "0"):
-        home = ce.CUDA_HOME
-        cand = os.path.join(home, "bin", "nvcc") if home else None
-        nvcc = cand if cand and os.path.exists(cand) else shutil.which("nvcc")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     backends = ["cpu"] + (["cuda"] if nvcc else [])
     nvcc_version = ""
     if nvcc:

@@ -57,4 +57,13 @@ void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Ten
   }
 }
 
+void check_step_tensor(const at::Tensor& step, const at::Device& device) {
+  TORCH_CHECK_VALUE(step.dim() == 0, "mmmod.modulate_: step_tensor must be a 0-d tensor, got shape ",
+                    step.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(step.scalar_type(), /*includeBool=*/false),
+                   "mmmod.modulate_: step_tensor must hold an integer, got ", step.scalar_type());
+  TORCH_CHECK_VALUE(step.device() == device, "mmmod.modulate_: step_tensor is on ", step.device(),
+                    " but the bucket is on ", device);
+}
+
 }  // namespace mmmod

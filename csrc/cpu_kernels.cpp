@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -459,6 +460,21 @@ void modulate_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Ten
   });
 }
 
+// modulate_.capturable on the CPU: the step counter is a CPU tensor, read here (a memory read,
+// not a device sync); there is no device table.
+void modulate_capturable_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                             const at::Tensor& gate, bool noise, bool scaled, int64_t seed,
+                             int64_t step, int64_t modality, const std::optional<at::Tensor>& table,
+                             const std::optional<at::Tensor>& step_tensor) {
+  TORCH_CHECK_VALUE(!table.has_value(),
+                    "mmmod.modulate_: the CPU kernels take no device table (table must be None)");
+  if (step_tensor.has_value()) {
+    check_step_tensor(*step_tensor, at::Device(at::kCPU));
+    step = step_tensor->to(at::kLong).item<int64_t>();
+  }
+  modulate_cpu(tensors, offsets, k, gate, noise, scaled, seed, step, modality);
+}
+
 at::Tensor bucket_std_cpu(at::TensorList tensors) {
   at::Tensor out = at::zeros({static_cast<int64_t>(tensors.size())}, at::dtype(at::kDouble));
   if (tensors.empty()) return out;
@@ -508,6 +524,7 @@ TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
   m.impl("scores", &mmmod::cpu::scores_cpu);
   m.impl("coefficients", &mmmod::cpu::coefficients_cpu);
   m.impl("modulate_", &mmmod::cpu::modulate_cpu);
+  m.impl("modulate_.capturable", &mmmod::cpu::modulate_capturable_cpu);
   m.impl("bucket_std", &mmmod::cpu::bucket_std_cpu);
   m.impl("philox_normal_", &mmmod::cpu::philox_normal_cpu);
 }

@@ -16,12 +16,11 @@ enum { MMMOD_F32 = 0, MMMOD_F16 = 1, MMMOD_BF16 = 2, MMMOD_F64 = 3 };
 // statistics are combined in the same order on every GPU.
 #define MMMOD_CUDA_CHUNK 65536
 
-// The metadata table uploaded to the device for one bucket: a header, then ntensors
-// MmmodTensorMeta, then nchunks MmmodChunkMeta (every entry 8-byte aligned).
+// The metadata table of one bucket on the device: a header, then ntensors MmmodTensorMeta, then
+// nchunks MmmodChunkMeta (every entry 8-byte aligned). It describes only where the data lives
+// (pointers, sizes, stream offsets), never seed/step/modality, so one table can be built once per
+// bucket, kept on the device and reused by every step and by CUDA-graph replays.
 typedef struct {
-  uint64_t seed;
-  uint32_t step;
-  uint32_t modality;
   int64_t ntensors;
   int64_t nchunks;
 } MmmodHeader;
@@ -42,11 +41,20 @@ typedef struct {
 // Bytes of device workspace the launchers below need for a table of this size.
 size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks);
 
+// int64 words of the table of a bucket with ntensors tensors and nchunks chunks.
+int64_t mmmod_cuda_table_words(int64_t ntensors, int64_t nchunks);
+
+// Whether work is being captured into a CUDA graph on this stream (*capturing = 0 or 1).
+int mmmod_cuda_stream_is_capturing(void* stream, int* capturing);
+
 // g <- k g (+ gate sigma n) in place for every tensor of the table. table, k, gate, workspace
-// are device pointers; k and gate are read on the device (no host sync).
+// are device pointers; k and gate are read on the device (no host sync). The Philox counter word
+// 2 is step_ptr[0] mod 2^32 when step_ptr (a device int64) is not null, read by the kernel (so a
+// CUDA-graph replay sees the counter's current value), else step.
 int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
-                        const float* k, const float* gate, int noise, int scaled, void* workspace,
-                        void* stream);
+                        const float* k, const float* gate, int noise, int scaled, uint64_t seed,
+                        const int64_t* step_ptr, uint32_t step, uint32_t modality,
+                        void* workspace, void* stream);
 
 // Unbiased float64 std of every tensor of the table into out[ntensors] (device).
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,

@@ -5,12 +5,18 @@
 // No host sync: the metadata table is staged in pinned host memory and copied with
 // non_blocking=true on the current stream (the caching host allocator keeps the staging buffer
 // alive until the copy has run); k and gate stay device tensors read by the kernels.
+//
+// CUDA graphs: a captured copy from a pinned staging buffer would be replayed from a buffer the
+// host allocator has since reused, so every upload refuses to run while the stream is being
+// captured. modulate_.capturable takes a table built beforehand (bucket_table, cached by the
+// caller) and the step as a device counter, so a capturable step launches kernels only.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cuda_api.h"
@@ -44,15 +50,33 @@ struct DeviceTable {
   int64_t nchunks = 0;
 };
 
+int64_t chunks_of(int64_t numel) { return (numel + MMMOD_CUDA_CHUNK - 1) / MMMOD_CUDA_CHUNK; }
+
+int64_t total_chunks(at::TensorList tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += chunks_of(t.numel());
+  return n;
+}
+
+void refuse_capture(const at::Device& device, const char* what) {
+  int capturing = 0;
+  check(mmmod_cuda_stream_is_capturing(current_stream(device), &capturing), "cudaStreamIsCapturing");
+  TORCH_CHECK(!capturing, "mmmod.", what, ": this call uploads its metadata table from pinned host "
+              "memory, which cannot be captured in a CUDA graph; use modulate_.capturable with a "
+              "table from mmmod::bucket_table built before capture and a device step_tensor (what "
+              "backend 'cuda' does with capturable=True)");
+}
+
 // Header, tensor entries and chunk entries (an empty tensor has no chunks, so no kernel touches
-// it), uploaded without a sync.
-DeviceTable upload_table(at::TensorList tensors, at::IntArrayRef offsets, uint64_t seed,
-                         uint32_t step, uint32_t modality, const at::Device& device) {
+// it), uploaded without a sync; refused during stream capture.
+DeviceTable upload_table(at::TensorList tensors, at::IntArrayRef offsets, const at::Device& device,
+                         const char* what) {
+  refuse_capture(device, what);
   std::vector<MmmodTensorMeta> metas;
   std::vector<MmmodChunkMeta> chunks;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const int64_t n = tensors[i].numel();
-    const int64_t count = (n + MMMOD_CUDA_CHUNK - 1) / MMMOD_CUDA_CHUNK;
+    const int64_t count = chunks_of(n);
     const int64_t idx = static_cast<int64_t>(metas.size());
     metas.push_back({reinterpret_cast<int64_t>(tensors[i].data_ptr()), n, offsets.empty() ? 0 : offsets[i],
                      static_cast<int64_t>(chunks.size()), count});
@@ -61,10 +85,8 @@ DeviceTable upload_table(at::TensorList tensors, at::IntArrayRef offsets, uint64
   DeviceTable out;
   out.ntensors = static_cast<int64_t>(metas.size());
   out.nchunks = static_cast<int64_t>(chunks.size());
-  const MmmodHeader header{seed, step, modality, out.ntensors, out.nchunks};
-  const size_t bytes = sizeof(MmmodHeader) + metas.size() * sizeof(MmmodTensorMeta) +
-                       chunks.size() * sizeof(MmmodChunkMeta);
-  at::Tensor host = at::empty({static_cast<int64_t>((bytes + 7) / 8)},
+  const MmmodHeader header{out.ntensors, out.nchunks};
+  at::Tensor host = at::zeros({mmmod_cuda_table_words(out.ntensors, out.nchunks)},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   char* p = static_cast<char*>(host.data_ptr());
   std::memcpy(p, &header, sizeof(header));
@@ -123,6 +145,21 @@ at::Tensor coefficients_cuda(const at::Tensor& scores, c10::string_view method, 
   return k;
 }
 
+void launch_modulate(at::TensorList tensors, const DeviceTable& t, const at::Tensor& k,
+                     const at::Tensor& gate, bool noise, bool scaled, int64_t seed,
+                     const int64_t* step_ptr, int64_t step, int64_t modality,
+                     const at::Device& device) {
+  if (t.nchunks == 0) return;
+  at::Tensor ws = workspace(t, device);
+  check(mmmod_cuda_modulate(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+                            dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
+                            gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
+                            static_cast<uint64_t>(seed), step_ptr, static_cast<uint32_t>(step),
+                            static_cast<uint32_t>(modality), ws.mutable_data_ptr(),
+                            current_stream(device)),
+        "modulate_");
+}
+
 void modulate_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                    const at::Tensor& gate, bool noise, bool scaled, int64_t seed, int64_t step,
                    int64_t modality) {
@@ -130,16 +167,60 @@ void modulate_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Te
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
-  const DeviceTable t = upload_table(tensors, offsets, static_cast<uint64_t>(seed),
-                                     static_cast<uint32_t>(step), static_cast<uint32_t>(modality),
-                                     device);
-  if (t.nchunks == 0) return;
-  at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_modulate(t.table.const_data_ptr(), t.ntensors, t.nchunks,
-                            dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
-                            gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
-                            ws.mutable_data_ptr(), current_stream(device)),
-        "modulate_");
+  const DeviceTable t = upload_table(tensors, offsets, device, "modulate_");
+  launch_modulate(tensors, t, k, gate, noise, scaled, seed, nullptr, step, modality, device);
+}
+
+at::Tensor bucket_table_cuda(at::TensorList tensors, at::IntArrayRef offsets) {
+  TORCH_CHECK_VALUE(tensors.size() == offsets.size(), "mmmod.bucket_table: ", tensors.size(),
+                    " tensors but ", offsets.size(), " offsets");
+  TORCH_CHECK_VALUE(!tensors.empty(), "mmmod.bucket_table: no tensors");
+  const at::Device device = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK_VALUE(tensors[i].device() == device, "mmmod.bucket_table: tensor ", i, " is on ",
+                      tensors[i].device(), ", tensor 0 on ", device);
+    TORCH_CHECK_VALUE(tensors[i].is_contiguous(), "mmmod.bucket_table: tensor ", i,
+                      " is not contiguous");
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.bucket_table: negative stream offset ", offsets[i]);
+  }
+  c10::DeviceGuard guard(device);
+  return upload_table(tensors, offsets, device, "bucket_table").table;
+}
+
+void modulate_capturable_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                              const at::Tensor& gate, bool noise, bool scaled, int64_t seed,
+                              int64_t step, int64_t modality,
+                              const std::optional<at::Tensor>& table,
+                              const std::optional<at::Tensor>& step_tensor) {
+  check_bucket(tensors, offsets, k, gate);
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  c10::DeviceGuard guard(device);
+  at::Tensor step64;
+  if (step_tensor.has_value()) {
+    check_step_tensor(*step_tensor, device);
+    step64 = step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
+  }
+  DeviceTable t;
+  if (table.has_value()) {
+    // The table's contents are trusted to describe `tensors` (the caller keys its cache by their
+    // data pointers, sizes and offsets); what can be checked without reading it is checked.
+    t.ntensors = static_cast<int64_t>(tensors.size());
+    t.nchunks = total_chunks(tensors);
+    const int64_t words = mmmod_cuda_table_words(t.ntensors, t.nchunks);
+    TORCH_CHECK_VALUE(table->scalar_type() == at::kLong && table->dim() == 1 &&
+                          table->is_contiguous() && table->device() == device &&
+                          table->numel() == words,
+                      "mmmod.modulate_: table must be the contiguous int64 [", words,
+                      "] table of these tensors on ", device, " (from mmmod::bucket_table), got ",
+                      table->scalar_type(), " ", table->sizes(), " on ", table->device());
+    t.table = *table;
+  } else {
+    t = upload_table(tensors, offsets, device, "modulate_");
+  }
+  launch_modulate(tensors, t, k, gate, noise, scaled, seed,
+                  step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr, step, modality,
+                  device);
 }
 
 at::Tensor bucket_std_cuda(at::TensorList tensors) {
@@ -152,7 +233,7 @@ at::Tensor bucket_std_cuda(at::TensorList tensors) {
                       "mmmod.bucket_std: tensors must share one dtype and device");
     flat.push_back(x.contiguous());
   }
-  const DeviceTable t = upload_table(flat, {}, 0, 0, 0, device);
+  const DeviceTable t = upload_table(flat, {}, device, "bucket_std");
   at::Tensor out = at::empty({t.ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor ws = workspace(t, device);
   check(mmmod_cuda_bucket_std(t.table.const_data_ptr(), t.ntensors, t.nchunks,
@@ -182,6 +263,8 @@ TORCH_LIBRARY_IMPL(mmmod, CUDA, m) {
   m.impl("scores", &mmmod::cuda::scores_cuda);
   m.impl("coefficients", &mmmod::cuda::coefficients_cuda);
   m.impl("modulate_", &mmmod::cuda::modulate_cuda);
+  m.impl("modulate_.capturable", &mmmod::cuda::modulate_capturable_cuda);
+  m.impl("bucket_table", &mmmod::cuda::bucket_table_cuda);
   m.impl("bucket_std", &mmmod::cuda::bucket_std_cuda);
   m.impl("philox_normal_", &mmmod::cuda::philox_normal_cuda);
 }

@@ -9,8 +9,11 @@
 //   2. sigma:  one thread per tensor merges its chunk partials in chunk order (Chan et al.),
 //              reads k and gate from device memory, writes sigma;
 //   3. apply:  one block per chunk, each thread one Philox counter group (4 elements):
-//              g <- float32(k g) + float32(sigma n), seed/step/modality read from the table.
-// Results are deterministic: no atomics, fixed chunking independent of the GPU.
+//              g <- float32(k g) + float32(sigma n); seed and modality are kernel arguments,
+//              the step either an argument or read from a device counter (CUDA graphs).
+// Results are deterministic: no atomics, fixed chunking independent of the GPU. Every launcher
+// checks for a launch error right after each launch, so an error is reported by the launch that
+// caused it (and a check never clears an error of an unrelated earlier launch unseen).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -170,9 +173,12 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int6
 template <typename T>
 __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int64_t ntensors,
                                                          int64_t nchunks, const float* k,
-                                                         const float* sigma) {
+                                                         const float* sigma, uint64_t seed,
+                                                         const int64_t* step_ptr, uint32_t step_value,
+                                                         uint32_t modality) {
   const Table tb = device_table(table, ntensors);
-  const MmmodHeader h = *tb.header;
+  // the counter is read at run time, so each replay of a captured graph draws fresh noise
+  const uint32_t step = step_ptr ? static_cast<uint32_t>(static_cast<uint64_t>(*step_ptr)) : step_value;
   const float kv = *k;
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const MmmodChunkMeta ch = tb.chunks[c];
@@ -186,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int6
     const uint64_t groups = ((p0 + static_cast<uint64_t>(len) - 1) >> 2) - q0 + 1;
     for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
       const uint64_t q = q0 + gi;
-      const mmmod::F32x4 z = mmmod::philox_normal4(h.seed, h.step, h.modality, q);
+      const mmmod::F32x4 z = mmmod::philox_normal4(seed, step, modality, q);
 #pragma unroll
       for (int lane = 0; lane < 4; ++lane) {
         const uint64_t p = 4 * q + static_cast<uint64_t>(lane);
@@ -260,26 +266,45 @@ int dispatch(int dtype, F&& f) {
   }
 }
 
+// The error of the launch just made (cudaSuccess = 0), checked after every single launch.
+int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
 }  // namespace
 
 extern "C" {
+
+int64_t mmmod_cuda_table_words(int64_t ntensors, int64_t nchunks) {
+  return static_cast<int64_t>((sizeof(MmmodHeader) + ntensors * sizeof(MmmodTensorMeta) +
+                               nchunks * sizeof(MmmodChunkMeta) + 7) / 8);
+}
+
+int mmmod_cuda_stream_is_capturing(void* stream, int* capturing) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
+  *capturing = status != cudaStreamCaptureStatusNone;
+  return static_cast<int>(rc);
+}
 
 size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks) {
   return static_cast<size_t>(nchunks) * sizeof(mmmod::Moments) +
          static_cast<size_t>(ntensors) * sizeof(double);
 }
 
+// Each launcher below returns the first error: a bad dtype code, or the launch error checked
+// right after the launch that caused it.
 static int stats(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                  mmmod::Moments* part, cudaStream_t st) {
-  return dispatch(dtype, [&](auto* tag) {
+  const int rc = dispatch(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
     stats_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, part);
   });
+  return rc ? rc : launch_status();
 }
 
 int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
-                        const float* k, const float* gate, int noise, int scaled, void* workspace,
-                        void* stream) {
+                        const float* k, const float* gate, int noise, int scaled, uint64_t seed,
+                        const int64_t* step_ptr, uint32_t step, uint32_t modality,
+                        void* workspace, void* stream) {
   if (ntensors == 0 || nchunks == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
@@ -290,17 +315,20 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
       using T = typename std::remove_pointer<decltype(tag)>::type;
       scale_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k);
     });
-    return rc ? rc : static_cast<int>(cudaGetLastError());
+    return rc ? rc : launch_status();
   }
   rc = stats(table, ntensors, nchunks, dtype, part, st);
   if (rc) return rc;
   sigma_kernel<<<grid_for((ntensors + 127) / 128), 128, 0, st>>>(table, ntensors, part, k, gate,
                                                                   scaled, sigma);
+  rc = launch_status();
+  if (rc) return rc;
   rc = dispatch(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma);
+    noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
+                                                             seed, step_ptr, step, modality);
   });
-  return rc ? rc : static_cast<int>(cudaGetLastError());
+  return rc ? rc : launch_status();
 }
 
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -308,10 +336,10 @@ int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, 
   if (ntensors == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
-  int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
+  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
   if (rc) return rc;
   std_kernel<<<grid_for((ntensors + 127) / 128), 128, 0, st>>>(table, ntensors, part, out);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int mmmod_cuda_scores(const void* z, int dtype, int64_t B, int64_t C, int64_t s0, int64_t s1,
@@ -321,13 +349,13 @@ int mmmod_cuda_scores(const void* z, int dtype, int64_t B, int64_t C, int64_t s0
     using T = typename std::remove_pointer<decltype(tag)>::type;
     scores_kernel<T><<<1, kThreads, 0, st>>>(static_cast<const T*>(z), B, C, s0, s1, labels, out);
   });
-  return rc ? rc : static_cast<int>(cudaGetLastError());
+  return rc ? rc : launch_status();
 }
 
 int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,
                             float beta_max, void* stream) {
   coefficients_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(s, k, M, method, alpha, beta_max);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int mmmod_cuda_philox_normal(float* out, int64_t n, uint64_t seed, uint32_t step,
@@ -337,7 +365,7 @@ int mmmod_cuda_philox_normal(float* out, int64_t n, uint64_t seed, uint32_t step
   const int64_t blocks = (groups + kThreads - 1) / kThreads;
   philox_kernel<<<grid_for(blocks < 65536 ? blocks : 65536), kThreads, 0,
                   static_cast<cudaStream_t>(stream)>>>(out, n, seed, step, modality, offset);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 const char* mmmod_cuda_error_string(int code) {

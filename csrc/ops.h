@@ -20,5 +20,7 @@ int method_code(const std::string& method);
 void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                   const at::Tensor& gate);
 void check_scores_inputs(at::TensorList logits, const at::Tensor& labels);
+// A step counter tensor of modulate_.capturable: 0-d, integer, on `device`.
+void check_step_tensor(const at::Tensor& step, const at::Device& device);
 
 }  // namespace mmmod

@@ -24,6 +24,14 @@ _lock = threading.Lock()
 _cache: dict[str, tuple[object, str]] = {}
 _fakes_registered = False
 
+#: elements per chunk of the CUDA kernels (MMMOD_CUDA_CHUNK in csrc/cuda_api.h)
+CUDA_CHUNK = 1 << 16
+
+
+def table_words(ntensors, nchunks):
+    """int64 words of a bucket table (csrc/cuda_api.h: 2-word header, 5 per tensor, 2 per chunk)."""
+    return 2 + 5 * ntensors + 2 * nchunks
+
 
 def source_hash(csrc: str) -> str:
     """sha256 (16 hex digits) over the names and bytes of every file under ``csrc``."""
@@ -111,6 +119,19 @@ def load(backend: str = "cpu") -> tuple[object, str]:
         return res
 
 
+def cuda_build_info() -> tuple[dict | None, str]:
+    """The build record of ``mmmod._C_cuda`` when it is built and loads (even with no GPU here),
+    else (None, why). Says whether it was *built*; :func:`load` says whether it is usable."""
+    import torch
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    cpu, why = _import("mmmod._C")  # the op schemas the CUDA kernels register against
+    if cpu is None:
+        return None, why
+    mod, why = _import("mmmod._C_cuda")
+    return (mod.build_info(), "") if mod is not None else (None, why)
+
+
 def _load_cuda() -> tuple[object, str]:
     import torch
     if torch.version.cuda is None:
@@ -126,7 +147,8 @@ def _load_cuda() -> tuple[object, str]:
             why += " (it is built only when torch has CUDA and nvcc is found at build time)"
         return None, why
     if not torch.cuda.is_available():
-        return None, "the CUDA extension is built but no CUDA device is available"
+        return None, ("the CUDA extension is built but not usable here: no CUDA device is "
+                      "available (torch.cuda.is_available() is False)")
     return mod, ""
 
 
@@ -149,6 +171,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mmmod::modulate_")
     def _modulate(tensors, offsets, k, gate, noise, scaled, seed, step, modality):
         return None
+
+    @torch.library.register_fake("mmmod::modulate_.capturable")
+    def _modulate_capturable(tensors, offsets, k, gate, noise, scaled, seed, step, modality,
+                             table=None, step_tensor=None):
+        return None
+
+    @torch.library.register_fake("mmmod::bucket_table")
+    def _bucket_table(tensors, offsets):
+        torch._check(len(tensors) == len(offsets), lambda: "one offset per tensor")
+        torch._check(len(tensors) > 0, lambda: "no tensors")
+        nchunks = sum((t.numel() + CUDA_CHUNK - 1) // CUDA_CHUNK for t in tensors)
+        return tensors[0].new_empty((table_words(len(tensors), nchunks),), dtype=torch.int64)
 
     @torch.library.register_fake("mmmod::bucket_std")
     def _bucket_std(tensors):

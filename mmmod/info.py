@@ -34,6 +34,12 @@ def collect() -> dict:
     # which CPU kernel table the extension dispatches to (AVX2+FMA or the portable scalar one)
     info["cpu_kernels"] = (mod.cpu_kernels() if mod is not None and hasattr(mod, "cpu_kernels")
                            else None)
+    # built is not usable: the CUDA extension imports on a machine with no GPU (CI builds it there)
+    cuda_rec, cuda_why = _ext.cuda_build_info()
+    cuda_mod, cuda_not_usable = _ext.load("cuda")
+    info["cuda_extension"] = {"built": cuda_rec is not None, "build_info": cuda_rec,
+                              "why_not_built": cuda_why, "usable": cuda_mod is not None,
+                              "why_not_usable": cuda_not_usable}
     info["backends"] = {}
     for name in backends.BACKENDS:
         if name == "auto":
@@ -57,6 +63,15 @@ def render(info: dict) -> str:
                      f"sources {rec.get('source_hash')}, built {rec.get('built_at')}")
     else:
         lines.append("extension build record: none (extension not built)")
+    ce = info.get("cuda_extension")
+    if ce:
+        if ce["built"]:
+            bi = ce["build_info"]
+            lines.append(f"cuda extension: built (torch {bi.get('torch')}, CUDA {bi.get('cuda')}, "
+                         f"sources {bi.get('source_hash')}); "
+                         + ("usable" if ce["usable"] else f"not usable: {ce['why_not_usable']}"))
+        else:
+            lines.append(f"cuda extension: not built: {ce['why_not_built']}")
     ck = info.get("cpu_kernels")
     if ck:
         lines.append(f"cpu kernels: {ck.get('active')} (AVX2+FMA supported: "

@@ -314,6 +314,46 @@ def test_opcheck_every_op(seed):
     opcheck(ops().philox_normal_.default, (torch.empty(11), seed, 2, 0, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16])
+@pytest.mark.parametrize("step", [0, 9, -1, 2 ** 32 + 11])
+def test_capturable_overload_reads_a_cpu_step_tensor(seed, dtype, step):
+    """modulate_.capturable with a CPU step counter is bit-identical to modulate_ with its value
+    mod 2^32 (the CUDA op reads the same low 32 bits on the device)."""
+    if not (torch.iinfo(dtype).min <= step <= torch.iinfo(dtype).max):
+        pytest.skip(f"{step} does not fit {dtype}")
+    ts = bucket([5, CHUNK + 3, 0], torch.float32)
+    offs = [0, 5, CHUNK + 8]
+    k, g = torch.tensor(0.6), torch.tensor(1.0)
+    a = [t.clone() for t in ts]
+    b = [t.clone() for t in ts]
+    c = [t.clone() for t in ts]
+    ops().modulate_(a, offs, k, g, True, False, seed, step & 0xFFFFFFFF, 1)
+    ops().modulate_.capturable(b, offs, k, g, True, False, seed, 12345, 1, None,
+                               torch.tensor(step, dtype=dtype))
+    ops().modulate_.capturable(c, offs, k, g, True, False, seed, step & 0xFFFFFFFF, 1)
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+    assert not torch.equal(a[1], ts[1])
+
+
+def test_capturable_overload_errors_and_opcheck(seed):
+    from torch.library import opcheck
+    k, g = torch.tensor(1.0), torch.tensor(1.0)
+    x = torch.randn(4)
+    before = x.clone()
+    with pytest.raises(ValueError, match="no device table"):
+        ops().modulate_.capturable([x], [0], k, g, True, False, 0, 0, 0,
+                                   torch.zeros(10, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="0-d"):
+        ops().modulate_.capturable([x], [0], k, g, True, False, 0, 0, 0, None,
+                                   torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        ops().modulate_.capturable([x], [0], k, g, True, False, 0, 0, 0, None, torch.tensor(1.0))
+    assert torch.equal(x, before)  # refused before anything was written
+    opcheck(ops().modulate_.capturable,
+            ([torch.randn(5), torch.randn(3, 4)], [0, 5], torch.tensor(0.5), torch.tensor(1.0),
+             True, False, seed, 0, 1, None, torch.tensor(3)))
+
+
 def test_op_input_errors():
     k, g = torch.tensor(1.0), torch.tensor(1.0)
     with pytest.raises(ValueError, match="contiguous"):

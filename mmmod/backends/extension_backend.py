@@ -2,15 +2,24 @@
 
 Both call the same registered ops; the dispatcher picks the CPU or CUDA kernels from the
 tensors' device. Nothing here reads a device value on the host: ``k`` and ``gate`` stay 0-d
-device tensors, seed/step/modality are passed as integers. :meth:`available` says why a backend
-is not live (extension not built, stale, no CUDA) and how to build it.
+device tensors, seed/modality are passed as integers, the step as an integer or (``cuda``) a
+0-d device counter. :meth:`available` says why a backend is not live (extension not built,
+stale, no CUDA) and how to build it.
+
+``cuda`` is CUDA-graph capturable: each bucket's metadata table (pointers, sizes, stream
+offsets) is uploaded once by ``mmmod::bucket_table`` and kept on the device in
+:class:`TableCache`, and ``modulate_.capturable`` reads the Philox step from the device
+counter, so a captured step launches kernels only and each replay draws fresh noise.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 from .. import _ext
 from ..reference.coefficients import METHODS
+from ..reference.philox import check_step
 from .base import Backend
 
 _U64 = (1 << 64) - 1
@@ -20,6 +29,37 @@ def _seed64(seed: int) -> int:
     """The reference's ``seed & (2**64 - 1)`` as the signed int64 the op schema carries."""
     s = int(seed) & _U64
     return s - (1 << 64) if s >= (1 << 63) else s
+
+
+class TableCache:
+    """LRU cache of device bucket tables, keyed by device, data pointers, sizes and offsets.
+
+    A table only describes where a bucket's data lives, so it stays valid for as long as the
+    tensors do not move: gradients that persist across steps (``zero_grad(set_to_none=False)``,
+    the static buffers of a CUDA graph) hit the cache every step. The cache owns the tables, so
+    a captured graph's table lives as long as the entry (``size`` buckets are kept)."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._d: OrderedDict = OrderedDict()
+        self.builds = 0  # tables uploaded (tests check reuse)
+
+    def get(self, tensors, offsets) -> torch.Tensor:
+        key = (tensors[0].device, tuple(t.data_ptr() for t in tensors),
+               tuple(t.numel() for t in tensors), tuple(offsets))
+        hit = self._d.get(key)
+        if hit is not None:
+            self._d.move_to_end(key)
+            return hit
+        table = torch.ops.mmmod.bucket_table(tensors, list(offsets))
+        self.builds += 1
+        self._d[key] = table
+        if len(self._d) > self.size:
+            self._d.popitem(last=False)
+        return table
+
+    def clear(self):
+        self._d.clear()
 
 
 class _ExtensionBackend(Backend):
@@ -51,7 +91,7 @@ class _ExtensionBackend(Backend):
             if step.device.type != "cpu":
                 raise RuntimeError(f"mmmod backend {self.name!r} takes the step as an integer; a "
                                    f"step counter on {step.device} (capturable=True) needs "
-                                   f"backend 'triton' or 'torch'")
+                                   f"backend 'cuda', 'triton' or 'torch'")
             step = int(step)  # a CPU tensor: a plain memory read, not a device sync
         torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
                                   noise_std == "scaled", _seed64(seed), int(step) & 0xFFFFFFFF,
@@ -64,6 +104,27 @@ class CpuBackend(_ExtensionBackend):
 
 
 class CudaBackend(_ExtensionBackend):
-    device_step = False  # the op schema carries the step as an int (see modulate_bucket_)
+    device_step = True  # modulate_.capturable reads the step from the device counter
     name = "cuda"
     device_type = "cuda"
+
+    def __init__(self):
+        self.tables = TableCache()
+
+    def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
+        tensors = list(tensors)
+        if not tensors:
+            return
+        offsets = [int(o) for o in offsets]
+        if len(offsets) != len(tensors):
+            raise ValueError(f"mmmod.modulate_: {len(tensors)} tensors but {len(offsets)} offsets")
+        step_tensor = None
+        if isinstance(step, torch.Tensor):
+            check_step(step)
+            device = tensors[0].device
+            step_tensor = step if step.device == device else step.to(device)
+            step = 0  # unused: the kernel reads step_tensor
+        table = self.tables.get(tensors, offsets)
+        torch.ops.mmmod.modulate_.capturable(
+            tensors, offsets, k, gate, bool(noise), noise_std == "scaled", _seed64(seed),
+            int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)

@@ -1,0 +1,158 @@
+"""The built CUDA extension, checked where no GPU is needed (the CUDA CI lane, .ci/cuda_lane.sh).
+
+Runs against a CUDA build of torch with mmmod installed (regular install) by the lane; in a CPU
+torch venv every test is skipped with the reason. What needs no GPU: ``mmmod._C_cuda`` imports
+and carries the build record of this torch; the CUDA kernels of every op are registered with the
+dispatcher; the binary holds sm_80 and sm_90 code; the fake implementations pass
+torch.library.opcheck on meta tensors and produce the right shapes for fake CUDA tensors; and
+``python -m mmmod.info`` reports the extension as built and says why it is not usable here.
+The kernels themselves are checked on a GPU by tests/test_ext_cuda.py (scripts/gpu_check.sh).
+"""
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    torch.version.cuda is None,
+    reason=f"torch {torch.__version__} is a CPU build: the CUDA extension is built and checked by "
+           f"the CUDA lane (bash .ci/cuda_lane.sh, a venv with the CUDA torch)")
+
+# set by the lane: there the extension must be built, so a missing one fails instead of skipping
+EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
+OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
+       "bucket_std", "philox_normal_")
+
+
+@pytest.fixture(scope="module")
+def cuda_ext():
+    try:
+        mod = importlib.import_module("mmmod._C_cuda")
+    except ImportError as e:
+        if EXPECT_BUILD:
+            raise
+        pytest.skip(f"mmmod._C_cuda is not built here ({e})")
+    return mod
+
+
+def test_installed_package_is_the_one_tested():
+    """In the lane the tests must exercise the regular install, not the checkout's mmmod/."""
+    import mmmod
+    src = os.environ.get("MMMOD_SOURCE_TREE")
+    if not src:
+        pytest.skip("MMMOD_SOURCE_TREE not set (only the CUDA lane pins where mmmod comes from)")
+    pkg = Path(mmmod.__file__).resolve()
+    assert Path(src).resolve() not in pkg.parents, f"mmmod imported from the checkout: {pkg}"
+    assert "site-packages" in pkg.parts
+
+
+def test_cuda_extension_imports_with_matching_build_record(cuda_ext):
+    info = cuda_ext.build_info()
+    assert info["backend"] == "cuda"
+    assert info["torch"] == torch.__version__
+    assert info["cuda"] == torch.version.cuda
+    import mmmod._C as cpu_ext
+    assert info["source_hash"] == cpu_ext.build_info()["source_hash"]  # one build, one source
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(cuda_ext, op):
+    name = "mmmod::" + op.split(".")[0]
+    overload = op.split(".")[1] if "." in op else ""
+    handle = torch._C._dispatch_find_schema_or_throw(name, overload)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(handle.operator_name(), "CUDA") or \
+        torch._C._dispatch_has_kernel_for_dispatch_key(name + ("." + overload if overload else ""), "CUDA")
+    table = torch._C._dispatch_dump_table(name + ("." + overload if overload else ""))
+    assert "CUDA: registered" in table.replace("CUDA: registered at", "CUDA: registered") or \
+        "\nCUDA:" in table, table
+    # the CPU kernels are there too (the CPU extension holds the schemas)
+    assert "\nCPU:" in table, table
+
+
+def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
+    tools = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+             shutil.which("cuobjdump") or ""]
+    tool = next((t for t in tools if t and os.path.isfile(t)), None)
+    if tool is None:
+        pytest.skip("cuobjdump not found (no CUDA toolkit here)")
+    out = subprocess.run([tool, "--list-elf", cuda_ext.__file__], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "sm_80" in out.stdout and "sm_90" in out.stdout, out.stdout
+
+
+def _meta_bucket():
+    d = "meta"
+    return ([torch.empty(5, device=d), torch.empty(3, 4, device=d)], [0, 5],
+            torch.empty((), device=d), torch.empty((), device=d))
+
+
+def test_opcheck_fake_implementations_on_meta(cuda_ext):
+    from torch.library import opcheck
+    import mmmod  # noqa: F401  (registers the fakes through the loader)
+    from mmmod import _ext
+    _ext._register_fakes()
+    ops = torch.ops.mmmod
+    d = "meta"
+    ts, offs, k, gate = _meta_bucket()
+    opcheck(ops.scores.default, ([torch.empty(6, 4, device=d)] * 2,
+                                 torch.empty(6, dtype=torch.long, device=d)))
+    opcheck(ops.coefficients.default, (torch.empty(3, device=d), "ogm", 0.8, 2.0))
+    opcheck(ops.modulate_.default, (ts, offs, k, gate, True, False, 7, 3, 1))
+    opcheck(ops.modulate_.capturable,
+            (ts, offs, k, gate, True, False, 7, 0, 1,
+             torch.empty(2 + 5 * 2 + 2 * 2, dtype=torch.long, device=d),
+             torch.empty((), dtype=torch.long, device=d)))
+    opcheck(ops.bucket_table.default, (ts, offs))
+    opcheck(ops.bucket_std.default, (ts,))
+    opcheck(ops.philox_normal_.default, (torch.empty(11, device=d), 7, 2, 0, 3))
+
+
+def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
+    """Under FakeTensorMode CUDA tensors need no GPU: the fakes give device/dtype/shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mmmod import _ext
+    _ext._register_fakes()
+    ops = torch.ops.mmmod
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        z = torch.empty(6, 4, device="cuda")
+        y = torch.empty(6, dtype=torch.long, device="cuda")
+        s = ops.scores([z, z, z], y)
+        assert s.device.type == "cuda" and s.dtype == torch.float32 and s.shape == (3,)
+        k = ops.coefficients(s, "mlb", 0.5, 2.0)
+        assert k.device.type == "cuda" and k.shape == (3,)
+        ts = [torch.empty(70000, device="cuda"), torch.empty(0, device="cuda"),
+              torch.empty(3, 5, device="cuda")]
+        table = ops.bucket_table(ts, [0, 70000, 70000])
+        # 2 header words, 5 per tensor, 2 per chunk: 70000 elements are 2 chunks of 65536
+        assert table.device.type == "cuda" and table.dtype == torch.int64
+        assert table.shape == (2 + 5 * 3 + 2 * 3,)
+        ops.modulate_.capturable(ts, [0, 70000, 70000], k[0], k[1], True, False, 1, 0, 0, table,
+                                 torch.empty((), dtype=torch.long, device="cuda"))
+        std = ops.bucket_std(ts)
+        assert std.dtype == torch.float64 and std.shape == (3,)
+
+
+def test_info_reports_built_but_not_usable_without_gpu(cuda_ext, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mmmod.info", "--json"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    ce = info["cuda_extension"]
+    assert ce["built"], ce
+    assert ce["build_info"]["backend"] == "cuda" and ce["build_info"]["cuda"] == torch.version.cuda
+    assert "cuda" in info["build_record"]["backends"]
+    if torch.cuda.is_available():
+        assert ce["usable"] and info["backends"]["cuda"]["live"]
+    else:
+        assert not ce["usable"] and "no CUDA device" in ce["why_not_usable"]
+        assert not info["backends"]["cuda"]["live"]
+        assert "no CUDA device" in info["backends"]["cuda"]["why_not"]
+    text = subprocess.run([sys.executable, "-m", "mmmod.info"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120).stdout
+    assert "cuda extension: built" in text
