@@ -2,7 +2,7 @@
 
 >>> import mmmod
 >>> mmmod.methods.names()
-('ogm', 'ogm_ge', 'mlb', 'none')
+('ogm', 'ogm_ge', 'mlb', 'none', 'agm', 'mslr', 'inforeg')
 
 A new score-to-coefficient rule is one subclass of :class:`Method` and one :func:`register`
 call, from inside or outside the package; it then works by name in ``ModulatedOptimizer``
@@ -12,5 +12,7 @@ from .base import Method, get, names, real_number, register, table, unregister
 
 # the built-in methods register themselves on import, in this order
 from . import ogm, ogm_ge, mlb, none  # noqa: E402,F401  isort: skip
+# balancing methods beyond OGM/MLB, on the same kernels (docs/semantics.md)
+from . import agm, mslr, inforeg  # noqa: E402,F401  isort: skip
 
 __all__ = ["Method", "register", "unregister", "get", "names", "table", "real_number"]

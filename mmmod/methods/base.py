@@ -68,6 +68,40 @@ class Method:
         """Per-modality state worth logging each step (name -> tensor [M]); default none."""
         return {}
 
+    # -- optional hooks (the defaults describe a method that needs only the summed scores) ---
+    #: what ``observe()`` sums per sample: ``"prob"`` is softmax(z_m)[i, y_i] (the fused
+    #: scores of every backend); any other kind means the optimizer calls
+    #: :meth:`batch_scores` instead (e.g. AGM's clamped negative log-likelihood)
+    score: str = "prob"
+    #: ``"sum"``: :meth:`coefficients` receives the step's score sums; ``"mean"``: the sums
+    #: divided by the step's number of samples (summed over micro-batches and, under DDP,
+    #: all-reduced together with the sums)
+    score_reduction: str = "sum"
+    #: the rule reads the scores; ``False`` lets the optimizer evaluate :meth:`coefficients`
+    #: on a step nobody observed (it then passes zeros), e.g. MSLR's per-epoch rule
+    needs_scores: bool = True
+    #: the optimizer passes the selected parameters, ``params=[[tensor, ...] per modality]``
+    #: (registration order, the same lists as the gradients), to :meth:`on_epoch`
+    needs_params: bool = False
+    #: the optimizer calls :meth:`correct_grads_` every step, after :meth:`coefficients` and
+    #: before the modulation (InfoReg's proximal term)
+    corrects_grads: bool = False
+
+    def batch_scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Sums over the batch of this method's per-sample score, float32 [M], on the device and
+        with no host sync; a label outside [0, C) makes that modality's sum NaN. Called by the
+        optimizer only when :attr:`score` is not ``"prob"``; the default is the reference
+        probability sums."""
+        from ..reference.scores import scores as prob_scores
+        return prob_scores(list(logits), labels)
+
+    def correct_grads_(self, params: Sequence[Sequence[torch.Tensor]],
+                       grads: Sequence[Sequence[torch.Tensor | None]],
+                       state: dict[str, torch.Tensor]) -> None:
+        """Change the selected gradients in place before the modulation (``None`` entries have
+        no gradient this step). Sync-free; the default does nothing."""
+        return None
+
     # -- validation --------------------------------------------------------------------------
     def check_hyperparameters(self, alpha: Any, beta_max: Any) -> tuple[float, float]:
         """``(alpha, beta_max)`` as floats, or a ValueError/TypeError naming the bad one."""

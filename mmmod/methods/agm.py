@@ -1,0 +1,101 @@
+"""AGM (Li et al., ICCV 2023, "Boosting Multi-modal Model Performance with Adaptive Gradient
+Modulation"): per step, each modality's mean clamped negative log-likelihood on its unimodal
+response; a running mean of those scores over all steps so far; and
+
+    r_m   = exp(mean_{j != m} s_j - s_m)            (how far m leads now)
+    eta_m = exp(mean_{j != m} sbar_j - sbar_m)      (how far it led on average so far)
+    k_m   = exp(alpha * min(eta_m - r_m, cap))
+
+so a modality that leads more than it used to is slowed and one that leads less is sped up.
+The unimodal responses are the per-modality logits given to ``observe()``: the authors obtain
+them from Shapley-style masked forward passes, which are the model's business and can be
+passed as those logits. Exact transcription and deviations: docs/semantics.md, section "AGM".
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import Method, real_number, register
+
+#: AGM's probability floor: a true-label probability below it scores -log(1e-8)
+PROB_FLOOR = 1e-8
+
+
+@torch.no_grad()
+def agm_batch_scores(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """sum_i -log(max(softmax(z_m)[i, y_i], 1e-8)) per modality, float32 [M], no host sync.
+
+    The probability is formed first and then logged, as the authors' code does (so the floor
+    applies to the float32 probability, not to the log-likelihood); a label outside [0, C)
+    makes the modality's sum NaN."""
+    y = labels.reshape(-1).to(torch.int64)
+    out = []
+    for z in logits:
+        z = z.detach().float()
+        valid = (y >= 0) & (y < z.shape[1])
+        yc = torch.where(valid, y, torch.zeros_like(y))
+        p = torch.exp(z.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(z, dim=1))
+        nll = -torch.log(torch.clamp_min(p, PROB_FLOOR))
+        out.append(torch.where(valid, nll, torch.full_like(nll, float("nan"))).sum())
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def _others_mean(x: torch.Tensor) -> torch.Tensor:
+    """mean_{j != m} x_j for every m, others summed in index order (exactly x_other for M = 2)."""
+    m = x.shape[0]
+    return torch.stack([sum(x[j] for j in range(m) if j != i) for i in range(m)]) / (m - 1)
+
+
+class AGM(Method):
+    name = "agm"
+    summary = "adaptive gradient modulation: k = exp(alpha min(eta - r, cap)) from running NLL means"
+    default_alpha = 1.5  # kkontras/MLB configs/CREMA_D/release/vit/AGM.json
+    # BalanceBenchmark scales every encoder tensor except 1-D ones (biases, norms)
+    default_filter = "matrix"
+    hyperparameters = ("alpha",)
+    score = "nll"
+    score_reduction = "mean"
+
+    def __init__(self, cap: float = 10.0, name: str | None = None):
+        # 10 in the authors' training loop; BalanceBenchmark's AGM_trainer.py uses 7
+        self.cap = real_number("cap", cap)
+        if name is not None:
+            self.name = name
+
+    def batch_scores(self, logits, labels):
+        return agm_batch_scores(logits, labels)
+
+    def init_state(self, num_modalities, device=None):
+        return {"score_mean": torch.zeros(num_modalities, dtype=torch.float64, device=device),
+                "steps": torch.zeros((), dtype=torch.float64, device=device)}
+
+    @torch.no_grad()
+    def coefficients(self, scores, *, alpha, beta_max, state):
+        if scores.shape[0] < 2:
+            raise ValueError(f"AGM needs M >= 2 modalities, got scores of shape "
+                             f"{tuple(scores.shape)}")
+        mean, steps = state["score_mean"], state["steps"]
+        if mean.shape != scores.shape:
+            raise ValueError(f"AGM state holds {mean.shape[0]} modalities but the scores have "
+                             f"{scores.shape[0]}")
+        # the authors compute in Python floats: float64 from here on
+        s = scores.to(mean.device, torch.float64)
+        r = torch.exp(_others_mean(s) - s)
+        eta = torch.exp(_others_mean(mean) - mean)  # running means before this step's update
+        k = torch.exp(alpha * torch.clamp_max(eta - r, self.cap))
+        # running mean over every step so far: sbar <- sbar (t - 1) / t + s / t; a step with a
+        # non-finite score (skipped by the modulation) leaves it and the count untouched
+        ok = torch.isfinite(s).all()
+        t = steps + ok.to(torch.float64)
+        tc = torch.clamp_min(t, 1.0)
+        mean.copy_(torch.where(ok, mean * (tc - 1) / tc + s / tc, mean))
+        steps.copy_(t)
+        return self.nan_if_any_nan(scores, k.float())
+
+    def log_values(self, state):
+        return {"score_mean": state["score_mean"]}
+
+
+register(AGM())
