@@ -82,6 +82,7 @@ class Recorder:
         self.capacity = capacity
         self.device = None if device is None else torch.device(device)
         self.count = 0                      # rows recorded so far (the ring's write cursor)
+        self._first = 0                     # oldest row number the ring still holds validly
         self._buf: torch.Tensor | None = None
         self._extra: list[tuple[str, tuple[int, ...], int, int]] | None = None
         self._host: list[tuple | None] = [None] * capacity
@@ -154,6 +155,7 @@ class Recorder:
         layout = self._check(scores, coeffs, skipped, extra)
         if self.capacity == 0 and not self._sinks:
             self.count += 1  # nothing is kept: history is off and no logger needs the rows
+            self._first = self.count
             return
         if self._buf is None:
             self._extra = layout
@@ -183,7 +185,7 @@ class Recorder:
 
     # ---- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return min(self.count, self.capacity) if self._buf is not None else 0
+        return self.count - self._oldest()
 
     def _span(self, lo: int, hi: int) -> torch.Tensor:
         """Device rows lo..hi-1 (global row numbers, all still in the ring) in order."""
@@ -195,7 +197,7 @@ class Recorder:
         return torch.cat((self._buf[a:], self._buf[:b]))
 
     def _oldest(self) -> int:
-        return self.count - len(self)
+        return max(self._first, self.count - self.capacity)
 
     def history(self, format: str = "tensors"):
         """The kept steps, oldest first, in one host read.
@@ -329,6 +331,7 @@ class Recorder:
         for r, h in zip(range(lo, hi), host):
             self._host[r % capacity] = h
         self.capacity = capacity
+        self._first = lo  # the slots before lo in the grown ring hold nothing yet
 
     def __repr__(self) -> str:
         return (f"Recorder(names={self.names}, capacity={self.capacity}, rows={len(self)}, "
