@@ -7,6 +7,7 @@ dispatcher; the binary holds sm_80 and sm_90 code; the fake implementations pass
 torch.library.opcheck on meta tensors and produce the right shapes for fake CUDA tensors; and
 ``python -m mmmod.info`` reports the extension as built and says why it is not usable here.
 The kernels themselves are checked on a GPU by tests/test_ext_cuda.py (scripts/gpu_check.sh).
+Also here, for every venv: scripts/gpu_check.sh refuses a machine without a GPU at once.
 """
 import importlib
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
+needs_cuda_torch = pytest.mark.skipif(
     torch.version.cuda is None,
     reason=f"torch {torch.__version__} is a CPU build: the CUDA extension is built and checked by "
            f"the CUDA lane (bash .ci/cuda_lane.sh, a venv with the CUDA torch)")
@@ -28,6 +29,9 @@ pytestmark = pytest.mark.skipif(
 EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
 OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
        "bucket_std", "philox_normal_")
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,7 @@ def cuda_ext():
     return mod
 
 
+@needs_cuda_torch
 def test_installed_package_is_the_one_tested():
     """In the lane the tests must exercise the regular install, not the checkout's mmmod/."""
     import mmmod
@@ -52,15 +57,17 @@ def test_installed_package_is_the_one_tested():
     assert "site-packages" in pkg.parts
 
 
+@needs_cuda_torch
 def test_cuda_extension_imports_with_matching_build_record(cuda_ext):
     info = cuda_ext.build_info()
     assert info["backend"] == "cuda"
     assert info["torch"] == torch.__version__
     assert info["cuda"] == torch.version.cuda
-    import mmmod._C as cpu_ext
+    cpu_ext = importlib.import_module("mmmod._C")
     assert info["source_hash"] == cpu_ext.build_info()["source_hash"]  # one build, one source
 
 
+@needs_cuda_torch
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_cuda_kernel(cuda_ext, op):
     name = "mmmod::" + op.split(".")[0]
@@ -75,6 +82,7 @@ def test_every_op_has_a_cuda_kernel(cuda_ext, op):
     assert "\nCPU:" in table, table
 
 
+@needs_cuda_torch
 def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
     tools = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
              shutil.which("cuobjdump") or ""]
@@ -92,6 +100,7 @@ def _meta_bucket():
             torch.empty((), device=d), torch.empty((), device=d))
 
 
+@needs_cuda_torch
 def test_opcheck_fake_implementations_on_meta(cuda_ext):
     from torch.library import opcheck
     import mmmod  # noqa: F401  (registers the fakes through the loader)
@@ -113,6 +122,7 @@ def test_opcheck_fake_implementations_on_meta(cuda_ext):
     opcheck(ops.philox_normal_.default, (torch.empty(11, device=d), 7, 2, 0, 3))
 
 
+@needs_cuda_torch
 def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
     """Under FakeTensorMode CUDA tensors need no GPU: the fakes give device/dtype/shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -138,6 +148,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
         assert std.dtype == torch.float64 and std.shape == (3,)
 
 
+@needs_cuda_torch
 def test_info_reports_built_but_not_usable_without_gpu(cuda_ext, tmp_path):
     out = subprocess.run([sys.executable, "-m", "mmmod.info", "--json"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120)
@@ -156,3 +167,60 @@ def test_info_reports_built_but_not_usable_without_gpu(cuda_ext, tmp_path):
     text = subprocess.run([sys.executable, "-m", "mmmod.info"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120).stdout
     assert "cuda extension: built" in text
+
+
+# -- scripts/gpu_check.sh on a machine without a GPU (runs in every venv) -------------------------
+def _path_without_nvidia_smi(extra=()):
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not os.path.exists(os.path.join(d, "nvidia-smi"))]
+    return os.pathsep.join([*extra, *dirs])
+
+
+def _gpu_check(tmp_path, path, venv):
+    marker = tmp_path / "python_was_run"
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PATH": path, "PYTHON": str(fake_python), "MMMOD_GPU_VENV": str(venv)}
+    import time
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    return out, time.monotonic() - t0, marker
+
+
+def test_gpu_check_refuses_without_nvidia_smi(tmp_path):
+    venv = tmp_path / "venv"
+    out, seconds, marker = _gpu_check(tmp_path, _path_without_nvidia_smi(), venv)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "no CUDA GPU here" in out.stderr and "nvidia-smi is not on PATH" in out.stderr
+    assert seconds < 20 and not venv.exists() and not marker.exists()  # nothing installed
+
+
+def test_gpu_check_refuses_when_nvidia_smi_lists_no_gpu(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    venv = tmp_path / "venv"
+    out, seconds, marker = _gpu_check(tmp_path, _path_without_nvidia_smi([str(bin_dir)]), venv)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "lists no GPU" in out.stderr
+    assert seconds < 20 and not venv.exists() and not marker.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this venv's torch sees a GPU")
+def test_gpu_check_refuses_when_torch_sees_no_gpu(tmp_path):
+    """nvidia-smi claims a GPU (faked), but the venv's torch sees none: exit before building."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU 9000'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    venv = Path(sys.prefix)  # an existing venv (this one), whose torch sees no GPU
+    results = ROOT / "benchmarks" / "results"
+    before = set(results.glob("gpu_*"))
+    out, seconds, marker = _gpu_check(tmp_path, _path_without_nvidia_smi([str(bin_dir)]), venv)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "does not see a CUDA GPU" in out.stderr and "nothing was built" in out.stderr
+    assert seconds < 60 and not marker.exists()
+    assert set(results.glob("gpu_*")) == before  # no results folder for a machine without GPU

@@ -2,7 +2,9 @@
 
 Same tolerances as tests/test_cpu_ext.py: OGM/MLB scaling bit-identical, noise within 1e-6
 relative (absolute floor 1e-7) of the reference Philox, scores/coefficients within fp32 rounding.
-Also: no host sync in modulate_/scores/coefficients, run-to-run bit identity, > 2^31 elements.
+Also: no host sync in modulate_/scores/coefficients, run-to-run bit identity, > 2^31 elements,
+the capturable form (device step counter, cached device table) inside a captured CUDA graph, and
+the per-call pinned upload refusing stream capture.
 """
 import pytest
 import torch
@@ -15,8 +17,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not LIVE, reason=f"CUDA extension (backend 'cuda') not available: {WHY}")]
 
 CHUNK = 1 << 16  # MMMOD_CUDA_CHUNK
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7,
+       torch.float64: 2.0 ** -52}
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def both(cuda, ts, *, noise, noise_std="raw", k=0.45, gate=1.0, seed=0, step=0, 
 @pytest.mark.parametrize("M", [2, 3, 4])
 def test_scores_and_coefficients(cuda, seed, M):
     for B, C in ((1, 1), (7, 3), (513, 31)):
-        logits = [(torch.randn(C, B) * 3).t().to(DTYPES[m % 3]) for m in range(M)]
+        logits = [(torch.randn(C, B) * 3).t().to(DTYPES[m % 4]) for m in range(M)]
         labels = torch.randint(0, C, (B,))
         labels[0] = C if M == 4 else labels[0]
         got = cuda.scores([z.cuda() for z in logits], labels.cuda()).cpu()
@@ -135,6 +138,102 @@ def test_more_than_2_31_elements(cuda, seed):
     del g
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_device_step_is_bit_identical_to_int_step(cuda, seed, dtype):
+    """The capturable path (step read from a device counter, cached table) gives the int path's
+    bits, for any integer counter dtype, and builds each bucket's table once."""
+    ts = [torch.randn(n, device="cuda").to(dtype) for n in (0, 3, CHUNK + 5, 2 * CHUNK - 1)]
+    offs = offsets_of(ts)
+    k, gate = torch.tensor(0.7, device="cuda"), torch.tensor(1.0, device="cuda")
+    for step, step_dtype in ((0, torch.int64), (9, torch.int32), (2 ** 32 + 3, torch.int64)):
+        a = [t.clone() for t in ts]
+        b = [t.clone() for t in ts]
+        cuda.modulate_bucket_(a, offs, k, gate, noise=True, noise_std="raw", seed=seed, step=step,
+                              modality=1)
+        cuda.modulate_bucket_(b, offs, k, gate, noise=True, noise_std="raw", seed=seed,
+                              step=torch.tensor(step, dtype=step_dtype, device="cuda"), modality=1)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # the same storages again: the table uploaded by the first call is reused
+    x = [t.clone() for t in ts]
+    cuda.modulate_bucket_(x, offs, k, gate, noise=True, noise_std="raw", seed=seed, step=0,
+                          modality=0)
+    builds = cuda.tables.builds
+    for step in range(1, 4):
+        cuda.modulate_bucket_(x, offs, k, gate, noise=False, noise_std="raw", seed=seed, step=step,
+                              modality=0)
+    assert cuda.tables.builds == builds
+
+
+def test_noise_at_stream_offsets_beyond_2_31(cuda, seed):
+    ts = [torch.randn(n) for n in (7, CHUNK + 1)]
+    offs = [(1 << 33) + 1, (1 << 33) + 8]
+    a = [t.cuda() for t in ts]
+    b = [t.clone() for t in ts]
+    k, gate = torch.tensor(0.5), torch.tensor(1.0)
+    cuda.modulate_bucket_(a, offs, k.cuda(), gate.cuda(), noise=True, noise_std="raw", seed=seed,
+                          step=3, modality=1)
+    reference.modulate_bucket_(b, offs, k, gate, noise=True, noise_std="raw", seed=seed, step=3,
+                               modality=1)
+    for t, x, y, off in zip(ts, a, b, offs):
+        sz = (reference.modulate.tensor_sigma(t, k, "raw")
+              * philox.philox_normal(seed, 3, 1, off, t.numel())).abs()
+        assert ((x.cpu() - y).abs() <= 1e-6 * sz + EPS[torch.float32] * y.abs()).all()
+
+
+def test_cuda_graph_capture_replays_fresh_noise(cuda, seed):
+    """modulate_bucket_ with a device counter, captured once: each replay reads the counter's
+    current value (advanced inside the graph), so replay r gives the eager result at step r."""
+    g0 = [torch.randn(n, device="cuda") for n in (5, CHUNK + 3, 1000)]
+    offs = offsets_of(g0)
+    bufs = [t.clone() for t in g0]
+    k, gate = torch.tensor(0.6, device="cuda"), torch.tensor(1.0, device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def body():
+        cuda.modulate_bucket_(bufs, offs, k, gate, noise=True, noise_std="raw", seed=seed,
+                              step=step, modality=1)
+        step.add_(1)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()  # warm-up: uploads the table outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    builds = cuda.tables.builds
+    for r in range(1, 4):
+        for b, g in zip(bufs, g0):
+            b.copy_(g)
+        graph.replay()
+        want = [t.clone() for t in g0]
+        cuda.modulate_bucket_(want, offs, k, gate, noise=True, noise_std="raw", seed=seed,
+                              step=r, modality=1)
+        assert all(torch.equal(x, y) for x, y in zip(bufs, want)), f"replay {r}"
+    assert int(step) == 4 and cuda.tables.builds == builds
+
+
+def test_pinned_upload_paths_refuse_capture(seed):
+    """The int-step op and bucket_std upload a table from pinned memory per call: a graph would
+    replay a reused staging buffer, so they refuse capture with a clear error."""
+    x = torch.randn(100, device="cuda")
+    k, gate = torch.tensor(0.5, device="cuda"), torch.tensor(1.0, device="cuda")
+    torch.cuda.synchronize()
+    for call in (lambda: torch.ops.mmmod.modulate_([x], [0], k, gate, True, False, seed, 0, 0),
+                 lambda: torch.ops.mmmod.bucket_std([x]),
+                 lambda: torch.ops.mmmod.bucket_table([x], [0])):
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            with torch.cuda.graph(graph):
+                call()
+
+
+def test_auto_picks_cuda_for_a_device_step():
+    assert backends.get("auto", "cuda", device_step=True).name == "cuda"
+    assert backends.get("auto", "cuda").name == "cuda"
+
+
 def test_opcheck_cuda(seed):
     from torch.library import opcheck
     d = "cuda"
@@ -143,5 +242,11 @@ def test_opcheck_cuda(seed):
     opcheck(torch.ops.mmmod.modulate_.default,
             ([torch.randn(5, device=d), torch.randn(3, 4, device=d)], [0, 5], torch.tensor(0.5, device=d),
              torch.tensor(1.0, device=d), True, False, seed, 3, 1))
+    ts = [torch.randn(5, device=d), torch.randn(3, 4, device=d)]
+    opcheck(torch.ops.mmmod.bucket_table.default, (ts, [0, 5]))
+    table = torch.ops.mmmod.bucket_table(ts, [0, 5])
+    opcheck(torch.ops.mmmod.modulate_.capturable,
+            (ts, [0, 5], torch.tensor(0.5, device=d), torch.tensor(1.0, device=d), True, False, seed,
+             0, 1, table, torch.tensor(3, device=d)))
     opcheck(torch.ops.mmmod.bucket_std.default, ([torch.randn(7, device=d)],))
     opcheck(torch.ops.mmmod.philox_normal_.default, (torch.empty(11, device=d), seed, 2, 0, 3))

@@ -91,7 +91,7 @@ class _ExtensionBackend(Backend):
             if step.device.type != "cpu":
                 raise RuntimeError(f"mmmod backend {self.name!r} takes the step as an integer; a "
                                    f"step counter on {step.device} (capturable=True) needs "
-                                   f"backend 'cuda', 'triton' or 'torch'")
+                                   f"backend 'triton' or 'torch' (or 'cuda' for CUDA data)")
             step = int(step)  # a CPU tensor: a plain memory read, not a device sync
         torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
                                   noise_std == "scaled", _seed64(seed), int(step) & 0xFFFFFFFF,
