@@ -101,17 +101,25 @@ def test_train_one_runs_every_method_and_fusion(tiny_data, method, fusion):
     assert 0.0 <= r.fused_acc <= 1.0
     assert set(r.probe_acc) == {"audio", "visual"}
     n_steps = 2 * 3
-    assert len(r.steps["score_audio"]) == n_steps and len(r.steps["coef_visual"]) == n_steps
-    assert r.curves["epoch"] == [1, 2]
-    ks = r.steps["coef_audio"] + r.steps["coef_visual"]
+    # the optimizer's recorded history: one row per step, every column as long
+    st = r.steps
+    assert set(st) == {"step", "epoch", "samples", "modulated", "skipped", "score/audio",
+                       "score/visual", "coeff/audio", "coeff/visual"}
+    assert all(len(v) == n_steps for v in st.values())
+    assert st["step"] == list(range(n_steps)) and st["epoch"] == [0, 0, 0, 1, 1, 1]
+    assert st["samples"] == [32] * n_steps and not any(st["skipped"])
+    for n in ("audio", "visual"):  # summed p(true class): between 0 and the batch size
+        assert all(0.0 < s < b for s, b in zip(st[f"score/{n}"], st["samples"]))
+    ks = st["coeff/audio"] + st["coeff/visual"]
     if method in ("baseline", "multiloss"):
-        assert all(k == 1.0 for k in ks)
+        assert all(k == 1.0 for k in ks) and not any(st["modulated"])
     elif method in ("ogm", "ogm_ge"):
-        # OGM damps exactly one modality per step (inside the window)
-        for ka, kv in zip(r.steps["coef_audio"], r.steps["coef_visual"]):
+        # OGM damps exactly one modality per step
+        for ka, kv in zip(st["coeff/audio"], st["coeff/visual"]):
             assert min(ka, kv) <= 1.0 and max(ka, kv) == 1.0
+        assert st["modulated"] == [True] * 3 + [False] * 3  # default window: first half
     else:
-        assert all(0.0 < k < 2.0 for k in ks)
+        assert all(0.0 < k < 2.0 for k in ks) and all(st["modulated"])
     json.dumps(r.to_dict())
 
 
@@ -120,8 +128,9 @@ def test_ogm_window_defaults_to_first_half(tiny_data):
     cfg = train.TrainConfig(epochs=2, batch_size=48, width=4, progress=False, probe_steps=5,
                             backend="torch")
     r = train.train_one("ogm_ge", tr, te, cfg, seed=0)
-    # epoch 0 modulated, epoch 1 not (k logged as 1 outside the window)
-    assert r.steps["coef_audio"][2:] == [1.0, 1.0] and r.steps["coef_visual"][2:] == [1.0, 1.0]
+    # epoch 0 modulated, epoch 1 not: k is still computed and recorded, flagged not applied
+    assert r.steps["modulated"] == [True, True, False, False]
+    assert all(min(ka, kv) < 1.0 for ka, kv in zip(r.steps["coeff/audio"], r.steps["coeff/visual"]))
 
 
 def test_same_seed_same_initialisation(tiny_data):
@@ -130,7 +139,7 @@ def test_same_seed_same_initialisation(tiny_data):
                             backend="torch")
     a = train.train_one("baseline", tr, te, cfg, seed=3)
     b = train.train_one("baseline", tr, te, cfg, seed=3)
-    assert a.fused_acc == b.fused_acc and a.steps["score_audio"] == b.steps["score_audio"]
+    assert a.fused_acc == b.fused_acc and a.steps["score/audio"] == b.steps["score/audio"]
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -146,6 +155,19 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert set(res["summary"]) == {"baseline", "ogm_ge"}
     assert (out / "scores_coefficients.png").stat().st_size > 0
     assert (out / "accuracy.png").stat().st_size > 0
+    # every run logged through mmmod.monitor: its CSV equals the history in results.json
+    import csv
+    run = next(r for r in res["runs"] if r["method"] == "ogm_ge" and r["seed"] == 1)
+    with open(out / "logs" / "ogm_ge_seed1.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == run["steps"]["step"]
+    assert [float(r["coeff/visual"]) for r in rows] == run["steps"]["coeff/visual"]
+    assert (out / "logs" / "baseline_seed0.csv").exists()
+    # and `mmmod plot` redraws the demo's curves from results.json
+    from mmmod.monitor import plot as mplot
+    assert mplot.main([str(out / "results.json"), "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 0
+    assert (tmp_path / "again_accuracy.png").stat().st_size > 0
 
 
 def test_cli_errors():
@@ -157,12 +179,15 @@ def test_cli_errors():
 
 def test_python_m_mmmod_dispatch():
     r = subprocess.run([sys.executable, "-m", "mmmod"], capture_output=True, text=True)
-    assert r.returncode == 0 and "demo" in r.stdout
+    assert r.returncode == 0 and "demo" in r.stdout and "plot" in r.stdout
     r = subprocess.run([sys.executable, "-m", "mmmod", "bogus"], capture_output=True, text=True)
     assert r.returncode == 2
     r = subprocess.run([sys.executable, "-m", "mmmod", "demo", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "--epochs" in r.stdout and "--fusion" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mmmod", "plot", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "RUN" in r.stdout and "--smooth" in r.stdout
 
 
 def test_cli_on_real_layout(tmp_path):
