@@ -67,6 +67,8 @@ class InfoReg(Method):
     hyperparameters = ("alpha",)
     needs_params = True
     corrects_grads = True
+    # the Fisher trace is a mean over each whole tensor; a shard's mean is not that
+    shard_safe = False
 
     def __init__(self, threshold: float = WINDOW_THRESHOLD, name: str | None = None):
         self.threshold = real_number("threshold", threshold)
