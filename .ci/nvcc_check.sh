@@ -27,7 +27,10 @@ for f in "${files[@]}"; do
         "$f" -o "$TMP/$(basename "$f").o"
 done
 if [ "$CU_ONLY" = 0 ]; then
-    PY=${PYTHON:-python}
+    # the project's venv when there is one (CI runs this right after scripts/setup.sh)
+    DEFAULT_PY=python
+    [ -x .venv/bin/python ] && DEFAULT_PY=.venv/bin/python
+    PY=${PYTHON:-$DEFAULT_PY}
     if TI=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
         for f in csrc/cuda_ops.cpp; do
             echo "nvcc_check: $f (host compiler, torch headers, syntax only)"
