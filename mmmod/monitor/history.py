@@ -8,7 +8,11 @@ logger's flush every ``every`` steps -- and then in one transfer.
 
 Each row holds, for M modalities::
 
-    score[0:M] | coeff[0:M] | skipped | extra values (flattened, in the order first recorded)
+    skipped | score[0:M] | coeff[0:M] | extra values (flattened, in the order first recorded)
+
+written by one ``cat`` + one copy (+ one fill for the flag); ``skipped`` is -1 where the caller
+left it to be derived (any coefficient not finite, the optimizer's rule), done at read time so
+the step pays no extra kernels for it.
 
 and, on the host (Python values, no device involved), the step index, epoch, number of samples
 the scores were summed over and whether the step was inside the modulation window.
@@ -164,16 +168,15 @@ class Recorder:
         m = len(self.names)
         slot = self.count % self.capacity
         row = self._buf[slot]
-        row[:m].copy_(scores)
-        row[m:2 * m].copy_(coeffs)
+        # one cat + one copy whatever the number of extras (a few us of launches per step)
+        parts = [scores, coeffs] + [extra[key].reshape(-1) for key, _, _, _ in layout]
+        row[1:].copy_(torch.cat(parts))
         if skipped is None:
-            row[2 * m].copy_(~torch.isfinite(coeffs).all())
+            row[0].fill_(-1.0)  # derived when read
         elif isinstance(skipped, torch.Tensor):
-            row[2 * m].copy_(skipped.reshape(()))
+            row[0].copy_(skipped.reshape(()))
         else:
-            row[2 * m].fill_(float(bool(skipped)))
-        for key, _, a, b in layout:
-            row[a:b].copy_(extra[key].reshape(-1))
+            row[0].fill_(float(bool(skipped)))
         self._host[slot] = (self.count if step is None else int(step),
                             None if epoch is None else int(epoch),
                             None if samples is None else int(samples),
@@ -226,9 +229,10 @@ class Recorder:
                "epoch": torch.tensor(col(1, -1), dtype=torch.int64),
                "samples": torch.tensor(col(2, -1), dtype=torch.int64),
                "modulated": torch.tensor(col(3, True), dtype=torch.bool),
-               "skipped": block[:, 2 * m] != 0,
-               "score": block[:, :m].clone(),
-               "coeff": block[:, m:2 * m].clone()}
+               "skipped": torch.where(block[:, 0] < 0, ~torch.isfinite(block[:, m + 1:2 * m + 1]).all(1),
+                                      block[:, 0] != 0),
+               "score": block[:, 1:m + 1].clone(),
+               "coeff": block[:, m + 1:2 * m + 1].clone()}
         for key, shape, a, b in self._extra or ():
             out[key] = block[:, a:b].reshape((block.shape[0],) + shape).clone()
         return out
@@ -242,11 +246,12 @@ class Recorder:
         for r, v in zip(range(lo, hi), values):
             step, epoch, samples, modulated = self._host[r % self.capacity]
             row = {"step": step, "epoch": epoch, "samples": samples, "modulated": modulated,
-                   "skipped": bool(v[2 * m])}
+                   "skipped": (bool(v[0]) if v[0] >= 0 else
+                               not all(math.isfinite(x) for x in v[m + 1:2 * m + 1]))}
             for i, n in enumerate(self.names):
-                row[f"score/{n}"] = v[i]
+                row[f"score/{n}"] = v[1 + i]
             for i, n in enumerate(self.names):
-                row[f"coeff/{n}"] = v[m + i]
+                row[f"coeff/{n}"] = v[1 + m + i]
             for key, shape, a, b in self._extra or ():
                 for label, x in zip(_labels(key, shape, self.names), v[a:b]):
                     row[label] = x
