@@ -433,3 +433,79 @@ def test_seed_and_step_are_not_specialisation_keys():
         src = inspect.getsource(mod)
         m = re.search(r"do_not_specialize=\[([^\]]*)\]\)\s*\ndef _modulate_noise_kernel", src)
         assert m and '"seed"' in m.group(1) and '"step"' in m.group(1)
+
+
+# ---------------------------------------------------------------- metadata cache lifetime
+def _cache_get(cache, sizes, base=0):
+    ts = [torch.empty(s) for s in sizes]
+    return ts, cache.get(ts, stream_offsets(ts, base), 64, 8)
+
+
+def test_meta_cache_lru_bounded_by_entries_and_bytes():
+    from mmmod.kernels.bucket import MetaCache
+    cache = MetaCache(size=3, max_bytes=1 << 20)
+    keep = [_cache_get(cache, [(10,), (100,)]) for _ in range(5)]  # 5 distinct storages
+    assert len(cache) == 3 and cache.builds == 5
+    ts0, m0 = keep[0]
+    assert cache.get(ts0, stream_offsets(ts0, 0), 64, 8) is not m0  # evicted: rebuilt
+    ts4, m4 = keep[4]
+    assert cache.get(ts4, stream_offsets(ts4, 0), 64, 8) is m4      # most recent: kept
+    # byte bound: every table here has the same size (same numels and offsets)
+    nbytes = m4.nbytes
+    assert nbytes == m4.buffer.numel() * 8
+    cache = MetaCache(size=100, max_bytes=2 * nbytes + nbytes // 2)
+    held = [_cache_get(cache, [(10,), (100,)]) for _ in range(4)]
+    assert len(cache) == 2 and cache.nbytes == 2 * nbytes <= cache.max_bytes
+    assert cache.get(held[-1][0], stream_offsets(held[-1][0], 0), 64, 8) is held[-1][1]
+    # one table larger than the whole bound is still returned (and is the only entry)
+    cache = MetaCache(size=100, max_bytes=8)
+    ts, m = _cache_get(cache, [(1000,)])
+    assert len(cache) == 1 and m.n_stats_chunks == 16
+
+
+def test_meta_cache_pins_entries_used_under_graph_capture():
+    from mmmod.kernels.bucket import MetaCache
+    cache = MetaCache(size=2)
+    capturing = {"on": False}
+    cache.capturing = lambda device: capturing["on"]
+    ts_a, a = _cache_get(cache, [(7,)])          # built eagerly ...
+    capturing["on"] = True
+    assert cache.get(ts_a, [0], 64, 8) is a      # ... then used while capturing: pinned
+    ts_b, b = _cache_get(cache, [(9,)])          # built while capturing: pinned
+    capturing["on"] = False
+    assert a.pinned and b.pinned and cache.pinned_entries == 2 and cache.nbytes == 0
+    churn = [_cache_get(cache, [(3,)]) for _ in range(6)]  # eviction pressure
+    assert len(cache) == 4  # 2 pinned + the 2-entry LRU
+    assert cache.get(ts_a, [0], 64, 8) is a and cache.get(ts_b, [0], 64, 8) is b
+    cache.clear()
+    assert len(cache) == 2 and cache.get(ts_a, [0], 64, 8) is a
+    cache.clear(force=True)  # the owner's promise: no graph that used them replays again
+    assert len(cache) == 0 and cache.get(ts_a, [0], 64, 8) is not a
+    assert not churn[0][1].pinned
+
+
+def test_meta_cache_records_the_using_stream(monkeypatch):
+    """A table used on a stream other than its allocation stream is record_stream-ed there."""
+    from mmmod.kernels.bucket import MetaCache
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda self, s: recorded.append((self.data_ptr(), s)))
+    cache = MetaCache()
+    ts, m = _cache_get(cache, [(5,), (6,)])
+    assert recorded == []                        # same stream (None off CUDA): nothing to do
+    cache.stream = lambda device: "side stream"
+    assert cache.get(ts, stream_offsets(ts, 0), 64, 8) is m
+    assert recorded == [(m.buffer.data_ptr(), "side stream")]
+
+
+def test_cpu_step_tensor_for_a_gpu_bucket_is_read_on_the_host():
+    from mmmod.backends.triton_backend import TritonBackend
+    cuda = torch.device("cuda")  # only compared with, never touched
+    assert TritonBackend._step_args(torch.tensor(2 ** 32 + 7), cuda) == (7, None)
+    assert TritonBackend._step_args(torch.tensor(-3, dtype=torch.int16), cuda) == (2 ** 32 - 3,
+                                                                                  None)
+    assert TritonBackend._step_args(2 ** 33 + 1, cuda) == (1, None)
+    step = torch.tensor(4)
+    assert TritonBackend._step_args(step, torch.device("cpu")) == (0, step)  # read by the kernel
+    with pytest.raises(ValueError, match="0-d integer tensor"):
+        TritonBackend._step_args(torch.tensor([1]), cuda)

@@ -94,8 +94,11 @@ class TritonBackend(Backend):
 
     #: elements per statistics / scaling program
     block = 4096
-    #: Philox counters per noise program (4 * block_c elements)
-    block_c = 1024
+    #: Philox counters per noise program (4 * block_c elements) and its warps: 8 elements per
+    #: thread; 16 per thread (1024 counters on 8 warps, or 512 on 8) spills registers on
+    #: sm_80/sm_90 (tests/test_triton_aot.py, docs/triton.md)
+    block_c = 256
+    noise_warps = 4
     #: columns per step of the online log-sum-exp, and rows per scores program (upper bounds)
     score_block_c = 2048
     score_rows = 16
@@ -260,7 +263,7 @@ class TritonBackend(Backend):
         _launch(
             K.modulate._modulate_noise_kernel, (meta.n_noise_chunks,), meta.meta, meta.noise_map,
             k, sigma, seed, step, step_ptr, int(modality), BLOCK_C=self.block_c, DT=DT,
-            STEP_PTR=step_ptr is not None, num_warps=_warps(4 * self.block_c))
+            STEP_PTR=step_ptr is not None, num_warps=self.noise_warps)
 
     @staticmethod
     def _step_args(step, device):
