@@ -104,7 +104,7 @@ GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _who(names, tensor_names, m, i):
     if tensor_names is not None:
-        return f"tensor {tensor_names[m][i]!r} of {_name(names, m)}"
+        return f"parameter {tensor_names[m][i]!r} of {_name(names, m)}"
     return f"tensor {i} of {_name(names, m)}"
 
 
@@ -179,10 +179,7 @@ def check_no_overlap(tensors, who) -> None:
         open_.append((dev, idx, lo, hi, key))
 
 
-def _check_grads(grads, coeffs, names, tensor_names=None):
-    """Every check that can fail, for every modality and tensor, before anything is written:
-    type, layout, dtype, writability (no self-overlapping or inference-mode gradient) and
-    overlap between tensors."""
+def _check_coeffs(grads, coeffs):
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs must be a tensor, got {type(coeffs).__name__}")
     if coeffs.dim() != 1 or coeffs.shape[0] != len(grads):
@@ -190,6 +187,14 @@ def _check_grads(grads, coeffs, names, tensor_names=None):
                          f"got {tuple(coeffs.shape)}")
     if not coeffs.dtype.is_floating_point:
         raise TypeError(f"coeffs must be floating point, got {coeffs.dtype}")
+
+
+def check_grads(grads, names=None, tensor_names=None) -> None:
+    """Every check on the gradients that can fail, for every modality and tensor, before
+    anything is written: type, layout, dtype, writability (no self-overlapping or
+    inference-mode gradient) and overlap between tensors. ``modulate_`` runs it first; the
+    optimizer runs it before computing a step's coefficients."""
+    grads = [list(t) for t in grads]
     if tensor_names is not None and [len(t) for t in tensor_names] != [len(t) for t in grads]:
         raise ValueError("tensor_names must name every tensor of grads")
 
@@ -207,8 +212,8 @@ def _check_grads(grads, coeffs, names, tensor_names=None):
             if not isinstance(g, torch.Tensor):
                 raise TypeError(f"{who(m, i)} is a {type(g).__name__}, not a tensor")
             if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(f"{who(m, i)} has a {g.layout} gradient; mmmod modulates dense "
-                                 f"(strided) gradients only")
+                raise ValueError(f"{who(m, i)} has a non-dense gradient (layout {g.layout}); "
+                                 f"mmmod modulates dense (strided) gradients only")
             if g.dtype not in GRAD_DTYPES:
                 raise TypeError(f"{who(m, i)} has dtype {g.dtype}; expected a floating-point "
                                 f"gradient of {', '.join(str(d) for d in GRAD_DTYPES)}")
@@ -239,7 +244,8 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
               step: int | torch.Tensor = 0,
               backend: str = "auto", offsets: Sequence[Sequence[int]] | None = None,
               names: Sequence[str] | None = None,
-              tensor_names: Sequence[Sequence[str]] | None = None) -> None:
+              tensor_names: Sequence[Sequence[str]] | None = None,
+              _prechecked: bool = False) -> None:
     """Modulate every modality's gradients in place: g <- k_m g (+ sigma n when ``noise``).
 
     ``grads[m]`` lists modality m's tensors (``None`` entries are skipped); ``offsets[m][i]``
@@ -262,7 +268,9 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     if noise_rng not in NOISE_RNG:
         raise ValueError(f"noise_rng must be one of {NOISE_RNG}, got {noise_rng!r}")
     grads = [list(t) for t in grads]
-    _check_grads(grads, coeffs, names, tensor_names)
+    _check_coeffs(grads, coeffs)
+    if not _prechecked:  # the optimizer has just run check_grads on these very tensors
+        check_grads(grads, names, tensor_names)
     if offsets is None:
         offsets = [stream_offsets(tensors) for tensors in grads]
     elif [len(o) for o in offsets] != [len(t) for t in grads]:

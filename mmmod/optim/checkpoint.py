@@ -1,0 +1,95 @@
+"""ModulatedOptimizer checkpoints: what ``state_dict()["mmmod"]`` holds and the load policy.
+
+Policy: a checkpoint never switches what is computed or on which tensors. The modality names
+(in order), the method, ``apply_to``, ``noise_std``, ``noise_rng`` and the selected tensors
+(names and shapes per modality) must equal the optimizer's, else loading raises before anything
+changes. Scalar hyperparameters (``alpha``, ``beta_max``, the modulation window) and the run's
+position (step, seed, epoch, method state, last scores/coefficients, skipped count) are restored
+from the checkpoint, as torch restores a parameter group's ``lr``; they are validated first.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import config
+from .selection import param_of
+
+KEYS = ("step_count", "seed", "epoch", "modalities", "selection", "hyper", "method_state",
+        "skipped_steps", "scores", "coefficients")
+
+
+def selection(opt) -> list[list[list]]:
+    """Per modality, [name, shape] of every selected tensor."""
+    return [[[n, list(param_of(e).shape)] for e, n in zip(ps, pnames)]
+            for ps, pnames in zip(opt.params, opt.param_names)]
+
+
+def entry(opt) -> dict[str, Any]:
+    return {
+        # the device counter is the truth under capture (replays do not run Python);
+        # reading it here syncs once per checkpoint, never per step
+        "step_count": opt.step_count if opt._step_t is None else int(opt._step_t),
+        "seed": opt.seed, "epoch": opt.epoch, "modalities": list(opt.names),
+        "selection": selection(opt),
+        "hyper": {h: getattr(opt, h) for h in config.STRUCTURAL + config.SCALARS},
+        "method_state": {k: v.clone() for k, v in opt._method_state.items()},
+        "skipped_steps": None if opt._skipped is None else opt._skipped.clone(),
+        "scores": None if opt._scores is None else opt._scores.clone(),
+        "coefficients": None if opt._coeffs is None else opt._coeffs.clone(),
+    }
+
+
+def validated(opt, own: Any) -> dict[str, Any]:
+    """The checkpoint's mmmod entry checked against ``opt``: the values to restore."""
+    if not isinstance(own, dict) or any(k not in own for k in KEYS):
+        missing = [k for k in KEYS if not isinstance(own, dict) or k not in own]
+        raise ValueError(f"state_dict['mmmod'] lacks {missing}: not a checkpoint of this "
+                         f"version of ModulatedOptimizer")
+    if list(own["modalities"]) != list(opt.names):
+        raise ValueError(f"state_dict was saved for modalities {own['modalities']}, "
+                         f"this optimizer has {opt.names}")
+    hyper = own["hyper"]
+    for h in config.STRUCTURAL:
+        if hyper.get(h) != getattr(opt, h):
+            raise ValueError(f"state_dict was saved with {h}={hyper.get(h)!r}, this optimizer "
+                             f"has {h}={getattr(opt, h)!r}; a checkpoint never switches what is "
+                             f"computed: build the optimizer with the checkpoint's settings")
+    mine = selection(opt)
+    for name, saved, cur in zip(opt.names, own["selection"], mine):
+        if [[n, list(s)] for n, s in saved] != cur:
+            raise ValueError(f"state_dict selects other tensors for modality {name!r} "
+                             f"(saved {_brief(saved)}, this optimizer {_brief(cur)}); check "
+                             f"param_filter and the model")
+    out = {"step_count": config.integer("step_count", own["step_count"], minimum=0),
+           "seed": config.seed(own["seed"]), "epoch": config.integer("epoch", own["epoch"])}
+    out["alpha"], out["beta_max"] = opt._method.check_hyperparameters(hyper["alpha"],
+                                                                      hyper["beta_max"])
+    out["modulation_starts"], out["modulation_ends"] = config.window(
+        hyper["modulation_starts"], hyper["modulation_ends"])
+    state = own["method_state"]
+    if not isinstance(state, dict) or set(state) != set(opt._method_state) or any(
+            not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
+            for k, v in opt._method_state.items()):
+        raise ValueError(f"state_dict's method state does not fit method {opt.method!r}")
+    out["method_state"] = state
+    for k in ("skipped_steps", "scores", "coefficients"):
+        out[k] = own[k]
+    return out
+
+
+def restore(opt, values: dict[str, Any]) -> None:
+    for k in ("step_count", "seed", "epoch") + config.SCALARS:
+        setattr(opt, k, values[k])
+    if opt._step_t is not None:
+        opt._step_t.fill_(opt.step_count)
+    for k, v in values["method_state"].items():
+        opt._method_state[k].copy_(v)
+    opt._skipped, opt._scores, opt._coeffs = (values["skipped_steps"], values["scores"],
+                                              values["coefficients"])
+
+
+def _brief(sel) -> str:
+    return f"{len(sel)} tensors: " + ", ".join(f"{n} {tuple(s)}" for n, s in sel[:3]) + (
+        ", ..." if len(sel) > 3 else "")

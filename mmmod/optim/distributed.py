@@ -1,0 +1,74 @@
+"""What a ModulatedOptimizer shares across data-parallel ranks: at construction one small
+collective (rank 0's seed, and a check that every rank resolved the same backend), at each
+step the all-reduce of the M score sums."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import backends
+
+_U64 = (1 << 64) - 1
+
+
+def group(process_group):
+    """The group whose ranks share one global batch, or None when not distributed."""
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def world(process_group) -> int:
+    g = group(process_group)
+    return 1 if g is None else dist.get_world_size(g)
+
+
+def collective_device(g) -> torch.device:
+    if dist.get_backend(g) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _backend_mask(resolved: list[str]) -> int:
+    return sum(1 << backends.BACKENDS.index(name) for name in set(resolved))
+
+
+def _backend_names(mask: int) -> list[str]:
+    return [n for i, n in enumerate(backends.BACKENDS) if mask >> i & 1]
+
+
+def agree(process_group, seed: int, resolved: list[str]) -> int:
+    """Rank 0's seed (every rank must draw the same noise), after checking that every rank
+    resolved ``backend`` to the same kernels (different kernels round differently, so the
+    replicas would drift apart). One all-gather of two int64 per rank, at construction only;
+    every rank sees the same table, so all of them raise together (no hang)."""
+    g = group(process_group)
+    if g is None or dist.get_world_size(g) == 1:
+        return seed
+    signed = seed - (1 << 64) if seed >= 1 << 63 else seed  # the same 64 bits as an int64
+    mine = torch.tensor([signed, _backend_mask(resolved)], dtype=torch.int64,
+                        device=collective_device(g))
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(table, mine, group=g)
+    rows = [t.tolist() for t in table]
+    masks = [r[1] for r in rows]
+    if len(set(masks)) > 1:
+        per_rank = ", ".join(f"rank {r}: {_backend_names(mk)}" for r, mk in enumerate(masks))
+        raise RuntimeError(f"data-parallel ranks resolved the mmmod backend differently "
+                           f"({per_rank}); every rank must run the same kernels to stay "
+                           f"bit-identical: pass the same explicit backend= on every rank, or "
+                           f"make the same backends available everywhere")
+    return rows[0][0] & _U64
+
+
+def all_reduce_scores(s: torch.Tensor, process_group) -> torch.Tensor:
+    """The global batch's M score sums (one small collective; on NCCL ``wait()`` only makes
+    the current stream wait, no host sync; on gloo it blocks until the sums have arrived)."""
+    g = group(process_group)
+    if g is None or dist.get_world_size(g) == 1:
+        return s
+    s = s.clone()
+    dist.all_reduce(s, group=g, async_op=True).wait()
+    return s

@@ -1,0 +1,292 @@
+"""``ModulatedOptimizer``: wrap any torch optimizer and modulate each modality's gradients.
+
+Per step: ``zero_grad()`` (also drops the scores gathered so far), forward, ``observe(logits,
+labels)`` (any number of times), backward, ``step()``: coefficients -> modulation -> inner step.
+The wrapper owns no parameters: ``param_groups`` and ``state`` are the inner optimizer's live
+objects. Argument checks live in ``config``, parameter selection in ``selection``, data-parallel
+agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints in ``checkpoint``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .. import backends, functional
+from . import checkpoint, config, distributed, selection, update
+
+
+class ModulatedOptimizer(torch.optim.Optimizer):
+    """Modulate the selected gradients of each modality, then run the inner optimizer.
+
+    ``modalities``: ordered mapping (dict or ``nn.ModuleDict``) of str/int name -> module,
+    parameter(s) or ``ParamSlice``; the order fixes the modality index. ``method``: a name in
+    ``mmmod.methods`` (defaults for ``alpha`` and ``param_filter`` come from it). Inner
+    optimizers whose ``step`` requires a closure (``LBFGS``) get one that modulates each
+    evaluation they make. Every argument is validated here; see README "API" and
+    docs/semantics.md for the semantics, and ``checkpoint`` for the load policy.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, modalities: Mapping, method: str = "ogm_ge",
+                 *, alpha: float | None = None, beta_max: float = 2.0, modulation_starts: int = 0,
+                 modulation_ends: int | None = None, noise_std: str = "raw",
+                 noise_rng: str = "philox", param_filter: str | Callable | None = None,
+                 apply_to: str = "grad", backend: str = "auto", seed: int = 0,
+                 process_group: Any = None, strict: bool = False, capturable: bool = False) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ModulatedOptimizer):
+            raise TypeError("optimizer is already a ModulatedOptimizer")
+        self._method = m = config.method(method)
+        self.method = m.name
+        self.alpha, self.beta_max = m.check_hyperparameters(
+            m.default_alpha if alpha is None else alpha, beta_max)
+        self.modulation_starts, self.modulation_ends = config.window(modulation_starts, modulation_ends)
+        self.capturable = config.flag("capturable", capturable)
+        self.strict = config.flag("strict", strict)
+        self.noise_std, self.noise_rng = config.noise_options(noise_std, noise_rng, self.capturable)
+        self.apply_to = config.choice("apply_to", apply_to, config.APPLY_TO)
+        self.backend = config.choice("backend", backend, backends.BACKENDS)
+        seed = config.seed(seed)
+        items = config.modalities(modalities)
+        self.param_filter, keep = config.param_filter(param_filter, m)
+        self.optimizer = optimizer
+        self.names = [n for n, _ in items]
+        optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.params, self.param_names = selection.select(items, keep, self.param_filter, optimized)
+        if not m.shard_safe:
+            selection.refuse_sharded(self.names, self.params, self.param_names, self.method)
+        devices = selection.devices(self.params)
+        resolved = config.resolve_backends(self.backend, devices, self.capturable)
+        self._closure_required = _step_requires_closure(optimizer)
+        self._offsets = [functional.stream_offsets(ps) for ps in self.params]
+        self.process_group = process_group
+        self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
+        self.epoch, self.step_count = 0, 0
+        self._step_t = torch.zeros((), dtype=torch.int64, device=devices[0]) if capturable else None
+        self._method_state = m.init_state(len(self.names), devices[0])
+        self._score_sum, self._observed = None, 0
+        self._scores = self._coeffs = self._skipped = None  # _skipped: device counter
+        self.defaults = optimizer.defaults  # torch.optim.Optimizer bookkeeping, no params
+        for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                     "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{kind}_hooks", OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # ---- the inner optimizer's live state ---------------------------------------------------
+    param_groups = property(lambda self: self.optimizer.param_groups,
+                            lambda self, v: setattr(self.optimizer, "param_groups", v))
+    state = property(lambda self: self.optimizer.state,
+                     lambda self, v: setattr(self.optimizer, "state", v))
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (f"ModulatedOptimizer(method={self.method!r}, alpha={self.alpha}, "
+                f"modalities={self.names}, apply_to={self.apply_to!r}, "
+                f"backend={self.backend!r},\n  {self.optimizer!r})")
+
+    # ---- public API ------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, **inputs: Any) -> None:
+        """Set the epoch the modulation window is checked against; ``inputs`` go to the
+        method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
+        self.epoch = config.integer("epoch", epoch)
+        self._method.on_epoch(self._method_state, self.epoch, names=self.names, **inputs)
+
+    def in_window(self) -> bool:
+        return self.modulation_starts <= self.epoch and (
+            self.modulation_ends is None or self.epoch <= self.modulation_ends)
+
+    @torch.no_grad()
+    def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
+        if isinstance(logits, Mapping):
+            unknown = [n for n in logits if n not in self.names]
+            if unknown:
+                raise KeyError(f"observe() got logits for unknown modality {unknown[0]!r}; "
+                               f"modalities are {self.names}")
+            missing = [n for n in self.names if n not in logits]
+            if missing:
+                raise KeyError(f"observe() is missing logits for modality {missing[0]!r}")
+            zs = [logits[n] for n in self.names]
+        else:
+            zs = list(logits)
+            if len(zs) != len(self.names):
+                raise ValueError(f"observe() got {len(zs)} logits for {len(self.names)} "
+                                 f"modalities {self.names}")
+        functional.check_logits(zs, labels, self.names)
+        if labels.device.type == "cpu" or self.strict:
+            functional.check_labels_in_range(zs, labels, self.names)
+        if self.strict:
+            for n, z in zip(self.names, zs):
+                if not bool(torch.isfinite(z).all()):
+                    raise ValueError(f"logits of modality {n!r} contain NaN or inf")
+        s = backends.get(self.backend, labels.device).scores(zs, labels)
+        self._score_sum = s if self._score_sum is None else self._score_sum + s
+        self._observed += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the inner optimizer's gradients and drop the scores gathered for them."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._score_sum, self._observed = None, 0
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Coefficients, modulation (inside the window), inner step. With an inner optimizer
+        that requires a closure, each of its evaluations is modulated."""
+        if self._closure_required and closure is None:
+            raise TypeError(f"{type(self.optimizer).__name__}.step() requires a closure: call "
+                            f"step(closure), the closure calling zero_grad(), observe() and "
+                            f"backward()")
+        outcome: list = []  # (scores, coefficients, skipped flag) of each modulated evaluation
+        if self._closure_required:
+            def evaluate():
+                with torch.enable_grad():
+                    loss = closure()
+                outcome.append(self._modulate_gradients())
+                return loss
+            before = self._snapshot()
+            loss = self.optimizer.step(evaluate)
+        else:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            outcome.append(self._modulate_gradients())
+            before = self._snapshot()
+            self.optimizer.step()
+        last = outcome[-1] if outcome else None
+        if before is not None and last is not None:
+            update.scale_updates(self.params, before, last[1])
+        # ---- this step's values are final here: scores, coefficients, skipped flag ----------
+        if last is not None and last[0] is not None:
+            s, k, bad = last[0], last[1], torch.stack([o[2] for o in outcome]).amax()
+            self._scores, self._coeffs = s, k
+            self._skipped = bad if self._skipped is None else self._skipped + bad
+        self.step_count += 1
+        if self._step_t is not None:
+            self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
+        self._score_sum, self._observed = None, 0
+        return loss
+
+    @property
+    def scores(self) -> dict:
+        """Last step's summed scores per modality (global batch under data parallelism)."""
+        return {} if self._scores is None else dict(zip(self.names, self._scores.unbind()))
+
+    @property
+    def coefficients(self) -> dict:
+        """Last step's coefficients per modality (computed also outside the window)."""
+        return {} if self._coeffs is None else dict(zip(self.names, self._coeffs.unbind()))
+
+    @property
+    def device_step(self) -> torch.Tensor | None:
+        """The capturable noise counter (0-d int64 on the parameters' device), else ``None``."""
+        return self._step_t
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose modulation was skipped for non-finite scores (reading it syncs)."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    def _world(self) -> int:
+        return distributed.world(self.process_group)
+
+    # ---- the step's parts --------------------------------------------------------------------
+    def _modulate_gradients(self):
+        """Validate every selected gradient, then compute this evaluation's coefficients and
+        modulate (inside the window): (scores, coefficients, skipped flag), or Nones."""
+        if not self._method.modulates:
+            return None, None, None
+        if self._observed == 0:
+            raise RuntimeError("step() called without observe(): give the per-modality logits "
+                               "of this step's batch to observe() before step() (zero_grad() "
+                               "clears them)")
+        modulate = self.in_window()
+        grads = [[selection.grad_of(e) for e in ps] for ps in self.params] if modulate else None
+        if modulate:  # everything that can fail on the gradients, before any state changes
+            functional.check_grads(grads, self.names, self.param_names)
+        s = distributed.all_reduce_scores(self._score_sum, self.process_group)
+        k = functional.coefficients(s, self.method, self.alpha, self.beta_max,
+                                    backend=self.backend, state=self._method_state)
+        if modulate:
+            noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
+            if not noise_only or self._method.noise:
+                functional.modulate_(
+                    grads, k * 0 + 1 if noise_only else k, noise=self._method.noise,
+                    noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
+                    step=self.step_count if self._step_t is None else self._step_t,
+                    backend=self.backend, offsets=self._offsets, names=self.names,
+                    tensor_names=self.param_names, _prechecked=True)  # k*0+1 keeps NaN (skip)
+        return s, k, (~torch.isfinite(k).all()).to(torch.int64)
+
+    def _snapshot(self):
+        if self.apply_to == "update" and self._method.modulates and self.in_window():
+            return update.snapshot(self.params)
+        return None
+
+    # ---- checkpoints, copies -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self.optimizer.state_dict()
+        sd["mmmod"] = checkpoint.entry(self)
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            sd = hook(self, sd) or sd
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint; one of other modalities, method, apply_to, noise settings or
+        selected tensors is refused before anything changes (see ``checkpoint``)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        sd = dict(state_dict)
+        own = sd.pop("mmmod", None)
+        if own is None:
+            raise KeyError("state_dict has no 'mmmod' entry: it was not saved by a "
+                           "ModulatedOptimizer (load it into the inner optimizer instead)")
+        values = checkpoint.validated(self, own)
+        self.optimizer.load_state_dict(sd)
+        checkpoint.restore(self, values)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.process_group is not None:
+            raise TypeError("a ModulatedOptimizer bound to an explicit process_group cannot be "
+                            "pickled (process groups cannot); copy.deepcopy keeps the group")
+        return self._portable_state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __deepcopy__(self, memo):
+        """A copy that trains identically; with (model, optimizer) copied together it
+        updates the copied model's parameters. An explicit process group is shared."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new.__setstate__(copy.deepcopy(self._portable_state(), memo))
+        return new
+
+    def _portable_state(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if "_mmmod_recorder" in state:  # a recorder wraps this instance's methods: not copied
+            for k in ("_mmmod_recorder", "observe", "zero_grad", "step"):
+                state.pop(k, None)
+        return state
+
+
+def _step_requires_closure(optimizer) -> bool:
+    """Whether the inner ``step`` has a ``closure`` argument without default (LBFGS)."""
+    try:
+        p = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty

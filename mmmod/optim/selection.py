@@ -1,0 +1,123 @@
+"""Which tensors a ModulatedOptimizer modulates: each modality's parameters, filtered, checked
+against the inner optimizer, and their gradients at step time."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+
+from ..slices import ParamSlice
+
+
+def select(modalities: list[tuple[Any, Any]], keep: Callable, param_filter,
+           optimized: set[int]) -> tuple[list[list], list[list[str]]]:
+    """Per modality the selected entries (tensors or ParamSlices) and their names.
+
+    A tensor belongs to one modality only (disjoint slices of one parameter excepted), must
+    be in the inner optimizer (else it would never be updated), and every modality must select
+    at least one tensor."""
+    owner: dict[int, tuple[Any, Any]] = {}  # id(param) -> (modality, entry)
+    params, names = [], []
+    for name, src in modalities:
+        named = expand(name, src)
+        chosen, chosen_names, seen = [], [], set()
+        for pname, e in named:
+            p = e.param if isinstance(e, ParamSlice) else e
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"modality {name!r}: entry {pname!r} is a {type(e).__name__}, "
+                                f"not a parameter")
+            explicit = isinstance(e, ParamSlice)  # slices are chosen by hand: no filter
+            if id(e) in seen or not (explicit or keep(pname, p)):
+                continue
+            seen.add(id(e))
+            prev = owner.get(id(p))
+            if prev is not None and not (explicit and isinstance(prev[1], ParamSlice)
+                                         and not prev[1].overlaps(e)):
+                raise ValueError(f"parameter {pname!r} of modality {name!r} also belongs to "
+                                 f"modality {prev[0]!r}; a parameter may be modulated "
+                                 f"by one modality only")
+            if id(p) not in optimized:
+                raise ValueError(f"parameter {pname!r} of modality {name!r} is not in the "
+                                 f"inner optimizer's param_groups, so it would never be "
+                                 f"updated")
+            owner[id(p)] = (name, e)
+            chosen.append(e)
+            chosen_names.append(pname)
+        if not chosen:
+            raise ValueError(f"modality {name!r}: param_filter {param_filter!r} "
+                             f"selects no parameter tensor (of {len(named)})")
+        params.append(chosen)
+        names.append(chosen_names)
+    return params, names
+
+
+def expand(name, src) -> list[tuple[str, Any]]:
+    """(name, tensor or ParamSlice) entries of one modality, modules expanded."""
+    if isinstance(src, torch.nn.Module):
+        return list(src.named_parameters())
+    if isinstance(src, (torch.Tensor, ParamSlice)):
+        src = [src]
+    try:
+        src = list(src)
+    except TypeError:
+        raise TypeError(f"modality {name!r}: expected a module, a parameter or an iterable of "
+                        f"them, got {type(src).__name__}") from None
+    out = []
+    for i, e in enumerate(src):
+        if isinstance(e, torch.nn.Module):
+            out += [(f"{name}[{i}].{n}", p) for n, p in e.named_parameters()]
+        elif isinstance(e, ParamSlice):
+            out.append((f"{name}[{i}][{e.start}:{e.stop} along dim {e.dim}]", e))
+        else:
+            out.append((f"{name}[{i}]", e))
+    return out
+
+
+def refuse_sharded(names, params, param_names, method: str) -> None:
+    """A method that needs whole tensors (OGM-GE's per-tensor sigma and noise offsets) would
+    silently use each rank's shard under FSDP: refuse rather than change the method."""
+    for name, ps, pnames in zip(names, params, param_names):
+        for e, pname in zip(ps, pnames):
+            kind = sharded_kind(e.param if isinstance(e, ParamSlice) else e)
+            if kind:
+                raise ValueError(
+                    f"parameter {pname!r} of modality {name!r} is {kind}: method {method!r} "
+                    f"needs the whole tensor on every rank (per-tensor sigma and noise), which "
+                    f"sharded parameters do not have. Use method='ogm' or 'mlb' (exact under "
+                    f"sharding), or DDP for OGM-GE")
+
+
+def sharded_kind(p: torch.Tensor) -> str:
+    """'' for an ordinary tensor, else what kind of sharded parameter it is. Looks only at
+    modules already imported: a DTensor or FlatParameter cannot exist before its module is."""
+    dt = sys.modules.get("torch.distributed.tensor")
+    if dt is not None and isinstance(p, getattr(dt, "DTensor", ())):
+        return "a DTensor (FSDP2 / tensor parallel)"
+    fp = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if fp is not None and isinstance(p, getattr(fp, "FlatParameter", ())):
+        return "an FSDP FlatParameter"
+    return ""
+
+
+def param_of(e) -> torch.Tensor:
+    """The (detached) tensor a selected entry updates in place."""
+    return e.view(e.param.detach()) if isinstance(e, ParamSlice) else e.detach()
+
+
+def grad_of(e) -> torch.Tensor | None:
+    if isinstance(e, ParamSlice):
+        g = e.param.grad
+        return None if g is None else e.view(g)
+    return e.grad
+
+
+def devices(params) -> list[torch.device]:
+    """The distinct devices of the selected parameters, in first-seen order."""
+    out: list[torch.device] = []
+    for ps in params:
+        for e in ps:
+            d = param_of(e).device
+            if d not in out:
+                out.append(d)
+    return out
