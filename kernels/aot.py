@@ -393,7 +393,8 @@ def markdown_table(report) -> str:
              "| spill bytes (stores+loads, max) | stack bytes (max) | shared memory bytes (max) |",
              "|---|---|---|---|---|---|---|---|"]
     for (kernel, cc), a in sorted(rows.items()):
-        lines.append(f"| `{kernel}` | sm_{cc} | {a['n']} | {'/'.join(map(str, sorted(a['warps'])))} "
+        warps = "/".join(map(str, sorted(a["warps"])))
+        lines.append(f"| `{kernel}` | sm_{cc} | {a['n']} | {warps} "
                      f"| {min(a['reg'])}-{max(a['reg'])} | {a['spill']} | {a['stack']} "
                      f"| {max(a['shared'])} |")
     lines += ["", ptx_table(report)]
@@ -422,7 +423,8 @@ def ptx_table(report) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mmmod.kernels.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mmmod.kernels.aot",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(map(str, TARGETS)),
                    help="compute capabilities, e.g. 80,90 (default: %(default)s)")
     p.add_argument("--full", action="store_true",

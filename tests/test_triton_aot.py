@@ -150,8 +150,8 @@ for launch in launches:
     if launch["kernel"].endswith("_modulate_noise_kernel"):
         keys[aot.variant_key(launch)] = 1
         sigs.append(aot.specialize(launch, 90)[2])
-print(json.dumps({"variants": len(keys), "sig": {k: sigs[0][k] for k in ("seed", "step", "modality")},
-                  "launches": len(sigs)}))
+sig = {k: sigs[0][k] for k in ("seed", "step", "modality")}
+print(json.dumps({"variants": len(keys), "sig": sig, "launches": len(sigs)}))
 """
 
 

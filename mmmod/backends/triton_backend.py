@@ -154,11 +154,13 @@ class TritonBackend(Backend):
         partial = torch.empty(max(M * n_blocks, 1), dtype=torch.float32, device=device)
         if n_blocks > 0:
             _launch(
-                K.score._scores_partial_kernel, (n_blocks,), zs, tuple(z.stride(0) for z in zs), tuple(z.stride(1) for z in zs),
+                K.score._scores_partial_kernel, (n_blocks,),
+                zs, tuple(z.stride(0) for z in zs), tuple(z.stride(1) for z in zs),
                 tuple(z.shape[1] for z in zs), labels, labels.stride(0), partial, B, n_blocks,
                 M=M, ROWS=rows, BLOCK_C=block_c)
         _launch(
-            K.score._finish_kernel, (1,), partial, n_blocks, scores, k, float(alpha), float(beta_max),
+            K.score._finish_kernel, (1,),
+            partial, n_blocks, scores, k, float(alpha), float(beta_max),
             M=M, M_P2=max(2, _next_pow2(M)), BLOCK_P=self.block_p,
             METHOD=method_code if want_k else 0, WRITE_SCORES=True)
         return scores, k
@@ -189,7 +191,8 @@ class TritonBackend(Backend):
         k = torch.empty(M, dtype=torch.float32, device=s.device)
         with _on(s.device):
             _launch(
-                self.kernels.score._finish_kernel, (1,), s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
+                self.kernels.score._finish_kernel, (1,),
+                s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
                 METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
         return k
 
@@ -234,12 +237,14 @@ class TritonBackend(Backend):
             if flat is not None:  # flat gradient buffer: one contiguous range, no table
                 n = flat.numel()
                 _launch(
-                    K.modulate._scale_kernel, (-(-n // self.block),), flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
+                    K.modulate._scale_kernel, (-(-n // self.block),),
+                    flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
                     num_warps=_warps(self.block))
                 return
             meta = self._cache.get(ts, offs, self.block, self.block_c)
             _launch(
-                K.modulate._scale_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
+                K.modulate._scale_kernel, (meta.n_stats_chunks,),
+                meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
                 num_warps=_warps(self.block))
             return
         if noise_std not in ("raw", "scaled"):
@@ -251,10 +256,12 @@ class TritonBackend(Backend):
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
         _launch(
-            K.stats._stats_partial_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            K.stats._stats_partial_kernel, (meta.n_stats_chunks,),
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
             num_warps=_warps(self.block))
         _launch(
-            K.stats._sigma_kernel, (meta.num_tensors,), meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+            K.stats._sigma_kernel, (meta.num_tensors,),
+            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
         seed = int(seed) & ((1 << 64) - 1)
         if seed >= 1 << 63:
@@ -302,9 +309,11 @@ class TritonBackend(Backend):
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
         DT = K.utils.tl_dtype(ts[0].dtype)
         _launch(
-            K.stats._stats_partial_kernel, (meta.n_stats_chunks,), meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            K.stats._stats_partial_kernel, (meta.n_stats_chunks,),
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
             num_warps=_warps(self.block))
         _launch(
-            K.stats._sigma_kernel, (meta.num_tensors,), meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
+            K.stats._sigma_kernel, (meta.num_tensors,),
+            meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
         return sigma
