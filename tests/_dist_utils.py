@@ -272,3 +272,32 @@ def resume_child(ckpt_dir: str, backend: str, data_seed: int) -> None:
             sched.load_state_dict(ck["sched"])
         rec = run_resume_steps(model, opt, scaler, sched, range(RESUME_AT, RESUME_TOTAL), data_seed)
         torch.save(final_state(model, opt, scaler, rec), os.path.join(ckpt_dir, f"{name}.resumed.pt"))
+
+
+# ---- backend agreement at construction -----------------------------------------------------
+def backend_agreement_worker(rank: int, world: int, port: int, out_dir: str,
+                             per_rank_backends, seed: int) -> None:
+    """Build a ModulatedOptimizer with ``per_rank_backends[rank]`` (ranks disagree), then with
+    the same backend everywhere; save what each construction said."""
+    init(rank, world, port)
+    try:
+        res = {}
+        model = TwoEncoder()
+        mods = {"audio": model.encoders[0], "visual": model.encoders[1]}
+        try:
+            mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), mods,
+                                     backend=per_rank_backends[rank], seed=seed + rank)
+            res["mixed"] = "built"
+        except RuntimeError as e:
+            res["mixed"] = str(e)
+        opt = mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), mods,
+                                       backend=per_rank_backends[0], seed=seed + rank)
+        res["agreed_seed"] = opt.seed
+        # a seed above 2**63 survives the int64 collective as the same 64 bits
+        big = mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), mods,
+                                       backend=per_rank_backends[0], seed=2 ** 64 - 1 - rank)
+        res["big_seed"] = big.seed
+        torch.save(res, os.path.join(out_dir, f"agree.rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -164,3 +164,18 @@ def test_ogm_ge_refuses_sharded_parameters(tmp_path):
     r = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True,
                        timeout=240, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_ranks_resolving_different_backends_are_refused_at_construction(tmp_path):
+    """Different kernels round differently and the replicas would drift apart: every rank
+    raises at construction (one collective, shared with the seed agreement), none hangs."""
+    live = [b for b in ("torch", "cpu", "triton") if backends.status(b)[0]]
+    if len(live) < 2:
+        pytest.skip(f"needs two live backends, have {live}")
+    pair = live[:2]
+    du.spawn(du.backend_agreement_worker, WORLD, str(tmp_path), pair, 41)
+    res = [torch.load(tmp_path / f"agree.rank{r}.pt") for r in range(WORLD)]
+    for r in res:
+        assert "resolved the mmmod backend differently" in r["mixed"], r["mixed"]
+        assert f"rank 0: ['{pair[0]}']" in r["mixed"] and f"rank 1: ['{pair[1]}']" in r["mixed"]
+        assert r["agreed_seed"] == 41 and r["big_seed"] == 2 ** 64 - 1
