@@ -90,8 +90,11 @@ class InfoReg(Method):
         if state["beta"].shape != s.shape:
             raise ValueError(f"InfoReg state holds {state['beta'].shape[0]} modalities but the "
                              f"scores have {m}")
-        others_max = torch.stack([torch.stack([s[j] for j in range(m) if j != i]).amax()
-                                  for i in range(m)])
+        if m == 1:  # nobody to lead
+            others_max = torch.full_like(s, float("inf"))
+        else:
+            others_max = torch.stack([torch.stack([s[j] for j in range(m) if j != i]).amax()
+                                      for i in range(m)])
         gap = s - others_max  # > 0 only for a strict leader
         beta = alpha * torch.exp(torch.tanh(gap))
         on = (gap > 0) & (state["window"].to(s.device) > 0)
