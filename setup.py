@@ -11,7 +11,7 @@ on load. Build in place with ``MAX_JOBS=2 pip install -e . --no-build-isolation`
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ext_modules = []
@@ -184,8 +184,9 @@ setup(
     name="mmmod",
     version="0.1.0",
     description="Fast, exact, drop-in multimodal gradient modulation (OGM-GE, MLB) for PyTorch",
-    packages=["mmmod", "mmmod.reference", "mmmod.backends", "mmmod.kernels", "mmmod.data",
-              "mmmod.demo"],
+    # every subpackage under mmmod/ (found, so a new one cannot be left out of the wheel), and
+    # the Triton kernels from kernels/ as mmmod.kernels
+    packages=find_packages(include=["mmmod", "mmmod.*"]) + ["mmmod.kernels"],
     package_dir={"mmmod.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],

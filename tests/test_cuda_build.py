@@ -52,9 +52,9 @@ def test_installed_package_is_the_one_tested():
     src = os.environ.get("MMMOD_SOURCE_TREE")
     if not src:
         pytest.skip("MMMOD_SOURCE_TREE not set (only the CUDA lane pins where mmmod comes from)")
-    pkg = Path(mmmod.__file__).resolve()
-    assert Path(src).resolve() not in pkg.parents, f"mmmod imported from the checkout: {pkg}"
-    assert "site-packages" in pkg.parts
+    pkg = Path(mmmod.__file__).resolve().parent
+    assert pkg != Path(src).resolve() / "mmmod", f"mmmod imported from the checkout: {pkg}"
+    assert pkg.parent.name == "site-packages", pkg
 
 
 @needs_cuda_torch
@@ -70,28 +70,48 @@ def test_cuda_extension_imports_with_matching_build_record(cuda_ext):
 @needs_cuda_torch
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_cuda_kernel(cuda_ext, op):
-    name = "mmmod::" + op.split(".")[0]
-    overload = op.split(".")[1] if "." in op else ""
-    handle = torch._C._dispatch_find_schema_or_throw(name, overload)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(handle.operator_name(), "CUDA") or \
-        torch._C._dispatch_has_kernel_for_dispatch_key(name + ("." + overload if overload else ""), "CUDA")
-    table = torch._C._dispatch_dump_table(name + ("." + overload if overload else ""))
-    assert "CUDA: registered" in table.replace("CUDA: registered at", "CUDA: registered") or \
-        "\nCUDA:" in table, table
-    # the CPU kernels are there too (the CPU extension holds the schemas)
-    assert "\nCPU:" in table, table
+    name = "mmmod::" + op  # "ns::op" or "ns::op.overload"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), \
+        torch._C._dispatch_dump_table(name)
+    # the CPU extension (which holds the schemas) registers CPU kernels for all but the table
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU") == (op != "bucket_table")
+
+
+def fatbin_entries(path):
+    """(kind, sm) of every entry of the CUDA fat binaries embedded in a shared object.
+
+    Layout (as nvcc writes it): a fat binary starts with magic 0xBA55ED50, u16 version, u16 header
+    size, u64 payload size; each entry has u16 kind (1 PTX, 2 ELF cubin), u16 version, u32 header
+    size, u64 payload size, and at byte 28 the u32 SM version (80 for sm_80). Parsed here because
+    cuobjdump is not part of every toolkit install (it is not in this machine's)."""
+    import struct
+    data = Path(path).read_bytes()
+    out = []
+    magic = struct.pack("<I", 0xBA55ED50)
+    at = data.find(magic)
+    while at != -1:
+        _, hsize, size = struct.unpack_from("<HHQ", data, at + 4)
+        p, end = at + hsize, at + hsize + size
+        while p + 32 <= end:
+            kind, _, ehsize, payload = struct.unpack_from("<HHIQ", data, p)
+            (sm,) = struct.unpack_from("<I", data, p + 28)
+            out.append((kind, sm))
+            p += ehsize + payload
+        at = data.find(magic, end)
+    return out
 
 
 @needs_cuda_torch
 def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
-    tools = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
-             shutil.which("cuobjdump") or ""]
-    tool = next((t for t in tools if t and os.path.isfile(t)), None)
-    if tool is None:
-        pytest.skip("cuobjdump not found (no CUDA toolkit here)")
-    out = subprocess.run([tool, "--list-elf", cuda_ext.__file__], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "sm_80" in out.stdout and "sm_90" in out.stdout, out.stdout
+    """The lane builds with TORCH_CUDA_ARCH_LIST="8.0;9.0": one cubin per architecture."""
+    entries = fatbin_entries(cuda_ext.__file__)
+    cubins = sorted(sm for kind, sm in entries if kind == 2)
+    assert entries, "no CUDA fat binary in the extension"
+    want = os.environ.get("MMMOD_EXPECT_SM")  # e.g. "80,90" (set by the lane)
+    if want:
+        assert cubins == sorted(int(x) for x in want.split(",")), entries
+    else:
+        assert cubins, entries
 
 
 def _meta_bucket():
