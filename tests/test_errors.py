@@ -152,7 +152,7 @@ def test_functional_errors_name_the_tensor():
     with pytest.raises(ValueError, match="scores must be 1-D with M >= 2"):
         functional.coefficients(torch.ones(1), "ogm")
     with pytest.raises(ValueError, match="unknown method"):
-        functional.coefficients(torch.ones(2), "agm")
+        functional.coefficients(torch.ones(2), "bogus")
 
 
 def test_load_state_dict_from_other_setup():

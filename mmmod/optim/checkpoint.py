@@ -93,3 +93,42 @@ def restore(opt, values: dict[str, Any]) -> None:
 def _brief(sel) -> str:
     return f"{len(sel)} tensors: " + ", ".join(f"{n} {tuple(s)}" for n, s in sel[:3]) + (
         ", ..." if len(sel) > 3 else "")
+
+
+def save(opt) -> dict[str, Any]:
+    """The inner optimizer's state_dict plus ours under "mmmod", with the hooks registered on
+    the wrapper (``register_state_dict_pre_hook`` / ``_post_hook``) run as torch runs them."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    sd = opt.optimizer.state_dict()
+    sd["mmmod"] = entry(opt)
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        sd = hook(opt, sd) or sd
+    return sd
+
+
+def load(opt, state_dict: dict[str, Any]) -> None:
+    """Validate our entry fully, then load the inner optimizer, then restore ours: a refused
+    checkpoint changes nothing. Load hooks registered on the wrapper run around it."""
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        state_dict = hook(opt, state_dict) or state_dict
+    sd = dict(state_dict)
+    own = sd.pop("mmmod", None)
+    if own is None:
+        raise KeyError("state_dict has no 'mmmod' entry: it was not saved by a "
+                       "ModulatedOptimizer (load it into the inner optimizer instead)")
+    values = validated(opt, own)
+    opt.optimizer.load_state_dict(sd)
+    restore(opt, values)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
+
+def portable_state(opt) -> dict[str, Any]:
+    """The instance state to pickle or deep-copy. A recorder attached by ``mmmod.monitor``
+    wraps this instance's methods with closures over it: not carried to a copy."""
+    state = dict(opt.__dict__)
+    if "_mmmod_recorder" in state:
+        for k in ("_mmmod_recorder", "observe", "zero_grad", "step"):
+            state.pop(k, None)
+    return state

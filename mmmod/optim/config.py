@@ -2,6 +2,7 @@
 checkpoint brings (so a bad value is refused where it enters, never at a later step)."""
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Callable, Mapping
 
@@ -121,3 +122,30 @@ def resolve_backends(backend: str, devices, capturable: bool) -> list[str]:
             raise RuntimeError(f"backend={backend!r} cannot modulate the parameters on "
                                f"{device}: {e}") from None
     return out
+
+
+def ordered_logits(logits: Any, names: list) -> list:
+    """``observe``'s logits in modality order, from a mapping keyed by the modality names (as
+    given at construction) or a sequence in that order."""
+    if isinstance(logits, Mapping):
+        unknown = [n for n in logits if n not in names]
+        if unknown:
+            raise KeyError(f"observe() got logits for unknown modality {unknown[0]!r}; "
+                           f"modalities are {names}")
+        missing = [n for n in names if n not in logits]
+        if missing:
+            raise KeyError(f"observe() is missing logits for modality {missing[0]!r}")
+        return [logits[n] for n in names]
+    zs = list(logits)
+    if len(zs) != len(names):
+        raise ValueError(f"observe() got {len(zs)} logits for {len(names)} modalities {names}")
+    return zs
+
+
+def closure_required(optimizer) -> bool:
+    """Whether the inner ``step`` has a ``closure`` argument without default (LBFGS)."""
+    try:
+        p = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty

@@ -9,7 +9,6 @@ agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints i
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,7 +60,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
             selection.refuse_sharded(self.names, self.params, self.param_names, self.method)
         devices = selection.devices(self.params)
         resolved = config.resolve_backends(self.backend, devices, self.capturable)
-        self._closure_required = _step_requires_closure(optimizer)
+        self._closure_required = config.closure_required(optimizer)
         self._offsets = [functional.stream_offsets(ps) for ps in self.params]
         self.process_group = process_group
         self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
@@ -105,20 +104,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
-        if isinstance(logits, Mapping):
-            unknown = [n for n in logits if n not in self.names]
-            if unknown:
-                raise KeyError(f"observe() got logits for unknown modality {unknown[0]!r}; "
-                               f"modalities are {self.names}")
-            missing = [n for n in self.names if n not in logits]
-            if missing:
-                raise KeyError(f"observe() is missing logits for modality {missing[0]!r}")
-            zs = [logits[n] for n in self.names]
-        else:
-            zs = list(logits)
-            if len(zs) != len(self.names):
-                raise ValueError(f"observe() got {len(zs)} logits for {len(self.names)} "
-                                 f"modalities {self.names}")
+        zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
         if labels.device.type == "cpu" or self.strict:
             functional.check_labels_in_range(zs, labels, self.names)
@@ -229,37 +215,20 @@ class ModulatedOptimizer(torch.optim.Optimizer):
             return update.snapshot(self.params)
         return None
 
-    # ---- checkpoints, copies -----------------------------------------------------------------
+    # ---- checkpoints, copies (hooks registered on this wrapper run; see ``checkpoint``) -----
     def state_dict(self) -> dict[str, Any]:
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        sd = self.optimizer.state_dict()
-        sd["mmmod"] = checkpoint.entry(self)
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            sd = hook(self, sd) or sd
-        return sd
+        return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint; one of other modalities, method, apply_to, noise settings or
         selected tensors is refused before anything changes (see ``checkpoint``)."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = hook(self, state_dict) or state_dict
-        sd = dict(state_dict)
-        own = sd.pop("mmmod", None)
-        if own is None:
-            raise KeyError("state_dict has no 'mmmod' entry: it was not saved by a "
-                           "ModulatedOptimizer (load it into the inner optimizer instead)")
-        values = checkpoint.validated(self, own)
-        self.optimizer.load_state_dict(sd)
-        checkpoint.restore(self, values)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        checkpoint.load(self, state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group is not None:
             raise TypeError("a ModulatedOptimizer bound to an explicit process_group cannot be "
                             "pickled (process groups cannot); copy.deepcopy keeps the group")
-        return self._portable_state()
+        return checkpoint.portable_state(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -272,21 +241,5 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         memo[id(self)] = new
         if self.process_group is not None:
             memo[id(self.process_group)] = self.process_group
-        new.__setstate__(copy.deepcopy(self._portable_state(), memo))
+        new.__setstate__(copy.deepcopy(checkpoint.portable_state(self), memo))
         return new
-
-    def _portable_state(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if "_mmmod_recorder" in state:  # a recorder wraps this instance's methods: not copied
-            for k in ("_mmmod_recorder", "observe", "zero_grad", "step"):
-                state.pop(k, None)
-        return state
-
-
-def _step_requires_closure(optimizer) -> bool:
-    """Whether the inner ``step`` has a ``closure`` argument without default (LBFGS)."""
-    try:
-        p = inspect.signature(optimizer.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return False
-    return p is not None and p.default is inspect.Parameter.empty
