@@ -435,3 +435,24 @@ def test_record_costs_little_per_step():
         rec.record(s, k)
     per = (time.perf_counter() - t0) / 2000
     assert per < 500e-6, f"record() took {per * 1e6:.0f} us"
+
+
+def test_method_log_values_are_recorded_as_extra():
+    """A method's per-step state (AGM's running score means) lands in the history each step."""
+    from mmmod import methods
+    if "agm" not in methods.names():
+        pytest.skip("no AGM method in this version")
+    torch.manual_seed(0)
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.05), method="agm",
+                      backend="torch")
+    rec = attach(opt, Recorder(names, 8))
+    means = []
+    for _ in range(5):
+        train_step(model, opt, names, *batch())
+        means.append(opt._method.log_values(opt._method_state)["score_mean"].clone())
+    h = rec.history()
+    assert h["score_mean"].shape == (5, 2)
+    torch.testing.assert_close(h["score_mean"], torch.stack(means).float(), rtol=0, atol=0)
+    assert not torch.equal(h["score_mean"][0], h["score_mean"][-1])  # it moves with training
+    assert "score_mean/audio" in rec.history(format="rows")[0]

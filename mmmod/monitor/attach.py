@@ -33,18 +33,26 @@ def attach(opt, recorder: Recorder | None = None, capacity: int = 1024) -> Recor
         zero_grad(*args, **kwargs)
         samples[0] = 0
 
+    method = getattr(opt, "_method", None)  # the method object (registry), if this version has one
+    modulates = method.modulates if method is not None else opt.method != "none"
+
     def step_and_record(closure=None):
-        pending = opt._score_sum  # method "none" computes no coefficients; keep its scores
-        loss = step(closure)
-        if opt.method == "none":
+        pending, before = opt._score_sum, opt._coeffs  # a method that does not modulate
+        loss = step(closure)                           # computes no coefficients: keep its scores
+        if not modulates:
             scores = pending
             coeffs = None if pending is None else torch.ones_like(pending, dtype=torch.float32)
-        else:
+        elif opt._coeffs is not before:  # this step computed coefficients
             scores, coeffs = opt._scores, opt._coeffs
+        else:
+            scores = coeffs = None
         if scores is not None:
-            recorder.record(scores, coeffs, step=opt.step_count - 1, epoch=opt.epoch,
-                            samples=samples[0] * opt._world(),
-                            modulated=opt.method != "none" and opt.in_window())
+            extra = None
+            if method is not None and hasattr(method, "log_values"):
+                extra = dict(method.log_values(opt._method_state)) or None  # e.g. running means
+            recorder.record(scores, coeffs, extra=extra, step=opt.step_count - 1,
+                            epoch=opt.epoch, samples=samples[0] * opt._world(),
+                            modulated=modulates and opt.in_window())
         samples[0] = 0
         return loss
 
