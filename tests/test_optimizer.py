@@ -283,3 +283,59 @@ def test_overlapping_slices_rejected():
              "visual": [mmmod.ParamSlice(model.head.weight, 1, 4, 8)]}, method="mlb")
     with pytest.raises(ValueError, match="out of range"):
         mmmod.ParamSlice(model.head.weight, 1, 4, 9)
+
+
+@pytest.mark.parametrize("name", mmmod.methods.names())
+def test_every_registered_method_matches_its_hooks_written_by_hand(seed, name):
+    """The optimizer drives a method's hooks exactly as the Method interface describes:
+    scores (fused probabilities or the method's own batch_scores), sums or per-sample means
+    (over all micro-batches), coefficients with the method's state, on_epoch (with the selected
+    parameters when asked), correct_grads_ before the modulation, noise, then the inner step."""
+    m = mmmod.methods.get(name)
+    torch.manual_seed(seed)
+    a = TwoEncoder()
+    b = copy.deepcopy(a)
+    opt, names = make(a, torch.optim.SGD(a.parameters(), lr=0.05), method=name, backend="torch",
+                      seed=seed)
+    inner_b = torch.optim.SGD(b.parameters(), lr=0.05)
+    keep = mmmod.filters.resolve(m.default_filter)
+    params = [[p for n, p in enc.named_parameters() if keep(n, p)] for enc in b.encoders]
+    state = m.init_state(2, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(2):
+        # per-epoch inputs a method takes (MSLR: validation accuracies), forwarded by set_epoch
+        inputs = {"val_acc": {"audio": 0.7 - 0.1 * epoch, "visual": 0.4}} if name == "mslr" else {}
+        opt.set_epoch(epoch, **inputs)
+        m.on_epoch(state, epoch, names=names, **inputs,
+                   **({"params": params} if m.needs_params else {}))
+        for _ in range(2):
+            micro = [batch(b=3, g=g) for _ in range(2)]  # accumulation over two micro-batches
+            opt.zero_grad()
+            inner_b.zero_grad()
+            sums = 0
+            for xs, y in micro:
+                out, feats = a(xs)
+                opt.observe(dict(zip(names, mmmod.fusion.concat_logits(a.head, feats))), y)
+                nn.functional.cross_entropy(out, y).backward()
+                out, feats = b(xs)
+                zs = mmmod.fusion.concat_logits(b.head, feats)
+                sums = sums + (functional.scores(zs, y, backend="torch") if m.score == "prob"
+                               else m.batch_scores(zs, y))
+                nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+            if m.modulates:
+                per = sums / 6 if m.score_reduction == "mean" else sums
+                k = functional.coefficients(per, name, backend="torch", state=state)
+                grads = [[p.grad for p in ps] for ps in params]
+                if m.corrects_grads:
+                    m.correct_grads_(params, grads, state)
+                functional.modulate_(grads, k, noise=m.noise, seed=seed, step=step,
+                                     backend="torch")
+                assert torch.equal(opt._coeffs, k) or torch.isnan(k).all()
+            inner_b.step()
+            step += 1
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for key, v in state.items():
+        assert torch.equal(opt._method_state[key], v)

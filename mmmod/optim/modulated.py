@@ -67,7 +67,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self.epoch, self.step_count = 0, 0
         self._step_t = torch.zeros((), dtype=torch.int64, device=devices[0]) if capturable else None
         self._method_state = m.init_state(len(self.names), devices[0])
-        self._score_sum, self._observed = None, 0
+        self._device = devices[0]
+        self._score_sum, self._observed, self._samples = None, 0, 0
         self._scores = self._coeffs = self._skipped = None  # _skipped: device counter
         self.defaults = optimizer.defaults  # torch.optim.Optimizer bookkeeping, no params
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
@@ -95,6 +96,8 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         """Set the epoch the modulation window is checked against; ``inputs`` go to the
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
         self.epoch = config.integer("epoch", epoch)
+        if self._method.needs_params:
+            inputs["params"] = [[selection.param_of(e) for e in ps] for ps in self.params]
         self._method.on_epoch(self._method_state, self.epoch, names=self.names, **inputs)
 
     def in_window(self) -> bool:
@@ -112,14 +115,18 @@ class ModulatedOptimizer(torch.optim.Optimizer):
             for n, z in zip(self.names, zs):
                 if not bool(torch.isfinite(z).all()):
                     raise ValueError(f"logits of modality {n!r} contain NaN or inf")
-        s = backends.get(self.backend, labels.device).scores(zs, labels)
+        if self._method.score == "prob":  # the fused scores of every backend
+            s = backends.get(self.backend, labels.device).scores(zs, labels)
+        else:
+            s = self._method.batch_scores(zs, labels)
         self._score_sum = s if self._score_sum is None else self._score_sum + s
         self._observed += 1
+        self._samples += labels.shape[0]  # host metadata: the divisor of a "mean" reduction
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop the scores gathered for them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._score_sum, self._observed = None, 0
+        self._score_sum, self._observed, self._samples = None, 0, 0
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -156,7 +163,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-        self._score_sum, self._observed = None, 0
+        self._score_sum, self._observed, self._samples = None, 0, 0
         return loss
 
     @property
@@ -184,31 +191,54 @@ class ModulatedOptimizer(torch.optim.Optimizer):
 
     # ---- the step's parts --------------------------------------------------------------------
     def _modulate_gradients(self):
-        """Validate every selected gradient, then compute this evaluation's coefficients and
-        modulate (inside the window): (scores, coefficients, skipped flag), or Nones."""
-        if not self._method.modulates:
+        """Validate every selected gradient, then compute this evaluation's coefficients,
+        apply the method's gradient correction and modulate (inside the window): (scores,
+        coefficients, skipped flag), or Nones for a method that does not modulate."""
+        m = self._method
+        if not m.modulates:
             return None, None, None
-        if self._observed == 0:
+        if self._observed == 0 and m.needs_scores:
             raise RuntimeError("step() called without observe(): give the per-modality logits "
                                "of this step's batch to observe() before step() (zero_grad() "
                                "clears them)")
         modulate = self.in_window()
-        grads = [[selection.grad_of(e) for e in ps] for ps in self.params] if modulate else None
-        if modulate:  # everything that can fail on the gradients, before any state changes
+        grads = None
+        if modulate or m.corrects_grads:  # everything that can fail, before any state changes
+            grads = [[selection.grad_of(e) for e in ps] for ps in self.params]
             functional.check_grads(grads, self.names, self.param_names)
-        s = distributed.all_reduce_scores(self._score_sum, self.process_group)
-        k = functional.coefficients(s, self.method, self.alpha, self.beta_max,
+        s, per_sample = self._global_scores()
+        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
                                     backend=self.backend, state=self._method_state)
+        if m.corrects_grads:
+            m.correct_grads_([[selection.param_of(e) for e in ps] for ps in self.params], grads,
+                             self._method_state)
         if modulate:
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
-            if not noise_only or self._method.noise:
+            if not noise_only or m.noise:
                 functional.modulate_(
-                    grads, k * 0 + 1 if noise_only else k, noise=self._method.noise,
+                    grads, k * 0 + 1 if noise_only else k, noise=m.noise,
                     noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
                     step=self.step_count if self._step_t is None else self._step_t,
                     backend=self.backend, offsets=self._offsets, names=self.names,
                     tensor_names=self.param_names, _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)
+
+    def _global_scores(self):
+        """(the step's score sums over the global batch, what the rule reads: the sums, or
+        per-sample means when the method asks for them). The sample count rides in the same
+        all-reduce as the sums; a rule that needs no scores gets zeros when none were given."""
+        n = len(self.names)
+        if self._score_sum is None:
+            zeros = torch.zeros(n, dtype=torch.float32, device=self._device)
+            return zeros, zeros
+        if self._method.score_reduction != "mean":
+            s = distributed.all_reduce_scores(self._score_sum, self.process_group)
+            return s, s
+        count = torch.full((1,), float(self._samples), dtype=self._score_sum.dtype,
+                           device=self._score_sum.device)
+        both = distributed.all_reduce_scores(torch.cat([self._score_sum, count]),
+                                             self.process_group)
+        return both[:n], both[:n] / both[n]
 
     def _snapshot(self):
         if self.apply_to == "update" and self._method.modulates and self.in_window():
