@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from mmmod import backends, functional
+from mmmod import backends, functional, methods
 from _models import TwoEncoder, batch, make, train_step
 
 READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy")
@@ -20,7 +20,7 @@ HOST_BACKENDS = [b for b in ("torch", "cpu") if backends.status(b)[0]]
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
-@pytest.mark.parametrize("method", ["ogm_ge", "ogm", "mlb"])
+@pytest.mark.parametrize("method", [n for n in methods.names() if n != "none"])
 @pytest.mark.parametrize("apply_to", ["grad", "update"])
 def test_no_host_reads_in_observe_and_step(monkeypatch, backend, method, apply_to):
     _check_no_reads(monkeypatch, method=method, backend=backend, apply_to=apply_to)
