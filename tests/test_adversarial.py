@@ -489,3 +489,12 @@ def test_unavailable_backend_reported_at_construction(monkeypatch):
     monkeypatch.setattr(backends, "status", lambda name: (False, "pretend it is missing"))
     with pytest.raises(RuntimeError, match="pretend it is missing"):
         make(model, torch.optim.SGD(model.parameters(), lr=0.1), backend="cpu")
+
+
+def test_step_hooks_registered_on_the_wrapper_run():
+    model, opt, names = built()
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o.step_count)))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o.step_count)))
+    train_step(model, opt, names, *batch())
+    assert seen == [("pre", 0), ("post", 1)]

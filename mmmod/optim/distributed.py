@@ -72,3 +72,19 @@ def all_reduce_scores(s: torch.Tensor, process_group) -> torch.Tensor:
     s = s.clone()
     dist.all_reduce(s, group=g, async_op=True).wait()
     return s
+
+
+def global_scores(score_sum, samples: int, mean: bool, process_group, num_modalities: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the step's score sums over the global batch, what the method's rule reads: the sums,
+    or per-sample means when ``mean``). The sample count rides in the same all-reduce as the
+    sums; a rule that needs no scores gets zeros when nothing was observed."""
+    if score_sum is None:
+        zeros = torch.zeros(num_modalities, dtype=torch.float32, device=device)
+        return zeros, zeros
+    if not mean:
+        s = all_reduce_scores(score_sum, process_group)
+        return s, s
+    count = torch.full((1,), float(samples), dtype=score_sum.dtype, device=score_sum.device)
+    both = all_reduce_scores(torch.cat([score_sum, count]), process_group)
+    return both[:num_modalities], both[:num_modalities] / both[num_modalities]

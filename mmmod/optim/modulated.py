@@ -95,10 +95,11 @@ class ModulatedOptimizer(torch.optim.Optimizer):
     def set_epoch(self, epoch: int, **inputs: Any) -> None:
         """Set the epoch the modulation window is checked against; ``inputs`` go to the
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
-        self.epoch = config.integer("epoch", epoch)
+        epoch = config.integer("epoch", epoch)
         if self._method.needs_params:
             inputs["params"] = [[selection.param_of(e) for e in ps] for ps in self.params]
-        self._method.on_epoch(self._method_state, self.epoch, names=self.names, **inputs)
+        self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
+        self.epoch = epoch
 
     def in_window(self) -> bool:
         return self.modulation_starts <= self.epoch and (
@@ -206,7 +207,9 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         if modulate or m.corrects_grads:  # everything that can fail, before any state changes
             grads = [[selection.grad_of(e) for e in ps] for ps in self.params]
             functional.check_grads(grads, self.names, self.param_names)
-        s, per_sample = self._global_scores()
+        s, per_sample = distributed.global_scores(
+            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
+            len(self.names), self._device)
         k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
                                     backend=self.backend, state=self._method_state)
         if m.corrects_grads:
@@ -222,23 +225,6 @@ class ModulatedOptimizer(torch.optim.Optimizer):
                     backend=self.backend, offsets=self._offsets, names=self.names,
                     tensor_names=self.param_names, _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)
-
-    def _global_scores(self):
-        """(the step's score sums over the global batch, what the rule reads: the sums, or
-        per-sample means when the method asks for them). The sample count rides in the same
-        all-reduce as the sums; a rule that needs no scores gets zeros when none were given."""
-        n = len(self.names)
-        if self._score_sum is None:
-            zeros = torch.zeros(n, dtype=torch.float32, device=self._device)
-            return zeros, zeros
-        if self._method.score_reduction != "mean":
-            s = distributed.all_reduce_scores(self._score_sum, self.process_group)
-            return s, s
-        count = torch.full((1,), float(self._samples), dtype=self._score_sum.dtype,
-                           device=self._score_sum.device)
-        both = distributed.all_reduce_scores(torch.cat([self._score_sum, count]),
-                                             self.process_group)
-        return both[:n], both[:n] / both[n]
 
     def _snapshot(self):
         if self.apply_to == "update" and self._method.modulates and self.in_window():
