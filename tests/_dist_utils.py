@@ -297,6 +297,21 @@ def backend_agreement_worker(rank: int, world: int, port: int, out_dir: str,
         big = mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), mods,
                                        backend=per_rank_backends[0], seed=2 ** 64 - 1 - rank)
         res["big_seed"] = big.seed
+        # a per-sample-mean method (AGM): ranks with unequal batches (3 and 5 samples) must
+        # divide the global sums by the global count, all-reduced together
+        torch.manual_seed(seed)
+        model = TwoEncoder()
+        opt = mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       {"audio": model.encoders[0], "visual": model.encoders[1]},
+                                       method="agm", backend="torch")
+        xs, y = global_batch(0, seed, 8)
+        mine = slice(0, 3) if rank == 0 else slice(3, 8)
+        opt.zero_grad()
+        out, feats = model([x[mine] for x in xs])
+        opt.observe(mmmod.fusion.concat_logits(model.head, feats), y[mine])
+        nn.functional.cross_entropy(out, y[mine]).backward()
+        opt.step()
+        res["mean_scores"], res["mean_coeffs"] = opt._scores.clone(), opt._coeffs.clone()
         torch.save(res, os.path.join(out_dir, f"agree.rank{rank}.pt"))
         dist.barrier()
     finally:

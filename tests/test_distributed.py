@@ -168,7 +168,8 @@ def test_ogm_ge_refuses_sharded_parameters(tmp_path):
 
 def test_ranks_resolving_different_backends_are_refused_at_construction(tmp_path):
     """Different kernels round differently and the replicas would drift apart: every rank
-    raises at construction (one collective, shared with the seed agreement), none hangs."""
+    raises at construction (one collective, shared with the seed agreement), none hangs. The
+    same spawn checks a per-sample-mean method (AGM) over ranks with unequal batches."""
     live = [b for b in ("torch", "cpu", "triton") if backends.status(b)[0]]
     if len(live) < 2:
         pytest.skip(f"needs two live backends, have {live}")
@@ -179,3 +180,17 @@ def test_ranks_resolving_different_backends_are_refused_at_construction(tmp_path
         assert "resolved the mmmod backend differently" in r["mixed"], r["mixed"]
         assert f"rank 0: ['{pair[0]}']" in r["mixed"] and f"rank 1: ['{pair[1]}']" in r["mixed"]
         assert r["agreed_seed"] == 41 and r["big_seed"] == 2 ** 64 - 1
+    # AGM's per-sample means over the global batch of 3 + 5 samples, same on both ranks
+    from _models import TwoEncoder
+    agm = mmmod.methods.get("agm")
+    torch.manual_seed(41)
+    model = TwoEncoder()
+    xs, y = du.global_batch(0, 41, 8)
+    with torch.no_grad():
+        sums = agm.batch_scores(mmmod.fusion.concat_logits(model.head, model(xs)[1]), y)
+    want = functional.coefficients(sums / 8, "agm", backend="torch", state=agm.init_state(2))
+    assert torch.equal(res[0]["mean_coeffs"], res[1]["mean_coeffs"])
+    torch.testing.assert_close(res[0]["mean_scores"], sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[0]["mean_coeffs"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, functional.coefficients(
+        sums / 3, "agm", backend="torch", state=agm.init_state(2)))  # the count matters
