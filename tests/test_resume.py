@@ -86,3 +86,22 @@ def test_resume_exercised_what_it_claims(resumed):
     mm = straight["ogm_ge-adamw-scaler"]["opt"]["mmmod"]
     assert mm["seed"] != 999 and mm["hyper"]["alpha"] == 0.8
     assert straight["ogm-sgd-window"]["opt"]["mmmod"]["epoch"] == (du.RESUME_TOTAL - 1) // 3
+
+
+def test_checkpoint_never_switches_the_configuration():
+    """A checkpoint of another method, apply_to or selection is refused at load, before the
+    inner optimizer or any mmmod value changes; one of the same setup loads."""
+    builds = {name: du.build_resume(cfg, "torch", init_seed=1, opt_seed=2, alpha=0.8)
+              for name, cfg in du.RESUME_CONFIGS.items()}
+    for name, (model, opt, scaler, sched) in builds.items():
+        du.run_resume_steps(model, opt, scaler, sched, range(2), 3)
+    saved = {name: b[1].state_dict() for name, b in builds.items()}
+    for src in saved:
+        for dst, (_, opt, _, _) in builds.items():
+            before = repr(opt.state_dict())
+            if src == dst:
+                opt.load_state_dict(saved[src])
+                continue
+            with pytest.raises(ValueError, match="state_dict was saved with|selects other"):
+                opt.load_state_dict(saved[src])
+            assert repr(opt.state_dict()) == before

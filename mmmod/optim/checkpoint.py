@@ -9,6 +9,7 @@ from the checkpoint, as torch restores a parameter group's ``lr``; they are vali
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -132,3 +133,37 @@ def portable_state(opt) -> dict[str, Any]:
         for k in ("_mmmod_recorder", "observe", "zero_grad", "step"):
             state.pop(k, None)
     return state
+
+
+class Checkpointing:
+    """state_dict / load_state_dict with the wrapper's own hooks, pickling and deep copies
+    (mixed into ModulatedOptimizer ahead of torch.optim.Optimizer, whose versions would save
+    only param_groups and state)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return save(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint; one of other modalities, method, apply_to, noise settings or
+        selected tensors is refused before anything changes (see the module's policy)."""
+        load(self, state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.process_group is not None:
+            raise TypeError("a ModulatedOptimizer bound to an explicit process_group cannot be "
+                            "pickled (process groups cannot); copy.deepcopy keeps the group")
+        return portable_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __deepcopy__(self, memo):
+        """A copy that trains identically; with (model, optimizer) copied together it
+        updates the copied model's parameters. An explicit process group is shared."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new.__setstate__(copy.deepcopy(portable_state(self), memo))
+        return new

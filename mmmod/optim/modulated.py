@@ -8,7 +8,6 @@ agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints i
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,7 +17,7 @@ from .. import backends, functional
 from . import checkpoint, config, distributed, selection, update
 
 
-class ModulatedOptimizer(torch.optim.Optimizer):
+class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     """Modulate the selected gradients of each modality, then run the inner optimizer.
 
     ``modalities``: ordered mapping (dict or ``nn.ModuleDict``) of str/int name -> module,
@@ -97,7 +96,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
         epoch = config.integer("epoch", epoch)
         if self._method.needs_params:
-            inputs["params"] = [[selection.param_of(e) for e in ps] for ps in self.params]
+            inputs["params"] = selection.param_tensors(self.params)
         self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
         self.epoch = epoch
 
@@ -213,8 +212,7 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
                                     backend=self.backend, state=self._method_state)
         if m.corrects_grads:
-            m.correct_grads_([[selection.param_of(e) for e in ps] for ps in self.params], grads,
-                             self._method_state)
+            m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state)
         if modulate:
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
             if not noise_only or m.noise:
@@ -230,32 +228,3 @@ class ModulatedOptimizer(torch.optim.Optimizer):
         if self.apply_to == "update" and self._method.modulates and self.in_window():
             return update.snapshot(self.params)
         return None
-
-    # ---- checkpoints, copies (hooks registered on this wrapper run; see ``checkpoint``) -----
-    def state_dict(self) -> dict[str, Any]:
-        return checkpoint.save(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint; one of other modalities, method, apply_to, noise settings or
-        selected tensors is refused before anything changes (see ``checkpoint``)."""
-        checkpoint.load(self, state_dict)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self.process_group is not None:
-            raise TypeError("a ModulatedOptimizer bound to an explicit process_group cannot be "
-                            "pickled (process groups cannot); copy.deepcopy keeps the group")
-        return checkpoint.portable_state(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
-
-    def __deepcopy__(self, memo):
-        """A copy that trains identically; with (model, optimizer) copied together it
-        updates the copied model's parameters. An explicit process group is shared."""
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        new.__setstate__(copy.deepcopy(checkpoint.portable_state(self), memo))
-        return new

@@ -105,6 +105,11 @@ def param_of(e) -> torch.Tensor:
     return e.view(e.param.detach()) if isinstance(e, ParamSlice) else e.detach()
 
 
+def param_tensors(params) -> list[list[torch.Tensor]]:
+    """The tensors the selected entries update, per modality."""
+    return [[param_of(e) for e in ps] for ps in params]
+
+
 def grad_of(e) -> torch.Tensor | None:
     if isinstance(e, ParamSlice):
         g = e.param.grad
