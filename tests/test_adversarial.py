@@ -357,7 +357,8 @@ def test_deepcopy_of_model_and_optimizer_trains_identically(seed, method, inner)
     for xs, y in data[:2]:
         train_step(model, opt, names, xs, y)
     model2, opt2 = copy.deepcopy((model, opt))
-    assert opt2.optimizer is not opt.optimizer
+    assert opt2.optimizer is not opt.optimizer and opt2._method is opt._method
+    assert all(opt2._method_state[k] is not v for k, v in opt._method_state.items())
     assert all(p2 is not p for p2, p in zip(model2.parameters(), model.parameters()))
     for xs, y in data[2:]:
         train_step(model, opt, names, xs, y)

@@ -163,6 +163,7 @@ class Checkpointing:
         updates the copied model's parameters. An explicit process group is shared."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
+        memo[id(self._method)] = self._method  # the registered rule is shared; its state is not
         if self.process_group is not None:
             memo[id(self.process_group)] = self.process_group
         new.__setstate__(copy.deepcopy(portable_state(self), memo))
