@@ -344,7 +344,7 @@ def test_state_dict_hooks_run():
 
 
 # ---- 4. copies -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,inner", [("ogm_ge", "adam"), ("mlb", "sgd")])
+@pytest.mark.parametrize("method,inner", [("ogm_ge", "adam"), ("mlb", "sgd"), ("agm", "sgd")])
 def test_deepcopy_of_model_and_optimizer_trains_identically(seed, method, inner):
     torch.manual_seed(seed)
     model = TwoEncoder()
@@ -499,3 +499,36 @@ def test_step_hooks_registered_on_the_wrapper_run():
     opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o.step_count)))
     train_step(model, opt, names, *batch())
     assert seen == [("pre", 0), ("post", 1)]
+
+
+def test_lbfgs_in_update_mode_scales_the_whole_step_by_the_last_coefficients(seed):
+    torch.manual_seed(seed)
+    a = TwoEncoder()
+    b = copy.deepcopy(a)
+    xs, y = batch()
+    opt = mmmod.ModulatedOptimizer(torch.optim.LBFGS(a.parameters(), lr=0.5, max_iter=3),
+                                   {"audio": a.encoders[0], "visual": a.encoders[1]},
+                                   method="mlb", alpha=1.0, apply_to="update", backend="torch")
+    plain = torch.optim.LBFGS(b.parameters(), lr=0.5, max_iter=3)
+
+    def closure_for(model, zero_grad, observe):
+        def closure():
+            zero_grad()
+            out, feats = model(xs)
+            observe(mmmod.fusion.concat_logits(model.head, feats), y)
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            return loss
+        return closure
+
+    p0 = [p.detach().clone() for p in a.parameters()]
+    opt.step(closure_for(a, opt.zero_grad, opt.observe))
+    plain.step(closure_for(b, plain.zero_grad, lambda *args: None))
+    k = opt._coeffs
+    assert not torch.equal(k, torch.ones(2))
+    for m, enc in enumerate(a.encoders):
+        enc_b = b.encoders[m]
+        start = [q for q, p in zip(p0, a.parameters()) if any(p is r for r in enc.parameters())]
+        for p, q, s0 in zip(enc.parameters(), enc_b.parameters(), start):
+            torch.testing.assert_close(p, s0 + k[m] * (q - s0), rtol=1e-6, atol=1e-7)
+    assert torch.equal(a.head.weight, b.head.weight)  # not selected: the plain LBFGS step
