@@ -171,6 +171,17 @@ def backend_launches():
                                 step=2 ** 33, modality=1)
             be.modulate_bucket_(ts, offs, one, one, noise=True, noise_std="scaled", seed=-5,
                                 step=torch.tensor(3), modality=2)
+            # stream offsets that are multiples of 4: the aligned noise variant
+            be.modulate_bucket_([torch.empty(s, dtype=dt) for s in (8, 5000, 4)], [0, 8, 5008],
+                                one, one, noise=True, noise_std="raw", seed=3, step=1,
+                                modality=0)
+        # a table bucket whose data pointers are not 16-byte aligned (scalar-access variants)
+        store = torch.empty(1 + 5000 + 7)
+        ts = [store[1:5001], store[5001:]]
+        be.modulate_bucket_(ts, [0, 5000], one, one, noise=False, noise_std="raw", seed=0,
+                            step=0, modality=0)
+        be.modulate_bucket_(ts, [0, 5000], one, one, noise=True, noise_std="raw", seed=0,
+                            step=0, modality=0)
         buf = torch.empty(1 + 4096)  # a flat range that starts off 16-byte alignment, n = 4096
         be.modulate_bucket_([buf[1:2049].view(32, 64), buf[2049:]], [0, 2048], one, one,
                             noise=False, noise_std="raw", seed=0, step=0, modality=0)
@@ -228,7 +239,7 @@ def constexpr_label(launch) -> str:
                   and "tensor" in a and a["tensor"] not in ("int64", "float32")})
     if any(isinstance(a, dict) and "tensor" in a and not a["aligned"]
            for a in _flat_args(launch["args"])):
-        parts.append("unaligned")
+        parts.append("unaligned-arg")  # a tensor argument (often a table slice) off 16 bytes
     return " ".join(parts + ([f"args:{'/'.join(dts)}"] if dts else []))
 
 
@@ -266,6 +277,32 @@ def _ptxas_stats(ptx: str, cc: int, fp_fusion: bool):
             "ptxas_log": log.strip()}
 
 
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+_ACCESS_BITS = re.compile(r"^(?:b|u|s|f)(8|16|32|64)$")
+
+
+def global_access_counts(ptx: str):
+    """Global loads and stores of the PTX by bytes per instruction:
+    ``{"ld": {"16": n, "4": m, ...}, "st": {...}}`` (``ld.global.v4.b32`` is 16 bytes,
+    ``ld.global.v2.b64`` 16, ``ld.global.b16`` 2). Static instruction counts: a kernel whose
+    threads hold E elements of S bytes each and access them once with 16-byte vectors shows
+    E * S / 16 of them."""
+    out = {"ld": {}, "st": {}}
+    for m in _GLOBAL_ACCESS.finditer(ptx):
+        vec, bits = 1, None
+        for q in m.group(2).split(".")[1:]:
+            if q.startswith("v") and q[1:].isdigit():
+                vec = int(q[1:])
+            b = _ACCESS_BITS.match(q)
+            if b:
+                bits = int(b.group(1))
+        if bits is None:
+            continue
+        key = str(vec * bits // 8)
+        out[m.group(1)][key] = out[m.group(1)].get(key, 0) + 1
+    return out
+
+
 def _addptr_counts(ttir: str):
     """Pointer arithmetic on blocks by offset width: ``tt.addptr`` of a tensor of pointers
     with i32 or i64 offsets (a 32-bit block offset would wrap past 2**31 elements)."""
@@ -300,6 +337,7 @@ def compile_launch(launch, cc: int):
         res.update(_ptxas_stats(ptx, cc, options.enable_fp_fusion))
         res["ptx_counts"] = {k: len(re.findall(p, ptx)) for k, p in PTX_COUNTS.items()}
         res["ttir_counts"] = _addptr_counts(compiled.asm["ttir"])
+        res["global_access"] = global_access_counts(ptx)
         res["ptx_target"] = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
         res["ptx"] = ptx
     except Exception as e:  # the compiler's own message is the point of the test
@@ -315,7 +353,8 @@ def _representative(units):
         kw = u["launch"]["kwargs"]
         dt = kw.get("DT", {}).get("tl_dtype") if isinstance(kw.get("DT"), dict) else None
         flags = tuple(sorted((k, str(v)) for k, v in kw.items()
-                             if k in ("FLAT", "STEP_PTR", "SCALED", "METHOD", "WRITE_SCORES")))
+                             if k in ("FLAT", "STEP_PTR", "SCALED", "METHOD", "WRITE_SCORES",
+                                      "ALIGNED")))
         key = (u["launch"]["kernel"], flags, dt == "bfloat16")
         if key not in seen:
             seen.add(key)

@@ -63,7 +63,7 @@ def _normals4(seed, counters, step, modality):
 @triton.jit(do_not_specialize=["seed", "step", "modality"])
 def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed: tl.int64, step: tl.int64,
                            step_ptr, modality: tl.int32, BLOCK_C: tl.constexpr,
-                           DT: tl.constexpr, STEP_PTR: tl.constexpr):
+                           DT: tl.constexpr, STEP_PTR: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     if STEP_PTR:  # the optimizer's device step counter (CUDA-graph replays advance it)
         step = tl.load(step_ptr).to(tl.int64) & 0xFFFFFFFF
@@ -76,19 +76,35 @@ def _modulate_noise_kernel(meta, noise_map, k_ptr, sigma, seed: tl.int64, step: 
     c_first = off // 4 + j * BLOCK_C
     counters = c_first + tl.arange(0, BLOCK_C).to(tl.int64)
     z = _normals4(seed, counters, step.to(tl.uint32), modality.to(tl.uint32))
-    idx = 4 * c_first - off + tl.arange(0, 4 * BLOCK_C).to(tl.int64)
-    msk = (idx >= 0) & (idx < n)
     k = tl.load(k_ptr)
     sg = tl.load(sigma + t)
-    g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
-    gk = g * k
     nz = sg * z
-    tl.store(ptr + idx, round_to(gk + nz, DT), mask=msk)
+    if ALIGNED:
+        # the host checked: every data pointer 16-byte aligned and every stream offset a
+        # multiple of 4, so the chunk starts at element 4 * BLOCK_C * j of the tensor (the same
+        # value as 4 * c_first - off, written so the compiler sees the divisibility) and a full
+        # chunk is read and written with 16-byte vector accesses, unmasked; only a tensor's
+        # last, partial chunk takes the masked path
+        ptr = tl.multiple_of(ptr, 16)
+        idx = (4 * BLOCK_C) * j + tl.arange(0, 4 * BLOCK_C).to(tl.int64)
+        if (4 * BLOCK_C) * j + 4 * BLOCK_C <= n:
+            g = tl.load(ptr + idx).to(tl.float32)
+            tl.store(ptr + idx, round_to(g * k + nz, DT))
+        else:
+            msk = idx < n
+            g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+            tl.store(ptr + idx, round_to(g * k + nz, DT), mask=msk)
+    else:
+        idx = 4 * c_first - off + tl.arange(0, 4 * BLOCK_C).to(tl.int64)
+        msk = (idx >= 0) & (idx < n)
+        g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+        gk = g * k
+        tl.store(ptr + idx, round_to(gk + nz, DT), mask=msk)
 
 
 @triton.jit
 def _scale_kernel(meta, stats_map, k_ptr, flat_ptr, flat_n, BLOCK: tl.constexpr,
-                  DT: tl.constexpr, FLAT: tl.constexpr):
+                  DT: tl.constexpr, FLAT: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     if FLAT:
         ptr = flat_ptr
@@ -100,8 +116,20 @@ def _scale_kernel(meta, stats_map, k_ptr, flat_ptr, flat_n, BLOCK: tl.constexpr,
         ptr = tl.load(row + F_PTR).to(tl.pointer_type(DT))
         n = tl.load(row + F_NUMEL)
         j = pid - tl.load(row + F_SCHUNK)
-    idx = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    start = j.to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
     msk = idx < n
     k = tl.load(k_ptr)
-    g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
-    tl.store(ptr + idx, round_to(g * k, DT), mask=msk)
+    if ALIGNED:
+        # every data pointer (or the flat range's start) 16-byte aligned, checked by the host:
+        # a full chunk takes unmasked 16-byte vector accesses, a partial last chunk the mask
+        ptr = tl.multiple_of(ptr, 16)
+        if start + BLOCK <= n:
+            g = tl.load(ptr + idx).to(tl.float32)
+            tl.store(ptr + idx, round_to(g * k, DT))
+        else:
+            g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+            tl.store(ptr + idx, round_to(g * k, DT), mask=msk)
+    else:
+        g = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float32)
+        tl.store(ptr + idx, round_to(g * k, DT), mask=msk)

@@ -1,7 +1,8 @@
 """Per-tensor statistics of a bucket: the noise scale sigma of every tensor, on the device.
 
 ``_stats_partial_kernel``: grid = the bucket's statistics chunks (BLOCK elements of one tensor
-each, found through the metadata table). Each program loads its chunk once, converts to
+each, found through the metadata table). Each program loads its chunk once (16-byte vector
+loads for a full chunk when ``ALIGNED``: the host checked every data pointer), converts to
 float64 and writes ``(sum, M2)`` of the chunk, with M2 the sum of squared deviations from the
 chunk's own mean (corrected two-pass in registers: no cancellation, no overflow of float32
 squares).
@@ -22,7 +23,8 @@ from .utils import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
 
 
 @triton.jit
-def _stats_partial_kernel(meta, stats_map, part, BLOCK: tl.constexpr, DT: tl.constexpr):
+def _stats_partial_kernel(meta, stats_map, part, BLOCK: tl.constexpr, DT: tl.constexpr,
+                          ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(stats_map + pid)
     row = meta + t * META_FIELDS
@@ -32,7 +34,18 @@ def _stats_partial_kernel(meta, stats_map, part, BLOCK: tl.constexpr, DT: tl.con
     start = j * BLOCK
     idx = start + tl.arange(0, BLOCK).to(tl.int64)
     msk = idx < n
-    x = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float64)
+    if ALIGNED:
+        # the host checked every data pointer is 16-byte aligned; start is a multiple of BLOCK,
+        # so a full chunk is read with 16-byte vector loads (the mask idx < n, n read from the
+        # table, would force one scalar access per element); only a tensor's last, partial
+        # chunk takes the masked path
+        ptr = tl.multiple_of(ptr, 16)
+        if start + BLOCK <= n:
+            x = tl.load(ptr + idx).to(tl.float64)
+        else:
+            x = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float64)
+    else:
+        x = tl.load(ptr + idx, mask=msk, other=0.0).to(tl.float64)
     cnt = tl.minimum(n - start, BLOCK).to(tl.float64)
     s = tl.sum(x, axis=0)
     mean = s / cnt

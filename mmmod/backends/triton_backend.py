@@ -85,6 +85,14 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 4096 else 4
 
 
+def _aligned(tensors) -> bool:
+    """Whether every data pointer is 16-byte aligned: the kernels' ``ALIGNED`` variant then
+    reads and writes full chunks with 16-byte vector accesses (a pointer read from the int64
+    table carries no alignment the compiler could see). The noise kernel additionally needs
+    every stream offset to be a multiple of 4 (its chunks follow Philox counters)."""
+    return all(g.data_ptr() % 16 == 0 for g in tensors)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -239,13 +247,13 @@ class TritonBackend(Backend):
                 _launch(
                     K.modulate._scale_kernel, (-(-n // self.block),),
                     flat, flat, k, flat, n, BLOCK=self.block, DT=DT, FLAT=True,
-                    num_warps=_warps(self.block))
+                    ALIGNED=flat.data_ptr() % 16 == 0, num_warps=_warps(self.block))
                 return
             meta = self._cache.get(ts, offs, self.block, self.block_c)
             _launch(
                 K.modulate._scale_kernel, (meta.n_stats_chunks,),
                 meta.meta, meta.stats_map, k, g0, 0, BLOCK=self.block, DT=DT, FLAT=False,
-                num_warps=_warps(self.block))
+                ALIGNED=_aligned(ts), num_warps=_warps(self.block))
             return
         if noise_std not in ("raw", "scaled"):
             raise ValueError(f"noise_std must be 'raw' or 'scaled', got {noise_std!r}")
@@ -255,9 +263,10 @@ class TritonBackend(Backend):
         meta = self._cache.get(ts, offs, self.block, self.block_c)
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)
+        aligned = _aligned(ts)
         _launch(
             K.stats._stats_partial_kernel, (meta.n_stats_chunks,),
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT, ALIGNED=aligned,
             num_warps=_warps(self.block))
         _launch(
             K.stats._sigma_kernel, (meta.num_tensors,),
@@ -270,7 +279,8 @@ class TritonBackend(Backend):
         _launch(
             K.modulate._modulate_noise_kernel, (meta.n_noise_chunks,), meta.meta, meta.noise_map,
             k, sigma, seed, step, step_ptr, int(modality), BLOCK_C=self.block_c, DT=DT,
-            STEP_PTR=step_ptr is not None, num_warps=self.noise_warps)
+            STEP_PTR=step_ptr is not None, ALIGNED=aligned and all(o % 4 == 0 for o in offs),
+            num_warps=self.noise_warps)
 
     @staticmethod
     def _step_args(step, device):
@@ -310,7 +320,7 @@ class TritonBackend(Backend):
         DT = K.utils.tl_dtype(ts[0].dtype)
         _launch(
             K.stats._stats_partial_kernel, (meta.n_stats_chunks,),
-            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT,
+            meta.meta, meta.stats_map, part, BLOCK=self.block, DT=DT, ALIGNED=_aligned(ts),
             num_warps=_warps(self.block))
         _launch(
             K.stats._sigma_kernel, (meta.num_tensors,),
