@@ -525,6 +525,6 @@ TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
   m.impl("coefficients", &mmmod::cpu::coefficients_cpu);
   m.impl("modulate_", &mmmod::cpu::modulate_cpu);
   m.impl("modulate_.capturable", &mmmod::cpu::modulate_capturable_cpu);
-  m.impl("bucket_std", &mmmod::cpu::bucket_std_cpu);
-  m.impl("philox_normal_", &mmmod::cpu::philox_normal_cpu);
+  m.impl("_bucket_std", &mmmod::cpu::bucket_std_cpu);
+  m.impl("_philox_normal_", &mmmod::cpu::philox_normal_cpu);
 }

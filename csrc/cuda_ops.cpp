@@ -265,6 +265,6 @@ TORCH_LIBRARY_IMPL(mmmod, CUDA, m) {
   m.impl("modulate_", &mmmod::cuda::modulate_cuda);
   m.impl("modulate_.capturable", &mmmod::cuda::modulate_capturable_cuda);
   m.impl("bucket_table", &mmmod::cuda::bucket_table_cuda);
-  m.impl("bucket_std", &mmmod::cuda::bucket_std_cuda);
-  m.impl("philox_normal_", &mmmod::cuda::philox_normal_cuda);
+  m.impl("_bucket_std", &mmmod::cuda::bucket_std_cuda);
+  m.impl("_philox_normal_", &mmmod::cuda::philox_normal_cuda);
 }

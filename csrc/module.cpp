@@ -1,5 +1,6 @@
-// Python module mmmod._C: importing it registers the mmmod ops (static initialisers in ops.cpp and
-// cpu_kernels.cpp) and exposes the build record compiled into the binary.
+// Python modules mmmod._C and mmmod._C_cuda: importing one registers its kernels for the mmmod ops
+// (static initialisers in cpu_kernels.cpp / cuda_ops.cpp; the ops are defined by mmmod/ops.py)
+// and exposes the build record compiled into the binary.
 #include <Python.h>
 
 #if __has_include("mmmod_build_record.h")
@@ -24,6 +25,9 @@
 
 #if defined(MMMOD_CPU_KERNELS_API)
 #include "cpu_kernels.h"
+#include "ops.h"
+#else
+#include "cuda_api.h"
 #endif
 
 #define MMMOD_STR2(x) #x
@@ -41,10 +45,20 @@ int cpu_avx2_tu() {
 #endif
 }
 
+// Elements per chunk of this binary's kernels: the unit of their fixed work split (and of the
+// per-tensor statistics order), which tests need to place data across chunk boundaries.
+long long kernel_chunk() {
+#if defined(MMMOD_CPU_KERNELS_API)
+  return static_cast<long long>(mmmod::kChunkCpu);
+#else
+  return static_cast<long long>(MMMOD_CUDA_CHUNK);
+#endif
+}
+
 PyObject* build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i}", "backend", MMMOD_STR(MMMOD_BACKEND_NAME), "torch",
-                       MMMOD_TORCH_VERSION, "cuda", MMMOD_CUDA_VERSION, "source_hash",
-                       MMMOD_SOURCE_HASH, "avx2_kernels", cpu_avx2_tu());
+  return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i,s:L}", "backend", MMMOD_STR(MMMOD_BACKEND_NAME),
+                       "torch", MMMOD_TORCH_VERSION, "cuda", MMMOD_CUDA_VERSION, "source_hash",
+                       MMMOD_SOURCE_HASH, "avx2_kernels", cpu_avx2_tu(), "chunk", kernel_chunk());
 }
 
 #if defined(MMMOD_CPU_KERNELS_API)
@@ -58,7 +72,8 @@ PyObject* cpu_kernels(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "The build record compiled into this binary: backend, torch and CUDA versions, source hash."},
+     "The build record compiled into this binary: backend, torch and CUDA versions, source hash, "
+     "elements per kernel chunk."},
 #if defined(MMMOD_CPU_KERNELS_API)
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
      "The CPU kernel table in use ('avx2' or 'scalar') and whether AVX2 + FMA is supported."},

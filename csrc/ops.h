@@ -11,8 +11,8 @@ namespace mmmod {
 // Elements per chunk of the statistics and modulation passes. Fixed (never derived from the
 // number of threads or SMs), so per-tensor statistics are combined in the same order
 // everywhere and results do not depend on the thread count.
+// (The CUDA kernels' chunk is MMMOD_CUDA_CHUNK in cuda_api.h.) Reported by build_info().
 constexpr int64_t kChunkCpu = 1 << 14;
-constexpr int64_t kChunkCuda = 1 << 16;
 
 int method_code(const std::string& method);
 

@@ -107,7 +107,6 @@ class BucketMeta:
         self.meta = buf[:t]
         self.stats_map = buf[t:t + self.n_stats_chunks]
         self.noise_map = buf[t + self.n_stats_chunks:]
-        self.numels = [g.numel() for g in tensors]
 
 
 class MetaCache:

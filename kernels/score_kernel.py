@@ -22,9 +22,6 @@ import triton.language as tl
 
 from .utils import tanh_f32
 
-METHOD_NONE, METHOD_OGM, METHOD_MLB = 0, 1, 2
-
-
 @triton.jit
 def _scores_partial_kernel(zs, srows, scols, cs, labels, label_stride, partial, B, n_blocks,
                            M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):

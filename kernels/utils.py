@@ -1,8 +1,6 @@
 """Small Triton helpers shared by the kernels (no libdevice: they also run in the interpreter)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,10 +23,6 @@ TORCH_TO_TL = {
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -22,16 +22,6 @@ _PKG = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(os.path.dirname(_PKG), "csrc")
 _lock = threading.Lock()
 _cache: dict[str, tuple[object, str]] = {}
-_fakes_registered = False
-
-#: elements per chunk of the CUDA kernels (MMMOD_CUDA_CHUNK in csrc/cuda_api.h)
-CUDA_CHUNK = 1 << 16
-
-
-def table_words(ntensors, nchunks):
-    """int64 words of a bucket table (csrc/cuda_api.h: 2-word header, 5 per tensor, 2 per chunk)."""
-    return 2 + 5 * ntensors + 2 * nchunks
-
 
 def source_hash(csrc: str) -> str:
     """sha256 (16 hex digits) over the names and bytes of every file under ``csrc``."""
@@ -79,6 +69,15 @@ def _stale_reason(info: dict) -> str:
 def _import(name: str) -> tuple[object, str]:
     if os.environ.get("MMMOD_DISABLE_EXTENSION", "0") not in ("", "0"):
         return None, "disabled by MMMOD_DISABLE_EXTENSION=1"
+    # the record beside the binaries is checked before loading one: a binary built from other
+    # sources may register kernels for ops that no longer exist or have other schemas, and a
+    # registration error while a library loads cannot be caught
+    record = build_record()
+    if record is not None:
+        why = _stale_reason(record)
+        if why:
+            return None, why
+    define_ops()
     try:
         mod = importlib.import_module(name)
     except ImportError as e:
@@ -113,8 +112,6 @@ def load(backend: str = "cpu") -> tuple[object, str]:
             res = _load_cuda()
         else:
             res = (None, f"unknown extension backend {backend!r}")
-        if res[0] is not None:
-            _register_fakes()
         _cache[backend] = res
         return res
 
@@ -152,44 +149,13 @@ def _load_cuda() -> tuple[object, str]:
     return mod, ""
 
 
-def _register_fakes() -> None:
-    """Abstract (fake) implementations so torch.compile and opcheck can trace the ops."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    import torch
+def define_ops() -> None:
+    """Define the mmmod ops (schemas, fakes, reference implementations: :mod:`mmmod.ops`).
 
-    @torch.library.register_fake("mmmod::scores")
-    def _scores(logits, labels):
-        return labels.new_empty((len(logits),), dtype=torch.float32)
+    Runs before any binary is loaded: the binaries only register kernels for ops defined
+    here. ``import mmmod`` already did it; this covers a bare ``import mmmod._ext``."""
+    importlib.import_module("mmmod.ops")
 
-    @torch.library.register_fake("mmmod::coefficients")
-    def _coefficients(scores, method, alpha, beta_max):
-        torch._check(scores.dim() == 1, lambda: "scores must be 1-D")
-        return scores.new_empty(scores.shape, dtype=torch.float32)
 
-    @torch.library.register_fake("mmmod::modulate_")
-    def _modulate(tensors, offsets, k, gate, noise, scaled, seed, step, modality):
-        return None
-
-    @torch.library.register_fake("mmmod::modulate_.capturable")
-    def _modulate_capturable(tensors, offsets, k, gate, noise, scaled, seed, step, modality,
-                             table=None, step_tensor=None):
-        return None
-
-    @torch.library.register_fake("mmmod::bucket_table")
-    def _bucket_table(tensors, offsets):
-        torch._check(len(tensors) == len(offsets), lambda: "one offset per tensor")
-        torch._check(len(tensors) > 0, lambda: "no tensors")
-        nchunks = sum((t.numel() + CUDA_CHUNK - 1) // CUDA_CHUNK for t in tensors)
-        return tensors[0].new_empty((table_words(len(tensors), nchunks),), dtype=torch.int64)
-
-    @torch.library.register_fake("mmmod::bucket_std")
-    def _bucket_std(tensors):
-        return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
-
-    @torch.library.register_fake("mmmod::philox_normal_")
-    def _philox(out, seed, step, modality, offset):
-        return None
-
-    _fakes_registered = True
+#: the name the CUDA lane's tests (tests/test_cuda_build.py) call
+_register_fakes = define_ops

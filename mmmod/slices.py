@@ -32,9 +32,6 @@ class ParamSlice:
     def shape(self) -> torch.Size:
         return self.view(self.param.detach()).shape
 
-    def dim_count(self) -> int:
-        return self.param.dim()
-
     def numel(self) -> int:
         return self.view(self.param.detach()).numel()
 

@@ -3,14 +3,21 @@
 ``auto`` picks, for the device the data lives on: the compiled ``cuda`` extension, else
 ``triton``, else ``torch`` on GPUs; the compiled ``cpu`` extension, else ``torch`` on CPU. A
 fused backend that cannot be loaded is reported once with a warning naming why.
+
+A name is resolved once per (name, device, device_step) and the result cached: the functional
+API and the optimizer look a backend up for every bucket of every step. The cache is keyed on
+what availability depends on as well (MMMOD_DISABLE_EXTENSION, TRITON_INTERPRET, the
+``status`` function in use) and is dropped when a backend instance is replaced.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
 
+from .. import ops as _ops  # noqa: F401  (defines torch.ops.mmmod before any binary loads)
 from .base import Backend
 from .torch_backend import TorchBackend
 
@@ -21,7 +28,22 @@ _LAZY = {
     "cpu": ("mmmod.backends.extension_backend", "CpuBackend"),
     "cuda": ("mmmod.backends.extension_backend", "CudaBackend"),
 }
-_instances: dict[str, Backend] = {"torch": TorchBackend()}
+_resolved: dict[tuple, Backend] = {}
+
+
+class _Instances(dict):
+    """The loaded backends by name; replacing one (tests do) drops every cached resolution."""
+
+    def __setitem__(self, key, value):
+        _resolved.clear()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _resolved.clear()
+        super().__delitem__(key)
+
+
+_instances: dict[str, Backend] = _Instances(torch=TorchBackend())
 _warned: set[str] = set()
 
 
@@ -55,7 +77,19 @@ def get(name: str, device: torch.device | str | None = None, *,
     capturable step); ``auto`` then skips backends that would need its value on the host."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    if not isinstance(device, torch.device):
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    key = (name, device.type, device.index, device_step, status,
+           os.environ.get("MMMOD_DISABLE_EXTENSION"), os.environ.get("TRITON_INTERPRET"))
+    hit = _resolved.get(key)
+    if hit is not None:
+        return hit
+    impl = _resolve(name, device, device_step)
+    _resolved[key] = impl
+    return impl
+
+
+def _resolve(name: str, device: torch.device, device_step: bool) -> Backend:
     if name == "auto":
         return _auto(device, device_step)
     live, why = status(name)
@@ -81,5 +115,5 @@ def _auto(device: torch.device, device_step: bool = False) -> Backend:
     if key not in _warned:
         _warned.add(key)
         warnings.warn("mmmod: no fused backend for " + key + " (" + "; ".join(reasons)
-                      + "); using the plain-torch reference backend", RuntimeWarning, stacklevel=3)
+                      + "); using the plain-torch reference backend", RuntimeWarning, stacklevel=4)
     return _instances["torch"]

@@ -1,7 +1,8 @@
-"""``backend="cpu"`` and ``backend="cuda"``: the compiled C++/CUDA ops (``torch.ops.mmmod``).
+"""``backend="cpu"`` and ``backend="cuda"``: the compiled C++/CUDA kernels of the mmmod ops.
 
-Both call the same registered ops; the dispatcher picks the CPU or CUDA kernels from the
-tensors' device. Nothing here reads a device value on the host: ``k`` and ``gate`` stay 0-d
+Both call the ops of :mod:`mmmod.ops` (``torch.ops.mmmod``); the dispatcher picks the CPU or
+CUDA kernel the extension registered from the tensors' device (the backend is live only while
+that extension is loaded, so the ops' reference default never stands in for it). Nothing here reads a device value on the host: ``k`` and ``gate`` stay 0-d
 device tensors, seed/modality are passed as integers, the step as an integer or (``cuda``) a
 0-d device counter. :meth:`available` says why a backend is not live (extension not built,
 stale, no CUDA) and how to build it.
@@ -19,16 +20,8 @@ import torch
 
 from .. import _ext
 from ..reference.coefficients import METHODS
-from ..reference.philox import check_step
+from ..reference.philox import check_step, seed_int64
 from .base import Backend
-
-_U64 = (1 << 64) - 1
-
-
-def _seed64(seed: int) -> int:
-    """The reference's ``seed & (2**64 - 1)`` as the signed int64 the op schema carries."""
-    s = int(seed) & _U64
-    return s - (1 << 64) if s >= (1 << 63) else s
 
 
 class TableCache:
@@ -94,7 +87,7 @@ class _ExtensionBackend(Backend):
                                    f"backend 'triton' or 'torch' (or 'cuda' for CUDA data)")
             step = int(step)  # a CPU tensor: a plain memory read, not a device sync
         torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
-                                  noise_std == "scaled", _seed64(seed), int(step) & 0xFFFFFFFF,
+                                  noise_std == "scaled", seed_int64(seed), int(step) & 0xFFFFFFFF,
                                   int(modality) & 0xFFFFFFFF)
 
 
@@ -126,5 +119,5 @@ class CudaBackend(_ExtensionBackend):
             step = 0  # unused: the kernel reads step_tensor
         table = self.tables.get(tensors, offsets)
         torch.ops.mmmod.modulate_.capturable(
-            tensors, offsets, k, gate, bool(noise), noise_std == "scaled", _seed64(seed),
+            tensors, offsets, k, gate, bool(noise), noise_std == "scaled", seed_int64(seed),
             int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)

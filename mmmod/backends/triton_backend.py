@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..reference.philox import check_step
+from ..reference.philox import check_step, seed_int64
 from .base import Backend
 
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
@@ -272,9 +272,7 @@ class TritonBackend(Backend):
             K.stats._sigma_kernel, (meta.num_tensors,),
             meta.meta, part, k, gate, sigma, BLOCK=self.block, BLOCK_P=self.block_p,
             SCALED=noise_std == "scaled")
-        seed = int(seed) & ((1 << 64) - 1)
-        if seed >= 1 << 63:
-            seed -= 1 << 64  # same 64 bits as a signed value: the kernel argument stays int64
+        seed = seed_int64(seed)  # the kernel argument stays int64 (same 64 bits)
         step, step_ptr = self._step_args(step, device)
         _launch(
             K.modulate._modulate_noise_kernel, (meta.n_noise_chunks,), meta.meta, meta.noise_map,
@@ -310,10 +308,8 @@ class TritonBackend(Backend):
         k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
         gate = (torch.ones(1, dtype=torch.float32, device=device) if gate is None
                 else gate.detach().to(device=device, dtype=torch.float32).reshape(1))
-        offs, run = [], 0
-        for g in ts:
-            offs.append(run)
-            run += g.numel()
+        from ..functional import stream_offsets  # (functional imports this package)
+        offs = stream_offsets(ts)
         meta = self._cache.get(ts, offs, self.block, self.block_c)
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)

@@ -71,6 +71,13 @@ def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torc
     return r * torch.cos(th), r * torch.sin(th)
 
 
+def seed_int64(seed: int) -> int:
+    """The seed's low 64 bits (what the key uses) as a signed int64: the value the ops' ``int
+    seed`` argument and the Triton kernels' int64 seed carry, with the same bits."""
+    s = int(seed) & ((1 << 64) - 1)
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
 def check_step(step) -> None:
     """A step is a Python int or a 0-d integer tensor (a device counter)."""
     if isinstance(step, torch.Tensor) and (step.dim() != 0 or step.dtype.is_floating_point

@@ -1,0 +1,156 @@
+"""The mmmod operators (``torch.ops.mmmod``): defined here, once, when mmmod is imported.
+
+Each op has one schema, a fake (meta) implementation for torch.compile and
+``torch.library.opcheck``, and the plain-torch reference (:mod:`mmmod.reference`) as its
+default (``CompositeExplicitAutograd``) implementation, whether or not the C++ extension is
+built. The compiled extensions only add device kernels over these definitions
+(``TORCH_LIBRARY_IMPL(mmmod, CPU|CUDA, m)`` in csrc/cpu_kernels.cpp and csrc/cuda_ops.cpp), so
+loading them never re-defines an op; :mod:`mmmod._ext` imports this module before it loads a
+binary.
+
+No op reads a device value on the host: ``k`` and ``gate`` arrive as 0-d device tensors,
+seed/step/modality as integers (the step as a 0-d device counter in ``modulate_.capturable``).
+The two ops whose names start with ``_`` exist for the test suite and tools only.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+NAMESPACE = "mmmod"
+
+#: op name -> schema (the whole public surface, plus the private test ops)
+SCHEMAS = {
+    # s_m = sum_i softmax(logits[m])[i, labels[i]] as float32 [M]; NaN for out-of-range labels
+    "scores": "scores(Tensor[] logits, Tensor labels) -> Tensor",
+    # k [M] float32 from scores [M] (method: ogm, ogm_ge, mlb, none); NaN if any score is NaN
+    "coefficients": "coefficients(Tensor scores, str method, float alpha, float beta_max) -> Tensor",
+    # in place: g <- k g (+ gate sigma n) for one modality's bucket (mmmod.reference.modulate)
+    "modulate_": ("modulate_(Tensor(a!)[] tensors, int[] offsets, Tensor k, Tensor gate, "
+                  "bool noise, bool scaled, int seed, int step, int modality) -> ()"),
+    # the CUDA-graph capturable form of modulate_: `table` is the bucket's device metadata table
+    # from bucket_table (uploaded once, reused), `step_tensor` a 0-d integer counter whose value
+    # mod 2^32 replaces `step`, read by the kernel; with neither given it is modulate_
+    "modulate_.capturable": (
+        "modulate_.capturable(Tensor(a!)[] tensors, int[] offsets, Tensor k, Tensor gate, "
+        "bool noise, bool scaled, int seed, int step, int modality, Tensor? table=None, "
+        "Tensor? step_tensor=None) -> ()"),
+    # the device metadata table (int64 words) of a bucket for modulate_.capturable; CUDA only
+    "bucket_table": "bucket_table(Tensor[] tensors, int[] offsets) -> Tensor",
+    # (tests) unbiased float64 std of each tensor (0 below two elements), deterministic
+    "_bucket_std": "_bucket_std(Tensor[] tensors) -> Tensor",
+    # (tests) fill a float32 tensor with the Philox noise of stream elements offset ..
+    "_philox_normal_": ("_philox_normal_(Tensor(a!) out, int seed, int step, int modality, "
+                        "int offset) -> ()"),
+}
+
+#: elements per chunk of the CUDA kernels' bucket table (MMMOD_CUDA_CHUNK in csrc/cuda_api.h);
+#: the fake of bucket_table sizes its output with it
+CUDA_CHUNK = 1 << 16
+
+
+def table_words(ntensors: int, nchunks: int) -> int:
+    """int64 words of a bucket table (csrc/cuda_api.h: 2-word header, 5 per tensor, 2 per chunk)."""
+    return 2 + 5 * ntensors + 2 * nchunks
+
+
+def _defined() -> bool:
+    """Whether the schemas are registered already (a reload of this module must not re-define)."""
+    try:
+        torch.ops.mmmod.scores.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+# ---- the reference as the default implementation ----------------------------------------------
+def _scores_ref(logits, labels):
+    out = reference.scores(logits, labels)
+    return out.to(labels.device) if len(logits) == 0 else out
+
+
+def _coefficients_ref(scores, method, alpha, beta_max):
+    return reference.coefficients(scores, method, alpha, beta_max)
+
+
+def _modulate_ref(tensors, offsets, k, gate, noise, scaled, seed, step, modality):
+    reference.modulate_bucket_(tensors, offsets, k, gate, noise=noise,
+                               noise_std="scaled" if scaled else "raw", seed=seed, step=step,
+                               modality=modality)
+
+
+def _modulate_capturable_ref(tensors, offsets, k, gate, noise, scaled, seed, step, modality,
+                             table=None, step_tensor=None):
+    # the table only says where the tensors live: the reference walks the tensors themselves
+    _modulate_ref(tensors, offsets, k, gate, noise, scaled, seed,
+                  step if step_tensor is None else step_tensor, modality)
+
+
+def _bucket_std_ref(tensors):
+    out = [reference.tensor_std(t) for t in tensors]
+    if not out:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([s.to(out[0].device) for s in out])
+
+
+def _philox_normal_ref(out, seed, step, modality, offset):
+    out.copy_(reference.philox_normal(seed, step, modality, offset, out.numel(), out.device)
+              .view(out.shape))
+
+
+# ---- fakes (shapes and dtypes only) -----------------------------------------------------------
+def _scores_fake(logits, labels):
+    return labels.new_empty((len(logits),), dtype=torch.float32)
+
+
+def _coefficients_fake(scores, method, alpha, beta_max):
+    torch._check(scores.dim() == 1, lambda: "scores must be 1-D")
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+def _modulate_fake(tensors, offsets, k, gate, noise, scaled, seed, step, modality):
+    return None
+
+
+def _modulate_capturable_fake(tensors, offsets, k, gate, noise, scaled, seed, step, modality,
+                              table=None, step_tensor=None):
+    return None
+
+
+def _bucket_table_fake(tensors, offsets):
+    torch._check(len(tensors) == len(offsets), lambda: "one offset per tensor")
+    torch._check(len(tensors) > 0, lambda: "no tensors")
+    nchunks = sum((t.numel() + CUDA_CHUNK - 1) // CUDA_CHUNK for t in tensors)
+    return tensors[0].new_empty((table_words(len(tensors), nchunks),), dtype=torch.int64)
+
+
+def _bucket_std_fake(tensors):
+    return torch.empty((len(tensors),), dtype=torch.float64,
+                       device=tensors[0].device if tensors else "cpu")
+
+
+def _philox_normal_fake(out, seed, step, modality, offset):
+    return None
+
+
+_IMPLS = {
+    "scores": (_scores_ref, _scores_fake),
+    "coefficients": (_coefficients_ref, _coefficients_fake),
+    "modulate_": (_modulate_ref, _modulate_fake),
+    "modulate_.capturable": (_modulate_capturable_ref, _modulate_capturable_fake),
+    "bucket_table": (None, _bucket_table_fake),  # CUDA only: no default implementation
+    "_bucket_std": (_bucket_std_ref, _bucket_std_fake),
+    "_philox_normal_": (_philox_normal_ref, _philox_normal_fake),
+}
+
+if not _defined():
+    # FRAGMENT: the namespace is shared with the extensions' TORCH_LIBRARY_IMPL blocks; this
+    # library object lives as long as the module (dropping it would remove the definitions)
+    _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+    for _name, _schema in SCHEMAS.items():
+        _lib.define(_schema)
+    for _name, (_ref, _fake) in _IMPLS.items():
+        if _ref is not None:
+            _lib.impl(_name, _ref, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)
