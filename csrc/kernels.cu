@@ -4,16 +4,29 @@
 // Multi-tensor apply: one launch covers a whole bucket through a device-side metadata table
 // (header, tensors, chunks of MMMOD_CUDA_CHUNK elements with 64-bit starts; an empty tensor owns
 // no chunk, so nothing touches it). OGM-GE takes three launches and no host sync:
-//   1. stats:  one block per chunk -> (n, mean, M2) in float64 (two passes over the chunk,
-//              the second from L2), block reductions in a fixed tree;
-//   2. sigma:  one thread per tensor merges its chunk partials in chunk order (Chan et al.),
-//              reads k and gate from device memory, writes sigma;
+//   1. stats:  one block per chunk -> (n, mean, M2) in float64, in ONE pass over the chunk:
+//              each thread holds kVec elements per tile in registers, takes their exact
+//              two-pass moments there and merges them into its own running moments (Chan et
+//              al.); the block then merges its threads' moments in a fixed tree. (The previous
+//              kernel made a second pass over the chunk assuming it came from L2; with ~1,000
+//              resident blocks x 256 KB chunks it did not, and OGM-GE read g three times.)
+//   2. sigma:  one block per tensor merges its chunk moments (thread t: chunks t, t + 256, ...
+//              in order, then the same fixed tree), reads k and gate, writes sigma;
 //   3. apply:  one block per chunk, each thread one Philox counter group (4 elements):
 //              g <- float32(k g) + float32(sigma n); seed and modality are kernel arguments,
 //              the step either an argument or read from a device counter (CUDA graphs).
-// Results are deterministic: no atomics, fixed chunking independent of the GPU. Every launcher
-// checks for a launch error right after each launch, so an error is reported by the launch that
-// caused it (and a check never clears an error of an unrelated earlier launch unseen).
+// Vector accesses: a chunk whose tensor's data pointer is 16-byte aligned (checked per chunk on
+// the device, so a table built once serves both cases) reads and writes whole 16-byte vectors
+// (float4, 8 halves / bfloat16 as uint4, double2; the noise kernel 4 elements of its Philox
+// group: float4, 2 x half2 / __nv_bfloat162, 2 x double2, when the stream offset is a multiple
+// of 4); other chunks and a tensor's partial last tile take scalar accesses.
+// Bytes per step (benchmarks/byte_model.py, next to each kernel below): OGM-GE reads every
+// gradient element twice and writes it once (12 B/element in float32, the floor), plus ~80 B
+// per 64 K-element chunk of table and moments.
+// Results are deterministic: no atomics, fixed chunking and tiling independent of the GPU
+// (tests/test_byte_model.py replays the exact float64 merge order in numpy). Every launcher
+// checks for a launch error right after each launch, so an error is reported by the launch
+// that caused it (and a check never clears an error of an unrelated earlier launch unseen).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,36 +42,42 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Gradient and logit accesses. Their pointers come from the int64 table (or a plain argument),
+// so the compiler cannot infer the global address space and would emit generic LD/ST: the
+// ld.global.cg / st.global.cg intrinsics name it (cache in L2 only: each element is touched
+// once per kernel, nothing to keep in L1).
 template <typename T>
 struct Io;
 template <>
 struct Io<float> {
-  static __device__ __forceinline__ float load(const float* p) { return *p; }
-  static __device__ __forceinline__ double load_d(const float* p) { return static_cast<double>(*p); }
-  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+  static __device__ __forceinline__ float load(const float* p) { return __ldcg(p); }
+  static __device__ __forceinline__ double load_d(const float* p) { return static_cast<double>(__ldcg(p)); }
+  static __device__ __forceinline__ void store(float* p, float v) { __stcg(p, v); }
 };
 template <>
 struct Io<double> {
-  static __device__ __forceinline__ float load(const double* p) { return static_cast<float>(*p); }
-  static __device__ __forceinline__ double load_d(const double* p) { return *p; }
-  static __device__ __forceinline__ void store(double* p, float v) { *p = static_cast<double>(v); }
+  static __device__ __forceinline__ float load(const double* p) { return static_cast<float>(__ldcg(p)); }
+  static __device__ __forceinline__ double load_d(const double* p) { return __ldcg(p); }
+  static __device__ __forceinline__ void store(double* p, float v) { __stcg(p, static_cast<double>(v)); }
 };
 template <>
 struct Io<__half> {
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ float load(const __half* p) { return __half2float(__ldcg(p)); }
   static __device__ __forceinline__ double load_d(const __half* p) {
-    return static_cast<double>(__half2float(*p));
+    return static_cast<double>(__half2float(__ldcg(p)));
   }
-  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ void store(__half* p, float v) { __stcg(p, __float2half_rn(v)); }
 };
 template <>
 struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ __forceinline__ float load(const __nv_bfloat16* p) {
+    return __bfloat162float(__ldcg(p));
+  }
   static __device__ __forceinline__ double load_d(const __nv_bfloat16* p) {
-    return static_cast<double>(__bfloat162float(*p));
+    return static_cast<double>(__bfloat162float(__ldcg(p)));
   }
   static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
-    *p = __float2bfloat16_rn(v);
+    __stcg(p, __float2bfloat16_rn(v));
   }
 };
 
@@ -104,10 +123,153 @@ unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(n < 1 ? 1 : (n > cap ? cap : n));
 }
 
+// Elements per thread and tile of the statistics and scale kernels: one 16-byte vector of a
+// 16-bit type, two of float, four of double.
+constexpr int kVec = 8;
+constexpr int kTile = kThreads * kVec;
+
+// 16-byte vector access to kVec elements (p 16-byte aligned) and 4-element access (p aligned to
+// 4 elements' size) as float / double values.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  static __device__ __forceinline__ void load8(const float* p, double* v) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p)), b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void load4(const float* p, float* v) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  }
+  static __device__ __forceinline__ void store4(float* p, const float* v) {
+    __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  }
+};
+template <>
+struct Vec<double> {
+  static __device__ __forceinline__ void load8(const double* p, double* v) {
+    const double2* q = reinterpret_cast<const double2*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const double2 a = __ldcg(q + i);
+      v[2 * i] = a.x;
+      v[2 * i + 1] = a.y;
+    }
+  }
+  static __device__ __forceinline__ void load4(const double* p, float* v) {
+    const double2 a = __ldcg(reinterpret_cast<const double2*>(p)), b = __ldcg(reinterpret_cast<const double2*>(p) + 1);
+    v[0] = static_cast<float>(a.x); v[1] = static_cast<float>(a.y);
+    v[2] = static_cast<float>(b.x); v[3] = static_cast<float>(b.y);
+  }
+  static __device__ __forceinline__ void store4(double* p, const float* v) {
+    double2* q = reinterpret_cast<double2*>(p);
+    __stcg(q, make_double2(v[0], v[1]));
+    __stcg(q + 1, make_double2(v[2], v[3]));
+  }
+};
+template <>
+struct Vec<__half> {
+  static __device__ __forceinline__ void load8(const __half* p, double* v) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ void load4(const __half* p, float* v) {
+    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));  // 2 x __half2, one 8-byte access
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+    const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+  }
+  static __device__ __forceinline__ void store4(__half* p, const float* v) {
+    uint2 raw;
+    __half2* h = reinterpret_cast<__half2*>(&raw);
+    h[0] = __floats2half2_rn(v[0], v[1]);
+    h[1] = __floats2half2_rn(v[2], v[3]);
+    __stcg(reinterpret_cast<uint2*>(p), raw);
+  }
+};
+template <>
+struct Vec<__nv_bfloat16> {
+  static __device__ __forceinline__ void load8(const __nv_bfloat16* p, double* v) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
+    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));  // 2 x __nv_bfloat162, one 8-byte access
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+  }
+  static __device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
+    uint2 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+    h[0] = __floats2bfloat162_rn(v[0], v[1]);
+    h[1] = __floats2bfloat162_rn(v[2], v[3]);
+    __stcg(reinterpret_cast<uint2*>(p), raw);
+  }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Moments of cnt values held in registers by the exact two-pass formula (the values are read
+// once from memory): sum in index order, mean = sum / cnt, M2 = sum of squared deviations.
+__device__ __forceinline__ mmmod::Moments tile_moments(const double* v, int cnt) {
+  double s = 0.0;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) s = e < cnt ? __dadd_rn(s, v[e]) : s;
+  const double mean = s / static_cast<double>(cnt);
+  double q = 0.0;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const double d = __dadd_rn(v[e], -mean);
+    q = e < cnt ? __dadd_rn(q, __dmul_rn(d, d)) : q;
+  }
+  return mmmod::Moments{static_cast<double>(cnt), mean, q};
+}
+
+// Merge the block's per-thread moments in a fixed tree: lane i <- merge(lane i, lane i + off)
+// for off = 16, 8, 4, 2, 1, then warp results in warp order. The result is valid in thread 0;
+// the same shape for every launch (fixed blockDim), so the bits never depend on timing.
+__device__ mmmod::Moments block_merge(mmmod::Moments m, mmmod::Moments* shared) {
+  for (int off = 16; off > 0; off >>= 1) {
+    mmmod::Moments o;
+    o.n = __shfl_down_sync(0xffffffffu, m.n, off);
+    o.mean = __shfl_down_sync(0xffffffffu, m.mean, off);
+    o.m2 = __shfl_down_sync(0xffffffffu, m.m2, off);
+    m = mmmod::moments_merge(m, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = m;
+  __syncthreads();
+  mmmod::Moments total{0.0, 0.0, 0.0};
+  if (threadIdx.x == 0) {
+    const int nwarps = (blockDim.x + 31) >> 5;
+    for (int w = 0; w < nwarps; ++w) total = mmmod::moments_merge(total, shared[w]);
+  }
+  __syncthreads();  // shared is reused by the next call
+  return total;
+}
+
+// Bytes: reads the chunk once (n * sizeof(T)), 16 + 40 B of table per chunk, writes 24 B of
+// moments per chunk (benchmarks/byte_model.py cuda_stats).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const void* table, int64_t ntensors,
                                                          int64_t nchunks, mmmod::Moments* part) {
-  __shared__ double shared[33];
+  __shared__ mmmod::Moments shared[kThreads / 32];
   const Table tb = device_table(table, ntensors);
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const MmmodChunkMeta ch = tb.chunks[c];
@@ -115,44 +277,64 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const void* table, int6
     const int64_t rest = tm.numel - ch.start;
     const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
     const T* x = reinterpret_cast<const T*>(tm.ptr) + ch.start;
-    double s = 0.0;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) s += Io<T>::load_d(x + i);
-    const double mean = block_sum(s, shared) / static_cast<double>(len);
-    double q = 0.0;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      const double d = Io<T>::load_d(x + i) - mean;
-      q = __dadd_rn(q, __dmul_rn(d, d));
+    const bool vec = aligned16(x);
+    mmmod::Moments acc{0.0, 0.0, 0.0};
+#pragma unroll 1
+    for (int64_t base = 0; base < len; base += kTile) {
+      const int64_t first = base + static_cast<int64_t>(threadIdx.x) * kVec;
+      const int64_t left = len - first;
+      const int cnt = left >= kVec ? kVec : (left > 0 ? static_cast<int>(left) : 0);
+      if (cnt == 0) continue;
+      double v[kVec];
+      if (vec && cnt == kVec) {
+        Vec<T>::load8(x + first, v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[e] = e < cnt ? Io<T>::load_d(x + first + e) : 0.0;
+      }
+      acc = mmmod::moments_merge(acc, tile_moments(v, cnt));
     }
-    const double m2 = block_sum(q, shared);
-    if (threadIdx.x == 0) part[c] = mmmod::Moments{static_cast<double>(len), mean, m2};
+    const mmmod::Moments m = block_merge(acc, shared);
+    if (threadIdx.x == 0) part[c] = m;
   }
 }
 
-__device__ mmmod::Moments tensor_moments(const MmmodTensorMeta& tm, const mmmod::Moments* part) {
+// One block per tensor: thread t merges the tensor's chunks t, t + blockDim, ... in order, then
+// the block tree (block_merge). The result is in thread 0.
+__device__ mmmod::Moments tensor_moments(const MmmodTensorMeta& tm, const mmmod::Moments* part,
+                                         mmmod::Moments* shared) {
   mmmod::Moments m{0.0, 0.0, 0.0};
-  for (int64_t c = 0; c < tm.chunk_count; ++c) m = mmmod::moments_merge(m, part[tm.first_chunk + c]);
-  return m;
+  for (int64_t c = threadIdx.x; c < tm.chunk_count; c += blockDim.x) {
+    m = mmmod::moments_merge(m, part[tm.first_chunk + c]);
+  }
+  return block_merge(m, shared);
 }
 
-__global__ void sigma_kernel(const void* table, int64_t ntensors, const mmmod::Moments* part,
-                             const float* k, const float* gate, int scaled, float* sigma) {
+// Bytes: per tensor its 40 B entry, k and gate, 24 B of moments per chunk; writes sigma (4 B).
+__global__ void __launch_bounds__(kThreads) sigma_kernel(const void* table, int64_t ntensors,
+                                                         const mmmod::Moments* part, const float* k,
+                                                         const float* gate, int scaled,
+                                                         float* sigma) {
+  __shared__ mmmod::Moments shared[kThreads / 32];
   const Table tb = table_view(table);
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < ntensors;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    sigma[t] = mmmod::sigma_from_moments(tensor_moments(tb.tensors[t], part), scaled != 0, *k, *gate);
+  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+    const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
+    if (threadIdx.x == 0) sigma[t] = mmmod::sigma_from_moments(m, scaled != 0, *k, *gate);
   }
 }
 
-__global__ void std_kernel(const void* table, int64_t ntensors, const mmmod::Moments* part,
-                           double* out) {
+// Bytes: as sigma_kernel, writes the float64 std (8 B).
+__global__ void __launch_bounds__(kThreads) std_kernel(const void* table, int64_t ntensors,
+                                                       const mmmod::Moments* part, double* out) {
+  __shared__ mmmod::Moments shared[kThreads / 32];
   const Table tb = table_view(table);
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < ntensors;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const mmmod::Moments m = tensor_moments(tb.tensors[t], part);
-    out[t] = m.n >= 2 ? sqrt(m.m2 / (m.n - 1.0)) : 0.0;
+  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+    const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
+    if (threadIdx.x == 0) out[t] = m.n >= 2 ? sqrt(m.m2 / (m.n - 1.0)) : 0.0;
   }
 }
 
+// Bytes: reads and writes the chunk once, 56 B of table and k per chunk.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int64_t ntensors,
                                                          int64_t nchunks, const float* k) {
@@ -164,12 +346,30 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int6
     const int64_t rest = tm.numel - ch.start;
     const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
     T* x = reinterpret_cast<T*>(tm.ptr) + ch.start;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      Io<T>::store(x + i, mmmod::scale_value(Io<T>::load(x + i), kv));
+    if (aligned16(x)) {
+      // 4 elements per access: 16 B for float, 8 B (2 x half2) for 16-bit types, 2 x 16 B
+      // for double; the tail (len % 4) scalar
+      const int64_t groups = len >> 2;
+#pragma unroll 1
+      for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+        float v[4];
+        Vec<T>::load4(x + 4 * gi, v);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = mmmod::scale_value(v[e], kv);
+        Vec<T>::store4(x + 4 * gi, v);
+      }
+      for (int64_t i = 4 * groups + threadIdx.x; i < len; i += blockDim.x) {
+        Io<T>::store(x + i, mmmod::scale_value(Io<T>::load(x + i), kv));
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+        Io<T>::store(x + i, mmmod::scale_value(Io<T>::load(x + i), kv));
+      }
     }
   }
 }
 
+// Bytes: reads and writes the chunk once, 56 B of table, k and sigma per chunk (8 B step).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int64_t ntensors,
                                                          int64_t nchunks, const float* k,
@@ -190,9 +390,22 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int6
     const uint64_t p0 = static_cast<uint64_t>(tm.offset) + static_cast<uint64_t>(ch.start);
     const uint64_t q0 = p0 >> 2;
     const uint64_t groups = ((p0 + static_cast<uint64_t>(len) - 1) >> 2) - q0 + 1;
+    // a Philox group is 4 consecutive elements in memory when the chunk starts on a group
+    const bool vec = (p0 & 3u) == 0 && aligned16(x);
+#pragma unroll 1
     for (uint64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
       const uint64_t q = q0 + gi;
       const mmmod::F32x4 z = mmmod::philox_normal4(seed, step, modality, q);
+      if (vec && 4 * gi + 4 <= static_cast<uint64_t>(len)) {
+        float v[4];
+        Vec<T>::load4(x + 4 * gi, v);
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) {
+          v[lane] = mmmod::modulate_value(v[lane], kv, sg, mmmod::f32x4_get(z, lane));
+        }
+        Vec<T>::store4(x + 4 * gi, v);
+        continue;
+      }
 #pragma unroll
       for (int lane = 0; lane < 4; ++lane) {
         const uint64_t p = 4 * q + static_cast<uint64_t>(lane);
@@ -319,8 +532,8 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
   }
   rc = stats(table, ntensors, nchunks, dtype, part, st);
   if (rc) return rc;
-  sigma_kernel<<<grid_for((ntensors + 127) / 128), 128, 0, st>>>(table, ntensors, part, k, gate,
-                                                                  scaled, sigma);
+  sigma_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, k, gate, scaled,
+                                                         sigma);
   rc = launch_status();
   if (rc) return rc;
   rc = dispatch(dtype, [&](auto* tag) {
@@ -338,7 +551,7 @@ int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, 
   mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
   const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
   if (rc) return rc;
-  std_kernel<<<grid_for((ntensors + 127) / 128), 128, 0, st>>>(table, ntensors, part, out);
+  std_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
   return launch_status();
 }
 

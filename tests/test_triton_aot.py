@@ -81,6 +81,7 @@ def test_launch_matrix_covers_what_the_launchers_produce(report):
     for kernel in ("_scale_kernel", "_modulate_noise_kernel", "_stats_partial_kernel"):
         assert seen[(kernel, "DT")] == all_dt
         assert seen[(kernel, "enable_fp_fusion")] == {False}
+        assert seen[(kernel, "ALIGNED")] == {True, False}
     assert seen[("_scale_kernel", "FLAT")] == {True, False}
     assert seen[("_modulate_noise_kernel", "STEP_PTR")] == {True, False}
     assert seen[("_sigma_kernel", "SCALED")] == {True, False}
@@ -163,3 +164,75 @@ def test_seed_and_step_crossing_2_31_add_no_compile_variant(tmp_path):
     assert out["launches"] == 10
     assert out["variants"] == 1
     assert out["sig"] == {"seed": "i64", "step": "i64", "modality": "i32"}
+
+
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+
+
+def _kwargs(report, r):
+    kw = next(u for u in report["units"] if u["id"] == r["unit"])["launch"]["kwargs"]
+    return {k: (v["tl_dtype"] if isinstance(v, dict) else v) for k, v in kw.items()}
+
+
+def _bytes_per_thread(r, kw):
+    """(elements a thread holds in one program, bytes per element) of a gradient kernel."""
+    threads = 32 * kw["num_warps"]
+    per_prog = 4 * kw["BLOCK_C"] if r["kernel"] == "_modulate_noise_kernel" else kw["BLOCK"]
+    return per_prog // threads, ELEMENT_BYTES[kw["DT"]]
+
+
+def _vector_bytes(r, op):
+    return 16 * r["global_access"][op].get("16", 0)
+
+
+def test_aligned_inputs_take_16_byte_accesses(report):
+    """On aligned inputs the modulation and statistics kernels read (and the modulation kernels
+    write) every element of a full chunk through 16-byte vector accesses, exactly once: the
+    16-byte instructions of the PTX carry elements-per-thread x element-size bytes. Without
+    the alignment hint (table pointers carry none) they fall back to scalar accesses: the
+    unaligned variants have no 16-byte access to the gradient, which shows the check can fail."""
+    checked = {True: 0, False: 0}
+    for r in _ok(report):
+        if r["kernel"] not in MODULATION + STATISTICS or r["kernel"] == "_sigma_kernel":
+            continue
+        kw = _kwargs(report, r)
+        if kw.get("FLAT"):
+            continue  # a flat range's alignment is the argument's own specialisation
+        elems, size = _bytes_per_thread(r, kw)
+        where = (r["kernel"], r["cc"], r["label"])
+        if kw["ALIGNED"]:
+            assert _vector_bytes(r, "ld") == elems * size, where
+            if r["kernel"] in MODULATION:
+                assert _vector_bytes(r, "st") == elems * size, where
+        else:
+            assert _vector_bytes(r, "ld") == 0 and _vector_bytes(r, "st") == 0, where
+        checked[kw["ALIGNED"]] += 1
+    assert checked[True] >= 12 and checked[False] >= 3, checked
+
+
+def test_ogm_ge_reads_a_gradient_twice_and_writes_it_once(report):
+    """The OGM-GE launches of one aligned bucket (statistics, sigma, noisy rescale) read each
+    gradient element twice and write it once, counted from the compiled PTX (16-byte accesses
+    per thread over the bytes a thread owns), and the byte model (benchmarks/byte_model.py)
+    says the same: 12 B/element for float32."""
+    from benchmarks import byte_model
+    reads = {}
+    writes = {}
+    for r in _ok(report):
+        kw = _kwargs(report, r)
+        if r["cc"] != 90 or not kw.get("ALIGNED") or kw.get("FLAT"):
+            continue
+        if r["kernel"] not in ("_stats_partial_kernel", "_modulate_noise_kernel"):
+            continue  # _sigma_kernel reads partials only, never a gradient
+        elems, size = _bytes_per_thread(r, kw)
+        key = (r["kernel"], kw["DT"])
+        reads[key] = _vector_bytes(r, "ld") / (elems * size)
+        writes[key] = _vector_bytes(r, "st") / (elems * size)
+    for dt, size in ELEMENT_BYTES.items():
+        total_reads = reads[("_stats_partial_kernel", dt)] + reads[("_modulate_noise_kernel", dt)]
+        total_writes = (writes[("_stats_partial_kernel", dt)]
+                        + writes[("_modulate_noise_kernel", dt)])
+        assert total_reads == 2 and total_writes == 1, (dt, reads, writes)
+        traffic = byte_model.triton_modulation([5000, 7, 3], size, noise=True)
+        assert byte_model.grad_reads_per_elem(traffic, 5010, size) == total_reads
+        assert sum(t.grad_written for t in traffic) == total_writes * 5010 * size
