@@ -89,7 +89,7 @@ def test_noise_matches_reference(cuda, seed, dtype, noise_std):
 def test_philox_normal_and_determinism(cuda, seed):
     for off in (0, 3, (1 << 34) + 1):
         out = torch.empty(CHUNK + 11, device="cuda")
-        torch.ops.mmmod.philox_normal_(out, seed, 5, 2, off)
+        torch.ops.mmmod._philox_normal_(out, seed, 5, 2, off)
         want = philox.philox_normal(seed, 5, 2, off, out.numel())
         assert ((out.cpu() - want).abs() <= 1e-6 * want.abs() + 1e-7).all()
     g = torch.randn(5 * CHUNK + 3, device="cuda")
@@ -98,7 +98,7 @@ def test_philox_normal_and_determinism(cuda, seed):
         x = g.clone()
         cuda.modulate_bucket_([x], [0], torch.tensor(0.3, device="cuda"), torch.tensor(1.0, device="cuda"),
                               noise=True, noise_std="raw", seed=seed, step=1, modality=0)
-        runs.append((x, torch.ops.mmmod.bucket_std([g])))
+        runs.append((x, torch.ops.mmmod._bucket_std([g])))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     torch.testing.assert_close(runs[0][1].cpu(), reference.modulate.tensor_std(g.cpu()).reshape(1),
                                rtol=1e-10, atol=0)
@@ -132,7 +132,7 @@ def test_more_than_2_31_elements(cuda, seed):
                           noise=False, noise_std="raw", seed=seed, step=0, modality=0)
     assert g[-1].item() == 1.0 and g[0].item() == 0.5 and g[(1 << 31) + 3].item() == 0.5
     z = torch.empty(8, device="cuda")
-    torch.ops.mmmod.philox_normal_(z, seed, 0, 0, (1 << 31) - 4)
+    torch.ops.mmmod._philox_normal_(z, seed, 0, 0, (1 << 31) - 4)
     want = philox.philox_normal(seed, 0, 0, (1 << 31) - 4, 8)
     assert ((z.cpu() - want).abs() <= 1e-6 * want.abs() + 1e-7).all()
     del g
@@ -221,7 +221,7 @@ def test_pinned_upload_paths_refuse_capture(seed):
     k, gate = torch.tensor(0.5, device="cuda"), torch.tensor(1.0, device="cuda")
     torch.cuda.synchronize()
     for call in (lambda: torch.ops.mmmod.modulate_([x], [0], k, gate, True, False, seed, 0, 0),
-                 lambda: torch.ops.mmmod.bucket_std([x]),
+                 lambda: torch.ops.mmmod._bucket_std([x]),
                  lambda: torch.ops.mmmod.bucket_table([x], [0])):
         graph = torch.cuda.CUDAGraph()
         with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
@@ -248,5 +248,64 @@ def test_opcheck_cuda(seed):
     opcheck(torch.ops.mmmod.modulate_.capturable,
             (ts, [0, 5], torch.tensor(0.5, device=d), torch.tensor(1.0, device=d), True, False, seed,
              0, 1, table, torch.tensor(3, device=d)))
-    opcheck(torch.ops.mmmod.bucket_std.default, ([torch.randn(7, device=d)],))
-    opcheck(torch.ops.mmmod.philox_normal_.default, (torch.empty(11, device=d), seed, 2, 0, 3))
+    opcheck(torch.ops.mmmod._bucket_std.default, ([torch.randn(7, device=d)],))
+    opcheck(torch.ops.mmmod._philox_normal_.default, (torch.empty(11, device=d), seed, 2, 0, 3))
+
+
+# ------------------------------------------------------------- single-pass statistics, vectors
+def test_bucket_std_is_the_single_pass_merge_order_bit_for_bit(seed):
+    """The float64 std of the CUDA kernels equals the numpy replay of their merge order
+    (tests/test_byte_model.py cuda_std) bit for bit, for sizes around the tile (2048) and chunk
+    (65536) boundaries and every dtype (the model's float32 sigma equals the reference's:
+    tests/test_byte_model.py)."""
+    from test_byte_model import cuda_std
+    g = torch.Generator().manual_seed(seed)
+    for n in (1, 2, 9, 2047, 2049, 65536, 65537, 3 * 65536 + 5, 1_000_003):
+        for dtype in DTYPES:
+            x = (torch.randn(n, generator=g) * 0.01 + 0.3).to(dtype)
+            got = torch.ops.mmmod._bucket_std([x.cuda()]).cpu()
+            assert got.item() == cuda_std(x.double().numpy()), (n, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_and_scalar_paths_give_the_same_bits(cuda, dtype, seed):
+    """Aligned chunks (16-byte pointer, stream offset % 4 == 0) take the vector accesses, the
+    same data one element off takes the scalar ones: identical results, equal to the reference
+    for the noise-free scaling, and every tensor size around the 4-element groups and tiles."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [4, 2048, 65536 + 8, 13, 2051]
+    src = [(torch.randn(n, generator=g) * 0.2).to(dtype) for n in sizes]
+    offs = offsets_of(src)
+    for noise in (False, True):
+        outs = []
+        for shift in (0, 1):
+            store = torch.empty(sum(sizes) + 16 * len(sizes) + 1, dtype=dtype, device="cuda")
+            ts, pos = [], shift
+            for x in src:
+                t = store[pos:pos + x.numel()]
+                t.copy_(x.cuda())
+                ts.append(t)
+                pos += -(-x.numel() // 16) * 16
+            assert all((t.data_ptr() % 16 == 0) == (shift == 0) for t in ts)
+            cuda.modulate_bucket_(ts, offs, torch.tensor(0.6, device="cuda"),
+                                  torch.tensor(1.0, device="cuda"), noise=noise, noise_std="raw",
+                                  seed=seed, step=4, modality=1)
+            outs.append([t.cpu() for t in ts])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), (noise, dtype)
+        if not noise:
+            ref = [x.clone() for x in src]
+            reference.modulate_bucket_(ref, offs, torch.tensor(0.6), torch.tensor(1.0),
+                                       noise=False, noise_std="raw", seed=seed, step=4, modality=1)
+            for a, r in zip(outs[0], ref):
+                assert torch.equal(a, r)
+
+
+def test_single_pass_reads_large_tensors_correctly(cuda):
+    """Statistics over many chunks: one block per tensor merges them (chunks > 256 per tensor
+    exercise the per-thread chunk loop); sigma equals the reference."""
+    x = torch.randn(300 * 65536 + 17) * 0.05 + 1.0
+    got = torch.ops.mmmod._bucket_std([x.cuda()]).cpu()
+    from test_byte_model import cuda_std
+    assert got.item() == cuda_std(x.double().numpy())
+    torch.testing.assert_close(got[0], reference.tensor_std(x), rtol=1e-12, atol=0)
