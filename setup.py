@@ -177,12 +177,19 @@ def _extension():
     return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
+def _version() -> str:
+    """The one version string, mmmod/_version.py (read as text: mmmod is not importable here)."""
+    import re
+    with open(os.path.join(ROOT, "mmmod", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 if os.environ.get("MMMOD_NO_EXTENSION", "0") in ("", "0"):
     ext_modules, cmdclass = _extension()
 
 setup(
     name="mmmod",
-    version="0.1.0",
+    version=_version(),
     description="Fast, exact, drop-in multimodal gradient modulation (OGM-GE, MLB) for PyTorch",
     # every subpackage under mmmod/ (found, so a new one cannot be left out of the wheel), and
     # the Triton kernels from kernels/ as mmmod.kernels

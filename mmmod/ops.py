@@ -144,13 +144,23 @@ _IMPLS = {
     "_philox_normal_": (_philox_normal_ref, _philox_normal_fake),
 }
 
+# FRAGMENT: the namespace is shared with the extensions' TORCH_LIBRARY_IMPL blocks; this library
+# object lives as long as the module (dropping it would remove what it registered)
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 if not _defined():
-    # FRAGMENT: the namespace is shared with the extensions' TORCH_LIBRARY_IMPL blocks; this
-    # library object lives as long as the module (dropping it would remove the definitions)
-    _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
     for _name, _schema in SCHEMAS.items():
         _lib.define(_schema)
     for _name, (_ref, _fake) in _IMPLS.items():
         if _ref is not None:
             _lib.impl(_name, _ref, "CompositeExplicitAutograd")
         torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)
+
+
+def register_kernels(dispatch_key: str, kernels: dict) -> None:
+    """Register Python kernels (op name -> function with the op's signature) for a dispatch key
+    of the ops defined here: the Triton backend's kernels as the ``CUDA`` implementation when
+    the CUDA extension is not loaded (``mmmod.backends.triton_backend``)."""
+    for name, fn in kernels.items():
+        if name not in SCHEMAS:
+            raise ValueError(f"mmmod defines no op {name!r}")
+        _lib.impl(name, fn, dispatch_key)

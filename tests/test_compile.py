@@ -19,7 +19,16 @@ from _dist_utils import one_thread
 pytestmark = [pytest.mark.filterwarnings("ignore:mmmod. no fused backend"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
-TRACEABLE = ["torch"] + [b for b in ("cpu",) if backends.status(b)[0]]
+# on a GPU: the CUDA extension, and triton where its kernels are the CUDA implementation of the
+# ops (no CUDA extension loaded); the triton path on the CPU interpreter is traced in test_ops.py
+TRACEABLE = (["torch"] + [b for b in ("cpu",) if backends.status(b)[0]]
+             + [b for b in ("cuda",) if torch.cuda.is_available() and backends.status(b)[0]]
+             + [b for b in ("triton",) if torch.cuda.is_available() and backends.status(b)[0]
+                and "cuda" in backends._load(b).op_device_types])
+
+
+def _dev(backend):
+    return torch.device("cuda" if backend in ("cuda", "triton") else "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -97,14 +106,15 @@ def _explain_no_breaks(fn, *args):
 
 @pytest.mark.parametrize("backend", TRACEABLE)
 def test_functional_calls_have_no_graph_breaks(seed, backend):
-    zs = [torch.randn(6, 5), torch.randn(6, 7), torch.randn(6, 3)]
-    y = torch.randint(0, 3, (6,))
+    d = _dev(backend)
+    zs = [torch.randn(6, 5, device=d), torch.randn(6, 7, device=d), torch.randn(6, 3, device=d)]
+    y = torch.randint(0, 3, (6,), device=d)
     _explain_no_breaks(lambda zs, y: functional.scores(zs, y, backend=backend), zs, y)
-    s = torch.rand(3) * 6
+    s = torch.rand(3, device=d) * 6
     for method in ("ogm_ge", "mlb"):
         _explain_no_breaks(lambda s: functional.coefficients(s, method, backend=backend), s)
-    grads = [torch.randn(4, 3, 3, 3), torch.randn(5, 4), torch.randn(7)]
-    k = torch.tensor([0.4, 1.0])
+    grads = [torch.randn(4, 3, 3, 3, device=d), torch.randn(5, 4, device=d), torch.randn(7, device=d)]
+    k = torch.tensor([0.4, 1.0], device=d)
     _explain_no_breaks(lambda g0, g1, g2, k: functional.modulate_(
         [[g0, g1], [g2]], k, noise=True, seed=seed, step=3, backend=backend), *grads, k)
 
@@ -118,8 +128,9 @@ def test_fullgraph_functional_step_matches_eager(seed, backend):
         functional.modulate_([[g0, g1], [g2]], k, noise=True, seed=seed, step=5, backend=backend)
         return s, k
 
-    args = [torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,)),
-            torch.randn(4, 3, 3, 3), torch.randn(5, 4), torch.randn(7)]
+    args = [t.to(_dev(backend)) for t in (
+        torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,)),
+        torch.randn(4, 3, 3, 3), torch.randn(5, 4), torch.randn(7))]
     eager_args = [a.clone() for a in args]
     s, k = torch.compile(fused, backend="eager", fullgraph=True)(*args)
     s_e, k_e = fused(*eager_args)

@@ -2,10 +2,11 @@
 
 Both call the ops of :mod:`mmmod.ops` (``torch.ops.mmmod``); the dispatcher picks the CPU or
 CUDA kernel the extension registered from the tensors' device (the backend is live only while
-that extension is loaded, so the ops' reference default never stands in for it). Nothing here reads a device value on the host: ``k`` and ``gate`` stay 0-d
-device tensors, seed/modality are passed as integers, the step as an integer or (``cuda``) a
-0-d device counter. :meth:`available` says why a backend is not live (extension not built,
-stale, no CUDA) and how to build it.
+that extension is loaded, so the ops' reference default never stands in for it). Nothing here
+reads a device value on the host: ``k`` and ``gate`` stay 0-d device tensors, seed/modality
+are passed as integers, the step as an integer or (``cuda``) a 0-d device counter.
+:meth:`available` says why a backend is not live (extension not built, stale, no CUDA) and how
+to build it.
 
 ``cuda`` is CUDA-graph capturable: each bucket's metadata table (pointers, sizes, stream
 offsets) is uploaded once by ``mmmod::bucket_table`` and kept on the device in

@@ -97,6 +97,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _cuda_ops_unclaimed(backend) -> bool:
+    """Whether the mmmod ops need a CUDA implementation from Triton: a CUDA device and Triton
+    are there but the CUDA extension is not loaded (``_ext.load`` caches its answer, so the
+    extension cannot appear later in this process)."""
+    if not torch.cuda.is_available() or not backend.available()[0]:
+        return False
+    from .. import _ext
+    return _ext.load("cuda")[0] is None
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -116,6 +126,24 @@ class TritonBackend(Backend):
     def __init__(self):
         self._k = None
         self._cache = None
+        #: device types whose implementation of the mmmod ops are these kernels (CUDA when the
+        #: CUDA extension is not loaded): calls on such data go through ``torch.ops.mmmod``,
+        #: opaque ops that torch.compile traces without a graph break; elsewhere (the CPU
+        #: interpreter, or next to the CUDA extension) the kernels are launched directly
+        self.op_device_types = frozenset()
+        if _cuda_ops_unclaimed(self):
+            self.register_op_kernels("cuda")
+
+    def register_op_kernels(self, device_type: str) -> None:
+        """Make these kernels the ``device_type`` implementation of the mmmod ops."""
+        from .. import ops
+        ops.register_kernels(device_type.upper(), {
+            "scores": self._op_scores,
+            "coefficients": self._op_coefficients,
+            "modulate_": self._op_modulate,
+            "modulate_.capturable": self._op_modulate_capturable,
+        })
+        self.op_device_types = self.op_device_types | {device_type}
 
     # -- availability ---------------------------------------------------------------------
     def available(self):
@@ -175,6 +203,11 @@ class TritonBackend(Backend):
 
     def scores(self, logits, labels):
         logits = list(logits)
+        if labels.device.type in self.op_device_types:
+            return torch.ops.mmmod.scores(logits, labels)
+        return self._scores_kernel(logits, labels)
+
+    def _scores_kernel(self, logits, labels):
         with _on(labels.device):
             scores, _ = self._launch_scores(logits, labels, 0, 0.0, 0.0, want_k=False)
         return scores
@@ -188,6 +221,11 @@ class TritonBackend(Backend):
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
     def coefficients(self, scores, method, alpha, beta_max):
+        if scores.device.type in self.op_device_types:
+            return torch.ops.mmmod.coefficients(scores, method, float(alpha), float(beta_max))
+        return self._coefficients_kernel(scores, method, alpha, beta_max)
+
+    def _coefficients_kernel(self, scores, method, alpha, beta_max):
         if scores.dim() != 1:
             raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape "
                              f"{tuple(scores.shape)}")
@@ -218,6 +256,19 @@ class TritonBackend(Backend):
     # -- modulation ------------------------------------------------------------------------
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step,
                          modality):
+        if tensors and tensors[0].device.type in self.op_device_types:
+            args = (list(tensors), [int(o) for o in offsets], k, gate, bool(noise),
+                    noise_std == "scaled", seed_int64(seed))
+            if isinstance(step, torch.Tensor):
+                torch.ops.mmmod.modulate_.capturable(*args, 0, int(modality) & _MASK32, None,
+                                                     step)
+            else:
+                torch.ops.mmmod.modulate_(*args, int(step) & _MASK32, int(modality) & _MASK32)
+            return
+        self._modulate_kernels(tensors, offsets, k, gate, noise, noise_std, seed, step, modality)
+
+    def _modulate_kernels(self, tensors, offsets, k, gate, noise, noise_std, seed, step,
+                          modality):
         if tensors and tensors[0].device.type == "cuda":
             with _on(tensors[0].device):
                 return self._modulate(tensors, offsets, k, gate, noise, noise_std, seed, step,
@@ -279,6 +330,25 @@ class TritonBackend(Backend):
             k, sigma, seed, step, step_ptr, int(modality), BLOCK_C=self.block_c, DT=DT,
             STEP_PTR=step_ptr is not None, ALIGNED=aligned and all(o % 4 == 0 for o in offs),
             num_warps=self.noise_warps)
+
+    # -- the CUDA implementation of the mmmod ops (signatures of mmmod/ops.py) -----------------
+    def _op_scores(self, logits, labels):
+        return self._scores_kernel(list(logits), labels)
+
+    def _op_coefficients(self, scores, method, alpha, beta_max):
+        return self._coefficients_kernel(scores, method, alpha, beta_max)
+
+    def _op_modulate(self, tensors, offsets, k, gate, noise, scaled, seed, step, modality):
+        self._modulate_kernels(tensors, offsets, k, gate, noise, "scaled" if scaled else "raw",
+                               seed, step, modality)
+
+    def _op_modulate_capturable(self, tensors, offsets, k, gate, noise, scaled, seed, step,
+                                modality, table=None, step_tensor=None):
+        if table is not None:
+            raise ValueError("mmmod.modulate_: the Triton kernels keep their own bucket tables "
+                             "(table must be None)")
+        self._modulate_kernels(tensors, offsets, k, gate, noise, "scaled" if scaled else "raw",
+                               seed, step if step_tensor is None else step_tensor, modality)
 
     @staticmethod
     def _step_args(step, device):
