@@ -5,9 +5,10 @@
 fused backend that cannot be loaded is reported once with a warning naming why.
 
 A name is resolved once per (name, device, device_step) and the result cached: the functional
-API and the optimizer look a backend up for every bucket of every step. The cache is keyed on
-what availability depends on as well (MMMOD_DISABLE_EXTENSION, TRITON_INTERPRET, the
-``status`` function in use) and is dropped when a backend instance is replaced.
+API and the optimizer look a backend up for every bucket of every step. The key also holds
+what else an answer depends on (the ``status`` function in use; TRITON_INTERPRET for triton;
+the extensions' availability is fixed once ``mmmod._ext`` has loaded them), and the cache is
+dropped when a backend instance is replaced.
 """
 from __future__ import annotations
 
@@ -75,17 +76,21 @@ def get(name: str, device: torch.device | str | None = None, *,
 
     ``device_step``: the caller passes the Philox step as a device tensor (a CUDA-graph
     capturable step); ``auto`` then skips backends that would need its value on the host."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    if not isinstance(device, torch.device):
-        device = torch.device(device) if device is not None else torch.device("cpu")
-    key = (name, device.type, device.index, device_step, status,
-           os.environ.get("MMMOD_DISABLE_EXTENSION"), os.environ.get("TRITON_INTERPRET"))
-    hit = _resolved.get(key)
+    key = (name, device, device_step, status)
+    if name == "triton":  # whether it runs on CPU tensors is decided by TRITON_INTERPRET
+        key += (os.environ.get("TRITON_INTERPRET"),)
+    try:
+        hit = _resolved.get(key)
+    except TypeError:  # an unhashable argument: refused below
+        hit = key = None
     if hit is not None:
         return hit
-    impl = _resolve(name, device, device_step)
-    _resolved[key] = impl
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    dev = device if isinstance(device, torch.device) else torch.device(device or "cpu")
+    impl = _resolve(name, dev, device_step)
+    if key is not None:
+        _resolved[key] = impl
     return impl
 
 
