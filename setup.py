@@ -144,7 +144,7 @@ def _extension():
         "mmmod._C",
         # vec_avx2.cpp sorts last (ninja links objects by name): the linker keeps the baseline
         # (non-AVX2) copy of any inline function shared with the other objects
-        sources=rel("ops.cpp", "checks.cpp", "cpu_kernels.cpp", "module.cpp", "vec_avx2.cpp"),
+        sources=rel("checks.cpp", "cpu_kernels.cpp", "module.cpp", "vec_avx2.cpp"),
         include_dirs=include,
         define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
                                  ("MMMOD_CPU_KERNELS_API", None)],

@@ -28,7 +28,7 @@ needs_cuda_torch = pytest.mark.skipif(
 # set by the lane: there the extension must be built, so a missing one fails instead of skipping
 EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
 OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
-       "bucket_std", "philox_normal_")
+       "_bucket_std", "_philox_normal_")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,8 +138,8 @@ def test_opcheck_fake_implementations_on_meta(cuda_ext):
              torch.empty(2 + 5 * 2 + 2 * 2, dtype=torch.long, device=d),
              torch.empty((), dtype=torch.long, device=d)))
     opcheck(ops.bucket_table.default, (ts, offs))
-    opcheck(ops.bucket_std.default, (ts,))
-    opcheck(ops.philox_normal_.default, (torch.empty(11, device=d), 7, 2, 0, 3))
+    opcheck(ops._bucket_std.default, (ts,))
+    opcheck(ops._philox_normal_.default, (torch.empty(11, device=d), 7, 2, 0, 3))
 
 
 @needs_cuda_torch
@@ -164,7 +164,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
         assert table.shape == (2 + 5 * 3 + 2 * 3,)
         ops.modulate_.capturable(ts, [0, 70000, 70000], k[0], k[1], True, False, 1, 0, 0, table,
                                  torch.empty((), dtype=torch.long, device="cuda"))
-        std = ops.bucket_std(ts)
+        std = ops._bucket_std(ts)
         assert std.dtype == torch.float64 and std.shape == (3,)
 
 

@@ -1,7 +1,7 @@
 """mmmod.monitor: the per-step history, its loggers and the plot command.
 
-The recorder is wired to a real ModulatedOptimizer with ``mmmod.monitor.attach`` (the interim
-wiring until the optimizer takes ``history=`` itself), so these tests run real training steps.
+The recorder is the optimizer's own (``ModulatedOptimizer(..., history=N)``; ``attach`` installs
+one into an existing optimizer), so these tests run real training steps.
 """
 import csv
 import math
@@ -27,8 +27,8 @@ def _train(method, steps, capacity=64, m=2, seed=0, nan_at=(), epochs_at=None, *
     torch.manual_seed(seed)
     model = TwoEncoder(m=m)
     opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), m=m,
-                      method=method, backend="torch", **kw)
-    rec = attach(opt, Recorder(names, capacity))
+                      method=method, backend="torch", history=capacity, **kw)
+    rec = opt.recorder
     g = torch.Generator().manual_seed(seed)
     truth = []
     for i in range(steps):
@@ -456,3 +456,42 @@ def test_method_log_values_are_recorded_as_extra():
     torch.testing.assert_close(h["score_mean"], torch.stack(means).float(), rtol=0, atol=0)
     assert not torch.equal(h["score_mean"][0], h["score_mean"][-1])  # it moves with training
     assert "score_mean/audio" in rec.history(format="rows")[0]
+
+
+def test_history_is_off_by_default_and_validated():
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.1), method="ogm")
+    assert opt.recorder is None
+    with pytest.raises(RuntimeError, match="history is off"):
+        opt.history()
+    for bad, exc in ((-1, ValueError), (2.5, TypeError), ("8", TypeError)):
+        with pytest.raises(exc, match="history"):
+            make(model, torch.optim.SGD(model.parameters(), lr=0.1), method="ogm", history=bad)
+
+
+def test_log_hook_on_the_optimizer_gets_every_step_once():
+    torch.manual_seed(0)
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.05), method="mlb",
+                      backend="torch")
+    got = []
+    handle = opt.register_log_hook(got.extend, every=3)
+    g = torch.Generator().manual_seed(1)
+    coeffs = []
+    for i in range(7):
+        xs, y = batch(b=4, g=g)
+        train_step(model, opt, names, xs, y)
+        coeffs.append([float(v) for v in opt.coefficients.values()])
+    assert [r["step"] for r in got] == list(range(6))  # two flushes of 3 rows
+    opt.flush_logs()
+    assert [r["step"] for r in got] == list(range(7))
+    for row, k in zip(got, coeffs):
+        assert [row[f"coeff/{n}"] for n in names] == pytest.approx(k, rel=0, abs=0)
+    handle.remove()
+
+
+def test_attach_refuses_a_second_recorder():
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.1), method="ogm", history=4)
+    with pytest.raises(ValueError, match="already records"):
+        attach(opt, Recorder(names, 4))

@@ -126,12 +126,10 @@ def load(opt, state_dict: dict[str, Any]) -> None:
 
 
 def portable_state(opt) -> dict[str, Any]:
-    """The instance state to pickle or deep-copy. A recorder attached by ``mmmod.monitor``
-    wraps this instance's methods with closures over it: not carried to a copy."""
+    """The instance state to pickle or deep-copy. The recorder (history and loggers, which
+    may hold open files) belongs to this run: a copy starts without one."""
     state = dict(opt.__dict__)
-    if "_mmmod_recorder" in state:
-        for k in ("_mmmod_recorder", "observe", "zero_grad", "step"):
-            state.pop(k, None)
+    state["_recorder"] = None
     return state
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .. import backends, functional
+from ..monitor.history import Recorder
 from . import checkpoint, config, distributed, selection, update
 
 
@@ -33,7 +34,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                  modulation_ends: int | None = None, noise_std: str = "raw",
                  noise_rng: str = "philox", param_filter: str | Callable | None = None,
                  apply_to: str = "grad", backend: str = "auto", seed: int = 0,
-                 process_group: Any = None, strict: bool = False, capturable: bool = False) -> None:
+                 process_group: Any = None, strict: bool = False, capturable: bool = False,
+                 history: int = 0) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -69,6 +71,9 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._device = devices[0]
         self._score_sum, self._observed, self._samples = None, 0, 0
         self._scores = self._coeffs = self._skipped = None  # _skipped: device counter
+        # per-step history (mmmod.monitor): off (None) unless history > 0 or a logger is added
+        history = config.integer("history", history, minimum=0)
+        self._recorder = Recorder(self.names, history, device=self._device) if history else None
         self.defaults = optimizer.defaults  # torch.optim.Optimizer bookkeeping, no params
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
                      "load_state_dict_pre", "load_state_dict_post"):
@@ -156,10 +161,19 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if before is not None and last is not None:
             update.scale_updates(self.params, before, last[1])
         # ---- this step's values are final here: scores, coefficients, skipped flag ----------
+        s = k = bad = None
         if last is not None and last[0] is not None:
             s, k, bad = last[0], last[1], torch.stack([o[2] for o in outcome]).amax()
             self._scores, self._coeffs = s, k
             self._skipped = bad if self._skipped is None else self._skipped + bad
+        elif not self._method.modulates and self._score_sum is not None:
+            s = self._score_sum  # a baseline run still records what it observed, k = 1
+            k = torch.ones_like(s, dtype=torch.float32)
+        if self._recorder is not None and s is not None:
+            self._recorder.record(s, k, bad, self._method.log_values(self._method_state) or None,
+                                  step=self.step_count, epoch=self.epoch,
+                                  samples=self._samples * self._world(),
+                                  modulated=self._method.modulates and self.in_window())
         self.step_count += 1
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
@@ -175,6 +189,41 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     def coefficients(self) -> dict:
         """Last step's coefficients per modality (computed also outside the window)."""
         return {} if self._coeffs is None else dict(zip(self.names, self._coeffs.unbind()))
+
+    # ---- history and logging (mmmod.monitor) -------------------------------------------------
+    def history(self, format: str = "tensors"):
+        """The recorded steps (the last ``history`` of them): a dict of CPU tensors (one host
+        read), or ``format="rows"`` for a list of dicts. See docs/logging.md."""
+        if self._recorder is None:
+            raise RuntimeError("history is off: construct the optimizer with history=N (the "
+                               "number of steps to keep) or add a logger")
+        return self._recorder.history(format)
+
+    def add_logger(self, logger, every: int = 100):
+        """Send every recorded row to ``logger.write(rows)`` (``mmmod.monitor.CSVLogger``,
+        ``TensorBoardLogger``, ...), one host read per ``every`` steps. Returns a handle whose
+        ``remove()`` flushes and detaches it."""
+        return self._ensure_recorder().add_logger(logger, every)
+
+    def register_log_hook(self, fn: Callable, every: int = 100):
+        """Call ``fn(rows)`` with the rows of the last ``every`` steps (plain floats), every
+        ``every`` steps: one line to feed wandb, Lightning or any logger."""
+        return self._ensure_recorder().register_log_hook(fn, every)
+
+    def flush_logs(self) -> None:
+        """Deliver the rows not yet sent to the loggers (e.g. at the end of training)."""
+        if self._recorder is not None:
+            self._recorder.flush()
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The :class:`mmmod.monitor.Recorder` of this optimizer, or ``None`` when off."""
+        return self._recorder
+
+    def _ensure_recorder(self) -> Recorder:
+        if self._recorder is None:
+            self._recorder = Recorder(self.names, 0, device=self._device)
+        return self._recorder
 
     @property
     def device_step(self) -> torch.Tensor | None:
