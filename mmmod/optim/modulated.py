@@ -15,7 +15,8 @@ import torch
 
 from .. import backends, functional
 from ..monitor.history import Recorder
-from . import checkpoint, config, distributed, selection, update
+from . import checkpoint, config, distributed, selection, sharding, update
+from . import fused as fused_update
 
 
 class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
@@ -35,7 +36,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                  noise_rng: str = "philox", param_filter: str | Callable | None = None,
                  apply_to: str = "grad", backend: str = "auto", seed: int = 0,
                  process_group: Any = None, strict: bool = False, capturable: bool = False,
-                 history: int = 0) -> None:
+                 history: int = 0, fused: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -57,12 +58,13 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.names = [n for n, _ in items]
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.params, self.param_names = selection.select(items, keep, self.param_filter, optimized)
-        if not m.shard_safe:
-            selection.refuse_sharded(self.names, self.params, self.param_names, self.method)
+        # sharded parameters (FSDP2): refusals, and each shard's place in the noise stream
+        self._shards = sharding.plan(self.names, self.params, self.param_names, m,
+                                     self.noise_rng)
         devices = selection.devices(self.params)
         resolved = config.resolve_backends(self.backend, devices, self.capturable)
         self._closure_required = config.closure_required(optimizer)
-        self._offsets = [functional.stream_offsets(ps) for ps in self.params]
+        self._offsets = self._shards.offsets  # registration-order stream offsets (local parts)
         self.process_group = process_group
         self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
         self.epoch, self.step_count = 0, 0
@@ -79,6 +81,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                      "load_state_dict_pre", "load_state_dict_post"):
             setattr(self, f"_optimizer_{kind}_hooks", OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
+        # ---- fused=True (mmmod/optim/fused.py): modulation inside the inner update ----------
+        self.fused = config.flag("fused", fused)
+        self._fused, self._fused_pending = None, None
+        if self.fused:
+            if self.capturable or self._closure_required or self.noise_rng != "philox":
+                raise ValueError("fused=True needs capturable=False, noise_rng='philox' and an "
+                                 "inner optimizer whose step takes no closure")
+            self._fused = fused_update.FusedUpdate(optimizer, self.params, self.param_names,
+                                                   self.names)
         self._patch_step_function()
 
     # ---- the inner optimizer's live state ---------------------------------------------------
@@ -114,7 +125,9 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
         zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
-        if labels.device.type == "cpu" or self.strict:
+        # with several ranks a raise on one would leave the others waiting in step()'s
+        # collective: a bad label makes the scores NaN and every rank skips the step instead
+        if (labels.device.type == "cpu" and self._world() == 1) or self.strict:
             functional.check_labels_in_range(zs, labels, self.names)
         if self.strict:
             for n, z in zip(self.names, zs):
@@ -156,7 +169,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                     loss = closure()
             outcome.append(self._modulate_gradients())
             before = self._snapshot()
-            self.optimizer.step()
+            if self._fused_pending is not None:  # fused=True: modulation inside the update
+                grads, k = self._fused_pending
+                self._fused_pending = None
+                self._fused.step(grads, k, noise=self._method.noise, noise_std=self.noise_std,
+                                 seed=self.seed, step=self.step_count, offsets=self._offsets,
+                                 backend=self.backend, apply_to=self.apply_to)
+            else:
+                self.optimizer.step()
         last = outcome[-1] if outcome else None
         if before is not None and last is not None:
             update.scale_updates(self.params, before, last[1])
@@ -262,18 +282,26 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                                     backend=self.backend, state=self._method_state)
         if m.corrects_grads:
             m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state)
-        if modulate:
+        if modulate and self._fused is not None:
+            self._fused_pending = (grads, k)  # applied by the fused update in step()
+        elif modulate:
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
             if not noise_only or m.noise:
+                # shards' whole-tensor stds: one collective per shard group, every rank
+                stds = self._shards.global_stds(grads) if m.noise and self._shards.needs_stds \
+                    else None
                 functional.modulate_(
                     grads, k * 0 + 1 if noise_only else k, noise=m.noise,
                     noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
                     step=self.step_count if self._step_t is None else self._step_t,
                     backend=self.backend, offsets=self._offsets, names=self.names,
-                    tensor_names=self.param_names, _prechecked=True)  # k*0+1 keeps NaN (skip)
+                    tensor_names=self.param_names, stds=stds,
+                    _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)
 
     def _snapshot(self):
+        if self._fused_pending is not None:
+            return None  # the fused update scales the update itself
         if self.apply_to == "update" and self._method.modulates and self.in_window():
             return update.snapshot(self.params)
         return None

@@ -1,0 +1,347 @@
+"""Modulation fused into the inner optimizer's update (``ModulatedOptimizer(fused=True)``).
+
+Unfused, a modulated step is three passes over the selected gradients: statistics (OGM-GE's
+sigma), a read-modify-write that scales and adds noise, then the inner optimizer's own pass.
+Fused, the statistics pass stays (sigma must be known before any element is updated) and the
+other two become one: per element, the modulated gradient ``k g + sigma n`` (or ``k g``) is formed
+in registers and fed straight into torch's SGD or Adam/AdamW arithmetic; the parameter and the
+optimizer state are written, the gradient is not (it keeps its raw value).
+
+The functional core mirrors torch.optim: ``reference_sgd_`` / ``reference_adam_`` define one
+bucket's update in plain torch, with the very tensor operations of torch's ``_single_tensor_sgd``
+/ ``_single_tensor_adam`` applied to the modulated gradient, so they equal "modulate, then
+torch's step" bit for bit; the device kernels (``torch.ops.mmmod.fused_sgd_`` / ``fused_adam_``:
+C++ on CPU, Triton) are tested against them. Hyperparameters are read from the inner
+optimizer's ``param_groups`` at every step and the state is torch's own (``momentum_buffer``,
+``exp_avg``, ``exp_avg_sq``, ``step``), so checkpoints move freely between fused and unfused runs.
+See docs/fused.md.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import backends, reference
+from .. import ops_fused  # noqa: F401  (defines torch.ops.mmmod.fused_*)
+from ..reference.philox import CHUNK, philox_normal, seed_int64
+from ..slices import ParamSlice
+
+# group options each supported inner optimizer must have for the fused update to equal its step
+_SGD_REFUSED = {"differentiable": True, "fused": True}
+_ADAM_REFUSED = {"amsgrad": True, "differentiable": True, "fused": True, "capturable": True}
+
+
+def inner_kind(optimizer: torch.optim.Optimizer) -> str:
+    """``"sgd"`` or ``"adam"`` (Adam and AdamW) for a supported inner optimizer, else raise.
+    Subclasses are refused: they may change the step this module reproduces."""
+    t = type(optimizer)
+    if t is torch.optim.SGD:
+        return "sgd"
+    if t in (torch.optim.Adam, torch.optim.AdamW):
+        return "adam"
+    raise ValueError(f"fused=True supports torch.optim.SGD, Adam and AdamW; got "
+                     f"{t.__module__}.{t.__qualname__} (use fused=False)")
+
+
+def check_groups(optimizer: torch.optim.Optimizer, kind: str) -> None:
+    """Every group option the fused update does not reproduce is refused by name (read at each
+    step: options can change between steps)."""
+    refused = _SGD_REFUSED if kind == "sgd" else _ADAM_REFUSED
+    name = type(optimizer).__name__
+    for i, g in enumerate(optimizer.param_groups):
+        for opt, bad in refused.items():
+            if g.get(opt, False) == bad:
+                raise ValueError(f"fused=True: {name} param group {i} has {opt}={bad!r}, which "
+                                 f"the fused update does not support (use fused=False)")
+        keys = ("lr", "weight_decay") + (("momentum", "dampening") if kind == "sgd"
+                                         else ("betas", "eps"))
+        for key in keys:
+            vals = g[key] if key == "betas" else (g[key],)
+            for v in vals:
+                if isinstance(v, torch.Tensor):
+                    raise ValueError(f"fused=True: {name} param group {i} has a tensor {key}; "
+                                     f"the fused update takes Python numbers (use fused=False)")
+
+
+def check_params(params, param_names, names) -> None:
+    for m, (ps, pn) in enumerate(zip(params, param_names)):
+        for e, n in zip(ps, pn):
+            if isinstance(e, ParamSlice):
+                raise ValueError(f"fused=True: parameter {n!r} of modality {names[m]!r} is a "
+                                 f"ParamSlice; the fused update needs whole parameters "
+                                 f"(use fused=False)")
+            if e.is_complex():
+                raise ValueError(f"fused=True: parameter {n!r} of modality {names[m]!r} is "
+                                 f"complex; the fused update takes real tensors")
+
+
+# ---- the reference (the definition every kernel is tested against) ------------------------
+def modulated_grad(g: torch.Tensor, k: torch.Tensor, sigma_i, seed: int, step, modality: int,
+                   offset: int) -> torch.Tensor:
+    """``k g + sigma_i n`` (or ``k g`` when ``sigma_i`` is None) in float32, cast to g's dtype:
+    what ``mmmod.reference.modulate_bucket_`` writes into g, as a new tensor."""
+    flat = g.detach().reshape(-1)
+    out = torch.empty_like(flat)
+    kf = k.float()
+    for s in range(0, flat.numel(), CHUNK):
+        part = flat[s:s + CHUNK]
+        if sigma_i is None:
+            out[s:s + CHUNK] = part.float() * kf
+        else:
+            z = philox_normal(seed, step, modality, offset + s, part.numel(), g.device)
+            out[s:s + CHUNK] = part.float() * kf + sigma_i * z
+    return out.view(g.shape)
+
+
+@torch.no_grad()
+def reference_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale,
+                   *, lr, weight_decay, momentum, dampening, nesterov, maximize, seed, step,
+                   modality) -> None:
+    """torch's ``_single_tensor_sgd`` on the modulated gradients, op for op."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        grad = modulated_grad(g, k, None if sigma is None else sigma[i], seed, step, modality,
+                              offsets[i])
+        p0 = p.clone() if update_scale is not None else None
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            grad = grad.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if not buffer_ready[i]:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(grad, alpha=-lr)
+        if p0 is not None:
+            _scale_update_(p, p0, update_scale)
+
+
+@torch.no_grad()
+def reference_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update_scale,
+                    *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, seed, step,
+                    modality) -> None:
+    """torch's ``_single_tensor_adam`` (non-capturable, amsgrad off) on the modulated
+    gradients, op for op; ``steps[i]`` is the step count after this step's increment."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        grad = modulated_grad(g, k, None if sigma is None else sigma[i], seed, step, modality,
+                              offsets[i])
+        p0 = p.clone() if update_scale is not None else None
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            if decoupled:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(p, alpha=weight_decay)
+        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        t = float(steps[i])
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2 ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+        if p0 is not None:
+            _scale_update_(p, p0, update_scale)
+
+
+def _scale_update_(p, p0, u):
+    """p <- p0 + u (p - p0): ``update.scale_updates``' arithmetic for one tensor."""
+    p.sub_(p0)
+    p.mul_(u.to(p.device))
+    p.add_(p0)
+
+
+# ---- sigma: the statistics pass of each backend --------------------------------------------
+def _sigmas(impl, tensors: list, k: torch.Tensor, gate: torch.Tensor, noise_std: str):
+    """float32 [T] sigma per tensor, exactly as the backend's unfused modulation computes it:
+    non-finite -> 0, times the gate."""
+    name = impl.name
+    if name == "triton":
+        return impl.sigmas(tensors, k, noise_std=noise_std, gate=gate)
+    if name == "torch":
+        sig = torch.stack([reference.tensor_sigma(g, k, noise_std).to(k.device) for g in tensors])
+    else:  # the compiled extensions: the same per-tensor moments their modulate_ uses
+        std = torch.ops.mmmod._bucket_std(tensors).to(k.device)
+        if noise_std == "scaled":
+            std = std * k.double().abs()
+        sig = (std + reference.modulate.SIGMA_EPS).float()
+    sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+    return sig * gate
+
+
+def _kernels(impl, kind: str, device: torch.device):
+    """The fused update of a resolved backend, called as ``fn(*tensors, **hyper, seed=,
+    step=, modality=)`` like the reference."""
+    name = impl.name
+    if name == "torch":
+        return reference_sgd_ if kind == "sgd" else reference_adam_
+    if name == "triton":
+        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415 (optional dependency)
+        return fk.sgd_ if kind == "sgd" else fk.adam_
+    op = "fused_sgd_" if kind == "sgd" else "fused_adam_"
+    key = "CPU" if device.type == "cpu" else "CUDA"
+    if not ops_fused.has_kernel(op, key):
+        raise RuntimeError(f"fused=True: the {name!r} backend's binary has no {op} kernel for "
+                           f"{device.type} (rebuild the extension: pip install -e . "
+                           f"--no-build-isolation), or use backend='torch'/'triton'")
+    fn = getattr(torch.ops.mmmod, op)
+
+    def run(*tensors, seed, step, modality, **hyper):  # the schema's order: tensors, hyper, ids
+        fn(*tensors, *hyper.values(), seed_int64(seed), int(step) & 0xFFFFFFFF,
+           int(modality) & 0xFFFFFFFF)
+    return run
+
+
+class FusedUpdate:
+    """Runs the fused modulated update of one ``ModulatedOptimizer`` step."""
+
+    def __init__(self, optimizer, params, param_names, names):
+        self.optimizer = optimizer
+        self.kind = inner_kind(optimizer)
+        check_groups(optimizer, self.kind)
+        check_params(params, param_names, names)
+        self.params = params
+        self.names = names
+        self.group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups)
+                         for p in g["params"]}
+
+    @torch.no_grad()
+    def step(self, grads, coeffs, *, noise: bool, noise_std: str, seed: int, step, offsets,
+             backend: str, apply_to: str) -> None:
+        """Modulate (in registers) and update every selected parameter that has a gradient,
+        then run the inner optimizer's own step on every other parameter."""
+        opt = self.optimizer
+        check_groups(opt, self.kind)
+        self.group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
+        if isinstance(step, torch.Tensor):
+            step = int(step)  # the capturable counter is refused with fused=True; a CPU int here
+        ok = torch.isfinite(coeffs).all()
+        k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
+        gate = ok.float()
+        update_mode = apply_to == "update"
+        # plan: every backend resolved, every bucket formed, before anything is written
+        plan = []
+        for m, (ps, gs) in enumerate(zip(self.params, grads)):
+            buckets: dict = {}
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                if g is None or g.numel() == 0:
+                    continue
+                if g.dtype != p.dtype or g.shape != p.shape:
+                    raise ValueError(f"fused=True: the gradient of parameter {i} of modality "
+                                     f"{self.names[m]!r} is {g.dtype} {tuple(g.shape)}, the "
+                                     f"parameter {p.dtype} {tuple(p.shape)}")
+                gi = self.group_of[id(p)]
+                buckets.setdefault((p.device, p.dtype), []).append((i, gi, p, g))
+            for (device, _), items in buckets.items():
+                impl = backends.get(backend, device)
+                plan.append((m, device, impl, _kernels(impl, self.kind, device), items))
+        done = set()
+        for m, device, impl, kernel, items in plan:
+            k_m = k_eff[m].to(device)
+            gate_m = gate.to(device)
+            k_grad = torch.ones_like(k_m) if update_mode else k_m
+            u = k_m if update_mode else None
+            sigma = None
+            gs = [g if g.is_contiguous() else g.contiguous() for _, _, _, g in items]
+            if noise:
+                sigma = _sigmas(impl, gs, k_grad, gate_m, noise_std)
+            by_group: dict = {}
+            for j, (i, gi, p, g) in enumerate(items):
+                by_group.setdefault(gi, []).append((j, i, p))
+            for gi, members in by_group.items():
+                group = opt.param_groups[gi]
+                idx = [j for j, _, _ in members]
+                sig = None if sigma is None else (sigma if len(idx) == len(items)
+                                                  else sigma[torch.tensor(idx, device=device)])
+                self._bucket(kernel, group, [p for _, _, p in members], [gs[j] for j in idx],
+                             [offsets[m][i] for _, i, _ in members], k_grad, sig, u, seed,
+                             step, m)
+                done.update(id(p) for _, _, p in members)
+        self._inner_step_without(done)
+
+    def _bucket(self, kernel, group, params, grads, offsets, k, sigma, u, seed, step, m):
+        state = self.optimizer.state
+        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        if self.kind == "sgd":
+            momentum = group["momentum"]
+            bufs, ready = [], []
+            if momentum != 0:
+                for p in params:
+                    buf = state[p].get("momentum_buffer")
+                    ready.append(buf is not None)
+                    if buf is None:
+                        buf = torch.empty_like(p)
+                        state[p]["momentum_buffer"] = buf
+                    bufs.append(buf)
+            wb = [b if b.is_contiguous() else b.contiguous() for b in bufs]
+            hyper = dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
+                         momentum=float(momentum), dampening=float(group["dampening"]),
+                         nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+            kernel(work, grads, wb, ready, offsets, k, sigma, u, **hyper, seed=seed, step=step,
+                   modality=m)
+            _copy_back(bufs, wb)
+        else:
+            avgs, sqs, steps = [], [], []
+            for p in params:
+                st = state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1  # a CPU tensor, as torch keeps it (non-capturable): no sync
+                steps.append(float(st["step"]))
+                avgs.append(st["exp_avg"])
+                sqs.append(st["exp_avg_sq"])
+            wa = [a if a.is_contiguous() else a.contiguous() for a in avgs]
+            ws = [s if s.is_contiguous() else s.contiguous() for s in sqs]
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                         decoupled=bool(group.get("decoupled_weight_decay",
+                                                  type(self.optimizer) is torch.optim.AdamW)),
+                         maximize=bool(group["maximize"]))
+            kernel(work, grads, wa, ws, steps, offsets, k, sigma, u, **hyper, seed=seed,
+                   step=step, modality=m)
+            _copy_back(avgs, wa)
+            _copy_back(sqs, ws)
+        _copy_back(params, work)
+
+    def _inner_step_without(self, done: set) -> None:
+        """The inner optimizer's own step for every parameter not updated here: the fused ones'
+        gradients are hidden for the call (torch's step skips parameters without one)."""
+        hidden = []
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) in done and p.grad is not None:
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for p, gr in hidden:
+                p.grad = gr
+
+
+def _copy_back(dst: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> None:
+    for d, w in zip(dst, work):
+        if w is not d:
+            d.copy_(w)
+
+
+def supported(optimizer) -> bool:
+    """Whether ``fused=True`` accepts this inner optimizer as configured now."""
+    try:
+        check_groups(optimizer, inner_kind(optimizer))
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["FusedUpdate", "inner_kind", "check_groups", "reference_sgd_", "reference_adam_",
+           "modulated_grad", "supported"]
