@@ -252,6 +252,7 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
               backend: str = "auto", offsets: Sequence[Sequence[int]] | None = None,
               names: Sequence[str] | None = None,
               tensor_names: Sequence[Sequence[str]] | None = None,
+              stds: Sequence[Sequence[torch.Tensor | None]] | None = None,
               _prechecked: bool = False) -> None:
     """Modulate every modality's gradients in place: g <- k_m g (+ sigma n when ``noise``).
 
@@ -267,7 +268,9 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     leaves every gradient as it was): types, layouts, dtypes, the backend for each device, and
     memory overlap, within a tensor (``expand()``) or between tensors. Non-contiguous tensors
     are modulated through a contiguous copy written back. ``tensor_names[m][i]`` names tensor i
-    of modality m in those errors.
+    of modality m in those errors. ``stds[m][i]`` (a 0-d float64 tensor, or ``None``): the
+    std tensor i's sigma is made of instead of its own; given for shards of larger tensors
+    (``mmmod.optim.sharding``), such tensors are modulated by the plain-torch reference.
     """
     reference.philox.check_step(step)
     if noise_std not in NOISE_STD:
@@ -288,40 +291,50 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
                 reference.modulate_torch_rng_([[g for g in t if g is not None] for t in grads],
                                               coeffs, noise=noise, noise_std=noise_std)
             return
-        plan = _plan_buckets(grads, offsets, backend, step)
+        if stds is not None and [len(d) for d in stds] != [len(t) for t in grads]:
+            raise ValueError("stds must give one std (or None) per tensor of grads")
+        plan = _plan_buckets(grads, offsets, backend, step, stds if noise else None)
         # a 0-d integer tensor step (the optimizer's capturable counter) stays on the device
         step_arg = step if isinstance(step, torch.Tensor) else int(step)
         ok = torch.isfinite(coeffs).all()
         k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
         gate = ok.float()
-        for m, impl, device, ts, os_ in plan:  # nothing below can fail on the inputs any more
+        for m, impl, device, ts, os_, sds in plan:  # nothing below can fail on the inputs now
             k_m = k_eff[m].to(device, non_blocking=True)
             gate_m = gate.to(device, non_blocking=True)
             work = [g if g.is_contiguous() else g.contiguous() for g in ts]
-            impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
-                                  seed=int(seed), step=step_arg, modality=m)
+            if sds is None:
+                impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
+                                      seed=int(seed), step=step_arg, modality=m)
+            else:  # given stds (shards): the reference's noisy rescale
+                reference.modulate_bucket_(work, os_, k_m, gate_m, noise=noise,
+                                           noise_std=noise_std, seed=int(seed), step=step_arg,
+                                           modality=m, stds=sds)
             for g, w in zip(ts, work):
                 if w is not g:
                     g.copy_(w)
 
 
-def _plan_buckets(grads, offsets, backend, step):
-    """(modality, backend, device, tensors, offsets) per bucket of one device and dtype, every
-    backend resolved (and so every availability error raised) before the first bucket runs."""
+def _plan_buckets(grads, offsets, backend, step, stds=None):
+    """(modality, backend, device, tensors, offsets, stds or None) per bucket of one device,
+    dtype and whether stds are given, every backend resolved (and so every availability error
+    raised) before the first bucket runs."""
     plan = []
     for m, tensors in enumerate(grads):
-        buckets: dict[tuple, tuple[list, list]] = {}
-        for g, off in zip(tensors, offsets[m]):
+        buckets: dict[tuple, tuple[list, list, list]] = {}
+        for i, (g, off) in enumerate(zip(tensors, offsets[m])):
             if g is None or g.numel() == 0:
                 continue
-            ts, os_ = buckets.setdefault((g.device, g.dtype), ([], []))
+            sd = None if stds is None else stds[m][i]
+            ts, os_, sds = buckets.setdefault((g.device, g.dtype, sd is not None), ([], [], []))
             ts.append(g)
             os_.append(off)
-        for (device, _), (ts, os_) in buckets.items():
+            sds.append(sd)
+        for (device, _, given), (ts, os_, sds) in buckets.items():
             impl = backends.get(backend, device, device_step=isinstance(step, torch.Tensor))
             if isinstance(step, torch.Tensor) and step.device.type != "cpu" and not impl.device_step:
                 raise RuntimeError(f"mmmod backend {impl.name!r} takes the step as an integer; a "
                                    f"step counter on {step.device} needs backend 'triton' or "
                                    f"'torch'")
-            plan.append((m, impl, device, ts, os_))
+            plan.append((m, impl, device, ts, os_, sds if given else None))
     return plan

@@ -101,20 +101,42 @@ def sharded_kind(p: torch.Tensor) -> str:
 
 
 def param_of(e) -> torch.Tensor:
-    """The (detached) tensor a selected entry updates in place."""
+    """The (detached) tensor a selected entry updates in place; for a sharded parameter the
+    DTensor itself (its ``shape`` is the unsharded one)."""
     return e.view(e.param.detach()) if isinstance(e, ParamSlice) else e.detach()
 
 
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of ``t``: the local shard of a DTensor (the same memory, so in-place
+    changes reach the DTensor), any other tensor itself."""
+    if t is None:
+        return None
+    dt = sys.modules.get("torch.distributed.tensor")
+    if dt is not None and isinstance(t, getattr(dt, "DTensor", ())):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def local_param_of(e) -> torch.Tensor:
+    """The local memory a selected entry updates in place (a shard's, for a DTensor; a slice
+    of a DTensor is taken along an unsharded dim, so it is the same slice of the shard)."""
+    if isinstance(e, ParamSlice):
+        return e.view(local(e.param.detach()))
+    return local(e.detach())
+
+
 def param_tensors(params) -> list[list[torch.Tensor]]:
-    """The tensors the selected entries update, per modality."""
-    return [[param_of(e) for e in ps] for ps in params]
+    """The local tensors the selected entries update, per modality (element-wise rules)."""
+    return [[local_param_of(e) for e in ps] for ps in params]
 
 
 def grad_of(e) -> torch.Tensor | None:
+    """The local gradient of a selected entry (a DTensor gradient's shard), or ``None``."""
     if isinstance(e, ParamSlice):
-        g = e.param.grad
+        g = local(e.param.grad)
         return None if g is None else e.view(g)
-    return e.grad
+    return local(e.grad)
 
 
 def devices(params) -> list[torch.device]:
@@ -122,7 +144,7 @@ def devices(params) -> list[torch.device]:
     out: list[torch.device] = []
     for ps in params:
         for e in ps:
-            d = param_of(e).device
+            d = local_param_of(e).device
             if d not in out:
                 out.append(d)
     return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .selection import param_of
+from .selection import local_param_of
 
 
 @torch.no_grad()
 def snapshot(params) -> list[list[torch.Tensor]]:
-    """A copy of every selected parameter before the inner step (one copy per step)."""
-    return [[param_of(e).clone() for e in ps] for ps in params]
+    """A copy of every selected parameter before the inner step (one copy per step; of the
+    local shard for a sharded parameter: the update is scaled element-wise)."""
+    return [[local_param_of(e).clone() for e in ps] for ps in params]
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def scale_updates(params, before, coeffs: torch.Tensor) -> None:
     for m, (ps, p0) in enumerate(zip(params, before)):
         by_device: dict[torch.device, tuple[list, list]] = {}
         for e, q in zip(ps, p0):
-            p = param_of(e)
+            p = local_param_of(e)
             a, b = by_device.setdefault(p.device, ([], []))
             a.append(p)
             b.append(q)

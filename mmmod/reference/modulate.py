@@ -29,8 +29,11 @@ def tensor_std(g: torch.Tensor) -> torch.Tensor:
     return g.detach().double().std()
 
 
-def tensor_sigma(g: torch.Tensor, k: torch.Tensor, noise_std: str) -> torch.Tensor:
-    std = tensor_std(g)
+def tensor_sigma(g: torch.Tensor, k: torch.Tensor, noise_std: str,
+                 std: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 sigma of ``g``'s noise; ``std`` (float64, 0-d) replaces ``tensor_std(g)`` when
+    given (a shard's sigma is the whole tensor's, gathered across ranks)."""
+    std = tensor_std(g) if std is None else std.double()
     if noise_std == "scaled":
         std = std * k.double().abs()
     return (std + SIGMA_EPS).float()
@@ -39,14 +42,19 @@ def tensor_sigma(g: torch.Tensor, k: torch.Tensor, noise_std: str) -> torch.Tens
 @torch.no_grad()
 def modulate_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int], k: torch.Tensor,
                      gate: torch.Tensor | None, *, noise: bool, noise_std: str, seed: int, step: int,
-                     modality: int) -> None:
+                     modality: int, stds: Sequence[torch.Tensor] | None = None) -> None:
     """In-place k * g (+ gate * sigma * n) for the tensors of one modality.
 
     ``k`` and ``gate`` are 0-d float32 device tensors (``gate`` 0 switches the noise off without
     a host sync); ``offsets[i]`` is tensor i's first flat element in the modality's stream.
+    ``stds[i]`` (0-d float64), when given, is the std sigma is made of instead of tensor i's
+    own: a shard of a larger tensor takes the whole tensor's (``mmmod.optim.sharding``).
     """
     k = k.float()
-    for g, off in zip(tensors, offsets):
+    if stds is not None and len(stds) != len(tensors):
+        raise ValueError(f"stds must give one std per tensor: {len(tensors)} tensors, "
+                         f"{len(stds)} stds")
+    for i, (g, off) in enumerate(zip(tensors, offsets)):
         n = g.numel()
         if n == 0:
             continue
@@ -56,7 +64,7 @@ def modulate_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int], k:
                 part = flat[s:s + CHUNK]
                 part.copy_(part.float() * k)
             continue
-        sigma = tensor_sigma(g, k, noise_std)
+        sigma = tensor_sigma(g, k, noise_std, None if stds is None else stds[i])
         # a non-finite gradient (NaN/inf anywhere in g) gets no noise: NaN stays where it was
         sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
         if gate is not None:
