@@ -142,24 +142,38 @@ mesh = init_device_mesh("cpu", (1,))
 sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, 3, 3), mesh, [Shard(0)]))
 flat = FlatParameter(torch.zeros(4, 3, 3, 3), requires_grad=True)
 plain = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
-for bad, kind in ((sharded, "DTensor"), (flat, "FlatParameter")):
+
+def refused(bad, method, want, **kw):
     try:
         mmmod.ModulatedOptimizer(torch.optim.SGD([bad, plain], lr=0.1),
-                                 {"audio": [bad], "visual": [plain]}, method="ogm_ge")
+                                 {"audio": [bad], "visual": [plain]}, method=method, **kw)
     except ValueError as e:
-        assert "modality 'audio'" in str(e) and kind in str(e) and "method='ogm'" in str(e), e
+        assert "modality 'audio'" in str(e) and all(w in str(e) for w in want), e
     else:
-        raise SystemExit(f"OGM-GE accepted a {kind}")
-    # OGM and MLB scale element-wise: exact on shards, accepted
-    mmmod.ModulatedOptimizer(torch.optim.SGD([bad, plain], lr=0.1),
-                             {"audio": [bad], "visual": [plain]}, method="ogm")
+        raise SystemExit(f"{method} accepted {want}")
+
+# OGM-GE on a DTensor: accepted (the shards gather the std); every element-wise method too
+for method in ("ogm_ge", "ogm", "mlb", "agm", "mslr"):
+    mmmod.ModulatedOptimizer(torch.optim.SGD([sharded, plain], lr=0.1),
+                             {"audio": [sharded], "visual": [plain]}, method=method)
+# an FSDP1 FlatParameter mixes many tensors: no per-tensor std
+refused(flat, "ogm_ge", ["FlatParameter", "fully_shard"])
+mmmod.ModulatedOptimizer(torch.optim.SGD([flat, plain], lr=0.1),
+                         {"audio": [flat], "visual": [plain]}, method="ogm")
+# each rank's torch generator cannot draw a shard's part of one stream
+refused(sharded, "ogm_ge", ["DTensor", "noise_rng='philox'"], noise_rng="torch")
+# InfoReg's Fisher mean is per whole tensor: still refused, naming what to use
+refused(sharded, "inforeg", ["DTensor", "'inforeg'", "DDP"])
 dist.destroy_process_group()
 print("ok")
 """
 
 
-def test_ogm_ge_refuses_sharded_parameters(tmp_path):
-    """FSDP/DTensor shards: OGM-GE's sigma would be the shard's; refused with a clear error."""
+def test_sharded_parameters_accepted_or_refused_by_name(tmp_path):
+    """DTensor parameters: OGM-GE and every element-wise method accept them; an FSDP1
+    FlatParameter under OGM-GE, noise_rng='torch' on a shard and InfoReg are refused at
+    construction with the modality and parameter named (multi-rank behaviour:
+    tests/test_fsdp.py)."""
     import subprocess
     r = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True,
                        timeout=240, cwd=tmp_path)

@@ -63,15 +63,29 @@ def agree(process_group, seed: int, resolved: list[str]) -> int:
     return rows[0][0] & _U64
 
 
+def all_gather_rows(t: torch.Tensor, g) -> torch.Tensor:
+    """Every rank's ``t`` stacked in rank order, ``[W, *t.shape]`` (one collective into a flat
+    buffer, the layout every backend accepts; asynchronous, waited on through its handle)."""
+    flat = torch.empty(dist.get_world_size(g) * t.numel(), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=g, async_op=True).wait()
+    return flat.view((dist.get_world_size(g),) + tuple(t.shape))
+
+
 def all_reduce_scores(s: torch.Tensor, process_group) -> torch.Tensor:
-    """The global batch's M score sums (one small collective; on NCCL ``wait()`` only makes
-    the current stream wait, no host sync; on gloo it blocks until the sums have arrived)."""
+    """The global batch's M score sums: one small all-gather of every rank's sums, added in
+    rank order on every rank. The sum is then ``((s_0 + s_1) + s_2) + ...`` whatever algorithm
+    the backend's all-reduce would pick, the same bits a single process gets by observing the
+    ranks' batches one after another (``W * M`` floats gathered, ``W - 1`` tiny adds). On NCCL
+    ``wait()`` only makes the current stream wait, no host sync; on gloo it blocks until the
+    sums have arrived."""
     g = group(process_group)
     if g is None or dist.get_world_size(g) == 1:
         return s
-    s = s.clone()
-    dist.all_reduce(s, group=g, async_op=True).wait()
-    return s
+    table = all_gather_rows(s, g)
+    total = table[0].clone()
+    for r in range(1, table.shape[0]):
+        total += table[r]
+    return total
 
 
 def global_scores(score_sum, samples: int, mean: bool, process_group, num_modalities: int,

@@ -74,20 +74,6 @@ def expand(name, src) -> list[tuple[str, Any]]:
     return out
 
 
-def refuse_sharded(names, params, param_names, method: str) -> None:
-    """A method that needs whole tensors (OGM-GE's per-tensor sigma and noise offsets) would
-    silently use each rank's shard under FSDP: refuse rather than change the method."""
-    for name, ps, pnames in zip(names, params, param_names):
-        for e, pname in zip(ps, pnames):
-            kind = sharded_kind(e.param if isinstance(e, ParamSlice) else e)
-            if kind:
-                raise ValueError(
-                    f"parameter {pname!r} of modality {name!r} is {kind}: method {method!r} "
-                    f"needs the whole tensor on every rank (per-tensor sigma and noise), which "
-                    f"sharded parameters do not have. Use method='ogm' or 'mlb' (exact under "
-                    f"sharding), or DDP for OGM-GE")
-
-
 def sharded_kind(p: torch.Tensor) -> str:
     """'' for an ordinary tensor, else what kind of sharded parameter it is. Looks only at
     modules already imported: a DTensor or FlatParameter cannot exist before its module is."""

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..slices import ParamSlice
 from . import distributed
@@ -162,10 +161,7 @@ class ShardPlan:
                 n_local = torch.tensor(counts, dtype=torch.float64, device=dev)
                 self._counts[key] = n_local
             mine = torch.cat([n_local[:, None], torch.stack(rows)], 1).contiguous()
-            world = dist.get_world_size(group)
-            table = torch.empty((world,) + tuple(mine.shape), dtype=mine.dtype, device=dev)
-            dist.all_gather_into_tensor(table, mine, group=group, async_op=True).wait()
-            std = merged_std(table)
+            std = merged_std(distributed.all_gather_rows(mine, group))
             for t, (m, i) in enumerate(members):
                 g = grads[m][i]
                 if g is not None:
