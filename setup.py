@@ -142,9 +142,11 @@ def _extension():
     include = [csrc, gen]
     exts = [ce.CppExtension(
         "mmmod._C",
-        # vec_avx2.cpp sorts last (ninja links objects by name): the linker keeps the baseline
-        # (non-AVX2) copy of any inline function shared with the other objects
-        sources=rel("checks.cpp", "cpu_kernels.cpp", "module.cpp", "vec_avx2.cpp"),
+        # vec_avx2.cpp and vec_avx512.cpp (their ISA switched on per file with a target pragma)
+        # sort last (ninja links objects by name): the linker keeps the baseline copy of any
+        # inline function shared with the other objects
+        sources=rel("checks.cpp", "cpu_kernels.cpp", "fused_update_cpu.cpp", "module.cpp",
+                    "vec_avx2.cpp", "vec_avx512.cpp"),
         include_dirs=include,
         define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
                                  ("MMMOD_CPU_KERNELS_API", None)],

@@ -1,0 +1,378 @@
+// CPU kernels of the fused modulated optimizer update (ops fused_sgd_ / fused_adam_, defined
+// in mmmod/ops_fused.py; the reference is mmmod/optim/fused.py).
+//
+// One pass per bucket: per element the modulated gradient k g + sigma n (or k g) is formed in
+// registers, rounded to the gradient's dtype as the unfused modulation stores it, and fed into
+// torch's single-tensor SGD / Adam arithmetic; the parameter and the state are written, the
+// gradient is not. Every intermediate that torch materialises as a tensor is rounded to the
+// storage dtype here too (R below), and each torch op's own arithmetic is reproduced: add with
+// alpha and lerp are a fused multiply-add in ATen's vectorised CPU kernels, mul/addcmul/addcdiv
+// separately rounded products. For float32 this equals "modulate, then torch's step" bit for
+// bit (tests/test_fused_update.py).
+//
+// Noise: the same Philox stream and per-tensor layout as cpu_kernels.cpp (the active
+// KernelTable's normals(), AVX2 or scalar), so the fused and unfused paths draw the same noise.
+// Work is split into fixed chunks of kChunkCpu elements of one tensor, so results never depend
+// on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "ops.h"
+#include "philox.h"
+
+namespace mmmod {
+namespace fused_cpu {
+
+namespace {
+
+// the arithmetic type torch uses for a storage dtype (at::opmath_type): double for double,
+// float otherwise
+template <typename T>
+using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// a value stored into a T tensor and read back (identity for float32 / float64)
+template <typename T, typename A>
+inline __attribute__((always_inline)) A R(A x) {
+  return static_cast<A>(static_cast<T>(x));
+}
+
+struct Chunk {
+  int64_t tensor, start, len;
+};
+
+std::vector<Chunk> make_chunks(at::TensorList tensors) {
+  std::vector<Chunk> out;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t s = 0; s < n; s += kChunkCpu) {
+      out.push_back({static_cast<int64_t>(t), s, std::min(kChunkCpu, n - s)});
+    }
+  }
+  return out;
+}
+
+struct NoiseArgs {
+  bool on;
+  uint64_t seed;
+  uint32_t step, modality;
+};
+
+// the modulated gradient as the unfused modulation stores it (float32 math, cast to T)
+template <typename T>
+inline __attribute__((always_inline)) acc_t<T> mod_grad(T g, float k, float sigma, const float* z,
+                                                        int64_t j) {
+  const float v = z != nullptr ? modulate_value(static_cast<float>(g), k, sigma, z[j])
+                               : scale_value(static_cast<float>(g), k);
+  return static_cast<acc_t<T>>(static_cast<T>(v));
+}
+
+struct SgdScalars {
+  bool maximize, nesterov, decay, use_momentum, scale_update;
+  double lr, wd, momentum, dampening;
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void sgd_run(T* __restrict p, const T* __restrict g,
+                                                   T* __restrict buf, bool ready, int64_t n,
+                                                   const float* z, float k, float sigma, float u,
+                                                   const SgdScalars& s) {
+  using A = acc_t<T>;
+  const A wd = static_cast<A>(s.wd), mom = static_cast<A>(s.momentum);
+  const A one_minus_damp = static_cast<A>(1.0 - s.dampening), neg_lr = static_cast<A>(-s.lr);
+  for (int64_t j = 0; j < n; ++j) {
+    A x = mod_grad<T>(g[j], k, sigma, z, j);
+    if (s.maximize) x = -x;
+    const A p0 = static_cast<A>(p[j]);
+    if (s.decay) x = R<T>(std::fma(p0, wd, x));            // grad.add(param, alpha=wd)
+    if (s.use_momentum) {
+      A b;
+      if (!ready) {
+        b = x;                                              // buf = grad.clone()
+      } else {
+        b = R<T>(std::fma(x, one_minus_damp, R<T>(static_cast<A>(buf[j]) * mom)));
+      }
+      buf[j] = static_cast<T>(b);
+      x = s.nesterov ? R<T>(std::fma(b, mom, x)) : b;       // grad.add(buf, alpha=momentum)
+    }
+    A pn = R<T>(std::fma(x, neg_lr, p0));                  // param.add_(grad, alpha=-lr)
+    if (s.scale_update) pn = R<T>(p0 + R<T>(R<T>(pn - p0) * static_cast<A>(u)));
+    p[j] = static_cast<T>(pn);
+  }
+}
+
+struct AdamScalars {
+  bool maximize, decay, decoupled, scale_update;
+  double lr, beta1, beta2, eps, wd;
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void adam_run(T* __restrict p, const T* __restrict g,
+                                                    T* __restrict m1, T* __restrict m2, int64_t n,
+                                                    const float* z, float k, float sigma, float u,
+                                                    const AdamScalars& s, double step) {
+  using A = acc_t<T>;
+  const A wd = static_cast<A>(s.wd), decay_mul = static_cast<A>(1.0 - s.lr * s.wd);
+  const A w1 = static_cast<A>(1.0 - s.beta1);
+  const bool small = std::abs(w1) < static_cast<A>(0.5);  // torch's is_lerp_weight_small
+  const A coeff = small ? w1 : w1 - static_cast<A>(1);
+  const A b2 = static_cast<A>(s.beta2), one_minus_b2 = static_cast<A>(1.0 - s.beta2);
+  // Python float arithmetic of _single_tensor_adam, in double
+  const double bc1 = 1.0 - std::pow(s.beta1, step);
+  const double bc2 = 1.0 - std::pow(s.beta2, step);
+  const A bc2_sqrt = static_cast<A>(std::pow(bc2, 0.5));
+  const A neg_step_size = static_cast<A>(-(s.lr / bc1));
+  const A eps = static_cast<A>(s.eps);
+  for (int64_t j = 0; j < n; ++j) {
+    A x = mod_grad<T>(g[j], k, sigma, z, j);
+    if (s.maximize) x = -x;
+    const A p0 = static_cast<A>(p[j]);
+    A pc = p0;
+    if (s.decay) {
+      if (s.decoupled) pc = R<T>(p0 * decay_mul);          // param.mul_(1 - lr * wd)
+      else x = R<T>(std::fma(pc, wd, x));                  // grad.add(param, alpha=wd)
+    }
+    const A a = static_cast<A>(m1[j]);
+    const A ea = R<T>(std::fma(coeff, x - a, small ? a : x));  // exp_avg.lerp_(grad, 1 - beta1)
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    const A ev = R<T>(R<T>(static_cast<A>(m2[j]) * b2) + one_minus_b2 * x * x);
+    m1[j] = static_cast<T>(ea);
+    m2[j] = static_cast<T>(ev);
+    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    const A den = R<T>(R<T>(R<T>(std::sqrt(ev)) / bc2_sqrt) + eps);
+    A pn = R<T>(pc + neg_step_size * ea / den);           // param.addcdiv_(exp_avg, denom, -step_size)
+    if (s.scale_update) pn = R<T>(p0 + R<T>(R<T>(pn - p0) * static_cast<A>(u)));
+    p[j] = static_cast<T>(pn);
+  }
+}
+
+// One chunk, compiled twice: for CPUs with AVX2 + FMA (std::fma is one instruction and the
+// element loops vectorise) and for the baseline ISA (std::fma from libm); same results either
+// way. No lambda inside (a lambda body would not inherit the target attribute): the noise runs of
+// cpu_kernels.cpp's for_each_noise_run are written out.
+#define MMMOD_FUSED_CHUNK(SUFFIX, ATTR)                                                         \
+  template <typename T, typename Run>                                                           \
+  ATTR void chunk##SUFFIX(const cpu::KernelTable& K, const NoiseArgs& nz, uint64_t p0,         \
+                          int64_t len, const Run& run) {                                       \
+    alignas(64) float z[4 * cpu::kBlockGroups + cpu::kNormalsPad];                              \
+    constexpr int64_t kRun = 4 * cpu::kBlockGroups;                                             \
+    if (!nz.on) {                                                                               \
+      for (int64_t i = 0; i < len; i += kRun) run.template go<T>(i, std::min(kRun, len - i), nullptr); \
+      return;                                                                                   \
+    }                                                                                           \
+    uint64_t q = p0 >> 2;                                                                       \
+    int64_t lead = static_cast<int64_t>(p0 & 3);                                                \
+    for (int64_t i = 0; i < len;) {                                                             \
+      const int64_t n = std::min<int64_t>(kRun - lead, len - i);                                \
+      const int64_t ng = (lead + n + 3) >> 2;                                                   \
+      K.normals(nz.seed, nz.step, nz.modality, q, ng, z);                                       \
+      run.template go<T>(i, n, z + lead);                                                       \
+      i += n;                                                                                   \
+      q += static_cast<uint64_t>(ng);                                                           \
+      lead = 0;                                                                                 \
+    }                                                                                           \
+  }
+
+// the per-run bodies as always-inline members (inlined into the chunk function's ISA)
+template <typename T>
+struct SgdRun {
+  T* p; const T* g; T* b; bool ready; float k, sigma, u; const SgdScalars* s;
+  template <typename U>
+  inline __attribute__((always_inline)) void go(int64_t i, int64_t n, const float* z) const {
+    sgd_run<T>(p + i, g + i, b == nullptr ? nullptr : b + i, ready, n, z, k, sigma, u, *s);
+  }
+};
+
+template <typename T>
+struct AdamRun {
+  T* p; const T* g; T* a; T* v; float k, sigma, u; const AdamScalars* s; double step;
+  template <typename U>
+  inline __attribute__((always_inline)) void go(int64_t i, int64_t n, const float* z) const {
+    adam_run<T>(p + i, g + i, a + i, v + i, n, z, k, sigma, u, *s, step);
+  }
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+MMMOD_FUSED_CHUNK(_fma, __attribute__((target("avx2,fma"))))
+#endif
+MMMOD_FUSED_CHUNK(_base, )
+
+bool has_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Metadata checks of one bucket, before anything is written.
+void check_same(const char* op, const char* what, at::TensorList params, at::TensorList xs) {
+  TORCH_CHECK_VALUE(xs.size() == params.size(), "mmmod.", op, ": ", params.size(),
+                    " params but ", xs.size(), " ", what);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK_VALUE(xs[i].device() == params[i].device() &&
+                          xs[i].scalar_type() == params[i].scalar_type() &&
+                          xs[i].sizes() == params[i].sizes() && xs[i].is_contiguous(),
+                      "mmmod.", op, ": ", what, " ", i, " must be a contiguous ",
+                      params[i].scalar_type(), " tensor of shape ", params[i].sizes(), " on ",
+                      params[i].device(), ", like param ", i);
+  }
+}
+
+void check_common(const char* op, at::TensorList params, at::TensorList grads,
+                  at::IntArrayRef offsets, const at::Tensor& k,
+                  const std::optional<at::Tensor>& sigma,
+                  const std::optional<at::Tensor>& update_scale) {
+  TORCH_CHECK_VALUE(offsets.size() == params.size(), "mmmod.", op, ": ", params.size(),
+                    " params but ", offsets.size(), " offsets");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].is_contiguous() && params[i].device().is_cpu(), "mmmod.", op,
+                      ": param ", i, " must be a contiguous CPU tensor");
+    TORCH_CHECK_TYPE(at::isFloatingType(params[i].scalar_type()) &&
+                         params[i].scalar_type() == params[0].scalar_type(),
+                     "mmmod.", op, ": a bucket holds one floating dtype; param ", i, " is ",
+                     params[i].scalar_type());
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.", op, ": negative stream offset ", offsets[i]);
+  }
+  check_same(op, "grads", params, grads);
+  TORCH_CHECK_VALUE(k.numel() == 1 && k.scalar_type() == at::kFloat && k.device().is_cpu(),
+                    "mmmod.", op, ": k must be a one-element float32 CPU tensor");
+  if (sigma.has_value()) {
+    TORCH_CHECK_VALUE(sigma->scalar_type() == at::kFloat && sigma->device().is_cpu() &&
+                          sigma->numel() == static_cast<int64_t>(params.size()),
+                      "mmmod.", op, ": sigma must be a float32 CPU tensor with one value per "
+                      "param");
+  }
+  if (update_scale.has_value()) {
+    TORCH_CHECK_VALUE(update_scale->numel() == 1 && update_scale->scalar_type() == at::kFloat &&
+                          update_scale->device().is_cpu(),
+                      "mmmod.", op, ": update_scale must be a one-element float32 CPU tensor");
+  }
+}
+
+}  // namespace
+
+void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   const c10::List<bool>& buffer_ready, at::IntArrayRef offsets, const at::Tensor& k,
+                   const std::optional<at::Tensor>& sigma,
+                   const std::optional<at::Tensor>& update_scale, double lr, double weight_decay,
+                   double momentum, double dampening, bool nesterov, bool maximize, int64_t seed,
+                   int64_t step, int64_t modality) {
+  check_common("fused_sgd_", params, grads, offsets, k, sigma, update_scale);
+  const bool use_momentum = momentum != 0.0;
+  if (use_momentum) {
+    check_same("fused_sgd_", "momentum_buffers", params, momentum_buffers);
+    TORCH_CHECK_VALUE(buffer_ready.size() == params.size(), "mmmod.fused_sgd_: ",
+                      params.size(), " params but ", buffer_ready.size(), " buffer_ready flags");
+  }
+  if (params.empty()) return;
+  std::vector<char> ready(params.size(), 0);
+  for (size_t i = 0; use_momentum && i < params.size(); ++i) ready[i] = buffer_ready.get(i);
+  const std::vector<Chunk> chunks = make_chunks(params);
+  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
+  const SgdScalars s{maximize, nesterov, weight_decay != 0.0, use_momentum,
+                     update_scale.has_value(), lr, weight_decay, momentum, dampening};
+  const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                     static_cast<uint32_t>(modality)};
+  const float kv = k.item<float>();  // a CPU tensor: a memory read
+  const float u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
+  const float* sp = sigma.has_value() ? sig.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "mmmod_fused_sgd_cpu", [&] {
+    using T = scalar_t;
+    const cpu::KernelTable& K = cpu::active_kernels();
+    const bool fma = has_fma();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const SgdRun<T> run{params[ch.tensor].mutable_data_ptr<T>() + ch.start,
+                            grads[ch.tensor].const_data_ptr<T>() + ch.start,
+                            use_momentum ? momentum_buffers[ch.tensor].mutable_data_ptr<T>() + ch.start
+                                         : nullptr,
+                            use_momentum && ready[ch.tensor] != 0, kv,
+                            sp != nullptr ? sp[ch.tensor] : 0.0f, u, &s};
+        const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
+#if defined(__x86_64__) || defined(__i386__)
+        if (fma) {
+          chunk_fma<T>(K, nz, p0, ch.len, run);
+          continue;
+        }
+#endif
+        (void)fma;
+        chunk_base<T>(K, nz, p0, ch.len, run);
+      }
+    });
+  });
+}
+
+void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::ArrayRef<double> steps,
+                    at::IntArrayRef offsets, const at::Tensor& k,
+                    const std::optional<at::Tensor>& sigma,
+                    const std::optional<at::Tensor>& update_scale, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+                    int64_t seed, int64_t step, int64_t modality) {
+  check_common("fused_adam_", params, grads, offsets, k, sigma, update_scale);
+  check_same("fused_adam_", "exp_avgs", params, exp_avgs);
+  check_same("fused_adam_", "exp_avg_sqs", params, exp_avg_sqs);
+  TORCH_CHECK_VALUE(steps.size() == params.size(), "mmmod.fused_adam_: ", params.size(),
+                    " params but ", steps.size(), " steps");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK_VALUE(steps[i] >= 1.0, "mmmod.fused_adam_: step ", i, " is ", steps[i],
+                      "; the count after this step's increment is at least 1");
+  }
+  if (params.empty()) return;
+  const std::vector<Chunk> chunks = make_chunks(params);
+  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
+  const AdamScalars s{maximize, weight_decay != 0.0, decoupled, update_scale.has_value(), lr,
+                      beta1, beta2, eps, weight_decay};
+  const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                     static_cast<uint32_t>(modality)};
+  const float kv = k.item<float>();
+  const float u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
+  const float* sp = sigma.has_value() ? sig.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "mmmod_fused_adam_cpu", [&] {
+    using T = scalar_t;
+    const cpu::KernelTable& K = cpu::active_kernels();
+    const bool fma = has_fma();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        const AdamRun<T> run{params[ch.tensor].mutable_data_ptr<T>() + ch.start,
+                             grads[ch.tensor].const_data_ptr<T>() + ch.start,
+                             exp_avgs[ch.tensor].mutable_data_ptr<T>() + ch.start,
+                             exp_avg_sqs[ch.tensor].mutable_data_ptr<T>() + ch.start, kv,
+                             sp != nullptr ? sp[ch.tensor] : 0.0f, u, &s, steps[ch.tensor]};
+        const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
+#if defined(__x86_64__) || defined(__i386__)
+        if (fma) {
+          chunk_fma<T>(K, nz, p0, ch.len, run);
+          continue;
+        }
+#endif
+        (void)fma;
+        chunk_base<T>(K, nz, p0, ch.len, run);
+      }
+    });
+  });
+}
+
+}  // namespace fused_cpu
+}  // namespace mmmod
+
+TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
+  m.impl("fused_sgd_", &mmmod::fused_cpu::fused_sgd_cpu);
+  m.impl("fused_adam_", &mmmod::fused_cpu::fused_adam_cpu);
+}
