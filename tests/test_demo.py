@@ -217,3 +217,45 @@ def test_cli_on_real_layout(tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["n_train"] == 12 and res["data"]["dataset"] == "cremad"
+
+
+def test_demo_methods_come_from_the_registry():
+    from mmmod import methods
+    assert train.demo_methods()[:2] == ("baseline", "multiloss")
+    assert set(train.demo_methods()[2:]) == set(methods.names()) - {"none"}
+
+    class Quarter(methods.Method):
+        name = "quarter_demo_test"
+
+        def coefficients(self, scores, *, alpha, beta_max, state):
+            return torch.full_like(scores, 0.25)
+    methods.register(Quarter())
+    try:
+        assert "quarter_demo_test" in train.demo_methods()
+        assert cli._methods("baseline,quarter_demo_test") == ["baseline", "quarter_demo_test"]
+    finally:
+        methods.unregister("quarter_demo_test")
+    with pytest.raises(SystemExit, match="quarter_demo_test"):
+        cli._methods("quarter_demo_test")
+
+
+@pytest.mark.parametrize("method", ["agm", "mslr", "inforeg"])
+def test_train_one_runs_the_added_methods(tiny_data, method, monkeypatch):
+    tr, te = tiny_data
+    seen = []
+    if method == "mslr":  # it is fed the heads' accuracy of the previous epoch, from epoch 1 on
+        from mmmod.methods.mslr import MSLR
+        real = MSLR.on_epoch
+
+        def spy(self, state, epoch, **kw):
+            seen.append((epoch, kw.get("val_acc")))
+            return real(self, state, epoch, **kw)
+        monkeypatch.setattr(MSLR, "on_epoch", spy)
+    cfg = train.TrainConfig(epochs=3, batch_size=32, width=4, progress=False, probe_steps=5,
+                            backend="torch")
+    r = train.train_one(method, tr, te, cfg, seed=0)
+    assert len(r.steps["step"]) == 9 and all(r.steps["modulated"])
+    if method == "mslr":
+        assert seen[0] == (0, None)
+        for epoch, acc in seen[1:]:
+            assert set(acc) == {"audio", "visual"} and all(0.0 <= a <= 1.0 for a in acc.values())

@@ -24,7 +24,7 @@ import torch
 
 from .data import SyntheticConfig, class_signatures, make_dataset
 from .models import FUSIONS
-from .train import DEMO_ALPHA, METHODS, TrainConfig, train_one
+from .train import DEMO_ALPHA, TrainConfig, demo_methods, train_one
 
 DEFAULT_METHODS = ("baseline", "ogm_ge", "mlb")
 
@@ -32,8 +32,8 @@ DEFAULT_METHODS = ("baseline", "ogm_ge", "mlb")
 def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods from {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--method", "--methods", dest="method", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods from {', '.join(demo_methods())}, or 'all'")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 15 on the built-in data, 30 on --data)")
     p.add_argument("--alpha", type=float, default=None,
@@ -72,10 +72,11 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
 
 
 def _methods(spec: str) -> list[str]:
-    ms = list(METHODS) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    known = demo_methods()
+    ms = list(known) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     for m in ms:
-        if m not in METHODS:
-            raise SystemExit(f"mmmod demo: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in known:
+            raise SystemExit(f"mmmod demo: unknown method {m!r}; choose from {', '.join(known)}")
     return ms
 
 

@@ -38,6 +38,9 @@ class Method:
     native: str | None = None
     #: the hyperparameters the rule reads (documentation and ``repr``)
     hyperparameters: tuple[str, ...] = ("alpha",)
+    #: the per-epoch inputs :meth:`on_epoch` takes (``set_epoch(e, **inputs)``), e.g.
+    #: ``("val_acc",)``; a training loop reads this to know what to supply
+    epoch_inputs: tuple[str, ...] = ()
 
     # -- the rule ----------------------------------------------------------------------------
     def coefficients(self, scores: torch.Tensor, *, alpha: float, beta_max: float,

@@ -21,6 +21,7 @@ class MSLR(Method):
     summary = "modality-specific learning rates: k = base * acc / mean(previous accs), per epoch"
     default_alpha = 0.0  # unused: the rule has no alpha
     default_filter = "all"  # the MLB code scales every parameter of each encoder
+    epoch_inputs = ("val_acc",)
     hyperparameters = ()
     needs_scores = False
 
