@@ -1,7 +1,8 @@
 // CPU implementations of the mmmod ops (dispatch key CPU).
 //
-// The per-chunk work goes through a KernelTable (cpu_kernels.h): AVX2 + FMA (vec_avx2.cpp) when
-// the CPU has it, else the portable scalar one below; MMMOD_CPU_SCALAR=1 forces the portable one.
+// The per-chunk work goes through a KernelTable (cpu_kernels.h): AVX-512 (vec_avx512.cpp) or
+// AVX2 + FMA (vec_avx2.cpp) when the CPU and OS support it, else the portable scalar one below;
+// MMMOD_CPU_KERNELS=scalar|avx2|avx512 caps the choice, MMMOD_CPU_SCALAR=1 forces the portable one.
 //
 // Determinism: work is split into fixed chunks of kChunkCpu elements of one tensor (never by
 // thread count); threads claim chunks dynamically, per-chunk statistics are stored in their own
@@ -29,6 +30,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "coefficients.h"
 #include "cpu_kernels.h"
 #include "ops.h"
@@ -53,6 +58,10 @@ void normals_scalar(uint64_t seed, uint32_t step, uint32_t modality, uint64_t q0
 
 void modulate_f32_scalar(float* x, const float* z, int64_t n, float k, float sigma) {
   for (int64_t i = 0; i < n; ++i) x[i] = modulate_value(x[i], k, sigma, z[i]);
+}
+
+void scale_f32_scalar(float* x, int64_t n, float k) {
+  for (int64_t i = 0; i < n; ++i) x[i] = scale_value(x[i], k);
 }
 
 // The two accumulation passes of the statistics (cpu_kernels.h): element i into float64 lane
@@ -106,34 +115,84 @@ double row_lse_f32_scalar(const float* row, int64_t C) {
   return mx + std::log(se);
 }
 
-const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, lanes_sum_f32_scalar,
-                             lanes_sqdev_f32_scalar, row_lse_f32_scalar};
+const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, scale_f32_scalar,
+                             lanes_sum_f32_scalar, lanes_sqdev_f32_scalar, row_lse_f32_scalar};
 
-bool detect_avx2() {
-#if defined(MMMOD_HAVE_AVX2_TU) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+struct CpuFeatures {
+  bool avx2 = false;    // AVX2 + FMA, ymm state enabled by the OS
+  bool avx512 = false;  // and avx512f/bw/dq/vl, opmask + zmm state enabled by the OS
+};
+
+CpuFeatures detect_features() {
+  CpuFeatures f;
+#if defined(MMMOD_X86_SIMD_TABLES)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
+  if (!osxsave || !avx || __get_cpuid_max(0, nullptr) < 7) return f;
+  // XCR0: which register state the OS saves on a context switch. A CPU can report AVX-512 while
+  // the OS (or hypervisor) leaves the zmm state off; using it then faults.
+  unsigned xlo = 0, xhi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(xhi) << 32) | xlo;
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;    // SSE + AVX
+  const bool zmm_state = (xcr0 & 0xE6) == 0xE6;  // and opmask, ZMM_Hi256, Hi16_ZMM
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5), f512 = b & (1u << 16), dq = b & (1u << 17),
+             bw = b & (1u << 30), vl = b & (1u << 31);
+  f.avx2 = ymm_state && avx2 && fma;
+  f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
 #endif
+  return f;
+}
+
+const CpuFeatures& features() {
+  static const CpuFeatures f = detect_features();
+  return f;
+}
+
+// The ISA cap of the environment: 0 scalar, 1 AVX2, 2 AVX-512 (2 also for unset / auto); -1 for
+// an unrecognised MMMOD_CPU_KERNELS value, returned in *value.
+int kernels_cap(const char** value) {
+  const char* s = std::getenv("MMMOD_CPU_SCALAR");
+  if (s != nullptr && s[0] != '\0' && std::strcmp(s, "0") != 0) return 0;
+  const char* e = std::getenv("MMMOD_CPU_KERNELS");
+  if (e == nullptr || e[0] == '\0' || std::strcmp(e, "auto") == 0) return 2;
+  if (std::strcmp(e, "scalar") == 0) return 0;
+  if (std::strcmp(e, "avx2") == 0) return 1;
+  if (std::strcmp(e, "avx512") == 0) return 2;
+  *value = e;
+  return -1;
+}
+
+const KernelTable& table_for_cap(int cap) {
+#if defined(MMMOD_X86_SIMD_TABLES)
+  if (cap >= 2 && features().avx512) return avx512_kernels();
+  if (cap >= 1 && features().avx2) return avx2_kernels();
+#endif
+  (void)cap;
+  return kScalar;
 }
 
 }  // namespace
 
 const KernelTable& scalar_kernels() { return kScalar; }
 
-bool avx2_supported() {
-  static const bool ok = detect_avx2();
-  return ok;
-}
+bool avx2_supported() { return features().avx2; }
+bool avx512_supported() { return features().avx512; }
 
 const KernelTable& active_kernels() {
-  const char* e = std::getenv("MMMOD_CPU_SCALAR");
-  if (e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0) return kScalar;
-#if defined(MMMOD_HAVE_AVX2_TU)
-  if (avx2_supported()) return avx2_kernels();
-#endif
-  return kScalar;
+  const char* bad = nullptr;
+  const int cap = kernels_cap(&bad);
+  return table_for_cap(cap < 0 ? 2 : cap);
+}
+
+const KernelTable& kernels_for_op() {
+  const char* bad = nullptr;
+  const int cap = kernels_cap(&bad);
+  TORCH_CHECK_VALUE(cap >= 0, "MMMOD_CPU_KERNELS=", bad,
+                    " is not a CPU kernel table: expected auto, scalar, avx2 or avx512");
+  return table_for_cap(cap);
 }
 
 namespace {
@@ -357,8 +416,9 @@ void modulate_noise(const KernelTable& K, at::TensorList tensors, at::IntArrayRe
 }
 
 template <typename T>
-void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, float gate,
-                   bool noise, bool scaled, uint64_t seed, uint32_t step, uint32_t modality) {
+void modulate_impl(const KernelTable& K, at::TensorList tensors, at::IntArrayRef offsets, float k,
+                   float gate, bool noise, bool scaled, uint64_t seed, uint32_t step,
+                   uint32_t modality) {
   const std::vector<Chunk> chunks = make_chunks(tensors);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   if (nchunks == 0) return;
@@ -366,13 +426,17 @@ void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, flo
     for_each_index(nchunks, [&](int64_t c) {
       const Chunk& ch = chunks[c];
       T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start;
-      for (int64_t i = 0; i < ch.len; ++i) {
-        x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
+      if constexpr (std::is_same<T, float>::value) {
+        K.scale_f32(x, ch.len, k);
+      } else {
+        for (int64_t i = 0; i < ch.len; ++i) {
+          x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
+        }
       }
     });
     return;
   }
-  modulate_noise<T>(active_kernels(), tensors, offsets, chunks, k, gate, scaled, seed, step, modality);
+  modulate_noise<T>(K, tensors, offsets, chunks, k, gate, scaled, seed, step, modality);
 }
 
 }  // namespace
@@ -382,7 +446,7 @@ void modulate_impl(at::TensorList tensors, at::IntArrayRef offsets, float k, flo
 
 at::Tensor scores_cpu(at::TensorList logits, const at::Tensor& labels) {
   check_scores_inputs(logits, labels);
-  const KernelTable& K = active_kernels();
+  const KernelTable& K = kernels_for_op();
   const int64_t M = static_cast<int64_t>(logits.size());
   at::Tensor out = at::empty({M}, labels.options().dtype(at::kFloat));
   const at::Tensor y = labels.to(at::kLong).contiguous();
@@ -451,11 +515,12 @@ void modulate_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Ten
                   const at::Tensor& gate, bool noise, bool scaled, int64_t seed, int64_t step,
                   int64_t modality) {
   check_bucket(tensors, offsets, k, gate);
+  const KernelTable& K = kernels_for_op();  // may raise: before anything is written
   if (tensors.empty()) return;
   const float kv = k.item<float>();
   const float gv = gate.item<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "mmmod_modulate_cpu", [&] {
-    modulate_impl<scalar_t>(tensors, offsets, kv, gv, noise, scaled, static_cast<uint64_t>(seed),
+    modulate_impl<scalar_t>(K, tensors, offsets, kv, gv, noise, scaled, static_cast<uint64_t>(seed),
                             static_cast<uint32_t>(step), static_cast<uint32_t>(modality));
   });
 }
@@ -485,7 +550,7 @@ at::Tensor bucket_std_cpu(at::TensorList tensors) {
     flat.push_back(tensors[i].contiguous());
   }
   const std::vector<Chunk> chunks = make_chunks(flat);
-  const KernelTable& K = active_kernels();
+  const KernelTable& K = kernels_for_op();
   double* op = out.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat[0].scalar_type(), "mmmod_bucket_std_cpu", [&] {
     const std::vector<Moments> mom = bucket_moments<scalar_t>(K, flat, chunks);
@@ -503,7 +568,7 @@ void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_
   TORCH_CHECK_VALUE(offset >= 0, "mmmod.philox_normal_: negative offset");
   const int64_t n = out.numel();
   float* p = out.mutable_data_ptr<float>();
-  const KernelTable& K = active_kernels();
+  const KernelTable& K = kernels_for_op();
   const int64_t nchunks = (n + kChunkCpu - 1) / kChunkCpu;
   for_each_index(nchunks, [&](int64_t c) {
     const int64_t start = c * kChunkCpu;

@@ -1,9 +1,12 @@
-// CPU kernels shared by the default (portable scalar) and the AVX2 translation units.
+// CPU kernels shared by the default (portable scalar), the AVX2 and the AVX-512 translation units.
 //
 // cpu_kernels.cpp owns the ops, the chunking and the threading; the per-chunk work goes through
 // a KernelTable: the portable one (scalar Philox, libm Box-Muller, compiled for the baseline
-// ISA) or the AVX2 + FMA one from vec_avx2.cpp, picked at run time with __builtin_cpu_supports.
-// MMMOD_CPU_SCALAR=1 in the environment (read on every op call) forces the portable table.
+// ISA), the AVX2 + FMA one from vec_avx2.cpp or the AVX-512 one from vec_avx512.cpp, picked at
+// run time from cpuid (CPU features) and xgetbv (the OS saves the ymm / zmm and opmask state).
+// The environment (read on every op call) caps the choice: MMMOD_CPU_KERNELS=scalar|avx2|avx512
+// uses at most that table (the best one the CPU has at or below it; auto or unset: the best),
+// MMMOD_CPU_SCALAR=1 forces the portable table whatever MMMOD_CPU_KERNELS says.
 //
 // Contracts every table meets, so chunking and threading never change a bit:
 // - normals(): the value of a counter group depends only on (seed, step, modality, q), never on
@@ -11,9 +14,11 @@
 //   code on padded lanes);
 // - lanes_sum_f32() / lanes_sqdev_f32(): the statistics pass accumulates element i of a chunk into
 //   float64 lane i % 16 in element order (then a fixed tree, moment_lanes_sum), identically in
-//   both tables, so the statistics are bit-identical too, however a chunk's pass is sliced;
+//   every table, so the statistics are bit-identical too, however a chunk's pass is sliced;
 // - modulate_f32(): x <- float32(x k) + float32(sigma z), products rounded separately (no FMA),
-//   bit-identical to the reference for the same z.
+//   bit-identical to the reference for the same z; scale_f32(): x <- float32(x k), likewise;
+// - the AVX-512 normals are bit-identical to the AVX2 ones (same operations, wider registers);
+//   both are within a few ulp of the scalar table's libm-based ones.
 #pragma once
 
 #include <stdint.h>
@@ -24,12 +29,19 @@ namespace mmmod {
 namespace cpu {
 
 // Counter groups per noise block (4 normals each): 2 KiB of normals, L1-resident. A multiple of
-// the AVX2 batch of 8 groups.
+// the AVX2 batch of 8 groups and of the AVX-512 one of 32.
 constexpr int64_t kBlockGroups = 128;
-// Extra room a normals() output buffer needs past 4 * ngroups floats (padding to 8 groups).
+// Extra room a normals() output buffer needs past 4 * ngroups floats (the AVX2 table pads to 8
+// groups; the AVX-512 one stores partial batches with masks).
 constexpr int64_t kNormalsPad = 32;
 // float64 accumulator lanes of the statistics pass.
 constexpr int kMomentLanes = 16;
+
+// x86-64 GCC builds compile the AVX2 and AVX-512 tables (each TU switches its ISA on with a target
+// pragma); other builds have the portable table only.
+#if defined(MMMOD_HAVE_AVX2_TU) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MMMOD_X86_SIMD_TABLES 1
+#endif
 
 struct KernelTable {
   const char* name;
@@ -39,6 +51,8 @@ struct KernelTable {
                   float* z);
   // x[i] <- x[i] k + sigma z[i] (float32, separately rounded products).
   void (*modulate_f32)(float* x, const float* z, int64_t n, float k, float sigma);
+  // x[i] <- x[i] k (float32).
+  void (*scale_f32)(float* x, int64_t n, float k);
   // lanes[j] += float64(x[i]) for i = j mod 16, in order; n a multiple of 16.
   void (*lanes_sum_f32)(const float* x, int64_t n, double* lanes);
   // lanes[j] += (float64(x[i]) - mean)^2 for i = j mod 16, in order; n a multiple of 16.
@@ -49,14 +63,22 @@ struct KernelTable {
 };
 
 const KernelTable& scalar_kernels();
-#if defined(MMMOD_HAVE_AVX2_TU)
+#if defined(MMMOD_X86_SIMD_TABLES)
 const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
 #endif
 
-// The table the ops use now: AVX2 when the CPU has AVX2 + FMA and MMMOD_CPU_SCALAR is unset.
+// The table the ops use now: the best one the CPU supports within the cap of MMMOD_CPU_KERNELS /
+// MMMOD_CPU_SCALAR. Never throws: an unrecognised MMMOD_CPU_KERNELS value counts as unset here
+// (for reporting); the ops call kernels_for_op(), which rejects it.
 const KernelTable& active_kernels();
-// Whether the AVX2 table is compiled in and the CPU supports it (independent of the env var).
+// active_kernels(), but an unrecognised MMMOD_CPU_KERNELS value raises a ValueError naming it.
+const KernelTable& kernels_for_op();
+// Whether the AVX2 table is compiled in and the CPU (and OS) support it (independent of the env).
 bool avx2_supported();
+// Whether the AVX-512 table is compiled in and the CPU has avx512f/bw/dq/vl + FMA with the zmm
+// and opmask state enabled by the OS (independent of the env).
+bool avx512_supported();
 
 // Fixed combination of the 16 lanes of the statistics pass (shared by both tables).
 static inline double moment_lanes_sum(const double* a) {

@@ -62,11 +62,12 @@ PyObject* build_info(PyObject*, PyObject*) {
 }
 
 #if defined(MMMOD_CPU_KERNELS_API)
-// Which CPU kernel table the ops use now ("avx2" or "scalar"; MMMOD_CPU_SCALAR=1 forces
-// "scalar") and whether the AVX2 one could be used on this CPU.
+// Which CPU kernel table the ops use now ("avx512", "avx2" or "scalar"; MMMOD_CPU_KERNELS caps
+// it, MMMOD_CPU_SCALAR=1 forces "scalar") and whether the AVX2 / AVX-512 ones could be used here.
 PyObject* cpu_kernels(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:O}", "active", mmmod::cpu::active_kernels().name, "avx2_supported",
-                       mmmod::cpu::avx2_supported() ? Py_True : Py_False);
+  return Py_BuildValue("{s:s,s:O,s:O}", "active", mmmod::cpu::active_kernels().name, "avx2_supported",
+                       mmmod::cpu::avx2_supported() ? Py_True : Py_False, "avx512_supported",
+                       mmmod::cpu::avx512_supported() ? Py_True : Py_False);
 }
 #endif
 
@@ -76,7 +77,8 @@ PyMethodDef methods[] = {
      "elements per kernel chunk."},
 #if defined(MMMOD_CPU_KERNELS_API)
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
-     "The CPU kernel table in use ('avx2' or 'scalar') and whether AVX2 + FMA is supported."},
+     "The CPU kernel table in use ('avx512', 'avx2' or 'scalar') and whether the AVX2 and "
+     "AVX-512 tables are supported."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -1,5 +1,6 @@
 // The AVX2 + FMA kernel table (cpu_kernels.h), selected at run time by cpu_kernels.cpp only when
-// the CPU supports AVX2 and FMA (and MMMOD_CPU_SCALAR is unset).
+// the CPU supports AVX2 and FMA (and the AVX-512 table is not taken, and the environment does not
+// cap the choice at scalar).
 //
 // - Philox4x32-10 across lanes: a register holds one word of 4 counter groups, one uint32 in the
 //   low half of each 64-bit lane, so _mm256_mul_epu32 yields the full 32x32->64 product (hi in
@@ -17,10 +18,12 @@
 // The ISA is switched on for this translation unit alone with a target pragma (setuptools has no
 // per-file flags); at::vec's inline namespace is CPU_CAPABILITY=AVX2 so its symbols cannot clash
 // with the default build's, and everything of ours lives in an anonymous namespace. Its name sorts
-// last among the objects so the linker keeps the baseline copy of any shared inline function; the
+// after the baseline objects' so the linker keeps the baseline copy of any shared inline function; the
 // whole extension is compiled with -ffp-contract=off, so only the explicit _mm256_fmadd_ps below
 // fuse (the reference's separately rounded products are kept elsewhere).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(MMMOD_HAVE_AVX2_TU)
+#include "cpu_kernels.h"  // before the pragma: its inline functions stay baseline code
+
+#if defined(MMMOD_X86_SIMD_TABLES)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define CPU_CAPABILITY AVX2
@@ -50,8 +53,6 @@
 
 #include <cmath>
 #include <limits>
-
-#include "cpu_kernels.h"
 
 namespace mmmod {
 namespace cpu {
@@ -258,6 +259,21 @@ void modulate_f32_avx2(float* x, const float* z, int64_t n, float k, float sigma
   for (; i < n; ++i) x[i] = x[i] * k + sigma * z[i];  // -ffp-contract=off: same rounding
 }
 
+void scale_f32_avx2(float* x, int64_t n, float k) {
+  const __m256 kv = _mm256_set1_ps(k);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    const __m256 v2 = _mm256_loadu_ps(x + i + 16), v3 = _mm256_loadu_ps(x + i + 24);
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(v0, kv));
+    _mm256_storeu_ps(x + i + 8, _mm256_mul_ps(v1, kv));
+    _mm256_storeu_ps(x + i + 16, _mm256_mul_ps(v2, kv));
+    _mm256_storeu_ps(x + i + 24, _mm256_mul_ps(v3, kv));
+  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), kv));
+  for (; i < n; ++i) x[i] = x[i] * k;
+}
+
 // ---- statistics -----------------------------------------------------------------------------
 void lanes_sum_f32_avx2(const float* x, int64_t n, double* lanes) {
   __m256d a0 = _mm256_loadu_pd(lanes), a1 = _mm256_loadu_pd(lanes + 4);
@@ -330,8 +346,8 @@ double row_lse_f32_avx2(const float* row, int64_t C) {
   return static_cast<double>(m) + std::log((s[0] + s[2]) + (s[1] + s[3]));
 }
 
-const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, lanes_sum_f32_avx2, lanes_sqdev_f32_avx2,
-                           row_lse_f32_avx2};
+const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, scale_f32_avx2, lanes_sum_f32_avx2,
+                           lanes_sqdev_f32_avx2, row_lse_f32_avx2};
 
 }  // namespace
 
