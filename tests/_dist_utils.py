@@ -316,3 +316,275 @@ def backend_agreement_worker(rank: int, world: int, port: int, out_dir: str,
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+# ---- FSDP2 (fully_shard) ------------------------------------------------------------------
+class ShardEncoder(nn.Module):
+    """An encoder whose tensors' first dims (5, 3, 1) divide by neither 2 nor 4 ranks: uneven
+    shards, and an empty one (``gain``) on every rank but the first."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, 5, 3)
+        self.conv2 = nn.Conv2d(5, 3, 3)
+        self.gain = nn.Parameter(torch.ones(1, 3))
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)) * self.gain
+
+
+class ShardModel(nn.Module):
+    def __init__(self, m: int = 2, classes: int = 5):
+        super().__init__()
+        self.encoders = nn.ModuleList(ShardEncoder(1 + i) for i in range(m))
+        self.head = nn.Linear(3 * m, classes)
+
+    def forward(self, xs):
+        feats = [enc(x) for enc, x in zip(self.encoders, xs)]
+        return self.head(torch.cat(feats, 1)), feats
+
+
+FSDP_STEPS = 10
+FSDP_LOCAL_B = 4
+FSDP_CKPT_AT = 5
+FSDP_BAD_STEP = 3
+NAMES = ["audio", "visual", "text"]
+# name: method, inner, modalities, mapping ("modules": captured before fully_shard; "params":
+# parameter lists taken after), param_filter, apply_to, micro-batches per rank, extras
+FSDP_CONFIGS = {
+    "ogm_ge-sgd": dict(method="ogm_ge", inner="sgd", m=2, mapping="modules", filter="all"),
+    "ogm_ge-adamw": dict(method="ogm_ge", inner="adamw", m=2, mapping="params", filter="all"),
+    "ogm_ge-3mod-scaled-update": dict(method="ogm_ge", inner="adamw", m=3, mapping="modules",
+                                      filter="all", noise_std="scaled", apply_to="update"),
+    "ogm_ge-accumulate": dict(method="ogm_ge", inner="sgd", m=2, mapping="modules",
+                              filter="conv", micro=2),
+    "ogm-sgd": dict(method="ogm", inner="sgd", m=2, mapping="modules", filter=None),
+    "mlb-3mod-adamw": dict(method="mlb", inner="adamw", m=3, mapping="params", filter=None),
+    "agm-sgd": dict(method="agm", inner="sgd", m=2, mapping="modules", filter="all"),
+    "mslr-adamw": dict(method="mslr", inner="adamw", m=2, mapping="modules", filter=None),
+    "ogm_ge-skip": dict(method="ogm_ge", inner="sgd", m=2, mapping="modules", filter="all",
+                        bad_step=True),
+    "ogm_ge-resume": dict(method="ogm_ge", inner="adamw", m=2, mapping="modules", filter="all",
+                          resume=True),
+}
+FSDP_HYBRID = {k: FSDP_CONFIGS[k] for k in ("ogm_ge-adamw", "mlb-3mod-adamw")}
+
+
+def fsdp_build(cfg: dict, init_seed: int, opt_seed: int, shard=None):
+    """(model, ModulatedOptimizer); ``shard(module)`` is called on each encoder, then on the
+    whole model (FSDP2's pattern), after a ``"modules"`` mapping has been taken."""
+    torch.manual_seed(init_seed)
+    model = ShardModel(cfg["m"])
+    names = NAMES[:cfg["m"]]
+    if cfg["mapping"] == "modules":  # module references taken before sharding stay valid
+        mapping = dict(zip(names, model.encoders))
+    if shard is not None:
+        for enc in model.encoders:
+            shard(enc)
+        shard(model)
+    if cfg["mapping"] == "params":  # fully_shard replaces parameters: take them afterwards
+        mapping = {n: list(enc.parameters()) for n, enc in zip(names, model.encoders)}
+    inner = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+             "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2)}[cfg["inner"]]
+    opt = mmmod.ModulatedOptimizer(
+        inner(model.parameters()), mapping, method=cfg["method"], alpha=0.8 if cfg["method"] in (
+            "ogm", "ogm_ge") else None, param_filter=cfg["filter"], seed=opt_seed,
+        noise_std=cfg.get("noise_std", "raw"), apply_to=cfg.get("apply_to", "grad"),
+        backend="torch")
+    return model, opt
+
+
+def fsdp_batch(t: int, seed: int, world: int, m: int, part: int, micro: int):
+    """Micro-batch ``part`` (of ``world * micro``, rank r holding r*micro .. r*micro+micro-1)
+    of step t's global batch; a bad step gives the last part an ignored label (-100, which
+    cross_entropy skips but the scores see as out of range)."""
+    xs, y = global_batch(t, seed, FSDP_LOCAL_B * world * micro, m)
+    s = slice(part * FSDP_LOCAL_B, (part + 1) * FSDP_LOCAL_B)
+    return [x[s] for x in xs], y[s].clone()
+
+
+def fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync=None, sharded=True,
+              shard_size=None):
+    """One training step over micro-batches ``parts`` (this rank's, or all of them in rank
+    order for the single-process reference, whose gradient is then their mean)."""
+    names = opt.names
+    opt.zero_grad()
+    if cfg["method"] == "mslr":
+        opt.set_epoch(1 + t, val_acc=[0.5 + 0.01 * t, 0.6 - 0.02 * t])  # ratios from epoch 6
+    grads = []
+    for j, part in enumerate(parts):
+        xs, y = fsdp_batch(t, seed, world, cfg["m"], part, micro)
+        if sync is not None:  # FSDP2's no_sync: reduce the gradients after the last part only
+            sync(j == len(parts) - 1)
+        out, feats = model(xs)
+        logits = [z.detach() for z in mmmod.fusion.concat_logits(model.head, feats)]
+        y_seen = y
+        if cfg.get("bad_step") and t == FSDP_BAD_STEP and part == world * micro - 1:
+            # the last rank's batch: an ignored label (the loss skips it, the scores see it
+            # out of range) and a NaN unimodal logit
+            y[0] = -100
+            logits[0][1, 0] = float("nan")
+            if not sharded:  # one process range-checks CPU labels eagerly: it observes a
+                y_seen = y.clone()  # valid label there, the NaN logit alone makes the scores NaN
+                y_seen[0] = 0
+        opt.observe(dict(zip(names, logits)), y_seen)
+        loss = nn.functional.cross_entropy(out, y, ignore_index=-100)
+        if not sharded:
+            model.zero_grad()
+            loss.backward()
+            grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        else:
+            (loss / micro).backward()
+    if not sharded:
+        for i, p in enumerate(model.parameters()):
+            p.grad = fsdp_mean([gs[i] for gs in grads], world, micro, shard_size)
+    opt.step()
+
+
+def fsdp_mean(per_part, world: int, micro: int, shard_size: int):
+    """FSDP2's gradient from per-micro-batch gradients, with its rounding: each rank
+    accumulates its micro-batches' ``g / micro`` in order; the reduce-scatter adds the ranks
+    of a shard group, the all-reduce (hybrid) adds the groups; then / world (power-of-two
+    world and micro: the scalings are exact, so where FSDP divides does not matter)."""
+    ranks = []
+    for r in range(world):
+        acc = None
+        for j in range(micro):
+            g = per_part[r * micro + j] * (1.0 / micro)
+            acc = g if acc is None else acc + g
+        ranks.append(acc)
+    groups = []
+    for q in range(0, world, shard_size):
+        acc = ranks[q]
+        for g in ranks[q + 1:q + shard_size]:
+            acc = acc + g
+        groups.append(acc)
+    total = groups[0]
+    for g in groups[1:]:
+        total = total + g
+    return total / world
+
+
+def fsdp_run(cfg: dict, seed: int, world: int, rank: int | None, mesh=None, ckpt_dir=None,
+             shard_size: int | None = None) -> dict:
+    """FSDP_STEPS steps of ``cfg``: sharded on ``mesh`` as ``rank`` (rank None: the unsharded
+    single-process reference over every rank's micro-batches). With ``resume``, the sharded
+    run saves a torch.distributed.checkpoint at FSDP_CKPT_AT and continues in a fresh model
+    and optimizer built from other seeds that load it."""
+    micro = cfg.get("micro", 1)
+    sharded = rank is not None
+    shard_size = shard_size or world
+    parts = list(range(rank * micro, (rank + 1) * micro)) if sharded else list(range(world * micro))
+    shard = None
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        shard = lambda mod: fully_shard(mod, mesh=mesh)  # noqa: E731
+    model, opt = fsdp_build(cfg, seed, seed + 1 + (rank or 0), shard)
+    sync = model.set_requires_gradient_sync if sharded and micro > 1 else None
+    coeffs, scores, collectives = [], [], None
+    for t in range(FSDP_STEPS):
+        if sharded and cfg.get("resume") and t == FSDP_CKPT_AT:
+            model, opt = fsdp_resume(cfg, model, opt, seed, mesh, ckpt_dir, shard)
+        if sharded and t == 0 and cfg["method"] == "ogm_ge":
+            collectives = count_all_gathers(lambda: fsdp_step(
+                model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size))
+        else:
+            fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size)
+        coeffs.append(opt._coeffs.clone())
+        scores.append(opt._scores.clone())
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters()}
+    return {"coeffs": torch.stack(coeffs), "scores": torch.stack(scores), "params": params,
+            "skipped": opt.skipped_steps, "step_count": opt.step_count,
+            "collectives": collectives}
+
+
+def count_all_gathers(fn) -> int:
+    """Run fn (one training step); return how many all-gathers ModulatedOptimizer.step made
+    (FSDP's own collectives run in forward and backward, outside step)."""
+    import mmmod.optim.distributed as md
+    calls = []
+    real_gather, real_step = md.dist.all_gather_into_tensor, mmmod.ModulatedOptimizer.step
+
+    def counting(*a, **k):
+        calls.append(a[1].numel())
+        return real_gather(*a, **k)
+
+    def step(self, *a, **k):
+        md.dist.all_gather_into_tensor = counting
+        try:
+            return real_step(self, *a, **k)
+        finally:
+            md.dist.all_gather_into_tensor = real_gather
+    mmmod.ModulatedOptimizer.step = step
+    try:
+        fn()
+    finally:
+        mmmod.ModulatedOptimizer.step = real_step
+    return len(calls)
+
+
+def fsdp_resume(cfg, model, opt, seed, mesh, ckpt_dir, shard):
+    """Save the sharded state with torch.distributed.checkpoint, build everything anew from
+    other seeds, load it: the recipe of docs/distributed.md."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+    import io
+    mine = io.BytesIO()  # mmmod's entry is replicated (the same on every rank): bytes
+    torch.save(opt.state_dict()["mmmod"], mine)
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, opt.optimizer), "mmmod": mine}
+    dcp.save(state, checkpoint_id=ckpt_dir)
+    model, opt = fsdp_build(cfg, seed + 777, seed + 999, shard)
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, opt.optimizer), "mmmod": io.BytesIO()}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt.optimizer, state["optim"])
+    state["mmmod"].seek(0)
+    opt.load_state_dict({**opt.optimizer.state_dict(), "mmmod": torch.load(state["mmmod"])})
+    return model, opt
+
+
+def fsdp_worker(rank: int, world: int, port: int, out_dir: str, configs, seed: int,
+                mesh_shape) -> None:
+    """Every config of ``configs`` sharded over ``mesh_shape`` (1-D: fully_shard; 2-D:
+    replicate x shard); results to ``out_dir/<name>.rank<r>.pt``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    init(rank, world, port)
+    try:
+        names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=names)
+        for name, cfg in configs.items():
+            ckpt = os.path.join(out_dir, f"{name}.dcp")
+            res = fsdp_run(cfg, seed, world, rank, mesh, ckpt)
+            torch.save(res, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        if len(mesh_shape) == 1:
+            torch.save(fsdp_refusals(mesh), os.path.join(out_dir, f"refusals.rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_refusals(mesh) -> dict:
+    """What construction says for layouts mmmod cannot give a contiguous stream range."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    out = {}
+    col = nn.Parameter(distribute_tensor(torch.randn(3, 5, 2, 2), mesh, [Shard(1)]))
+    row = nn.Parameter(distribute_tensor(torch.randn(5, 4), mesh, [Shard(0)]))
+    plain = nn.Parameter(torch.randn(3, 3))
+    for key, bad, method, mods in (
+            ("shard1", col, "ogm_ge", {"audio": [col], "visual": [plain]}),
+            ("slice", row, "mlb", {"audio": [mmmod.ParamSlice(row, 0, 0, 2)], "visual": [plain]})):
+        try:
+            mmmod.ModulatedOptimizer(torch.optim.SGD([bad, plain], lr=0.1), mods, method=method,
+                                     param_filter="all")
+            out[key] = "built"
+        except ValueError as e:
+            out[key] = str(e)
+    # the same DTensor sharded on dim 1 is fine for an element-wise method
+    mmmod.ModulatedOptimizer(torch.optim.SGD([col, plain], lr=0.1),
+                             {"audio": [col], "visual": [plain]}, method="ogm", param_filter="all")
+    return out
