@@ -132,9 +132,10 @@ def _cases(seed):
 def test_cuda_single_pass_sigma_equals_the_reference(seed):
     """The float32 sigma from the single-pass merge order equals the reference's two-pass
     float64 one on every case, and the float64 stds differ by at most
-    64 eps64 (1 + (mean / std)^2) relative (summation error of either order, and the Chan merge's delta^2 term carries the mean's
-    rounding): far below the 2^-24 relative distance float32 rounding needs; sigma can only
-    differ when the float64 std lies within that bound of a float32 rounding midpoint."""
+    64 eps64 (1 + (mean / std)^2) relative (summation error of either order, and the Chan
+    merge's delta^2 term carries the mean's rounding): far below the 2^-24 relative distance
+    float32 rounding needs; sigma can only differ when the float64 std lies within that bound
+    of a float32 rounding midpoint."""
     eps64 = 2.0 ** -52
     for t, n, dtype in _cases(seed):
         x = _values(t)

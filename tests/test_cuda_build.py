@@ -12,7 +12,6 @@ Also here, for every venv: scripts/gpu_check.sh refuses a machine without a GPU 
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

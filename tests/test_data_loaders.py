@@ -1,5 +1,4 @@
 """The real-data loaders on tiny data sets written here in the official OGM-GE layouts."""
-import importlib
 import sys
 import warnings
 

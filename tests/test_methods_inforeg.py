@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mmmod import functional, methods
-from mmmod.methods.inforeg import InfoReg, proximal_, snapshot_key
+from mmmod.methods.inforeg import proximal_, snapshot_key
 
 from _backends import LIVE_BACKENDS, device_for
 
@@ -91,7 +91,8 @@ def authors_train(model, data, epochs, steps, lr=0.05):
                 if isinstance(module, (nn.Conv2d, nn.Linear)) and "audio_net" in name:
                     fim_audio[name] += (module.weight.grad * module.weight.grad)
             log.append(dict(grads=[p.grad.clone() for p in model.parameters()],
-                            beta=float(beta.detach()) if torch.is_tensor(beta) else float(beta), score_a=score_a.item(), score_v=score_v.item()))
+                            beta=float(beta.detach()) if torch.is_tensor(beta) else float(beta),
+                            score_a=score_a.item(), score_v=score_v.item()))
             opt.step()
         fim_trace_audio = 0
         for name in fim_audio:

@@ -124,7 +124,9 @@ def format_table(summary: dict) -> str:
     rows = [(m, cell(v["fused_acc"]), cell(v["audio_probe"]), cell(v["visual_probe"]),
              cell(v["wall_s"], 1.0, "{:.0f}")) for m, v in summary.items()]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 

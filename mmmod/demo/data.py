@@ -112,7 +112,8 @@ def render_audio(labels: torch.Tensor, cfg: SyntheticConfig, g: torch.Generator)
     pair, member = labels // 2, labels % 2
     shared = pair < cfg.audio_shared_pairs
     member = torch.where(shared, torch.randint(0, 2, (n,), generator=g), member)
-    f0 = torch.tensor(_F0, dtype=torch.float64)[pair] * (1 + 0.06 * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1))
+    jitter = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
+    f0 = torch.tensor(_F0, dtype=torch.float64)[pair] * (1 + 0.06 * jitter)
     f0 = f0[:, None]
     contour = [_CONTOUR[k] for k in pair.tolist()]
     # instantaneous phase of the fundamental, per contour
@@ -139,7 +140,8 @@ def render_audio(labels: torch.Tensor, cfg: SyntheticConfig, g: torch.Generator)
         alias = (f0 * h * 1.3) >= sr / 2  # keep every partial (chirps included) below Nyquist
         wave = wave + torch.where(alias, torch.zeros_like(amp), amp) * torch.sin(h * phase)
     # member cue: an 8 Hz amplitude pulse
-    pulse = 1 - 0.85 * (0.5 + 0.5 * torch.sin(2 * math.pi * 8 * tt + 2 * math.pi * torch.rand(n, 1, generator=g, dtype=torch.float64)))
+    phase = 2 * math.pi * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    pulse = 1 - 0.85 * (0.5 + 0.5 * torch.sin(2 * math.pi * 8 * tt + phase))
     wave = torch.where(member[:, None].bool(), wave * pulse, wave)
     # random onset and length with 10 ms ramps
     start = torch.rand(n, 1, generator=g, dtype=torch.float64) * 0.3 * dur
@@ -201,7 +203,8 @@ def render_frames(labels: torch.Tensor, cfg: SyntheticConfig, g: torch.Generator
     vy = (torch.rand(n, generator=g) - 0.5)[:, None, None, None] * 0.1
     frame_t = torch.arange(nf, dtype=torch.float32)[None, :, None, None]
     cx, cy = cx + vx * frame_t, cy + vy * frame_t  # [N, F, 1, 1]: a slow drift across frames
-    rad = (cfg.shape_size[0] + (cfg.shape_size[1] - cfg.shape_size[0]) * torch.rand(n, generator=g))[:, None, None, None]
+    lo, hi = cfg.shape_size
+    rad = (lo + (hi - lo) * torch.rand(n, generator=g))[:, None, None, None]
     th = ((torch.rand(n, generator=g) - 0.5) * 0.6)[:, None, None, None]
     dx, dy = xx - cx, yy - cy
     u = (dx * torch.cos(th) + dy * torch.sin(th)) / rad

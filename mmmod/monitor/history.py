@@ -165,7 +165,6 @@ class Recorder:
             self._extra = layout
             self._buf = torch.zeros((self.capacity, self.width), dtype=torch.float32,
                                     device=scores.device if self.device is None else self.device)
-        m = len(self.names)
         slot = self.count % self.capacity
         row = self._buf[slot]
         # one cat + one copy whatever the number of extras (a few us of launches per step)
