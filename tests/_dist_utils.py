@@ -348,6 +348,7 @@ FSDP_STEPS = 10
 FSDP_LOCAL_B = 4
 FSDP_CKPT_AT = 5
 FSDP_BAD_STEP = 3
+FSDP_INF_STEP = 6  # GradScaler: an inf in the last rank's shard of one gradient
 NAMES = ["audio", "visual", "text"]
 # name: method, inner, modalities, mapping ("modules": captured before fully_shard; "params":
 # parameter lists taken after), param_filter, apply_to, micro-batches per rank, extras
@@ -364,6 +365,8 @@ FSDP_CONFIGS = {
     "mslr-adamw": dict(method="mslr", inner="adamw", m=2, mapping="modules", filter=None),
     "ogm_ge-skip": dict(method="ogm_ge", inner="sgd", m=2, mapping="modules", filter="all",
                         bad_step=True),
+    "ogm_ge-scaler": dict(method="ogm_ge", inner="adamw", m=2, mapping="modules", filter="all",
+                          scaler=True),
     "ogm_ge-resume": dict(method="ogm_ge", inner="adamw", m=2, mapping="modules", filter="all",
                           resume=True),
 }
@@ -404,7 +407,7 @@ def fsdp_batch(t: int, seed: int, world: int, m: int, part: int, micro: int):
 
 
 def fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync=None, sharded=True,
-              shard_size=None):
+              shard_size=None, scaler=None):
     """One training step over micro-batches ``parts`` (this rank's, or all of them in rank
     order for the single-process reference, whose gradient is then their mean)."""
     names = opt.names
@@ -429,6 +432,8 @@ def fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync=None, sharded=
                 y_seen[0] = 0
         opt.observe(dict(zip(names, logits)), y_seen)
         loss = nn.functional.cross_entropy(out, y, ignore_index=-100)
+        if scaler is not None:
+            loss = scaler.scale(loss)
         if not sharded:
             model.zero_grad()
             loss.backward()
@@ -438,7 +443,20 @@ def fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync=None, sharded=
     if not sharded:
         for i, p in enumerate(model.parameters()):
             p.grad = fsdp_mean([gs[i] for gs in grads], world, micro, shard_size)
-    opt.step()
+    if scaler is not None and t == FSDP_INF_STEP:
+        w = model.encoders[0].conv1.weight
+        if sharded:
+            if parts[0] == world * micro - micro:  # the last rank: its shard's first element
+                w.grad.to_local().view(-1)[0] = float("inf")
+        else:  # the same element of the whole gradient (torch.chunk's rows per rank)
+            rows = w.shape[0]
+            first = min(rows, (world - 1) * -(-rows // world))
+            w.grad.view(-1)[first * w[0].numel()] = float("inf")
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
 
 
 def fsdp_mean(per_part, world: int, micro: int, shard_size: int):
@@ -481,22 +499,25 @@ def fsdp_run(cfg: dict, seed: int, world: int, rank: int | None, mesh=None, ckpt
         shard = lambda mod: fully_shard(mod, mesh=mesh)  # noqa: E731
     model, opt = fsdp_build(cfg, seed, seed + 1 + (rank or 0), shard)
     sync = model.set_requires_gradient_sync if sharded and micro > 1 else None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if cfg.get("scaler") else None
     coeffs, scores, collectives = [], [], None
     for t in range(FSDP_STEPS):
         if sharded and cfg.get("resume") and t == FSDP_CKPT_AT:
             model, opt = fsdp_resume(cfg, model, opt, seed, mesh, ckpt_dir, shard)
         if sharded and t == 0 and cfg["method"] == "ogm_ge":
             collectives = count_all_gathers(lambda: fsdp_step(
-                model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size))
+                model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size, scaler))
         else:
-            fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size)
+            fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync, sharded, shard_size,
+                      scaler)
         coeffs.append(opt._coeffs.clone())
         scores.append(opt._scores.clone())
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in model.named_parameters()}
     return {"coeffs": torch.stack(coeffs), "scores": torch.stack(scores), "params": params,
             "skipped": opt.skipped_steps, "step_count": opt.step_count,
-            "collectives": collectives}
+            "collectives": collectives,
+            "scale": None if scaler is None else scaler.get_scale()}
 
 
 def count_all_gathers(fn) -> int:
