@@ -164,3 +164,7 @@ def register_kernels(dispatch_key: str, kernels: dict) -> None:
         if name not in SCHEMAS:
             raise ValueError(f"mmmod defines no op {name!r}")
         _lib.impl(name, fn, dispatch_key)
+
+
+# InfoReg's proximal op lives in its own module; imported here so it is defined whenever these are
+from . import ops_proximal as _ops_proximal  # noqa: E402,F401

@@ -1,0 +1,165 @@
+// CPU kernel of InfoReg's proximal correction (op proximal_, defined in mmmod/ops_proximal.py;
+// the reference is proximal_ in mmmod/methods/inforeg.py).
+//
+// One pass over the modality's bucket: per element g <- T(float(g) + beta (float(p) - float(p0)))
+// (float32 arithmetic, each operation rounded: the build passes -ffp-contract=off, so no FMA),
+// and the square of the stored value accumulated in float64 for the Fisher increment
+// sum over tensors of >= 2 dims of mean(g_new^2).
+//
+// Determinism: work is cut into fixed chunks of kChunkCpu elements of one tensor (never derived
+// from the thread count); each chunk's sum of squares is taken in a fixed lane pattern, and the
+// chunk sums are merged per tensor in chunk order, the tensor means in tensor order, after the
+// parallel region. The result is bit-identical for any number of threads.
+//
+// beta == 0: nothing is stored (the gradients stay bit-identical, -0.0 and float64 values
+// included); the Fisher increment is then taken from the gradients as they are. beta is a CPU
+// tensor here, so reading it is a memory read, not a device sync.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops.h"
+
+namespace mmmod {
+namespace proximal_cpu {
+namespace {
+
+constexpr int kLanes = 8;  // independent float64 accumulators per chunk (fixed pattern)
+
+struct Chunk {
+  int64_t tensor, start, len;
+};
+
+template <typename T>
+inline double as_double(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+inline double as_double<double>(double v) {
+  return v;
+}
+
+// Sum of squares of one chunk in float64, lane j taking elements j, j + kLanes, ... then the
+// lanes added pairwise in a fixed tree; with write, the corrected values are stored first.
+template <typename T>
+double chunk_pass(T* g, const T* p, const T* p0, int64_t n, float beta, bool write) {
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  if (write) {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float d = static_cast<float>(p[i + j]) - static_cast<float>(p0[i + j]);
+        const float v = static_cast<float>(g[i + j]) + beta * d;
+        const T r = static_cast<T>(v);
+        g[i + j] = r;
+        const double x = as_double(r);
+        acc[j] += x * x;
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+      const float d = static_cast<float>(p[i]) - static_cast<float>(p0[i]);
+      const T r = static_cast<T>(static_cast<float>(g[i]) + beta * d);
+      g[i] = r;
+      const double x = as_double(r);
+      acc[j] += x * x;
+    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const double x = as_double(g[i + j]);
+        acc[j] += x * x;
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+      const double x = as_double(g[i]);
+      acc[j] += x * x;
+    }
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+void check_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
+                  const at::Tensor& beta) {
+  TORCH_CHECK_VALUE(grads.size() == params.size() && params.size() == snapshots.size(),
+                    "mmmod.proximal_: ", grads.size(), " grads, ", params.size(), " params and ",
+                    snapshots.size(), " snapshots; expected one of each per tensor");
+  TORCH_CHECK_VALUE(beta.numel() == 1 && at::isFloatingType(beta.scalar_type()),
+                    "mmmod.proximal_: beta must be a one-element floating-point tensor");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto &g = grads[i], &p = params[i], &p0 = snapshots[i];
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && p0.sizes() == p.sizes(), "mmmod.proximal_: tensor ",
+                      i, ": grad ", g.sizes(), ", param ", p.sizes(), " and snapshot ", p0.sizes(),
+                      " differ in shape");
+    const auto dt = g.scalar_type();
+    TORCH_CHECK_TYPE(p.scalar_type() == dt && p0.scalar_type() == dt &&
+                         (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
+                          dt == at::kDouble),
+                     "mmmod.proximal_: tensor ", i, ": grad ", dt, ", param ", p.scalar_type(),
+                     ", snapshot ", p0.scalar_type(),
+                     "; expected one dtype among float32, float16, bfloat16, float64");
+    TORCH_CHECK_VALUE(g.device() == beta.device() && p.device() == beta.device() &&
+                          p0.device() == beta.device(),
+                      "mmmod.proximal_: tensor ", i, ": grad on ", g.device(), ", param on ",
+                      p.device(), ", snapshot on ", p0.device(), ", beta on ", beta.device(),
+                      "; expected one device");
+  }
+}
+
+}  // namespace
+
+at::Tensor proximal_cpu(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
+                        const at::Tensor& beta) {
+  check_inputs(grads, params, snapshots, beta);
+  const float b = beta.to(at::kFloat).item<float>();  // a CPU tensor: a memory read
+  const bool write = b != 0.0f;                        // NaN beta writes NaN, as the reference
+  const size_t nt = grads.size();
+  // contiguous views of every operand (copies only for non-contiguous tensors, written back below)
+  std::vector<at::Tensor> g(nt), p(nt), p0(nt);
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < nt; ++t) {
+    const int64_t n = grads[t].numel();
+    if (n == 0) continue;
+    g[t] = grads[t].contiguous();
+    p[t] = params[t].contiguous();
+    p0[t] = snapshots[t].contiguous();
+    for (int64_t s = 0; s < n; s += kChunkCpu) {
+      chunks.push_back({static_cast<int64_t>(t), s, std::min(kChunkCpu, n - s)});
+    }
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, g[ch.tensor].scalar_type(), "mmmod_proximal_cpu", [&] {
+            partial[c] = chunk_pass<scalar_t>(g[ch.tensor].mutable_data_ptr<scalar_t>() + ch.start,
+                                              p[ch.tensor].const_data_ptr<scalar_t>() + ch.start,
+                                              p0[ch.tensor].const_data_ptr<scalar_t>() + ch.start,
+                                              ch.len, b, write);
+          });
+    }
+  });
+  // fixed-order merge: chunks of a tensor in order, then the tensors' means in order
+  double fisher = 0.0;
+  size_t c = 0;
+  for (size_t t = 0; t < nt; ++t) {
+    const int64_t n = grads[t].numel();
+    if (n == 0) continue;
+    double sum = 0.0;
+    for (; c < chunks.size() && chunks[c].tensor == static_cast<int64_t>(t); ++c) sum += partial[c];
+    if (grads[t].dim() >= 2) fisher += sum / static_cast<double>(n);
+    if (write && !g[t].is_same(grads[t])) grads[t].copy_(g[t]);
+  }
+  return at::scalar_tensor(fisher, beta.options().dtype(at::kDouble));
+}
+
+}  // namespace proximal_cpu
+}  // namespace mmmod
+
+TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
+  m.impl("proximal_", &mmmod::proximal_cpu::proximal_cpu);
+}
