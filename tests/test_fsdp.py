@@ -163,3 +163,51 @@ def test_hybrid_mesh_equals_unsharded_run(hybrid_runs, name):
     ref = _reference(name, seed, 4, shard_size=2)
     same_bits(res[name][0]["coeffs"], ref["coeffs"])
     _params_match(res[name][0]["params"], ref["params"])
+
+
+# ---- single process: the pieces, on random inputs ---------------------------------------
+@pytest.mark.parametrize("rows,world", [(5, 2), (1, 2), (7, 4), (3, 4), (64, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shards_with_merged_std_equal_the_whole_tensor(rows, world, dtype):
+    """Shard a random gradient as FSDP2 does (torch.chunk rows, empty shards included), merge
+    the shards' moments as the ranks do, and modulate each shard with the merged std at its
+    stream offset: the result equals modulating the whole tensor, bit for bit (the std to
+    within a few float64 ulps, the same float32 sigma)."""
+    from mmmod import reference
+    from mmmod.optim.sharding import merged_std
+    g = torch.Generator().manual_seed(rows * 31 + world)
+    whole = (torch.randn(rows, 3, 3, generator=g) * 0.1 + 0.02).to(dtype)
+    shards = list(whole.clone().chunk(world))
+    shards += [whole.new_empty(0, 3, 3)] * (world - len(shards))
+    table = []
+    for s in shards:
+        x = s.reshape(-1).double()
+        mean = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64)
+        table.append(torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), mean,
+                                  (x - mean).square().sum()]))
+    std = merged_std(torch.stack(table)[:, None, :])[0]
+    want_std = reference.modulate.tensor_std(whole)
+    torch.testing.assert_close(std, want_std, rtol=1e-14, atol=0)
+    k, gate, base = torch.tensor(0.7), torch.tensor(1.0), 11  # base: tensors before this one
+    expect = whole.clone()
+    reference.modulate_bucket_([expect], [base], k, gate, noise=True, noise_std="raw", seed=5,
+                               step=3, modality=1)
+    start = 0
+    for s in shards:
+        reference.modulate_bucket_([s], [base + start], k, gate, noise=True, noise_std="raw",
+                                   seed=5, step=3, modality=1, stds=[std])
+        start += s.numel()
+    assert torch.equal(torch.cat([s.reshape(-1) for s in shards]), expect.reshape(-1))
+
+
+def test_given_std_is_the_same_path_as_the_own_std():
+    from mmmod import reference
+    g = torch.randn(1001)
+    a, b = g.clone(), g.clone()
+    args = dict(noise=True, noise_std="scaled", seed=1, step=2, modality=0)
+    reference.modulate_bucket_([a], [3], torch.tensor(-0.4), torch.tensor(1.0), **args)
+    reference.modulate_bucket_([b], [3], torch.tensor(-0.4), torch.tensor(1.0),
+                               stds=[reference.modulate.tensor_std(g)], **args)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one std per tensor"):
+        reference.modulate_bucket_([b], [3], torch.tensor(1.0), None, stds=[], **args)
