@@ -189,6 +189,16 @@ def backend_launches():
         be.modulate_bucket_(ts, [0], one, one, noise=True, noise_std="raw", seed=1,
                             step=torch.tensor(5, dtype=torch.int32), modality=1)
         be.sigmas(ts, one, noise_std="scaled")
+        # InfoReg's proximal correction (kernels/proximal_kernel.py): every dtype on aligned
+        # tables (a 2-D tensor for the Fisher, a full and a partial chunk), and a bucket whose
+        # pointers are off 16-byte alignment (the masked variant)
+        from mmmod.kernels import proximal_kernel
+        for dt in dtypes:
+            prox = [[torch.empty(s, dtype=dt) for s in ((70, 73), (4096,), (3,))]
+                    for _ in range(3)]
+            proximal_kernel.proximal_(*prox, one)
+        prox = [[buf[1:5001], buf[5001:]] for buf in (torch.empty(1 + 5000 + 7) for _ in range(3))]
+        proximal_kernel.proximal_(*prox, one)
     return launches
 
 
