@@ -160,7 +160,8 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(ce.CUDAExtension(
             "mmmod._C_cuda",
-            sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu"),
+            sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu",
+                        "proximal_cuda.cpp", "proximal.cu"),
             include_dirs=include,
             define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},

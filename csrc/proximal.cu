@@ -1,0 +1,181 @@
+// CUDA kernels of InfoReg's proximal op (mmmod::proximal_; glue: proximal_cuda.cpp, interface:
+// proximal_api.h). CUDA headers and proximal_api.h only, no torch.
+//
+// 1. proximal_kernel: one block per chunk of MMMOD_PROX_CHUNK elements of one tensor. Thread i
+//    takes elements i, i + 256, ... (coalesced), forms g + beta (p - p0) in float32 with
+//    explicitly rounded intrinsics (never contracted to an FMA, whatever -fmad says), stores it
+//    rounded to the tensor's dtype, and accumulates the square of the stored value in float64;
+//    the block's threads are then merged in a fixed shared-memory tree into partial[chunk].
+//    beta == 0 (read from device memory, the same value for every block): nothing is stored, so
+//    the gradients stay bit-identical, and the squares are those of the gradients as they are.
+// 2. proximal_finish_kernel: one block walks the tensors in order; per tensor its threads sum
+//    the chunk partials (thread t: chunks t, t + 256, ... in order), the same fixed tree merges
+//    them, and thread 0 adds sum / numel for the tensors that count for the Fisher.
+// No atomics and a chunking independent of the GPU: the result is deterministic. Bytes per fp32
+// element: 12 read + 4 written (beta != 0), 4 read (beta == 0).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "proximal_api.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct ProxIo;
+template <>
+struct ProxIo<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ double to_d(float v) { return static_cast<double>(v); }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
+template <>
+struct ProxIo<double> {
+  static __device__ __forceinline__ float to_f(double v) { return __double2float_rn(v); }
+  static __device__ __forceinline__ double to_d(double v) { return v; }
+  static __device__ __forceinline__ double from_f(float v) { return static_cast<double>(v); }
+};
+template <>
+struct ProxIo<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ double to_d(__half v) { return static_cast<double>(__half2float(v)); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
+template <>
+struct ProxIo<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ double to_d(__nv_bfloat16 v) {
+    return static_cast<double>(__bfloat162float(v));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+
+// this thread's float64 sum of squares over its elements of one chunk
+template <typename T>
+__device__ double chunk_pass(T* g, const T* p, const T* p0, int64_t len, float beta) {
+  double acc = 0.0;
+  if (beta != 0.0f) {  // NaN != 0: a NaN beta writes NaN, as the reference
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      const float d = __fsub_rn(ProxIo<T>::to_f(p[i]), ProxIo<T>::to_f(p0[i]));
+      const T r = ProxIo<T>::from_f(__fadd_rn(ProxIo<T>::to_f(g[i]), __fmul_rn(beta, d)));
+      g[i] = r;
+      const double x = ProxIo<T>::to_d(r);
+      acc = __dadd_rn(acc, __dmul_rn(x, x));
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      const double x = ProxIo<T>::to_d(g[i]);
+      acc = __dadd_rn(acc, __dmul_rn(x, x));
+    }
+  }
+  return acc;
+}
+
+// fixed-order tree over the block's threads; the result is valid in thread 0
+__device__ double block_sum(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const double out = sh[0];
+  __syncthreads();  // sh is reused by the caller's next block_sum
+  return out;
+}
+
+__global__ void __launch_bounds__(kThreads) proximal_kernel(const int64_t* table, int64_t ntensors,
+                                                            const float* beta, double* partial) {
+  __shared__ double sh[kThreads];
+  const auto* tensors = reinterpret_cast<const MmmodProxTensor*>(table + 2);
+  const auto* chunks = reinterpret_cast<const MmmodProxChunk*>(table + 2 + 8 * ntensors);
+  const int64_t c = blockIdx.x;
+  const MmmodProxChunk ch = chunks[c];
+  const MmmodProxTensor te = tensors[ch.tensor];
+  const int64_t rest = te.numel - ch.start;
+  const int64_t len = rest < MMMOD_PROX_CHUNK ? rest : MMMOD_PROX_CHUNK;
+  const float b = *beta;
+  double acc = 0.0;
+  switch (te.dtype) {
+    case MMMOD_PROX_F32:
+      acc = chunk_pass(reinterpret_cast<float*>(te.grad) + ch.start,
+                       reinterpret_cast<const float*>(te.param) + ch.start,
+                       reinterpret_cast<const float*>(te.snapshot) + ch.start, len, b);
+      break;
+    case MMMOD_PROX_F16:
+      acc = chunk_pass(reinterpret_cast<__half*>(te.grad) + ch.start,
+                       reinterpret_cast<const __half*>(te.param) + ch.start,
+                       reinterpret_cast<const __half*>(te.snapshot) + ch.start, len, b);
+      break;
+    case MMMOD_PROX_BF16:
+      acc = chunk_pass(reinterpret_cast<__nv_bfloat16*>(te.grad) + ch.start,
+                       reinterpret_cast<const __nv_bfloat16*>(te.param) + ch.start,
+                       reinterpret_cast<const __nv_bfloat16*>(te.snapshot) + ch.start, len, b);
+      break;
+    default:
+      acc = chunk_pass(reinterpret_cast<double*>(te.grad) + ch.start,
+                       reinterpret_cast<const double*>(te.param) + ch.start,
+                       reinterpret_cast<const double*>(te.snapshot) + ch.start, len, b);
+      break;
+  }
+  const double s = block_sum(acc, sh);
+  if (threadIdx.x == 0) partial[c] = s;
+}
+
+__global__ void __launch_bounds__(kThreads) proximal_finish_kernel(const int64_t* table,
+                                                                   int64_t ntensors,
+                                                                   const double* partial,
+                                                                   double* out) {
+  __shared__ double sh[kThreads];
+  const auto* tensors = reinterpret_cast<const MmmodProxTensor*>(table + 2);
+  double total = 0.0;  // meaningful in thread 0
+  for (int64_t t = 0; t < ntensors; ++t) {
+    const MmmodProxTensor te = tensors[t];
+    if (!te.fisher) continue;  // the same branch for every thread of the block
+    double s = 0.0;
+    for (int64_t k = threadIdx.x; k < te.chunk_count; k += kThreads) {
+      s = __dadd_rn(s, partial[te.first_chunk + k]);
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) total = __dadd_rn(total, __ddiv_rn(s, static_cast<double>(te.numel)));
+  }
+  if (threadIdx.x == 0) out[0] = total;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t mmmod_prox_table_words(int64_t ntensors, int64_t nchunks) {
+  return 2 + 8 * ntensors + 2 * nchunks;
+}
+
+int mmmod_prox_stream_is_capturing(void* stream, int* capturing) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
+  *capturing = status != cudaStreamCaptureStatusNone;
+  return static_cast<int>(rc);
+}
+
+int mmmod_cuda_proximal(const void* table, int64_t ntensors, int64_t nchunks, const float* beta,
+                        double* partial, double* out, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const auto* words = static_cast<const int64_t*>(table);
+  if (nchunks > 0) {
+    proximal_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(words, ntensors, beta,
+                                                                        partial);
+    const cudaError_t rc = cudaGetLastError();
+    if (rc != cudaSuccess) return static_cast<int>(rc);
+  }
+  proximal_finish_kernel<<<1, kThreads, 0, s>>>(words, ntensors, partial, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+const char* mmmod_prox_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // extern "C"
