@@ -149,12 +149,17 @@ def _load_cuda() -> tuple[object, str]:
     return mod, ""
 
 
+#: every module that defines mmmod ops (the binaries register kernels for all of them)
+OP_MODULES = ("mmmod.ops", "mmmod.ops_fused", "mmmod.ops_proximal")
+
+
 def define_ops() -> None:
     """Define the mmmod ops (schemas, fakes, reference implementations: :mod:`mmmod.ops`).
 
     Runs before any binary is loaded: the binaries only register kernels for ops defined
     here. ``import mmmod`` already did it; this covers a bare ``import mmmod._ext``."""
-    importlib.import_module("mmmod.ops")
+    for name in OP_MODULES:
+        importlib.import_module(name)
 
 
 #: the name the CUDA lane's tests (tests/test_cuda_build.py) call
