@@ -10,7 +10,17 @@ Per optimizer, timed with the same gradients restored before every call:
 * ``paper``: the official eager scores + coefficients + OGM-GE loop, then ``inner.step()``;
 * ``plain``: the plain-torch rewrite, then ``inner.step()``;
 * ``mmmod:<backend>``: ``opt.observe(logits, labels); opt.step()`` for ``torch`` and every
-  live fused backend.
+  live fused backend;
+* ``mmmod:<backend> fused``: the same with ``fused=True`` (modulation inside the inner update,
+  docs/fused.md), for every live compiled backend (``torch`` only under ``--smoke``: its
+  reference takes seconds per step);
+* ``mmmod:<backend> ogm`` and ``mmmod:<backend> ogm fused``: method OGM (no noise, no
+  statistics pass), unfused and fused, for the same backends.
+Before timing, every fused contender is checked against its unfused counterpart: from the same
+parameters and optimizer state, fresh wrappers take one step each and the parameters and the
+optimizer state are compared (SGD: bit for bit; Adam/AdamW: within ``ADAM_ULPS``, the bound of
+docs/fused.md). The targets of the fused update are reported under the table: OGM-GE + SGD
+fused over unfused, OGM + SGD fused over the inner step alone.
 ``overhead %`` = (t - t_inner) / t_inner. The forward + backward of the same model at the same
 batch is timed once, and ``% of train step`` = (t - t_inner) / (t_fwd_bwd + t_inner): what the
 modulation adds to a real training step. On CUDA the modulated step is also captured in a CUDA
@@ -20,6 +30,8 @@ graph (AdamW with ``capturable=True``) and the result reported.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from . import common, paper_eager, plain_torch, workloads
@@ -28,6 +40,9 @@ ALPHA = 0.8
 N_CLASSES = 6
 AUDIO_SHAPE = (1, 257, 188)
 VISUAL_SHAPE = (3, 1, 224, 224)
+# fused vs unfused after one step: SGD is bitwise; Adam/AdamW within this many float32 ulps of
+# each tensor's largest magnitude (the bound of docs/fused.md and tests/test_fused_update.py)
+ADAM_ULPS = 4
 
 
 def make_inner(kind, params, device):
@@ -83,6 +98,58 @@ def try_capture(fn, device) -> dict:
         return {"capturable": False, "error": f"{type(e).__name__}: {e}"[:400]}
 
 
+def _optimizer_tensors(inner, params):
+    """Every parameter and every tensor of its optimizer state, in a fixed order."""
+    out = []
+    for p in params:
+        out.append(("param", p))
+        for key in sorted(inner.state.get(p, {})):
+            v = inner.state[p][key]
+            if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                out.append((key, v))
+    return out
+
+
+@torch.no_grad()
+def check_fused(inner, params, grads, make_opt, logits, labels, kind) -> dict:
+    """One step of a fresh unfused wrapper and one of a fresh fused wrapper from the same
+    parameters and optimizer state (the same noise stream: both at step 0); the largest
+    difference of the parameters and the state after it, in float32 ulps of each tensor's
+    largest magnitude. Parameters and state are restored afterwards."""
+    params = list(params)
+    saved_p = [p.detach().clone() for p in params]
+    saved_s = copy.deepcopy(inner.state_dict())
+    after = []
+    for fused in (False, True):
+        for p, s in zip(params, saved_p):
+            p.copy_(s)
+        inner.load_state_dict(copy.deepcopy(saved_s))
+        grads.reset()
+        opt = make_opt(fused)
+        opt.observe(logits, labels)
+        opt.step()
+        after.append([(k, t.detach().clone()) for k, t in _optimizer_tensors(inner, params)])
+    for p, s in zip(params, saved_p):
+        p.copy_(s)
+    inner.load_state_dict(saved_s)
+    grads.reset()
+    a, b = after
+    same_keys = [k for k, _ in a] == [k for k, _ in b]
+    bitwise = same_keys and all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+    ulps = 0.0
+    if same_keys:
+        for (_, x), (_, y) in zip(a, b):
+            scale = x.double().abs().max() if x.numel() else torch.zeros((), dtype=torch.float64)
+            d = (x.double() - y.double()).abs().max() if x.numel() else scale
+            if float(d) > 0:
+                ulps = max(ulps, float(d / (torch.finfo(torch.float32).eps
+                                            * scale.clamp_min(1e-30))))
+    bound = 0 if kind == "sgd" else ADAM_ULPS
+    return {"bitwise_vs_unfused": bitwise, "max_ulps_vs_unfused": ulps,
+            "ulps_bound": bound, "same_state_keys": same_keys,
+            "agrees": same_keys and (bitwise if bound == 0 else ulps <= bound)}
+
+
 def run(args) -> dict:
     from mmmod import ModulatedOptimizer
 
@@ -133,20 +200,44 @@ def run(args) -> dict:
                 inner.step()
             fns["plain"] = plain_fn
         wrapped = {}
+        fused_of = {}  # fused contender name -> make_opt(fused) building its wrappers
         for b in names:
             if b in ("paper", "plain"):
                 continue
-            opt = ModulatedOptimizer(inner, enc, method="ogm_ge", alpha=ALPHA, backend=b)
-            wrapped[b] = opt
+            # the torch backend's fused update is its per-tensor reference: seconds per step
+            variants = [("ogm_ge", False)]
+            if b != "torch" or args.smoke:
+                variants += [("ogm_ge", True), ("ogm", False), ("ogm", True)]
+            for method, fused in variants:
+                def make_opt(f, method=method, b=b):
+                    return ModulatedOptimizer(inner, enc, method=method, alpha=ALPHA, backend=b,
+                                              fused=f)
+                try:
+                    opt = make_opt(fused)
+                except (ValueError, RuntimeError) as e:
+                    common.log(f"step {kind} mmmod:{b} {method} fused={fused}: skipped ({e})")
+                    continue
+                name = f"mmmod:{b}" + ("" if method == "ogm_ge" else f" {method}") + (
+                    " fused" if fused else "")
+                if method == "ogm_ge" and not fused:
+                    wrapped[b] = opt
+                if fused:
+                    fused_of[name] = make_opt
 
-            def mm_fn(opt=opt):
-                opt.observe(logits, labels)
-                opt.step()
-            fns[f"mmmod:{b}"] = mm_fn
+                def mm_fn(opt=opt):
+                    opt.observe(logits, labels)
+                    opt.step()
+                fns[name] = mm_fn
         for name, fn in fns.items():
             slow = name == "mmmod:torch" or args.smoke
             grads.reset()
             fn()  # optimizer state (AdamW moments) exists before timing
+            chk = None
+            if name in fused_of:  # outputs checked before timing
+                chk = check_fused(inner, model.parameters(), grads, fused_of[name], logits,
+                                  labels, kind)
+                common.log(f"step {kind} {name}: vs unfused bitwise {chk['bitwise_vs_unfused']}"
+                           f", max {chk['max_ulps_vs_unfused']:.3g} ulps, agrees {chk['agrees']}")
             grads.reset()
             syn = common.count_syncs(fn, device)
             if device.type == "cpu" and syn["elapsed_s"] > max(5.0, 3 * mt) and not args.smoke:
@@ -156,7 +247,7 @@ def run(args) -> dict:
                 t = common.time_fn(fn, device, reset=grads.reset, min_time=mt,
                                    min_reps=(1 if args.quick else 2) if slow else 3,
                                    warmup=0 if slow else 1)
-            rows[name] = {**t, **syn}
+            rows[name] = {**t, **syn, **({"check": chk} if chk else {})}
             common.log(f"step {kind} {name}: {common.fmt_time(t['median_s'])} syncs {syn['syncs']}")
         t_in = rows["inner"]["median_s"]
         t_train = t_fb["median_s"] + t_in
@@ -177,28 +268,74 @@ def run(args) -> dict:
                     opt.step()
                 grads.reset()
                 rows[f"mmmod:{b}"]["cuda_graph"] = try_capture(cap, device)
-        results["optimizers"][kind] = {"train_step_s": t_train, "steps": rows}
+        results["optimizers"][kind] = {"train_step_s": t_train, "steps": rows,
+                                       "fused_ratios": fused_ratios(rows)}
     tab = render(results)
     print(tab)
     common.write_results("bench_step", device, args, results, tab)
     return results
 
 
+def fused_ratios(rows) -> dict:
+    """Per backend with fused rows: OGM-GE fused / OGM-GE unfused and OGM fused / inner step
+    (the fused update's targets: <= 0.7 and <= 1.15), medians of this run."""
+    out = {}
+    t_in = rows["inner"]["median_s"]
+    for name, r in rows.items():
+        if not (name.startswith("mmmod:") and name.endswith(" fused")):
+            continue
+        base = name[:-len(" fused")]
+        b = base.split()[0][len("mmmod:"):]
+        e = out.setdefault(b, {})
+        if base == f"mmmod:{b}" and base in rows:
+            e["ogm_ge_fused_over_unfused"] = r["median_s"] / rows[base]["median_s"]
+        if base == f"mmmod:{b} ogm":
+            e["ogm_fused_over_inner"] = r["median_s"] / t_in
+            if base in rows:
+                e["ogm_fused_over_unfused"] = r["median_s"] / rows[base]["median_s"]
+    return out
+
+
+def _check_cell(s) -> str:
+    c = s.get("check")
+    if c is None:
+        return "-"
+    if c["bitwise_vs_unfused"]:
+        return "bitwise"
+    return f"{c['max_ulps_vs_unfused']:.2g} ulps" + ("" if c["agrees"] else " (NO)")
+
+
 def render(results) -> str:
     headers = ["optimizer", "step", "median", "overhead % of inner step",
-               "% of train step", "syncs (added to inner)", "CUDA graph"]
+               "% of train step", "syncs (added to inner)", "fused vs unfused", "CUDA graph"]
     rows = []
+    notes = []
     for kind, r in results["optimizers"].items():
         for name, s in r["steps"].items():
             cg = s.get("cuda_graph")
             rows.append([kind, name, common.fmt_time(s["median_s"]), s["overhead_pct"],
                          s["pct_of_train_step"], f"{s['syncs']} ({s['syncs_added']:+d})",
+                         _check_cell(s),
                          "n/a" if cg is None else ("yes" if cg["capturable"] else "no")])
+        for b, e in r.get("fused_ratios", {}).items():
+            parts = []
+            if "ogm_ge_fused_over_unfused" in e:
+                parts.append(f"OGM-GE fused / unfused {e['ogm_ge_fused_over_unfused']:.2f}x "
+                             f"(target <= 0.7)")
+            if "ogm_fused_over_inner" in e:
+                parts.append(f"OGM fused / inner step {e['ogm_fused_over_inner']:.2f}x "
+                             f"(target <= 1.15)")
+            if parts:
+                notes.append(f"* {kind}, `{b}`: " + "; ".join(parts))
     fb = results["fwd_bwd"]["median_s"]
     return (common.table(headers, rows) + f"\n\nbatch {results['batch']}; forward + backward "
             f"{common.fmt_time(fb)}; train step = forward + backward + inner step; syncs = host "
             "reads of tensor values per step (CPU AdamW reads its CPU step counters by design; "
-            "mmmod on CPU range-checks CPU labels eagerly, free there)")
+            "mmmod on CPU range-checks CPU labels eagerly, free there); fused vs unfused = one "
+            "step of each from the same state, checked before timing (parameters and optimizer "
+            f"state; ulps of float32 normwise; SGD must be bitwise, Adam within {ADAM_ULPS})"
+            + ("\n\nFused update, ratios of medians in this run:\n" + "\n".join(notes)
+               if notes else ""))
 
 
 def main(argv=None):
