@@ -51,10 +51,13 @@ class Traffic:
     grad_read: int      # bytes of gradient data read
     grad_written: int   # bytes of gradient data written
     side: int           # table, partials, sigma, k, gate, labels (small)
+    # update kernels only: parameter and optimizer-state bytes read + written (kept apart so
+    # the gradient columns stay the gradient's)
+    update_rw: int = 0
 
     @property
     def bytes(self) -> int:
-        return self.grad_read + self.grad_written + self.side
+        return self.grad_read + self.grad_written + self.side + self.update_rw
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -220,6 +223,102 @@ def step_traffic(backend: str, buckets: Sequence[Sequence[int]], es: int, method
     return out
 
 
+# ------------------------------------------------ the fused modulated update (docs/fused.md)
+#: optimizer-state tensors per parameter, each of the parameter's dtype (torch's own state):
+#: SGD with momentum the momentum buffer; Adam/AdamW exp_avg and exp_avg_sq
+UPDATE_STATE = {"sgd": 1, "adamw": 2}
+
+
+def inner_update(numels, es: int, kind: str):
+    """The inner optimizer's step at its one-pass floor (what torch's ``fused=True`` AdamW
+    kernel moves; torch's default ``foreach`` path makes several passes and moves more): per
+    element the gradient read, the parameter and each state tensor read and written. One launch
+    per step (torch groups the tensors of a device and dtype)."""
+    n = sum(x for x in numels)
+    s = UPDATE_STATE[kind]
+    return Traffic("torch", f"{kind} step (one pass)", 1, n * es, 0, 0, n * es * 2 * (1 + s))
+
+
+def fused_update(backend: str, numels, es: int, kind: str):
+    """The fused update kernel of one bucket (planned: kernels/fused_update_kernel.py, csrc/
+    fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient read once, the
+    modulated gradient ``k g + sigma n`` formed in registers and never stored, the parameter and
+    each state tensor read and written once. Side traffic per program/chunk: its map entry and
+    the tensor's table words (2 + state pointers, numel, stream offset: 8 B each), k, sigma and
+    the update scale (12 B)."""
+    numels = [x for x in numels if x > 0]
+    n = sum(numels)
+    s = UPDATE_STATE[kind]
+    if backend == "triton":
+        programs = sum(_cdiv(x, TRITON_BLOCK) for x in numels)
+    else:
+        programs = cuda_chunks(numels)
+    side = programs * (8 + 8 * (2 + s) + 16 + 12)
+    return Traffic(backend, "fused_update_kernel", 1, n * es, 0, side, n * es * 2 * (1 + s))
+
+
+def statistics(backend: str, numels, es: int):
+    """OGM-GE's statistics launches (each tensor's sigma), the same kernels as unfused."""
+    numels = [x for x in numels if x > 0]
+    if backend == "triton":
+        return [triton_stats_partial(numels, es), triton_sigma(numels)]
+    return [cuda_stats(numels, es), cuda_sigma(numels)]
+
+
+def update_step_traffic(backend: str, buckets, es: int, method: str | None, kind: str,
+                        fused: bool, B: int = 64, C: int = 6):
+    """One optimizer step of the inner optimizer ``kind`` over the modality buckets:
+    ``method=None`` the inner step alone; unfused: :func:`step_traffic` (scores, coefficients,
+    modulation) then the inner step; fused: scores, coefficients, OGM-GE's statistics, then one
+    fused update per bucket."""
+    numels = [x for b in buckets for x in b]
+    if method is None:
+        return [inner_update(numels, es, kind)]
+    if not fused:
+        return step_traffic(backend, buckets, es, method, B, C) + [inner_update(numels, es, kind)]
+    Cs = [C] * len(buckets)
+    out = list(triton_scores(B, Cs) if backend == "triton" else cuda_scores(B, Cs))
+    for b in buckets:
+        if method == "ogm_ge":
+            out += statistics(backend, b, es)
+        out.append(fused_update(backend, b, es, kind))
+    return out
+
+
+def fused_markdown(workload_names=("resnet18_conv", "vit_b16")) -> str:
+    """The fused-update tables of docs/benchmarks.md: per inner optimizer, the step alone,
+    modulation then the step, and the fused step, with the bytes the fusion adds over the step
+    alone (OGM-GE: the statistics read, 4 B/elem in float32; OGM: nothing)."""
+    lines = []
+    for wname in workload_names:
+        buckets = workload_buckets(wname)
+        numel = sum(map(sum, buckets))
+        lines += [f"#### Fused update, `{wname}`: {numel / 1e6:.2f} M float32 elements", "",
+                  "| backend | step | launches | MB moved | B/elem | B/elem over the inner step "
+                  "| H100 us (eager) | H200 us (eager) |", "|---|---|---|---|---|---|---|---|"]
+        for kind in ("sgd", "adamw"):
+            inner = update_step_traffic("cuda", buckets, 4, None, kind, False)
+            base = sum(t.bytes for t in inner) / numel
+            cases = [("-", f"{kind} alone (one pass)", inner)]
+            for backend in ("triton", "cuda"):
+                for method in ("ogm_ge", "ogm"):
+                    for fused in (False, True):
+                        label = f"{method} + {kind}" + (" fused" if fused else " (unfused)")
+                        cases.append((backend, label, update_step_traffic(
+                            backend, buckets, 4, method, kind, fused)))
+            for backend, label, traffic in cases:
+                by = sum(t.bytes for t in traffic)
+                h100 = expected_seconds(traffic, DEVICES["H100-SXM"]["copy_GBps"],
+                                        DEVICES["H100-SXM"]["launch_s"])
+                h200 = expected_seconds(traffic, DEVICES["H200"]["copy_GBps"],
+                                        DEVICES["H200"]["launch_s"])
+                lines.append(f"| {backend} | {label} | {sum(t.launches for t in traffic)} "
+                             f"| {by / 1e6:.2f} | {by / numel:.3f} | {by / numel - base:+.3f} "
+                             f"| {h100 * 1e6:.1f} | {h200 * 1e6:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def workload_buckets(name: str):
     """Per-modality tensor sizes of a benchmarks/workloads.py workload (built on the meta
     device: no memory)."""
@@ -289,8 +388,11 @@ def main(argv=None):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", action="store_true", help="the docs/benchmarks.md tables")
     p.add_argument("--workloads", default="resnet18_conv,resnet18_all,vit_b16,many_small")
+    p.add_argument("--fused", action="store_true",
+                   help="the fused-update tables (inner step alone, unfused, fused)")
     a = p.parse_args(argv)
-    print(markdown(tuple(a.workloads.split(","))))
+    names = tuple(a.workloads.split(","))
+    print(fused_markdown(names) if a.fused else markdown(names))
 
 
 if __name__ == "__main__":
