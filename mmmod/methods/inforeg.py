@@ -104,13 +104,32 @@ class InfoReg(Method):
         return self.nan_if_any_nan(scores, torch.ones_like(s))
 
     @torch.no_grad()
-    def correct_grads_(self, params, grads, state):
+    def correct_grads_(self, params, grads, state, backend=None):
+        """The proximal correction of every modality, one fused pass per modality and device.
+
+        ``backend`` is the optimizer's backend name: ``"torch"`` runs the reference
+        :func:`proximal_`, ``"triton"`` the Triton kernels (kernels/proximal_kernel.py), and
+        anything else (``None``, ``"auto"``, ``"cpu"``, ``"cuda"``) ``torch.ops.mmmod.proximal_``,
+        whose kernel the dispatcher picks from the tensors' device (the compiled CPU/CUDA kernel
+        when the extension is loaded, else Triton on a GPU, else the reference)."""
         self._ensure_snapshot(state, params)
         beta = state["beta"]
+        run = _proximal_for(backend)
+        fisher_device = state["fisher"].device
         incs = []
         for m, (ps, gs) in enumerate(zip(params, grads)):
             snaps = [state[snapshot_key(m, i)] for i in range(len(ps))]
-            incs.append(proximal_(gs, ps, snaps, beta[m]).to(state["fisher"].device))
+            # tensors without a gradient are left out; one call per device (in first-seen order)
+            by_device: dict = {}
+            for i, g in enumerate(gs):
+                if g is not None:
+                    by_device.setdefault(g.device, []).append(i)
+            inc = torch.zeros((), dtype=torch.float64, device=fisher_device)
+            for device, idx in by_device.items():
+                part = run([gs[i] for i in idx], [ps[i].detach() for i in idx],
+                           [snaps[i] for i in idx], beta[m].to(device))
+                inc = inc + part.to(fisher_device)
+            incs.append(inc)
         state["fisher"].add_(torch.stack(incs))
 
     def on_epoch(self, state, epoch, *, names, params=None, **inputs):
@@ -160,6 +179,25 @@ class InfoReg(Method):
 
     def log_values(self, state):
         return {"beta": state["beta"], "window": state["window"]}
+
+
+def _proximal_for(backend):
+    """The implementation of the proximal op that ``backend`` (a backend name or None) uses."""
+    if backend == "torch":
+        return proximal_
+    if backend == "triton":
+        return _triton_proximal
+    from .. import ops_proximal  # noqa: F401  (defines torch.ops.mmmod.proximal_)
+    return torch.ops.mmmod.proximal_
+
+
+def _triton_proximal(grads, params, snapshots, beta):
+    from .. import ops_proximal
+    from ..backends.triton_backend import _load_kernels
+    ops_proximal.check_inputs(grads, params, snapshots, beta)
+    _load_kernels()
+    from mmmod.kernels import proximal_kernel
+    return proximal_kernel.proximal_(grads, params, snapshots, beta)
 
 
 def _ordered_sum(rows: torch.Tensor, width: int) -> torch.Tensor:
