@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import bandwidth, bench_modulate, bench_scores, bench_step, common, plot
+from . import bandwidth, bench_methods, bench_modulate, bench_scores, bench_step, common, plot
 
 TARGETS = {
     "cpu": [("cpu backend full OGM-GE, resnet18_conv, vs (a)", "cpu", "full", "x_vs_paper", 10.0),
@@ -87,6 +87,8 @@ def main(argv=None):
         out["bench_modulate"] = bench_modulate.main(flags + vit)
     if "bench_step" not in skip:
         out["bench_step"] = bench_step.main(flags)
+    if "bench_methods" not in skip and common.pick_device(args.device).type == "cpu":
+        out["bench_methods"] = bench_methods.main(flags)  # AGM, MSLR, InfoReg vs their code
     device = common.pick_device(args.device)
     tag = common.device_tag(device)
     png = plot.plot(args.out, tag)

@@ -178,3 +178,16 @@ def test_ogm_ge_sigma_equal():
             for gs, hs in zip(outs[n], ref):
                 for g, h in zip(gs, hs):
                     torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_methods_smoke(tmp_path):
+    from benchmarks import bench_methods
+    from mmmod import backends
+    if not backends.status("cpu")[0]:
+        pytest.skip(backends.status("cpu")[1])
+    _smoke(bench_methods, tmp_path)
+    doc = _load(tmp_path, "bench_methods")
+    assert set(doc["methods"]) == {"agm", "mslr", "inforeg"}
+    for r in doc["methods"].values():
+        assert r["check"]["agrees"], r["check"]
+        assert {"paper", "mmmod:cpu"} == set(r["steps"])
