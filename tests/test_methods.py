@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import mmmod
 from mmmod import functional, methods
 
 from _backends import LIVE_BACKENDS, device_for
@@ -161,3 +162,40 @@ def test_docs_method_table_matches_the_registry():
         assert (noise == "yes") == m.noise, name
         assert shard.startswith("yes") == m.shard_safe, name
         assert native == (m.native or "-"), name
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+def test_readme_extension_example_halves_the_selected_gradients(backend):
+    """README "Adding a method", verbatim apart from the name, on every live backend."""
+    class Half(methods.Method):
+        name = "half_readme"
+
+        def coefficients(self, scores, *, alpha, beta_max, state):
+            return torch.full_like(scores, 0.5)
+    methods.register(Half())
+    try:
+        dev = device_for(backend)
+        torch.manual_seed(0)
+        enc = [torch.nn.Conv2d(2, 3, 3).to(dev), torch.nn.Linear(5, 4).to(dev)]
+        head = torch.nn.Linear(4, 3).to(dev)
+        params = [p for m in enc + [head] for p in m.parameters()]
+        inner = torch.optim.SGD(params, lr=0.1)
+        opt = mmmod.ModulatedOptimizer(inner, {"audio": enc[0], "visual": enc[1]}, method="half_readme",
+                                       backend=backend)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = {id(p): p.grad.clone() for p in params}
+        wbefore = {id(p): p.detach().clone() for p in params}
+        opt.observe({"audio": torch.randn(6, 3, device=dev), "visual": torch.randn(6, 3, device=dev)},
+                    torch.randint(0, 3, (6,), device=dev))
+        opt.step()
+        selected = {id(p) for m in enc for p in m.parameters()}
+        for p in params:
+            want = before[id(p)] * 0.5 if id(p) in selected else before[id(p)]
+            assert torch.equal(p.grad, want)
+            # the SGD step took the halved gradient (torch's add_ may fuse the multiply-add)
+            torch.testing.assert_close(p.detach(), wbefore[id(p)] - 0.1 * want, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register(Half())
+    finally:
+        methods.unregister("half_readme")
