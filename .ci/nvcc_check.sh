@@ -32,7 +32,7 @@ if [ "$CU_ONLY" = 0 ]; then
     [ -x .venv/bin/python ] && DEFAULT_PY=.venv/bin/python
     PY=${PYTHON:-$DEFAULT_PY}
     if TI=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
-        for f in csrc/cuda_ops.cpp; do
+        for f in csrc/cuda_ops.cpp csrc/*_cuda.cpp; do
             echo "nvcc_check: $f (host compiler, torch headers, syntax only)"
             "${CXX:-g++}" -std=c++20 -fsyntax-only -Wall -Werror -Wno-psabi -Icsrc -I"$TI" \
                 -I"$TI/torch/csrc/api/include" "$f"

@@ -100,9 +100,10 @@ class Method:
 
     def correct_grads_(self, params: Sequence[Sequence[torch.Tensor]],
                        grads: Sequence[Sequence[torch.Tensor | None]],
-                       state: dict[str, torch.Tensor]) -> None:
+                       state: dict[str, torch.Tensor], backend: str | None = None) -> None:
         """Change the selected gradients in place before the modulation (``None`` entries have
-        no gradient this step). Sync-free; the default does nothing."""
+        no gradient this step). Sync-free; the default does nothing. ``backend`` is the
+        optimizer's backend preference (``None``: follow the tensors' device)."""
         return None
 
     # -- validation --------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def proximal_(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tenso
         if g is None or g.numel() == 0:
             continue
         new = g.float() + b * (p.float() - p0.float())
-        g.copy_(new)
+        # beta = 0 (every modality but the leader, most steps) leaves g bit for bit, -0.0 and
+        # float64 included, decided on the device
+        g.copy_(torch.where(b == 0, g, new.to(g.dtype)))
         if g.dim() >= 2:
             inc = g.float().square().mean().double()
             fisher = inc if fisher is None else fisher + inc

@@ -281,7 +281,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
                                     backend=self.backend, state=self._method_state)
         if m.corrects_grads:
-            m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state)
+            m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
+                             backend=self.backend)
         if modulate and self._fused is not None:
             self._fused_pending = (grads, k)  # applied by the fused update in step()
         elif modulate:
