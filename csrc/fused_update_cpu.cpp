@@ -5,10 +5,22 @@
 // registers, rounded to the gradient's dtype as the unfused modulation stores it, and fed into
 // torch's single-tensor SGD / Adam arithmetic; the parameter and the state are written, the
 // gradient is not. Every intermediate that torch materialises as a tensor is rounded to the
-// storage dtype here too (R below), and each torch op's own arithmetic is reproduced: add with
-// alpha and lerp are a fused multiply-add in ATen's vectorised CPU kernels, mul/addcmul/addcdiv
-// separately rounded products. For float32 this equals "modulate, then torch's step" bit for
-// bit (tests/test_fused_update.py).
+// storage dtype here too (R below), and each torch op's own arithmetic is reproduced (mul and
+// addcdiv round each product and quotient). For float32 this equals "modulate, then torch's
+// step" bit for bit, SGD and Adam (tests/test_fused_update.py).
+//
+// Two of torch's float ops are not the textbook ones, and Adam reproduces both (they were the
+// cause of a one-ulp difference from torch's step in about a fifth of the elements):
+// * sqrt: torch's CPU sqrt of a float tensor is not correctly rounded (it goes through a vector
+//   math library: about 20 % of float32 results are one ulp from std::sqrt); it is a pure
+//   function of the value (the same whatever the tensor's length, position or thread count), so
+//   Adam takes its chunk's square roots from torch itself (at::sqrt_out on the exp_avg_sq chunk
+//   just written, still in cache) between the moment pass and the parameter pass;
+// * a * b + c: torch's AVX2 / AVX-512 kernels (built with FMA) round it once: add with alpha
+//   and lerp through an explicit fmadd, addcmul's `self + value * t1 * t2` because the compiler
+//   contracts it into fma(value * t1, t2, self); its DEFAULT kernels (ATEN_CPU_CAPABILITY=
+//   default, or a CPU without AVX2) round the product and the sum. The kernel follows the
+//   capability torch dispatches to (madd below).
 //
 // Noise: the same Philox stream and per-tensor layout as cpu_kernels.cpp (the active
 // KernelTable's normals(), AVX2 or scalar), so the fused and unfused paths draw the same noise.
@@ -17,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -74,8 +87,15 @@ inline __attribute__((always_inline)) acc_t<T> mod_grad(T g, float k, float sigm
   return static_cast<acc_t<T>>(static_cast<T>(v));
 }
 
+// a * b + c as torch's kernel computes it: one rounding (an FMA) where torch's kernels are
+// built with FMA (add with alpha, lerp, addcmul), two roundings in its baseline build
+template <typename A>
+inline __attribute__((always_inline)) A madd(A a, A b, A c, bool fused) {
+  return fused ? std::fma(a, b, c) : a * b + c;
+}
+
 struct SgdScalars {
-  bool maximize, nesterov, decay, use_momentum, scale_update;
+  bool maximize, nesterov, decay, use_momentum, scale_update, torch_fma;
   double lr, wd, momentum, dampening;
 };
 
@@ -91,39 +111,66 @@ inline __attribute__((always_inline)) void sgd_run(T* __restrict p, const T* __r
     A x = mod_grad<T>(g[j], k, sigma, z, j);
     if (s.maximize) x = -x;
     const A p0 = static_cast<A>(p[j]);
-    if (s.decay) x = R<T>(std::fma(p0, wd, x));            // grad.add(param, alpha=wd)
+    if (s.decay) x = R<T>(madd(p0, wd, x, s.torch_fma));   // grad.add(param, alpha=wd)
     if (s.use_momentum) {
       A b;
       if (!ready) {
         b = x;                                              // buf = grad.clone()
       } else {
-        b = R<T>(std::fma(x, one_minus_damp, R<T>(static_cast<A>(buf[j]) * mom)));
+        b = R<T>(madd(x, one_minus_damp, R<T>(static_cast<A>(buf[j]) * mom), s.torch_fma));
       }
       buf[j] = static_cast<T>(b);
-      x = s.nesterov ? R<T>(std::fma(b, mom, x)) : b;       // grad.add(buf, alpha=momentum)
+      x = s.nesterov ? R<T>(madd(b, mom, x, s.torch_fma)) : b;  // grad.add(buf, alpha=momentum)
     }
-    A pn = R<T>(std::fma(x, neg_lr, p0));                  // param.add_(grad, alpha=-lr)
+    A pn = R<T>(madd(x, neg_lr, p0, s.torch_fma));         // param.add_(grad, alpha=-lr)
     if (s.scale_update) pn = R<T>(p0 + R<T>(R<T>(pn - p0) * static_cast<A>(u)));
     p[j] = static_cast<T>(pn);
   }
 }
 
 struct AdamScalars {
-  bool maximize, decay, decoupled, scale_update;
+  bool maximize, decay, decoupled, scale_update, torch_fma;
   double lr, beta1, beta2, eps, wd;
 };
 
+// Pass 1 of a chunk (run by run, with the noise): the moments. exp_avg and exp_avg_sq are
+// written; the parameter is only read (pass 2 reads it again, from cache).
 template <typename T>
-inline __attribute__((always_inline)) void adam_run(T* __restrict p, const T* __restrict g,
-                                                    T* __restrict m1, T* __restrict m2, int64_t n,
-                                                    const float* z, float k, float sigma, float u,
-                                                    const AdamScalars& s, double step) {
+inline __attribute__((always_inline)) void adam_moments(const T* __restrict p,
+                                                        const T* __restrict g,
+                                                        T* __restrict m1, T* __restrict m2,
+                                                        int64_t n, const float* z, float k,
+                                                        float sigma, const AdamScalars& s) {
   using A = acc_t<T>;
   const A wd = static_cast<A>(s.wd), decay_mul = static_cast<A>(1.0 - s.lr * s.wd);
   const A w1 = static_cast<A>(1.0 - s.beta1);
   const bool small = std::abs(w1) < static_cast<A>(0.5);  // torch's is_lerp_weight_small
   const A coeff = small ? w1 : w1 - static_cast<A>(1);
   const A b2 = static_cast<A>(s.beta2), one_minus_b2 = static_cast<A>(1.0 - s.beta2);
+  for (int64_t j = 0; j < n; ++j) {
+    A x = mod_grad<T>(g[j], k, sigma, z, j);
+    if (s.maximize) x = -x;
+    if (s.decay && !s.decoupled) {
+      x = R<T>(madd(static_cast<A>(p[j]), wd, x, s.torch_fma));  // grad.add(param, alpha=wd)
+    }
+    (void)decay_mul;  // decoupled decay touches only the parameter (pass 2)
+    const A a = static_cast<A>(m1[j]);
+    // exp_avg.lerp_(grad, 1 - beta1)
+    const A ea = R<T>(madd(coeff, x - a, small ? a : x, s.torch_fma));
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    const A vb = R<T>(static_cast<A>(m2[j]) * b2);
+    const A ev = R<T>(madd(one_minus_b2 * x, x, vb, s.torch_fma));
+    m1[j] = static_cast<T>(ea);
+    m2[j] = static_cast<T>(ev);
+  }
+}
+
+// Pass 2 of a chunk: the parameter, from the moments and torch's square roots of exp_avg_sq.
+template <typename T>
+void adam_params(T* __restrict p, const T* __restrict m1, const T* __restrict sq, int64_t n,
+                 float u, const AdamScalars& s, double step) {
+  using A = acc_t<T>;
+  const A decay_mul = static_cast<A>(1.0 - s.lr * s.wd);
   // Python float arithmetic of _single_tensor_adam, in double
   const double bc1 = 1.0 - std::pow(s.beta1, step);
   const double bc2 = 1.0 - std::pow(s.beta2, step);
@@ -131,31 +178,20 @@ inline __attribute__((always_inline)) void adam_run(T* __restrict p, const T* __
   const A neg_step_size = static_cast<A>(-(s.lr / bc1));
   const A eps = static_cast<A>(s.eps);
   for (int64_t j = 0; j < n; ++j) {
-    A x = mod_grad<T>(g[j], k, sigma, z, j);
-    if (s.maximize) x = -x;
     const A p0 = static_cast<A>(p[j]);
-    A pc = p0;
-    if (s.decay) {
-      if (s.decoupled) pc = R<T>(p0 * decay_mul);          // param.mul_(1 - lr * wd)
-      else x = R<T>(std::fma(pc, wd, x));                  // grad.add(param, alpha=wd)
-    }
-    const A a = static_cast<A>(m1[j]);
-    const A ea = R<T>(std::fma(coeff, x - a, small ? a : x));  // exp_avg.lerp_(grad, 1 - beta1)
-    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    const A ev = R<T>(R<T>(static_cast<A>(m2[j]) * b2) + one_minus_b2 * x * x);
-    m1[j] = static_cast<T>(ea);
-    m2[j] = static_cast<T>(ev);
+    const A pc = (s.decay && s.decoupled) ? R<T>(p0 * decay_mul) : p0;  // param.mul_(1 - lr*wd)
     // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    const A den = R<T>(R<T>(R<T>(std::sqrt(ev)) / bc2_sqrt) + eps);
-    A pn = R<T>(pc + neg_step_size * ea / den);           // param.addcdiv_(exp_avg, denom, -step_size)
+    const A den = R<T>(R<T>(static_cast<A>(sq[j]) / bc2_sqrt) + eps);
+    // param.addcdiv_(exp_avg, denom, value=-step_size)
+    A pn = R<T>(pc + neg_step_size * static_cast<A>(m1[j]) / den);
     if (s.scale_update) pn = R<T>(p0 + R<T>(R<T>(pn - p0) * static_cast<A>(u)));
     p[j] = static_cast<T>(pn);
   }
 }
 
 // One chunk, compiled twice: for CPUs with AVX2 + FMA (std::fma is one instruction and the
-// element loops vectorise) and for the baseline ISA (std::fma from libm); same results either
-// way. No lambda inside (a lambda body would not inherit the target attribute): the noise runs of
+// element loops vectorise) and for the baseline ISA (std::fma from libm, when torch's kernels
+// use it); same results either way. No lambda inside (a lambda body would not inherit the target attribute): the noise runs of
 // cpu_kernels.cpp's for_each_noise_run are written out.
 #define MMMOD_FUSED_CHUNK(SUFFIX, ATTR)                                                         \
   template <typename T, typename Run>                                                           \
@@ -191,13 +227,25 @@ struct SgdRun {
 };
 
 template <typename T>
-struct AdamRun {
-  T* p; const T* g; T* a; T* v; float k, sigma, u; const AdamScalars* s; double step;
+struct AdamRun {  // pass 1 (the moments) of one chunk
+  const T* p; const T* g; T* a; T* v; float k, sigma; const AdamScalars* s;
   template <typename U>
   inline __attribute__((always_inline)) void go(int64_t i, int64_t n, const float* z) const {
-    adam_run<T>(p + i, g + i, a + i, v + i, n, z, k, sigma, u, *s, step);
+    adam_moments<T>(p + i, g + i, a + i, v + i, n, z, k, sigma, *s);
   }
 };
+
+// whether torch's pointwise kernels round a * b + c once (see the top)
+bool torch_uses_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  // at::get_cpu_capability() names the kernels torch dispatches to: "AVX2" / "AVX512", or
+  // "NO AVX" / "DEFAULT" for the baseline build (ATEN_CPU_CAPABILITY can lower it)
+  static const bool contracts = at::get_cpu_capability().rfind("AVX", 0) == 0;
+  return contracts;
+#else
+  return true;  // AArch64 / POWER compilers contract by default and the FMA is always there
+#endif
+}
 
 #if defined(__x86_64__) || defined(__i386__)
 MMMOD_FUSED_CHUNK(_fma, __attribute__((target("avx2,fma"))))
@@ -282,7 +330,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const std::vector<Chunk> chunks = make_chunks(params);
   const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
   const SgdScalars s{maximize, nesterov, weight_decay != 0.0, use_momentum,
-                     update_scale.has_value(), lr, weight_decay, momentum, dampening};
+                     update_scale.has_value(), torch_uses_fma(), lr, weight_decay, momentum,
+                     dampening};
   const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
                      static_cast<uint32_t>(modality)};
   const float kv = k.item<float>();  // a CPU tensor: a memory read
@@ -335,35 +384,41 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const std::vector<Chunk> chunks = make_chunks(params);
   const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
-  const AdamScalars s{maximize, weight_decay != 0.0, decoupled, update_scale.has_value(), lr,
-                      beta1, beta2, eps, weight_decay};
+  const AdamScalars s{maximize, weight_decay != 0.0, decoupled, update_scale.has_value(),
+                      torch_uses_fma(), lr, beta1, beta2, eps, weight_decay};
   const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
                      static_cast<uint32_t>(modality)};
   const float kv = k.item<float>();
   const float u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
   const float* sp = sigma.has_value() ? sig.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
-                                  "mmmod_fused_adam_cpu", [&] {
+  const at::ScalarType dtype = params[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmmod_fused_adam_cpu", [&] {
     using T = scalar_t;
     const cpu::KernelTable& K = cpu::active_kernels();
     const bool fma = has_fma();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      // torch's square roots of one chunk's exp_avg_sq (reused across this thread's chunks)
+      at::Tensor sq = at::empty({kChunkCpu}, at::TensorOptions().dtype(dtype));
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = chunks[c];
-        const AdamRun<T> run{params[ch.tensor].mutable_data_ptr<T>() + ch.start,
-                             grads[ch.tensor].const_data_ptr<T>() + ch.start,
-                             exp_avgs[ch.tensor].mutable_data_ptr<T>() + ch.start,
-                             exp_avg_sqs[ch.tensor].mutable_data_ptr<T>() + ch.start, kv,
-                             sp != nullptr ? sp[ch.tensor] : 0.0f, u, &s, steps[ch.tensor]};
+        T* p = params[ch.tensor].mutable_data_ptr<T>() + ch.start;
+        T* a = exp_avgs[ch.tensor].mutable_data_ptr<T>() + ch.start;
+        T* v = exp_avg_sqs[ch.tensor].mutable_data_ptr<T>() + ch.start;
+        const AdamRun<T> run{p, grads[ch.tensor].const_data_ptr<T>() + ch.start, a, v, kv,
+                             sp != nullptr ? sp[ch.tensor] : 0.0f, &s};
         const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
+        bool done = false;
 #if defined(__x86_64__) || defined(__i386__)
         if (fma) {
           chunk_fma<T>(K, nz, p0, ch.len, run);
-          continue;
+          done = true;
         }
 #endif
         (void)fma;
-        chunk_base<T>(K, nz, p0, ch.len, run);
+        if (!done) chunk_base<T>(K, nz, p0, ch.len, run);
+        at::Tensor sq_chunk = sq.narrow(0, 0, ch.len);
+        at::sqrt_out(sq_chunk, at::from_blob(v, {ch.len}, at::TensorOptions().dtype(dtype)));
+        adam_params<T>(p, a, sq_chunk.const_data_ptr<T>(), ch.len, u, s, steps[ch.tensor]);
       }
     });
   });

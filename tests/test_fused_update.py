@@ -15,7 +15,7 @@ BACKENDS = ["torch"] + (["cpu"] if CPU_LIVE else [])
 # largest difference, fused vs unfused after 20 steps, in float32 ulps of the tensor's largest
 # magnitude (docs/fused.md): SGD is bitwise; Adam on the cpu backend differs by up to ~1 ulp per
 # element per step in a few elements (cause not yet found: the op equals its reference bitwise)
-ADAM_CPU_ULPS = 4
+ADAM_CPU_ULPS = 0
 
 
 def _model(dtype):
