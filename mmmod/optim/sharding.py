@@ -29,7 +29,7 @@ import torch
 
 from ..slices import ParamSlice
 from . import distributed
-from .selection import grad_of, sharded_kind
+from .selection import sharded_kind
 
 
 @dataclass(frozen=True)
