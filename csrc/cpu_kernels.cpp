@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <memory>
 #include <utility>
@@ -207,6 +208,9 @@ int64_t window_elements() {
   }
   return int64_t{1} << 21;
 }
+
+// Fewest elements per thread of the noise-free scaling pass (below: fewer threads).
+constexpr int64_t kScaleMinShare = int64_t{1} << 16;
 
 // f(c) for c in [0, n), spread over the intra-op threads, each claiming the next index (so a
 // descheduled thread does not hold up a fixed share). Results must not depend on who runs c.
@@ -423,17 +427,37 @@ void modulate_impl(const KernelTable& K, at::TensorList tensors, at::IntArrayRef
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   if (nchunks == 0) return;
   if (!noise) {
-    for_each_index(nchunks, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start;
-      if constexpr (std::is_same<T, float>::value) {
-        K.scale_f32(x, ch.len, k);
-      } else {
-        for (int64_t i = 0; i < ch.len; ++i) {
-          x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
+    // a pure streaming pass, elementwise (no split changes a bit): each thread takes one
+    // contiguous share of the bucket's elements, as torch's own loops do, so its reads stay
+    // sequential for the hardware prefetchers and no atomic is touched per chunk
+    const int64_t total = std::accumulate(chunks.begin(), chunks.end(), int64_t{0},
+                                          [](int64_t a, const Chunk& ch) { return a + ch.len; });
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kScaleMinShare));
+    auto scale_share = [&](int64_t p) {
+      // elements [e0, e1) of the bucket's concatenation
+      const int64_t e0 = total * p / parts, e1 = total * (p + 1) / parts;
+      int64_t pos = 0;
+      for (const Chunk& ch : chunks) {
+        const int64_t a = std::max(e0, pos), b = std::min(e1, pos + ch.len);
+        if (a < b) {
+          T* x = tensors[ch.tensor].mutable_data_ptr<T>() + ch.start + (a - pos);
+          if constexpr (std::is_same<T, float>::value) {
+            K.scale_f32(x, b - a, k);
+          } else {
+            for (int64_t i = 0; i < b - a; ++i) x[i] = static_cast<T>(scale_value(static_cast<float>(x[i]), k));
+          }
         }
+        pos += ch.len;
+        if (pos >= e1) break;
       }
-    });
+    };
+    if (parts == 1 || at::in_parallel_region()) {
+      for (int64_t p = 0; p < parts; ++p) scale_share(p);
+    } else {
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) scale_share(p);
+      });
+    }
     return;
   }
   modulate_noise<T>(K, tensors, offsets, chunks, k, gate, scaled, seed, step, modality);

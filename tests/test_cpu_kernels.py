@@ -258,6 +258,19 @@ def test_scale_bit_identical_every_table_and_to_torch(dtype):
             assert torch.equal(x, y), (name, x.numel())
 
 
+def test_scale_split_over_threads_is_exact(threads, table):
+    # the noise-free pass splits the bucket's elements into one contiguous share per thread,
+    # across tensor boundaries and in the middle of tensors: every split gives torch's bits
+    ts = [torch.randn(n) for n in (70001, 3, 65537, 1, 131071, 17)]
+    offs = stream_offsets(ts, 0)
+    k = 0.3183098861837907
+    want = [t * torch.tensor(k, dtype=torch.float32) for t in ts]
+    for nt in (1, 2, 3, 5):
+        torch.set_num_threads(nt)
+        got = modulate(ts, offs, k=k, noise=False)
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), nt
+
+
 @pytest.mark.parametrize("noise", [False, True])
 def test_vector_tails_do_not_write_past_a_tensor(table, seed, noise):
     # tensors that are views into one buffer, with guard values between them: the vector loops'
