@@ -88,6 +88,12 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             if self.capturable or self._closure_required or self.noise_rng != "philox":
                 raise ValueError("fused=True needs capturable=False, noise_rng='philox' and an "
                                  "inner optimizer whose step takes no closure")
+            sharded = [f"{pn!r} of modality {n!r}" for n, ps, pns in
+                       zip(self.names, self.params, self.param_names)
+                       for e, pn in zip(ps, pns) if selection.sharded_kind(e)]
+            if sharded:  # the fused kernels take whole tensors, not local shards + gathered stds
+                raise ValueError(f"fused=True does not support sharded (FSDP2/DTensor) "
+                                 f"parameters yet: {sharded[0]} is sharded; use fused=False")
             self._fused = fused_update.FusedUpdate(optimizer, self.params, self.param_names,
                                                    self.names)
         self._patch_step_function()
