@@ -13,8 +13,8 @@ from mmmod.optim import fused as FU
 CPU_LIVE = backends.status("cpu")[0] and mmmod.ops_fused.has_kernel("fused_sgd_", "CPU")
 BACKENDS = ["torch"] + (["cpu"] if CPU_LIVE else [])
 # largest difference, fused vs unfused after 20 steps, in float32 ulps of the tensor's largest
-# magnitude (docs/fused.md): SGD is bitwise; Adam on the cpu backend differs by up to ~1 ulp per
-# element per step in a few elements (cause not yet found: the op equals its reference bitwise)
+# magnitude (docs/fused.md): bitwise for SGD and Adam on every backend (the CPU kernel takes its
+# square roots from torch and rounds a * b + c as torch's dispatched kernels do)
 ADAM_CPU_ULPS = 0
 
 
@@ -119,57 +119,234 @@ def test_update_mode_scheduler_resume(backend, kind):
         assert [sorted(s) for s in ia.state.values()] == [sorted(s) for s in ib.state.values()]
 
 
+def _cpu_noise(seed, step, modality, offset, n, device):
+    """The cpu backend's Philox normals (its own log/cos/sin/sqrt roundings; docs/semantics.md
+    section 5 lets backends differ there by float32 roundings)."""
+    out = torch.empty(n, dtype=torch.float32)
+    torch.ops.mmmod._philox_normal_(out, FU.seed_int64(seed), step, modality, offset)
+    return out.to(device)
+
+
 @pytest.mark.skipif(not CPU_LIVE, reason="cpu extension with the fused kernels not built")
-# float64 (with noise) and float16 exceed the bound at 4099+ elements: open, see docs/fused.md
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 13, 4099, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 13, 4099, 40000])
 @pytest.mark.parametrize("noise", [False, True])
-def test_cpu_ops_match_reference(dtype, n, noise):
+def test_cpu_ops_equal_reference(dtype, n, noise, monkeypatch):
+    """The C++ ops equal the plain-torch reference bit for bit in every dtype over 3 steps, when
+    the reference draws the cpu backend's normals (with the reference's own normals the
+    modulated gradient may differ by the normals' float32 roundings, about 3 % of the elements
+    by one float32 ulp at these sizes)."""
+    monkeypatch.setattr(FU, "philox_normal", _cpu_noise)
     torch.manual_seed(n)
     p0, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     sigma = torch.tensor([0.02]) if noise else None
     k, u = torch.tensor(0.6), torch.tensor(0.5)
     for upd in (None, u):
-        # SGD, 3 steps (the first starts the momentum buffer)
-        out = []
-        for impl in ("ref", "op"):
-            p, buf = p0.clone(), torch.empty_like(p0)
-            for t in range(3):
-                args = ([p], [g * (t + 1)], [buf], [t > 0], [5], k, sigma, upd)
-                hyper = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1,
-                             nesterov=True, maximize=False)
-                if impl == "ref":
-                    FU.reference_sgd_(*args, **hyper, seed=3, step=t, modality=1)
-                else:
-                    torch.ops.mmmod.fused_sgd_(*args, *hyper.values(), 3, t, 1)
-            out.append((p, buf))
-        for x, y in zip(*out):
-            assert _close(x, y, dtype)
-        for decoupled in (True, False):
+        for nesterov, dampening, maximize in ((True, 0.0, False), (False, 0.1, True)):
+            out = []
+            for impl in ("ref", "op"):
+                p, buf = p0.clone(), torch.empty_like(p0)
+                for t in range(3):  # the first step starts the momentum buffer
+                    args = ([p], [g * (t + 1)], [buf], [t > 0], [5], k, sigma, upd)
+                    hyper = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=dampening,
+                                 nesterov=nesterov, maximize=maximize)
+                    if impl == "ref":
+                        FU.reference_sgd_(*args, **hyper, seed=3, step=t, modality=1)
+                    else:
+                        torch.ops.mmmod.fused_sgd_(*args, *hyper.values(), 3, t, 1)
+                out.append((p, buf))
+            for x, y in zip(*out):
+                assert _op_equal(x, y, dtype), (upd, nesterov)
+        for decoupled, maximize in ((True, False), (False, True)):
             out = []
             for impl in ("ref", "op"):
                 p, a, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
                 for t in range(1, 4):
                     args = ([p], [g * t], [a], [v], [float(t)], [5], k, sigma, upd)
-                    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                                 decoupled=decoupled, maximize=False)
+                    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999,
+                                 eps=1e-4 if dtype == torch.float16 else 1e-8,  # 1e-8: 0 in fp16
+                                 weight_decay=0.01, decoupled=decoupled, maximize=maximize)
                     if impl == "ref":
                         FU.reference_adam_(*args, **hyper, seed=3, step=t, modality=1)
                     else:
                         torch.ops.mmmod.fused_adam_(*args, *hyper.values(), 3, t, 1)
                 out.append((p, a, v))
-            for x, y in zip(*out):
-                assert _close(x, y, dtype)
+            checked = list(zip(*out))
+            if dtype in (torch.float16, torch.bfloat16) and not decoupled:
+                # grad + wd p rounds differently in torch's reduced-precision kernel (see
+                # _op_equal); where exp_avg_sq is near 0 that moves the parameter by far more
+                # than an ulp (m / (sqrt(v) + eps)), so only the moments are bounded here
+                checked = checked[1:]
+            for x, y in checked:
+                assert _op_equal(x, y, dtype), (upd, decoupled)
 
 
-def _close(x, y, dtype):
-    """Within OP_ULPS ulps of the dtype, normwise (docs/fused.md: the op-level bound)."""
-    d = (x.double() - y.double()).abs().max()
-    return bool(d <= OP_ULPS * torch.finfo(dtype).eps * x.double().abs().max().clamp_min(1e-30))
+def _op_equal(x, y, dtype):
+    """Bitwise in float32 / float64; within REDUCED_OP_ULPS normwise ulps of the dtype in
+    fp16 / bf16 (docs/fused.md: torch's reduced-precision add-with-alpha)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return torch.equal(x, y)
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return False
+    d = (x.double() - y.double()).abs().max() if x.numel() else 0.0
+    scale = x.double().abs().max() if x.numel() else 0.0
+    return bool(d <= REDUCED_OP_ULPS * torch.finfo(dtype).eps * scale)
 
 
-# the C++ op against its reference over 3 steps (normwise ulps of the storage dtype)
-OP_ULPS = 4
+# the ops against their reference in fp16 / bf16 over 3 steps (normwise ulps of the dtype)
+REDUCED_OP_ULPS = 2
+
+
+@pytest.mark.skipif(not CPU_LIVE, reason="cpu extension with the fused kernels not built")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_fused_adam_bitwise_under_each_torch_cpu_capability(capability):
+    """torch's DEFAULT kernels round a * b + c twice, its AVX2/AVX-512 ones once: the kernel
+    follows the capability torch dispatches to (a fresh process: it is read at start-up)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, 'tests'); import torch, test_fused_update as T\n"
+            "for kind in ('sgd', 'adam', 'adamw'):\n"
+            "    a, _ = T._train(kind, False, 'cpu', steps=6)\n"
+            "    b, _ = T._train(kind, True, 'cpu', steps=6)\n"
+            "    assert all(torch.equal(x, y) for x, y in zip(a, b)), kind\n"
+            "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    import os
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ---- the optimizer level: dtypes, layouts, GradScaler, accumulation ---------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fused_equals_unfused_low_and_double_precision(backend, kind, dtype):
+    """Parameters, gradients and state in fp16 / bf16 / fp64 (torch's SGD and Adam take every
+    floating dtype on CPU), 20 steps, OGM-GE (noise on): bitwise, except SGD and Adam (coupled
+    weight decay) on the cpu backend in fp16 / bf16, within REDUCED_CPU_ULPS (docs/fused.md:
+    torch's own reduced-precision add-with-alpha rounds differently in its vector body and its
+    scalar tail)."""
+    # eps 1e-8 is 0 in fp16 (Adam would divide 0 by 0): fp16 Adam runs take a representable one
+    kw = dict(eps=1e-4) if kind != "sgd" and dtype == torch.float16 else None
+    a, ia = _train(kind, False, backend, dtype=dtype, inner_kw=kw)
+    b, ib = _train(kind, True, backend, dtype=dtype, inner_kw=kw)
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    if kind != "adamw" and backend == "cpu" and reduced:
+        for x, y in zip(a, b):
+            assert x.dtype == dtype and torch.isfinite(x).all()
+            d = (x.double() - y.double()).abs().max()
+            assert d <= REDUCED_CPU_ULPS * torch.finfo(dtype).eps * x.double().abs().max()
+        return
+    for x, y in zip(a, b):
+        assert x.dtype == dtype and torch.isfinite(x).all() and torch.equal(x, y)
+    _assert_same_state(ia, ib)
+
+
+# SGD / Adam on the cpu backend, fp16/bf16 parameters, after 20 steps: normwise ulps of the
+# dtype (observed: SGD 0.93 in both, Adam 0.06 in fp16, bitwise in bf16)
+REDUCED_CPU_ULPS = 2
+
+
+def _assert_same_state(ia, ib):
+    """The optimizers' states, parameter by parameter (the fused step creates the modalities'
+    state before the inner step creates the others': the dicts' orders differ)."""
+    pa = [p for g in ia.param_groups for p in g["params"]]
+    pb = [p for g in ib.param_groups for p in g["params"]]
+    for x, y in zip(pa, pb):
+        sa, sb = ia.state.get(x, {}), ib.state.get(y, {})
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key
+
+
+class _Layouts(torch.nn.Module):
+    """Modality a: a channels_last conv weight (not contiguous) and an empty parameter;
+    modality v: a transposed (non-contiguous) matrix and an ordinary bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.ParameterList([
+            torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last)),
+            torch.nn.Parameter(torch.empty(0, 5)),
+            torch.nn.Parameter(torch.randn(7))])
+        self.v = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(6, 5).t()),
+                                         torch.nn.Parameter(torch.randn(5))])
+
+
+def _train_layouts(kind, fused, backend, steps=8):
+    m = _Layouts()
+    assert not m.a[0].is_contiguous() and not m.v[0].is_contiguous()
+    inner = _inner(kind, m.parameters())
+    opt = mmmod.ModulatedOptimizer(inner, {"a": m.a, "v": m.v}, method="ogm_ge", alpha=0.8,
+                                   backend=backend, fused=fused, param_filter=lambda n, p: True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.observe([torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)],
+                    torch.randint(0, 3, (8,), generator=g))
+        opt.step()
+    return list(m.parameters()), inner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_fused_non_contiguous_and_empty_params(backend, kind):
+    a, ia = _train_layouts(kind, False, backend)
+    b, ib = _train_layouts(kind, True, backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert x.stride() == y.stride()  # updated in place: the layout is the parameter's own
+    _assert_same_state(ia, ib)
+
+
+def _train_loop(kind, fused, backend, *, scaler=False, accumulate=1, bad_step=None, steps=6):
+    """A real loop (TwoEncoder, cross-entropy): GradScaler with an inf injected at bad_step (the
+    scaler skips that step), gradients accumulated over micro-batches (observe per micro-batch)."""
+    from _models import TwoEncoder, batch, make
+
+    torch.manual_seed(0)
+    model = TwoEncoder()
+    inner = _inner(kind, model.parameters())
+    opt, names = make(model, inner, backend=backend, alpha=0.8, method="ogm_ge", fused=fused)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) if scaler else None
+    g = torch.Generator().manual_seed(3)
+    scales = []
+    for i in range(steps):
+        opt.zero_grad()
+        for _ in range(accumulate):
+            xs, y = batch(g=g)
+            out, feats = model(xs)
+            opt.observe(dict(zip(names, mmmod.fusion.concat_logits(model.head, feats))), y)
+            loss = torch.nn.functional.cross_entropy(out, y) / accumulate
+            (sc.scale(loss) if sc is not None else loss).backward()
+        if i == bad_step:
+            model.encoders[0][0].weight.grad[0, 0, 0, 0] = float("inf")
+        if sc is not None:
+            sc.step(opt)
+            sc.update()
+            scales.append(sc.get_scale())
+        else:
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt.step_count, scales
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("case", ["scaler", "accumulate", "scaler+accumulate"])
+def test_fused_grad_scaler_and_accumulation(backend, kind, case):
+    kw = dict(scaler="scaler" in case, accumulate=3 if "accumulate" in case else 1,
+              bad_step=2 if "scaler" in case else None)
+    a, na, sa = _train_loop(kind, False, backend, **kw)
+    b, nb, sb = _train_loop(kind, True, backend, **kw)
+    assert na == nb == (5 if kw["bad_step"] is not None else 6)  # the inf step is skipped
+    assert sa == sb
+    for x, y in zip(a, b):
+        assert torch.isfinite(x).all() and torch.equal(x, y)
 
 
 def test_errors_before_anything_is_written():
