@@ -156,10 +156,12 @@ def test_auto_skips_a_backend_that_needs_the_step_on_the_host(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch", "cuda"])
 def test_cuda_graph_replays_draw_fresh_noise(seed, backend):
     """observe + backward + step captured once and replayed: every replay advances the device
     counter, and the parameters follow the eager run with the same data."""
+    if backend != "auto" and not backends.status(backend)[0]:
+        pytest.skip(f"backend {backend!r} not available: {backends.status(backend)[1]}")
     dev = torch.device("cuda")
     torch.manual_seed(seed)
     a = TwoEncoder().to(dev)
