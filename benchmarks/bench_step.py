@@ -19,8 +19,9 @@ Per optimizer, timed with the same gradients restored before every call:
 Before timing, every fused contender is checked against its unfused counterpart: from the same
 parameters and optimizer state, fresh wrappers take one step each and the parameters and the
 optimizer state are compared (bit for bit on the CPU for SGD and Adam/AdamW; ``ADAM_ULPS``
-is the bound Adam/AdamW is held to, docs/fused.md). The targets of the fused update are reported under the table: OGM-GE + SGD
-fused over unfused, OGM + SGD fused over the inner step alone.
+is the bound Adam/AdamW is held to, docs/fused.md). The targets of the fused update are
+reported under the table: OGM-GE + SGD fused over unfused, OGM + SGD fused over the inner step
+alone, from round-robin medians (inner, mmmod:<backend> [ogm] [fused] called in turn).
 ``overhead %`` = (t - t_inner) / t_inner. The forward + backward of the same model at the same
 batch is timed once, and ``% of train step`` = (t - t_inner) / (t_fwd_bwd + t_inner): what the
 modulation adds to a real training step. On CUDA the modulated step is also captured in a CUDA
