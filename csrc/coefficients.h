@@ -1,4 +1,4 @@
-// Coefficient rules of SPEC.md section 3 on M float32 scores, shared by the CPU and CUDA ops.
+// Coefficient rules of docs/semantics.md section 3 on M float32 scores, shared by the CPU and CUDA ops.
 // Every operation is the float32 operation of mmmod/reference/coefficients.py in the same order
 // (built without FMA contraction), so decisions such as the M = 2 tie rule are identical.
 #pragma once
