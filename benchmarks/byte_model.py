@@ -169,16 +169,26 @@ def cuda_scale(numels, es: int, chunk: int = CUDA_CHUNK):
     return Traffic("cuda", "scale_kernel", 1, n * es, n * es, cuda_chunks(numels, chunk) * 60)
 
 
+#: Rows per block of the CUDA ``scores_kernel`` (one warp per row: kThreads / 32) and
+#: modalities per call (csrc/cuda_api.h MMMOD_CUDA_SCORES_MAX_M)
+CUDA_SCORE_ROWS = 8
+CUDA_SCORES_MAX_M = 16
+
+
 def cuda_scores(B: int, Cs: Sequence[int], es: int = 4):
-    """``scores_kernel``: one launch per modality, one 256-thread block, one thread per row;
-    every logit read three times (max, sum of exp, z[i, y_i] once more: the row loops are
-    separate passes, and 256 rows in flight do not stay in L1), the labels once;
-    ``coefficients_kernel`` reads M scores and writes M coefficients. (One SM does the whole
-    batch: this kernel is latency-, not bandwidth-bound; see docs/benchmarks.md.)"""
+    """``scores_kernel`` + ``scores_finish_kernel``, one launch each per call of up to 16
+    modalities (a larger M takes ceil(M / 16) calls): a warp per row, every logit read twice
+    (pass 1 max, pass 2 sum of exp; at small C pass 2 mostly hits L1/L2, counted as a DRAM read
+    anyway, an upper bound), z[i, y_i] and the label once more per row and modality, 8 B of
+    partial per row block and modality written and read back, 4 B of score written;
+    ``coefficients_kernel`` reads M scores and writes M coefficients."""
     M = len(Cs)
-    out = [Traffic("cuda", "scores_kernel", M, 0, 0,
-                   sum(3 * B * c * es for c in Cs) + M * B * 8 + 4 * M)]
-    return out + [Traffic("cuda", "coefficients_kernel", 1, 0, 0, 8 * M)]
+    calls = _cdiv(M, CUDA_SCORES_MAX_M)
+    blocks = _cdiv(B, CUDA_SCORE_ROWS)
+    rows = Traffic("cuda", "scores_kernel", calls, 0, 0,
+                   sum(2 * B * c * es for c in Cs) + M * B * (es + 8) + M * blocks * 8)
+    finish = Traffic("cuda", "scores_finish_kernel", calls, 0, 0, M * blocks * 8 + 4 * M)
+    return [rows, finish, Traffic("cuda", "coefficients_kernel", 1, 0, 0, 8 * M)]
 
 
 def cuda_modulation(numels, es: int, noise: bool, single_pass: bool = True):

@@ -60,10 +60,29 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                           void* workspace, double* out, void* stream);
 
-// out[0] = sum_i softmax(z)[i, labels[i]] (NaN for labels outside [0, C)); z is [B, C] with
-// element strides s0, s1; labels int64 [B]. One launch per modality.
-int mmmod_cuda_scores(const void* z, int dtype, int64_t B, int64_t C, int64_t s0, int64_t s1,
-                      const int64_t* labels, float* out, void* stream);
+// Scores of up to MMMOD_CUDA_SCORES_MAX_M modalities per call (two launches: a warp per row,
+// then one block per modality adding the row blocks' partials in a fixed order; no atomics).
+#define MMMOD_CUDA_SCORES_MAX_M 16
+
+// One modality's logits: a [B, C] matrix of dtype (an MMMOD_* code) with element strides s0, s1.
+typedef struct {
+  int64_t ptr;  // device data pointer
+  int64_t dtype;
+  int64_t C;
+  int64_t s0;
+  int64_t s1;
+} MmmodScoresModality;
+
+// Bytes of device workspace mmmod_cuda_scores needs for batch size B and M modalities (M is
+// capped at MMMOD_CUDA_SCORES_MAX_M: one workspace serves every call of a larger M).
+size_t mmmod_cuda_scores_workspace_bytes(int64_t B, int64_t M);
+
+// out[m] = sum_i softmax(z_m)[i, labels[i]] in float64 per row, written as float32, for
+// m < M <= MMMOD_CUDA_SCORES_MAX_M (host array mods, passed to the kernel by value); NaN for a
+// label outside [0, C_m) or a NaN in the row; zeros for B == 0. labels: device int64 [B],
+// contiguous; workspace: device, mmmod_cuda_scores_workspace_bytes(B, M) bytes.
+int mmmod_cuda_scores(const MmmodScoresModality* mods, int64_t M, int64_t B, const int64_t* labels,
+                      float* out, void* workspace, void* stream);
 
 // k[M] from scores s[M] (method: 0 none, 1 ogm, 2 mlb), on the device.
 int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,

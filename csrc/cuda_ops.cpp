@@ -15,6 +15,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -112,17 +113,27 @@ at::Tensor scores_cuda(at::TensorList logits, const at::Tensor& labels) {
   const int64_t M = static_cast<int64_t>(logits.size());
   at::Tensor out = at::empty({M}, labels.options().dtype(at::kFloat));
   if (M == 0) return out;
+  const int64_t B = labels.size(0);
+  // every dtype is checked before the first launch, so a bad one writes nothing
+  std::vector<int> codes;
+  for (const auto& z : logits) codes.push_back(dtype_code(z.scalar_type()));
   const at::Tensor y = labels.to(at::kLong).contiguous();
   void* stream = current_stream(labels.device());
-  for (int64_t m = 0; m < M; ++m) {
-    const at::Tensor& z = logits[m];
-    if (z.size(0) == 0) {
-      out.narrow(0, m, 1).zero_();
-      continue;
+  // the row blocks' partials of one call of up to MMMOD_CUDA_SCORES_MAX_M modalities; the calls
+  // of a larger M run one after another on the stream, so they share it
+  const size_t bytes = mmmod_cuda_scores_workspace_bytes(B, M);
+  const at::Tensor partial = at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)},
+                                       at::TensorOptions().dtype(at::kByte).device(labels.device()));
+  for (int64_t m0 = 0; m0 < M; m0 += MMMOD_CUDA_SCORES_MAX_M) {
+    const int64_t count = std::min<int64_t>(M - m0, MMMOD_CUDA_SCORES_MAX_M);
+    MmmodScoresModality mods[MMMOD_CUDA_SCORES_MAX_M];
+    for (int64_t j = 0; j < count; ++j) {
+      const at::Tensor& z = logits[m0 + j];
+      mods[j] = {reinterpret_cast<int64_t>(z.const_data_ptr()), codes[m0 + j],
+                 z.size(1), z.stride(0), z.stride(1)};
     }
-    check(mmmod_cuda_scores(z.const_data_ptr(), dtype_code(z.scalar_type()), z.size(0), z.size(1),
-                            z.stride(0), z.stride(1), y.const_data_ptr<int64_t>(),
-                            out.mutable_data_ptr<float>() + m, stream),
+    check(mmmod_cuda_scores(mods, count, B, y.const_data_ptr<int64_t>(),
+                            out.mutable_data_ptr<float>() + m0, partial.data_ptr(), stream),
           "scores");
   }
   return out;

@@ -433,34 +433,122 @@ __global__ void philox_kernel(float* out, int64_t n, uint64_t seed, uint32_t ste
   }
 }
 
+// Scores: s_m = sum_i softmax(z_m)[i, y_i], in float64 per row, all modalities (up to
+// MMMOD_CUDA_SCORES_MAX_M) in two launches and no atomics:
+//   1. scores_kernel, grid (ceil(B / kScoreRows), M): one warp per row; the lanes stride over
+//      the columns (pass 1: max and a NaN flag, pass 2: sum of exp(v - shift)), each pass merged
+//      by a fixed __shfl_xor_sync butterfly (every lane ends with the same bits: IEEE addition
+//      is commutative); lane 0 forms p_i = exp(z[i, y_i] - lse_i). The block adds its rows' p
+//      in warp order into partial[m * nblocks + block].
+//   2. scores_finish_kernel, one block per modality: thread t adds partials t, t + 256, ... in
+//      order, then block_sum's fixed tree; out[m] = float32(total).
+// The order depends on B only (not on the GPU or on timing), so the bits repeat run to run.
+// Semantics as torch.logsumexp: shift = row max unless that max is +-inf (then 0); any NaN in
+// the row gives NaN; a label outside [0, C) contributes NaN and is never dereferenced.
+// Bytes (benchmarks/byte_model.py cuda_scores): every logit read twice (pass 2 mostly hits
+// L1/L2 at small C; counted as DRAM), z[i, y_i] and the label once per row and modality, 8 B
+// of partial written and read per block and modality, 4 B of score per modality.
+constexpr int kScoreRows = kThreads / 32;  // rows per block of scores_kernel (one warp each)
+
+struct ScoresBatch {
+  MmmodScoresModality mod[MMMOD_CUDA_SCORES_MAX_M];
+};
+
+// Logit loads go through the read-only path (ld.global.nc), unlike the gradients: a row is read
+// twice by the same warp, and at small C the second pass finds it in L1.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) scores_kernel(const T* z, int64_t B, int64_t C,
-                                                          int64_t s0, int64_t s1,
-                                                          const int64_t* labels, float* out) {
-  __shared__ double shared[33];
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-    const int64_t y = labels[i];
-    if (y < 0 || y >= C) {
-      acc += __longlong_as_double(0x7ff8000000000000LL);
-      continue;
-    }
-    const T* row = z + i * s0;
-    double mx = -__longlong_as_double(0x7ff0000000000000LL);
-    bool nan = false;
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = static_cast<double>(Io<T>::load(row + c * s1));
-      nan = nan || (v != v);
-      mx = v > mx ? v : mx;
-    }
-    if (isinf(mx)) mx = 0.0;  // torch.logsumexp does not subtract an infinite max
-    double se = 0.0;
-    for (int64_t c = 0; c < C; ++c) se += exp(static_cast<double>(Io<T>::load(row + c * s1)) - mx);
-    const double lse = nan ? __longlong_as_double(0x7ff8000000000000LL) : mx + log(se);
-    acc += exp(static_cast<double>(Io<T>::load(row + y * s1)) - lse);
+__device__ __forceinline__ double logit(const T* p) {
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    return static_cast<double>(__ldg(p));
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return static_cast<double>(__half2float(__ldg(p)));
+  } else {
+    return static_cast<double>(__bfloat162float(__ldg(p)));
   }
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ double warp_max(double v) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const double o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// softmax(z)[i, y] of one row, computed by the whole warp; the result is valid in every lane.
+template <typename T>
+__device__ double row_probability(const T* row, int64_t C, int64_t s1, int64_t y, int lane) {
+  const double nan = __longlong_as_double(0x7ff8000000000000LL);
+  double mx = -__longlong_as_double(0x7ff0000000000000LL);
+  bool has_nan = false;
+  for (int64_t c = lane; c < C; c += 32) {
+    const double v = logit(row + c * s1);
+    has_nan = has_nan || (v != v);
+    mx = v > mx ? v : mx;
+  }
+  mx = warp_max(mx);
+  has_nan = __any_sync(0xffffffffu, has_nan);
+  const double shift = isinf(mx) ? 0.0 : mx;  // torch.logsumexp does not subtract an infinite max
+  double se = 0.0;
+  for (int64_t c = lane; c < C; c += 32) se += exp(logit(row + c * s1) - shift);
+  se = warp_sum(se);
+  if (y < 0 || y >= C) return nan;
+  const double lse = has_nan ? nan : shift + log(se);
+  return exp(logit(row + y * s1) - lse);
+}
+
+__global__ void __launch_bounds__(kThreads) scores_kernel(ScoresBatch batch, int64_t B,
+                                                          int64_t nblocks, const int64_t* labels,
+                                                          double* partial) {
+  __shared__ double rows_p[kScoreRows];
+  const MmmodScoresModality md = batch.mod[blockIdx.y];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t blk = blockIdx.x; blk < nblocks; blk += gridDim.x) {
+    const int64_t i = blk * kScoreRows + warp;
+    double p = 0.0;
+    if (i < B) {
+      const int64_t y = labels[i];
+      // the modality's dtype is uniform over the block (blockIdx.y), so is this branch
+      switch (md.dtype) {
+        case MMMOD_F32:
+          p = row_probability(reinterpret_cast<const float*>(md.ptr) + i * md.s0, md.C, md.s1, y, lane);
+          break;
+        case MMMOD_F16:
+          p = row_probability(reinterpret_cast<const __half*>(md.ptr) + i * md.s0, md.C, md.s1, y, lane);
+          break;
+        case MMMOD_BF16:
+          p = row_probability(reinterpret_cast<const __nv_bfloat16*>(md.ptr) + i * md.s0, md.C, md.s1,
+                              y, lane);
+          break;
+        default:
+          p = row_probability(reinterpret_cast<const double*>(md.ptr) + i * md.s0, md.C, md.s1, y, lane);
+          break;
+      }
+    }
+    if (lane == 0) rows_p[warp] = p;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double s = 0.0;
+      for (int w = 0; w < kScoreRows; ++w) s += rows_p[w];
+      partial[blockIdx.y * nblocks + blk] = s;
+    }
+    __syncthreads();  // rows_p is rewritten by the next block-stride iteration
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) scores_finish_kernel(const double* partial,
+                                                                 int64_t nblocks, float* out) {
+  __shared__ double shared[33];
+  const double* mine = partial + blockIdx.x * nblocks;
+  double acc = 0.0;
+  for (int64_t b = threadIdx.x; b < nblocks; b += blockDim.x) acc += mine[b];
   const double total = block_sum(acc, shared);
-  if (threadIdx.x == 0) out[0] = static_cast<float>(total);
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(total);
 }
 
 __global__ void coefficients_kernel(const float* s, float* k, int64_t M, int method, float alpha,
@@ -555,14 +643,33 @@ int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, 
   return launch_status();
 }
 
-int mmmod_cuda_scores(const void* z, int dtype, int64_t B, int64_t C, int64_t s0, int64_t s1,
-                      const int64_t* labels, float* out, void* stream) {
+size_t mmmod_cuda_scores_workspace_bytes(int64_t B, int64_t M) {
+  const int64_t m = M < MMMOD_CUDA_SCORES_MAX_M ? M : MMMOD_CUDA_SCORES_MAX_M;
+  return static_cast<size_t>((B + kScoreRows - 1) / kScoreRows) * static_cast<size_t>(m) * sizeof(double);
+}
+
+int mmmod_cuda_scores(const MmmodScoresModality* mods, int64_t M, int64_t B, const int64_t* labels,
+                      float* out, void* workspace, void* stream) {
+  if (M < 0 || M > MMMOD_CUDA_SCORES_MAX_M || B < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (M == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int rc = dispatch(dtype, [&](auto* tag) {
-    using T = typename std::remove_pointer<decltype(tag)>::type;
-    scores_kernel<T><<<1, kThreads, 0, st>>>(static_cast<const T*>(z), B, C, s0, s1, labels, out);
-  });
-  return rc ? rc : launch_status();
+  if (B == 0) return static_cast<int>(cudaMemsetAsync(out, 0, static_cast<size_t>(M) * sizeof(float), st));
+  ScoresBatch batch{};
+  for (int64_t m = 0; m < M; ++m) {
+    const int d = static_cast<int>(mods[m].dtype);
+    if (d != MMMOD_F32 && d != MMMOD_F16 && d != MMMOD_BF16 && d != MMMOD_F64) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    }
+    batch.mod[m] = mods[m];
+  }
+  const int64_t nblocks = (B + kScoreRows - 1) / kScoreRows;
+  double* partial = static_cast<double*>(workspace);
+  scores_kernel<<<dim3(grid_for(nblocks), static_cast<unsigned>(M)), kThreads, 0, st>>>(
+      batch, B, nblocks, labels, partial);
+  int rc = launch_status();
+  if (rc) return rc;
+  scores_finish_kernel<<<static_cast<unsigned>(M), kThreads, 0, st>>>(partial, nblocks, out);
+  return launch_status();
 }
 
 int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,

@@ -307,6 +307,57 @@ def test_cuda_kernels_use_vector_accesses(sass):
         assert bm.grad_reads_per_elem(model, 100_000, es) == reads
 
 
+def _function_body(src: str, signature: str) -> str:
+    """The text of the C function that starts with ``signature``, up to its closing brace."""
+    start = src.index(signature)
+    depth, i = 0, src.index("{", start)
+    for j in range(i, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[j], 0)
+        if depth == 0:
+            return src[start:j + 1]
+    raise AssertionError(signature)
+
+
+def test_cuda_scores_model_is_the_launcher():
+    """The scores model's rows per block, modalities per call and launches per call are the
+    code's: kScoreRows warps of one row each, MMMOD_CUDA_SCORES_MAX_M descriptors per launch,
+    two launches in mmmod_cuda_scores, and the glue calls it once per group of that many."""
+    kernels = open(os.path.join(ROOT, "csrc", "kernels.cu")).read()
+    header = open(os.path.join(ROOT, "csrc", "cuda_api.h")).read()
+    glue = open(os.path.join(ROOT, "csrc", "cuda_ops.cpp")).read()
+    assert re.search(r"constexpr int kScoreRows = kThreads / 32;", kernels)
+    assert bm.CUDA_SCORE_ROWS == CUDA_THREADS // 32
+    assert int(re.search(r"#define MMMOD_CUDA_SCORES_MAX_M (\d+)", header).group(1)) == \
+        bm.CUDA_SCORES_MAX_M
+    launcher = _function_body(kernels, "int mmmod_cuda_scores(")
+    assert launcher.count("<<<") == 2
+    assert "scores_kernel<<<" in launcher and "scores_finish_kernel<<<" in launcher
+    assert launcher.count("launch_status()") == 2  # checked after each launch
+    assert "atomic" not in _function_body(kernels, "__global__ void __launch_bounds__(kThreads) "
+                                                   "scores_kernel(")
+    glue_scores = _function_body(glue, "at::Tensor scores_cuda(")
+    assert "m0 += MMMOD_CUDA_SCORES_MAX_M" in glue_scores
+    assert glue_scores.count("mmmod_cuda_scores(") == 1
+    for M in (1, 2, 5, 16, 17, 33):
+        calls = -(-M // bm.CUDA_SCORES_MAX_M)
+        t = bm.cuda_scores(1000, [32000] * M, 4)
+        assert [x.kernel for x in t] == ["scores_kernel", "scores_finish_kernel",
+                                         "coefficients_kernel"]
+        assert [x.launches for x in t] == [calls, calls, 1]
+        blocks = -(-1000 // bm.CUDA_SCORE_ROWS)
+        # logits twice, z[i, y_i] and the label once per row, partials written then read
+        assert t[0].side == M * (2 * 1000 * 32000 * 4 + 1000 * (4 + 8) + blocks * 8)
+        assert t[1].side == M * (blocks * 8 + 4)
+
+
+def test_cuda_scores_kernels_have_no_atomics(sass):
+    """Determinism of the CUDA scores: no atomic or reduction instruction in either stage."""
+    names = [n for n in sass if "scores_kernel" in n or "scores_finish_kernel" in n]
+    assert len(names) == 2, names
+    for n in names:
+        assert not re.search(r"\b(ATOM|ATOMG|RED|ATOMS)\b", sass[n]), n
+
+
 # ------------------------------------------------- Triton ALIGNED variants (interpreter parity)
 def _triton_live():
     from mmmod import backends
