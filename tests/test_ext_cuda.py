@@ -309,3 +309,69 @@ def test_single_pass_reads_large_tensors_correctly(cuda):
     from test_byte_model import cuda_std
     assert got.item() == cuda_std(x.double().numpy())
     torch.testing.assert_close(got[0], reference.tensor_std(x), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------- scores: a warp per row, all modalities at once
+def _mixed_logits(M, B, C, first_dtype=0):
+    """M modalities of mixed dtypes and layouts: contiguous, transposed (s0 = 1, s1 = B) and
+    every other column of a wider matrix (s1 = 2), on the GPU."""
+    out = []
+    for m in range(M):
+        dtype = DTYPES[(first_dtype + m) % 4]
+        layout = m % 3
+        if layout == 0:
+            z = (torch.randn(B, C, device="cuda") * 3).to(dtype)
+        elif layout == 1:
+            z = (torch.randn(C, B, device="cuda") * 3).to(dtype).t()
+        else:
+            z = (torch.randn(B, 2 * C, device="cuda") * 3).to(dtype)[:, ::2]
+        out.append(z)
+    return out
+
+
+@pytest.mark.parametrize("M", [2, 3, 4, 5])
+def test_scores_warp_per_row_matches_reference_and_repeats_bitwise(cuda, seed, M):
+    """Mixed dtypes and strides, B in {1, 7, 1000}, C in {1, 33, 32000}: within fp32 rounding of
+    the reference, and the same bits on a second call (fixed reduction order, no atomics)."""
+    for B in (1, 7, 1000):
+        for C in (1, 33, 32000):
+            logits = _mixed_logits(M, B, C, first_dtype=M)
+            assert B == 1 or C == 1 or any(not z.is_contiguous() for z in logits)
+            labels = torch.randint(0, C, (B,), device="cuda")
+            got = cuda.scores(logits, labels)
+            want = reference.scores(logits, labels)
+            torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(cuda.scores(logits, labels), got), (B, C)
+
+
+def test_scores_bad_labels_nan_inf_rows_and_many_modalities(cuda, seed):
+    """A label outside [0, C) (C, -1, 2^40: never dereferenced) makes its modality's score NaN;
+    a NaN in a row gives NaN; +-inf logits follow torch.logsumexp (shift 0 for an infinite max);
+    B = 0 gives zeros; M = 19 takes two calls of at most 16 modalities; B = 5000 gives more row
+    blocks than the finishing block has threads."""
+    B, C = 5000, 33
+    logits = _mixed_logits(19, B, C)
+    labels = torch.randint(0, C, (B,), device="cuda")
+    got = cuda.scores(logits, labels)
+    torch.testing.assert_close(got.cpu(), reference.scores(logits, labels).cpu(), rtol=1e-5,
+                               atol=1e-6)
+    assert torch.equal(cuda.scores(logits, labels), got)
+    for bad in (C, -1, 1 << 40):
+        y = labels.clone()
+        y[B // 2] = bad
+        assert torch.isnan(cuda.scores(logits[:5], y)).all()
+    # NaN / inf rows, per modality (written into the strided views in place)
+    logits = _mixed_logits(5, 7, C)
+    labels = torch.randint(0, C, (7,), device="cuda")
+    logits[0][3, 5] = float("nan")
+    logits[1][2, :] = float("-inf")
+    logits[1][2, 4] = 1.0  # one finite entry in a row of -inf
+    logits[2][1, labels[1]] = float("inf")  # +inf max: shift 0, p = NaN as in torch
+    logits[3][4, :] = float("-inf")  # all -inf: lse = -inf, p = NaN
+    logits[4][0, (labels[0] + 1) % C] = float("inf")  # +inf elsewhere: p = 0
+    got = cuda.scores(logits, labels).cpu()
+    want = reference.scores(logits, labels).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got[[0, 2, 3]]).all() and torch.isfinite(got[[1, 4]]).all()
+    empty = [z[:0] for z in _mixed_logits(3, 4, C)]
+    assert torch.equal(cuda.scores(empty, labels[:0]).cpu(), torch.zeros(3))
