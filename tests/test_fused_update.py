@@ -373,3 +373,89 @@ def test_params_outside_modalities_use_inner_step():
     a, _ = _train("sgd", False, "torch")
     b, _ = _train("sgd", True, "torch")
     assert torch.equal(a[-1], b[-1]) and torch.equal(a[-2], b[-2])  # the head
+
+
+# ---- the Triton kernel (kernels/fused_update_kernel.py), under TRITON_INTERPRET=1 on CPU ------
+TRITON_LIVE = backends.status("triton")[0]
+# fused vs unfused / op vs reference under the interpreter, normwise ulps of the dtype: the
+# interpreter evaluates tl.fma as a rounded product plus a rounded sum and its square root is
+# numpy's (torch's CPU step: one-rounding FMAs, its own sqrt), and its normals use numpy's
+# log/cos/sin (docs/semantics.md section 5); observed up to 1.2 over 5 steps
+TRITON_INTERP_ULPS = 4
+
+
+def _normwise_ulps(x, y, dtype):
+    x, y = x.double(), y.double()
+    if x.numel() == 0:
+        return 0.0
+    return float((x - y).abs().max() / (torch.finfo(dtype).eps * x.abs().max().clamp_min(1e-30)))
+
+
+@pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_triton_fused_equals_unfused(kind, dtype):
+    a, ia = _train(kind, False, "triton", dtype=dtype, steps=5)
+    b, ib = _train(kind, True, "triton", dtype=dtype, steps=5)
+    for x, y in zip(a, b):
+        assert torch.isfinite(y).all() and _normwise_ulps(x, y, dtype) <= TRITON_INTERP_ULPS
+    pa = [p for g in ia.param_groups for p in g["params"]]
+    pb = [p for g in ib.param_groups for p in g["params"]]
+    for x, y in zip(pa, pb):
+        assert sorted(ia.state.get(x, {})) == sorted(ib.state.get(y, {}))
+
+
+@pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 13, 4099])
+def test_triton_ops_match_reference(dtype, n):
+    """The launchers (sgd_ / adam_) against the plain-torch reference over 3 steps: odd sizes,
+    an empty tensor, a stream offset that is not a multiple of 4, noise, the update scale."""
+    from mmmod.kernels import fused_update_kernel as fk
+    torch.manual_seed(n)
+    sizes = [n, 5]
+    p0 = [torch.randn(s).to(dtype) for s in sizes]
+    g = [torch.randn(s).to(dtype) for s in sizes]
+    offs = [3, 3 + n]
+    k, u = torch.tensor(0.6), torch.tensor(0.5)
+    for sigma in (None, torch.tensor([0.02, 0.05])):
+        for upd in (None, u):
+            out = []
+            for impl in (FU.reference_sgd_, fk.sgd_):
+                p, buf = [x.clone() for x in p0], [torch.empty_like(x) for x in p0]
+                for t in range(3):
+                    impl(p, [x * (t + 1) for x in g], buf, [t > 0] * 2, offs, k, sigma, upd,
+                         lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=True,
+                         maximize=False, seed=3, step=t, modality=1)
+                out.append(p + buf)
+            for x, y in zip(*out):
+                assert _normwise_ulps(x, y, dtype) <= TRITON_INTERP_ULPS
+            out = []
+            for impl in (FU.reference_adam_, fk.adam_):
+                p = [x.clone() for x in p0]
+                a, v = [torch.zeros_like(x) for x in p0], [torch.zeros_like(x) for x in p0]
+                for t in range(1, 4):
+                    impl(p, [x * t for x in g], a, v, [float(t)] * 2, offs, k, sigma, upd,
+                         lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                         decoupled=True, maximize=True, seed=3, step=t, modality=1)
+                out.append(p + a + v)
+            for x, y in zip(*out):
+                assert _normwise_ulps(x, y, dtype) <= TRITON_INTERP_ULPS
+
+
+@pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
+def test_triton_launcher_refuses_before_writing():
+    from mmmod.kernels import fused_update_kernel as fk
+    p = [torch.ones(5), torch.ones(3)]
+    before = [x.clone() for x in p]
+    with pytest.raises(ValueError, match="grads 1 must be a contiguous"):
+        fk.sgd_(p, [torch.ones(5), torch.ones(4)], [torch.empty(5), torch.empty(3)],
+                [False, False], [0, 5], torch.tensor(1.0), None, None, lr=0.1,
+                weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+                seed=0, step=0, modality=0)
+    with pytest.raises(ValueError, match="step count"):
+        fk.adam_(p, [torch.ones(5), torch.ones(3)], [torch.zeros(5), torch.zeros(3)],
+                 [torch.zeros(5), torch.zeros(3)], [0.0, 1.0], [0, 5], torch.tensor(1.0), None,
+                 None, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 decoupled=True, maximize=False, seed=0, step=0, modality=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, p))
