@@ -249,21 +249,29 @@ def inner_update(numels, es: int, kind: str):
     return Traffic("torch", f"{kind} step (one pass)", 1, n * es, 0, 0, n * es * 2 * (1 + s))
 
 
-def fused_update(backend: str, numels, es: int, kind: str):
-    """The fused update kernel of one bucket (planned: kernels/fused_update_kernel.py, csrc/
-    fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient read once, the
-    modulated gradient ``k g + sigma n`` formed in registers and never stored, the parameter and
-    each state tensor read and written once. Side traffic per program/chunk: its map entry and
-    the tensor's table words (2 + state pointers, numel, stream offset: 8 B each), k, sigma and
-    the update scale (12 B)."""
+#: kernels/fused_update_kernel.py: Philox counters per program, int64 words per table row
+FUSED_BLOCK_C = 256
+FUSED_FIELDS = 8
+
+
+def fused_update(backend: str, numels, es: int, kind: str, offsets=None):
+    """The fused update kernel of one bucket (Triton: kernels/fused_update_kernel.py; CUDA:
+    planned, csrc/fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient
+    read once, the modulated gradient ``k g + sigma n`` formed in registers and never stored,
+    the parameter and each state tensor read and written once. Side traffic per program: its
+    map entry (8 B), its tensor's table row (Triton: 8 int64 words), k, sigma and the update
+    scale (12 B), the scalars (9 float64) and, for Adam, the tensor's two bias corrections."""
     numels = [x for x in numels if x > 0]
+    offsets = _stream_offsets(numels) if offsets is None else offsets
     n = sum(numels)
     s = UPDATE_STATE[kind]
+    scalars = 9 * 8 + (16 if kind == "adamw" else 0)
     if backend == "triton":
-        programs = sum(_cdiv(x, TRITON_BLOCK) for x in numels)
+        programs = sum(triton_noise_chunks(x, o, FUSED_BLOCK_C) for x, o in zip(numels, offsets))
+        side = programs * (8 + 8 * FUSED_FIELDS + 12 + scalars)
     else:
         programs = cuda_chunks(numels)
-    side = programs * (8 + 8 * (2 + s) + 16 + 12)
+        side = programs * (8 + 8 * (2 + s) + 16 + 12 + scalars)
     return Traffic(backend, "fused_update_kernel", 1, n * es, 0, side, n * es * 2 * (1 + s))
 
 

@@ -202,6 +202,37 @@ def backend_launches():
     return launches
 
 
+def fused_update_launches():
+    """The fused optimizer update's launches (kernels/fused_update_kernel.py), recorded, not
+    run: every dtype, SGD with and without momentum / noise / update scale, Adam coupled and
+    decoupled (both lerp formulas). Not yet part of :func:`backend_launches`: including them
+    there needs tests/test_triton_aot.py's expected kernel set to name ``_fused_sgd_kernel``
+    and ``_fused_adam_kernel`` (see docs/fused.md)."""
+    from mmmod.kernels import fused_update_kernel as fk
+
+    one = torch.ones(1)
+    with record_launches(execute=False) as launches:
+        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            ps = [torch.empty(s, dtype=dt) for s in (7, 5000, 3)]
+            gs, b1, b2 = ([torch.empty_like(p) for p in ps] for _ in range(3))
+            offs = [0, 7, 5007]
+            for sigma in (None, torch.ones(3)):
+                for upd in (None, one):
+                    fk.sgd_(ps, gs, b1, [True, False, True], offs, one, sigma, upd, lr=0.1,
+                            weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True,
+                            maximize=False, seed=2 ** 40, step=2 ** 33, modality=1)
+                    fk.adam_(ps, gs, b1, b2, [1.0, 2.0, 3.0], offs, one, sigma, upd, lr=1e-3,
+                             beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                             decoupled=True, maximize=False, seed=3, step=1, modality=0)
+            fk.sgd_(ps, gs, [], [], offs, one, None, None, lr=0.1, weight_decay=0.0,
+                    momentum=0.0, dampening=0.0, nesterov=False, maximize=True, seed=0, step=0,
+                    modality=0)
+            fk.adam_(ps, gs, b1, b2, [1.0, 1.0, 1.0], offs, one, None, None, lr=1e-3,
+                     beta1=0.2, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=False,
+                     maximize=True, seed=3, step=1, modality=0)
+    return launches
+
+
 # ------------------------------------------------------------------------- specialising
 def specialize(launch, cc: int):
     """``(kernel, signature, constexprs, attrs, options)`` as ``JITFunction.run`` builds them
