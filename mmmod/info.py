@@ -74,8 +74,9 @@ def render(info: dict) -> str:
             lines.append(f"cuda extension: not built: {ce['why_not_built']}")
     ck = info.get("cpu_kernels")
     if ck:
-        lines.append(f"cpu kernels: {ck.get('active')} (AVX2+FMA supported: "
-                     f"{ck.get('avx2_supported')}; MMMOD_CPU_SCALAR=1 forces scalar)")
+        lines.append(f"cpu kernels: {ck.get('active')} (AVX-512 supported: "
+                     f"{ck.get('avx512_supported')}, AVX2+FMA supported: {ck.get('avx2_supported')}; "
+                     f"MMMOD_CPU_KERNELS=scalar|avx2|avx512 caps the table)")
     lines.append("backends:")
     for name, st in info["backends"].items():
         lines.append(f"  {name:7s} {'live' if st['live'] else 'not available'}"
