@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch: the CPU wheel on disk (an unpinned torch would pull GBs of CUDA wheels)
 python -m pip install -q --find-links /opt/wheels "torch==2.13.0+cpu" "triton==3.7.1" \
-    numpy pytest ninja pybind11 hypothesis scipy matplotlib tqdm soundfile pillow
+    numpy pytest ninja pybind11 hypothesis scipy matplotlib tqdm soundfile pillow "tensorboard==2.21.0" \
+    "ruff==0.17.6"
 if [ -f scripts/install_torchaudio.sh ]; then bash scripts/install_torchaudio.sh; fi
 export MAX_JOBS=${MAX_JOBS:-2}
 python -m pip install -q --no-build-isolation --no-deps -e .
