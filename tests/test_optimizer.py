@@ -329,7 +329,7 @@ def test_every_registered_method_matches_its_hooks_written_by_hand(seed, name):
                 k = functional.coefficients(per, name, backend="torch", state=state)
                 grads = [[p.grad for p in ps] for ps in params]
                 if m.corrects_grads:
-                    m.correct_grads_(params, grads, state)
+                    m.correct_grads_(params, grads, state, backend="torch")
                 functional.modulate_(grads, k, noise=m.noise, seed=seed, step=step,
                                      backend="torch")
                 assert torch.equal(opt._coeffs, k) or torch.isnan(k).all()
