@@ -199,15 +199,13 @@ def backend_launches():
             proximal_kernel.proximal_(*prox, one)
         prox = [[buf[1:5001], buf[5001:]] for buf in (torch.empty(1 + 5000 + 7) for _ in range(3))]
         proximal_kernel.proximal_(*prox, one)
-    return launches
+    return launches + fused_update_launches()
 
 
 def fused_update_launches():
     """The fused optimizer update's launches (kernels/fused_update_kernel.py), recorded, not
     run: every dtype, SGD with and without momentum / noise / update scale, Adam coupled and
-    decoupled (both lerp formulas). Not yet part of :func:`backend_launches`: including them
-    there needs tests/test_triton_aot.py's expected kernel set to name ``_fused_sgd_kernel``
-    and ``_fused_adam_kernel`` (see docs/fused.md)."""
+    decoupled (both lerp formulas); part of :func:`backend_launches`."""
     from mmmod.kernels import fused_update_kernel as fk
 
     one = torch.ones(1)

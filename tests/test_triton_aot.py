@@ -56,7 +56,8 @@ def test_every_launch_compiles_for_every_target(report):
     kernels = {r["kernel"] for r in report["results"]}
     assert kernels == {"_scores_partial_kernel", "_finish_kernel", "_stats_partial_kernel",
                        "_sigma_kernel", "_modulate_noise_kernel", "_scale_kernel",
-                       "_proximal_kernel", "_proximal_finish_kernel"}
+                       "_proximal_kernel", "_proximal_finish_kernel",
+                       "_fused_sgd_kernel", "_fused_adam_kernel"}
     for cc in (80, 90, 100, 120):
         assert {r["kernel"] for r in report["results"] if r["cc"] == cc} == kernels, cc
     full = [r for r in _ok(report) if r["cc"] == 90]
