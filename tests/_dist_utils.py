@@ -191,6 +191,14 @@ RESUME_CONFIGS = {
                                    sched=False, starts=0),
     "ogm-sgd-window": dict(method="ogm", inner="sgd", apply_to="grad", scaler=False, sched=True,
                            starts=1),
+    # the stateful methods: AGM's running means, MSLR's accuracy history, InfoReg's snapshot,
+    # Fisher traces and window flags must all come back from the checkpoint
+    "agm-sgd": dict(method="agm", inner="sgd", apply_to="grad", scaler=False, sched=False,
+                    starts=0),
+    "mslr-adamw": dict(method="mslr", inner="adamw", apply_to="grad", scaler=False, sched=False,
+                       starts=0),
+    "inforeg-sgd": dict(method="inforeg", inner="sgd", apply_to="grad", scaler=False,
+                        sched=False, starts=0),
 }
 RESUME_AT, RESUME_TOTAL = 4, 8
 INF_STEP = 5  # after the resume point: the scaler's state (scale, growth tracker) matters
@@ -208,7 +216,8 @@ def build_resume(cfg: dict, backend: str, init_seed: int, opt_seed: int, alpha: 
              "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
              "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)}[cfg["inner"]]
     opt = mmmod.ModulatedOptimizer(inner(model.parameters()), modalities, method=cfg["method"],
-                                   alpha=alpha, apply_to=cfg["apply_to"], backend=backend,
+                                   alpha=None if cfg["method"] == "mslr" else alpha,
+                                   apply_to=cfg["apply_to"], backend=backend,
                                    seed=opt_seed, modulation_starts=cfg["starts"])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) \
         if cfg["scaler"] else None
@@ -221,7 +230,10 @@ def run_resume_steps(model, opt, scaler, sched, steps, data_seed: int) -> list[d
     rec = []
     for t in steps:
         xs, y = global_batch(t, data_seed, 6)
-        opt.set_epoch(t // 3)
+        # MSLR's per-epoch input: a made-up but deterministic accuracy history
+        inputs = {"val_acc": {"audio": 0.5 + 0.03 * t, "visual": 0.4 + 0.01 * (t % 4)}} \
+            if opt.method == "mslr" else {}
+        opt.set_epoch(t // 3, **inputs)
         opt.zero_grad()
         out, feats = model(xs)
         opt.observe(dict(zip(names, mmmod.fusion.concat_logits(model.head, feats))), y)

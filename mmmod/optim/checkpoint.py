@@ -69,10 +69,15 @@ def validated(opt, own: Any) -> dict[str, Any]:
                                                                       hyper["beta_max"])
     out["modulation_starts"], out["modulation_ends"] = config.window(
         hyper["modulation_starts"], hyper["modulation_ends"])
-    state = own["method_state"]
-    if not isinstance(state, dict) or set(state) != set(opt._method_state) or any(
-            not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
-            for k, v in opt._method_state.items()):
+    # a method's state may grow (MSLR's accuracy history, InfoReg's traces gain a row per
+    # epoch) and gain entries (InfoReg's parameter snapshots): every fresh entry must be there
+    # with its dtype, number of dimensions and trailing shape; extra entries are tensors too
+    state, fresh = own["method_state"], opt._method_state
+    if not isinstance(state, dict) or not set(fresh) <= set(state) or any(
+            not isinstance(v, torch.Tensor) for v in state.values()) or any(
+            state[k].dtype != v.dtype or state[k].dim() != v.dim()
+            or state[k].shape[1:] != v.shape[1:] or (v.dim() == 1 and state[k].shape != v.shape)
+            for k, v in fresh.items()):
         raise ValueError(f"state_dict's method state does not fit method {opt.method!r}")
     out["method_state"] = state
     for k in ("skipped_steps", "scores", "coefficients"):
@@ -85,8 +90,11 @@ def restore(opt, values: dict[str, Any]) -> None:
         setattr(opt, k, values[k])
     if opt._step_t is not None:
         opt._step_t.fill_(opt.step_count)
+    fresh = dict(opt._method_state)
+    opt._method_state.clear()  # the same dict object: entries replaced, grown ones included
     for k, v in values["method_state"].items():
-        opt._method_state[k].copy_(v)
+        device = fresh[k].device if k in fresh else v.device
+        opt._method_state[k] = v.detach().to(device).clone()
     opt._skipped, opt._scores, opt._coeffs = (values["skipped_steps"], values["scores"],
                                               values["coefficients"])
 
