@@ -621,3 +621,41 @@ def fsdp_refusals(mesh) -> dict:
     mmmod.ModulatedOptimizer(torch.optim.SGD([col, plain], lr=0.1),
                              {"audio": [col], "visual": [plain]}, method="ogm", param_filter="all")
     return out
+
+
+# ---- DDP replicas with the stateful methods ------------------------------------------------
+STATEFUL_METHODS = ("agm", "mslr", "inforeg")
+
+
+def ddp_methods_worker(rank: int, world: int, port: int, out_dir: str, seed: int) -> None:
+    """Each stateful method under DDP (different init per rank, rank 0's is broadcast), 3 epochs
+    of 3 steps on rank-local slices of a global batch; saves parameters, coefficients and the
+    method state per rank (they must be identical on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    init(rank, world, port)
+    try:
+        for method in STATEFUL_METHODS:
+            torch.manual_seed(seed + 17 * rank)
+            model = TwoEncoder()
+            ddp = DDP(model)
+            opt = mmmod.ModulatedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9),
+                                           {"audio": model.encoders[0], "visual": model.encoders[1]},
+                                           method=method, backend="torch", seed=seed + rank)
+            coeffs = []
+            for t in range(9):
+                inputs = {"val_acc": {"audio": 0.5 + 0.02 * t, "visual": 0.45}} \
+                    if method == "mslr" else {}
+                opt.set_epoch(t // 3, **inputs)
+                xs, y = global_batch(t, seed, 4 * world)
+                mine = slice(rank * 4, (rank + 1) * 4)
+                opt.zero_grad()
+                out, feats = ddp([x[mine] for x in xs])
+                opt.observe(mmmod.fusion.concat_logits(model.head, feats), y[mine])
+                nn.functional.cross_entropy(out, y[mine]).backward()
+                opt.step()
+                coeffs.append(opt._coeffs.clone())
+            torch.save({"params": flat_params(model).clone(), "coeffs": torch.stack(coeffs),
+                        "state": {k: v.clone() for k, v in opt._method_state.items()}},
+                       os.path.join(out_dir, f"{method}.rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

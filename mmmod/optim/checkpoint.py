@@ -88,6 +88,7 @@ def validated(opt, own: Any) -> dict[str, Any]:
 def restore(opt, values: dict[str, Any]) -> None:
     for k in ("step_count", "seed", "epoch") + config.SCALARS:
         setattr(opt, k, values[k])
+    opt._epoch_hooked = values["epoch"]  # its per-epoch work is in the restored method state
     if opt._step_t is not None:
         opt._step_t.fill_(opt.step_count)
     fresh = dict(opt._method_state)

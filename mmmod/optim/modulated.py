@@ -68,6 +68,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.process_group = process_group
         self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
         self.epoch, self.step_count = 0, 0
+        self._epoch_hooked = None  # the last epoch whose on_epoch ran
         self._step_t = torch.zeros((), dtype=torch.int64, device=devices[0]) if capturable else None
         self._method_state = m.init_state(len(self.names), devices[0])
         self._device = devices[0]
@@ -117,9 +118,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Set the epoch the modulation window is checked against; ``inputs`` go to the
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
         epoch = config.integer("epoch", epoch)
-        if self._method.needs_params:
-            inputs["params"] = selection.param_tensors(self.params)
-        self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
+        # the method's per-epoch work (MSLR's history, InfoReg's snapshot and traces) runs once
+        # per epoch: calling set_epoch again with the same epoch (e.g. every step) only sets
+        # the epoch the window is checked against
+        if epoch != self._epoch_hooked:
+            if self._method.needs_params:
+                inputs["params"] = selection.param_tensors(self.params)
+            self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
+            self._epoch_hooked = epoch
         self.epoch = epoch
 
     def in_window(self) -> bool:
