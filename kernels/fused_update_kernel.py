@@ -27,6 +27,8 @@ per-tensor bias corrections in another (each tensor may have its own step count)
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
@@ -60,10 +62,26 @@ def fused_table(grads, params, states1, states2, offsets, flags, device):
         rows += [g.data_ptr(), p.data_ptr(), 0 if s1 is None else s1.data_ptr(),
                  0 if s2 is None else s2.data_ptr(), n, int(off), len(cmap), int(bool(fl))]
         cmap += [t] * _noise_chunks(n, int(off))
+    # reused while the storages, sizes, offsets and flags stay put (every step after the first
+    # with set_to_none=False gradients): no host-to-device upload per step
+    key = (device, tuple(rows))
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
     host = torch.tensor(rows + cmap, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
-    return host.to(device, non_blocking=True), len(cmap)
+    entry = (host.to(device, non_blocking=True), len(cmap))
+    _tables[key] = entry
+    if len(_tables) > TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return entry
+
+
+#: fused-update tables kept on the device (LRU, keyed by every word of the table)
+TABLE_CACHE_SIZE = 64
+_tables: OrderedDict = OrderedDict()
 
 
 @triton.jit

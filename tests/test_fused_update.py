@@ -459,3 +459,15 @@ def test_triton_launcher_refuses_before_writing():
                  None, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                  decoupled=True, maximize=False, seed=0, step=0, modality=0)
     assert all(torch.equal(a, b) for a, b in zip(before, p))
+
+
+def test_triton_fused_table_is_reused_while_storages_stay():
+    """The fused update's table is built and uploaded once per set of storages, not per step."""
+    from mmmod.kernels import fused_update_kernel as fk
+    g, p, s = torch.zeros(10), torch.zeros(10), torch.zeros(10)
+    dev = torch.device("cpu")
+    t1, n1 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)
+    t2, n2 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)
+    assert t1 is t2 and n1 == n2
+    t3, _ = fk.fused_table([g], [p], [s], [None], [0], [False], dev)  # a flag changed
+    assert t3 is not t1 and not torch.equal(t3, t1)
