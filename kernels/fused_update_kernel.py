@@ -250,22 +250,20 @@ def sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, updat
     device = _check("fused_sgd_", params, grads, states, offsets)
     if device is None:
         return
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
+    if not any(p.numel() for p in params):
         return
+    # empty tensors keep their rows (no chunks, never dereferenced), so sigma[t] is row t's
+    # without a device-side gather
     bufs = momentum_buffers if use_momentum else [None] * len(params)
     ready = buffer_ready if use_momentum else [False] * len(params)
-    table, n_chunks = fused_table([grads[i] for i in keep], [params[i] for i in keep],
-                                  [bufs[i] for i in keep], [None] * len(keep),
-                                  [offsets[i] for i in keep], [ready[i] for i in keep], device)
+    table, n_chunks = fused_table(grads, params, bufs, [None] * len(params), offsets, ready,
+                                  device)
     k, sig, u = _scalars(device, k, sigma, update_scale)
-    if sig is not None and len(keep) != len(params):
-        sig = sig[torch.tensor(keep, device=device)]
     hyper = torch.tensor([lr, weight_decay, momentum, 1 - dampening, 0, 0, 0, 0, 0],
                          dtype=torch.float64).to(device, non_blocking=True)
     dt = params[0].dtype
     acc = tl.float64 if dt == torch.float64 else tl.float32
-    _launch(_fused_sgd_kernel, (n_chunks,), table, table[FIELDS * len(keep):], k,
+    _launch(_fused_sgd_kernel, (n_chunks,), table, table[FIELDS * len(params):], k,
             sig if sig is not None else k, u if u is not None else k, hyper,
             seed_int64(seed), int(step) & 0xFFFFFFFF, int(modality) & 0x7FFFFFFF,
             BLOCK_C=BLOCK_C, DT=tl_dtype(dt), ACC=acc, NOISE=sig is not None,
@@ -285,19 +283,15 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update
     if len(steps) != len(params) or any(float(s) < 1 for s in steps):
         raise ValueError("mmmod.fused_adam_: one step count >= 1 per param (after this step's "
                          "increment)")
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
+    if not any(p.numel() for p in params):
         return
-    table, n_chunks = fused_table([grads[i] for i in keep], [params[i] for i in keep],
-                                  [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep],
-                                  [offsets[i] for i in keep], [False] * len(keep), device)
+    table, n_chunks = fused_table(grads, params, exp_avgs, exp_avg_sqs, offsets,
+                                  [False] * len(params), device)
     k, sig, u = _scalars(device, k, sigma, update_scale)
-    if sig is not None and len(keep) != len(params):
-        sig = sig[torch.tensor(keep, device=device)]
     w1 = 1 - beta1
     # the Python float arithmetic of _single_tensor_adam, per tensor (steps may differ)
     bias = []
-    for i in keep:
+    for i in range(len(params)):
         t = float(steps[i])
         bias += [-(lr / (1 - beta1 ** t)), (1 - beta2 ** t) ** 0.5]
     dt = params[0].dtype
@@ -310,7 +304,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update
                          dtype=torch.float64).to(device, non_blocking=True)
     bias_t = torch.tensor([cast(b) for b in bias], dtype=torch.float64).to(device,
                                                                            non_blocking=True)
-    _launch(_fused_adam_kernel, (n_chunks,), table, table[FIELDS * len(keep):], k,
+    _launch(_fused_adam_kernel, (n_chunks,), table, table[FIELDS * len(params):], k,
             sig if sig is not None else k, u if u is not None else k, hyper, bias_t,
             seed_int64(seed), int(step) & 0xFFFFFFFF, int(modality) & 0x7FFFFFFF,
             BLOCK_C=BLOCK_C, DT=tl_dtype(dt), ACC=acc, NOISE=sig is not None,
