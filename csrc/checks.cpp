@@ -66,4 +66,32 @@ void check_step_tensor(const at::Tensor& step, const at::Device& device) {
                     " but the bucket is on ", device);
 }
 
+// mmmod::proximal_ (csrc/proximal_cpu.cpp, csrc/proximal_cuda.cpp); mirrored by mmmod/ops_proximal.py
+void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
+                  const at::Tensor& beta) {
+  TORCH_CHECK_VALUE(grads.size() == params.size() && params.size() == snapshots.size(),
+                    "mmmod.proximal_: ", grads.size(), " grads, ", params.size(), " params and ",
+                    snapshots.size(), " snapshots; expected one of each per tensor");
+  TORCH_CHECK_VALUE(beta.numel() == 1 && at::isFloatingType(beta.scalar_type()),
+                    "mmmod.proximal_: beta must be a one-element floating-point tensor");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto &g = grads[i], &p = params[i], &p0 = snapshots[i];
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && p0.sizes() == p.sizes(), "mmmod.proximal_: tensor ",
+                      i, ": grad ", g.sizes(), ", param ", p.sizes(), " and snapshot ", p0.sizes(),
+                      " differ in shape");
+    const auto dt = g.scalar_type();
+    TORCH_CHECK_TYPE(p.scalar_type() == dt && p0.scalar_type() == dt &&
+                         (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
+                          dt == at::kDouble),
+                     "mmmod.proximal_: tensor ", i, ": grad ", dt, ", param ", p.scalar_type(),
+                     ", snapshot ", p0.scalar_type(),
+                     "; expected one dtype among float32, float16, bfloat16, float64");
+    TORCH_CHECK_VALUE(g.device() == beta.device() && p.device() == beta.device() &&
+                          p0.device() == beta.device(),
+                      "mmmod.proximal_: tensor ", i, ": grad on ", g.device(), ", param on ",
+                      p.device(), ", snapshot on ", p0.device(), ", beta on ", beta.device(),
+                      "; expected one device");
+  }
+}
+
 }  // namespace mmmod

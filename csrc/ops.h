@@ -31,6 +31,8 @@ int method_code(const std::string& method);
 void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                   const at::Tensor& gate);
 void check_scores_inputs(at::TensorList logits, const at::Tensor& labels);
+void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
+                           const at::Tensor& beta);
 // A step counter tensor of modulate_.capturable: 0-d, integer, on `device`.
 void check_step_tensor(const at::Tensor& step, const at::Device& device);
 

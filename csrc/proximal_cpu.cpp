@@ -82,38 +82,11 @@ double chunk_pass(T* g, const T* p, const T* p0, int64_t n, float beta, bool wri
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-void check_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
-                  const at::Tensor& beta) {
-  TORCH_CHECK_VALUE(grads.size() == params.size() && params.size() == snapshots.size(),
-                    "mmmod.proximal_: ", grads.size(), " grads, ", params.size(), " params and ",
-                    snapshots.size(), " snapshots; expected one of each per tensor");
-  TORCH_CHECK_VALUE(beta.numel() == 1 && at::isFloatingType(beta.scalar_type()),
-                    "mmmod.proximal_: beta must be a one-element floating-point tensor");
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const auto &g = grads[i], &p = params[i], &p0 = snapshots[i];
-    TORCH_CHECK_VALUE(g.sizes() == p.sizes() && p0.sizes() == p.sizes(), "mmmod.proximal_: tensor ",
-                      i, ": grad ", g.sizes(), ", param ", p.sizes(), " and snapshot ", p0.sizes(),
-                      " differ in shape");
-    const auto dt = g.scalar_type();
-    TORCH_CHECK_TYPE(p.scalar_type() == dt && p0.scalar_type() == dt &&
-                         (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
-                          dt == at::kDouble),
-                     "mmmod.proximal_: tensor ", i, ": grad ", dt, ", param ", p.scalar_type(),
-                     ", snapshot ", p0.scalar_type(),
-                     "; expected one dtype among float32, float16, bfloat16, float64");
-    TORCH_CHECK_VALUE(g.device() == beta.device() && p.device() == beta.device() &&
-                          p0.device() == beta.device(),
-                      "mmmod.proximal_: tensor ", i, ": grad on ", g.device(), ", param on ",
-                      p.device(), ", snapshot on ", p0.device(), ", beta on ", beta.device(),
-                      "; expected one device");
-  }
-}
-
 }  // namespace
 
 at::Tensor proximal_cpu(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
                         const at::Tensor& beta) {
-  check_inputs(grads, params, snapshots, beta);
+  check_proximal_inputs(grads, params, snapshots, beta);
   const float b = beta.to(at::kFloat).item<float>();  // a CPU tensor: a memory read
   const bool write = b != 0.0f;                        // NaN beta writes NaN, as the reference
   const size_t nt = grads.size();
