@@ -260,3 +260,24 @@ def test_inforeg_by_name_on_every_backend(backend):
     k = functional.coefficients(torch.tensor([3.0, 1.0], device=dev), "inforeg",
                                 backend=backend, state=st)
     assert torch.equal(k.cpu(), torch.ones(2)) and float(st["beta"][0]) > 0
+
+
+def test_optimizer_skips_the_scaling_pass_for_inforeg(monkeypatch):
+    """InfoReg's coefficients are always 1: the optimizer runs its correction but no scaling
+    pass over the gradients (and no update snapshot), with the same result."""
+    import mmmod
+    from mmmod.optim import update
+    calls = []
+    real = mmmod.functional.modulate_
+    monkeypatch.setattr(mmmod.functional, "modulate_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(update, "snapshot", lambda *a, **k: calls.append(2))
+    enc = [torch.nn.Linear(3, 4), torch.nn.Linear(2, 4)]
+    params = [p for e in enc for p in e.parameters()]
+    opt = mmmod.ModulatedOptimizer(torch.optim.SGD(params, lr=0.1), {"a": enc[0], "b": enc[1]},
+                                   method="inforeg", backend="torch", apply_to="update")
+    opt.set_epoch(0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.observe({"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 0.0]])}, torch.tensor([0]))
+    opt.step()
+    assert calls == [] and torch.equal(opt._coeffs, torch.ones(2))

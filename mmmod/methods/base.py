@@ -31,6 +31,10 @@ class Method:
     noise: bool = False
     #: modulates gradients at all (``"none"`` only computes scores, if observed)
     modulates: bool = True
+    #: multiplies the selected gradients by its coefficients; ``False`` for a rule whose
+    #: coefficients are always 1 (InfoReg acts through ``correct_grads_`` only): the optimizer
+    #: then skips the scaling pass over the gradients (and ``apply_to="update"``'s snapshot)
+    scales: bool = True
     #: exact on sharded parameters (FSDP/DTensor): the rule needs nothing per whole tensor
     shard_safe: bool = True
     #: a rule the fused backends may evaluate in their scores epilogue instead of

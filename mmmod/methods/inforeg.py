@@ -68,6 +68,7 @@ class InfoReg(Method):
     default_filter = "all"  # main.py regulates every parameter of the encoder
     hyperparameters = ("alpha",)
     needs_params = True
+    scales = False  # coefficients are 1: the proximal correction is the whole method
     corrects_grads = True
     # the Fisher trace is a mean over each whole tensor; a shard's mean is not that
     shard_safe = False

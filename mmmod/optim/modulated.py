@@ -297,7 +297,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                              backend=self.backend)
         if modulate and self._fused is not None:
             self._fused_pending = (grads, k)  # applied by the fused update in step()
-        elif modulate:
+        elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
             if not noise_only or m.noise:
                 # shards' whole-tensor stds: one collective per shard group, every rank
@@ -315,6 +315,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     def _snapshot(self):
         if self._fused_pending is not None:
             return None  # the fused update scales the update itself
-        if self.apply_to == "update" and self._method.modulates and self.in_window():
+        if self.apply_to == "update" and self._method.modulates and self._method.scales \
+                and self.in_window():
             return update.snapshot(self.params)
         return None
