@@ -8,14 +8,15 @@
 # The tests then run against the installed package (tests/test_cuda_build.py and the CPU
 # extension's parity suites), from a directory where the checkout's mmmod cannot shadow it.
 #
-# Env: MMMOD_CUDA_VENV (default .venv-cuda), MMMOD_CUDA_LANE_REUSE=1 keeps an existing venv whose
+# Env: MMMOD_CUDA_VENV (default .venv-cuda), MMMOD_CUDA_LANE_WORK (build copy, default
+# build/cuda-lane), MMMOD_CUDA_LANE_REUSE=1 keeps an existing venv whose
 # torch is already the pinned CUDA build (local reruns; CI starts fresh), MAX_JOBS (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 VENV=${MMMOD_CUDA_VENV:-$REPO/.venv-cuda}
 TORCH_PIN="torch==2.13.0"
-WORK=$REPO/build/cuda-lane
+WORK=${MMMOD_CUDA_LANE_WORK:-$REPO/build/cuda-lane}
 START=$(date +%s)
 say() { echo "cuda_lane [$(( $(date +%s) - START ))s]: $*"; }
 
