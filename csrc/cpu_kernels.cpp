@@ -13,7 +13,8 @@
 // elements (a tensor is never split) get their statistics pass and then, while that window is
 // still in the last-level cache, the fused pass that generates the Philox normals block by block
 // into an L1 buffer and applies g <- k g + sigma n. DRAM traffic stays at the 12 B/element floor
-// or below and nothing of the gradients' size is allocated.
+// or below and nothing of the gradients' size is allocated. modulate_sigma_ (sigma given) is that
+// fused pass alone, over all chunks in parallel: 8 B/element.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -419,6 +420,31 @@ void modulate_noise(const KernelTable& K, at::TensorList tensors, at::IntArrayRe
   }
 }
 
+// modulate_sigma_: the noise pass alone, each tensor's sigma given (sharded OGM-GE takes its
+// std from a collective), so there is no statistics pass to pipeline with: the chunks run in
+// parallel, each through the same modulate_chunk (noise blocks from the KernelTable) as the
+// statistics-driven pass, with the same stream positions, so the bits match modulate_ wherever
+// the sigmas do.
+template <typename T>
+void modulate_given_sigma(const KernelTable& K, at::TensorList tensors, at::IntArrayRef offsets,
+                          const std::vector<Chunk>& chunks, const std::vector<float>& sigma, float k,
+                          uint64_t seed, uint32_t step, uint32_t modality) {
+  for_each_index(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
+    modulate_chunk<T>(K, tensors[ch.tensor].mutable_data_ptr<T>() + ch.start, ch.len, p0, k,
+                      sigma[ch.tensor], seed, step, modality, nullptr);
+  });
+}
+
+// A given sigma as sigma_from_moments finishes its own: not finite -> 0 (no noise), then one
+// float32 multiply by the gate.
+inline float gated_sigma(float sigma, float gate) {
+  const float big = std::numeric_limits<float>::max();
+  if (!(sigma <= big && sigma >= -big)) sigma = 0.0f;
+  return sigma * gate;
+}
+
 template <typename T>
 void modulate_impl(const KernelTable& K, at::TensorList tensors, at::IntArrayRef offsets, float k,
                    float gate, bool noise, bool scaled, uint64_t seed, uint32_t step,
@@ -564,6 +590,44 @@ void modulate_capturable_cpu(at::TensorList tensors, at::IntArrayRef offsets, co
   modulate_cpu(tensors, offsets, k, gate, noise, scaled, seed, step, modality);
 }
 
+// modulate_sigma_ on the CPU: sigma, k and gate are CPU tensors read here (memory reads, not
+// device syncs); every check runs before the first write.
+void modulate_sigma_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                        const at::Tensor& gate, const at::Tensor& sigma, int64_t seed, int64_t step,
+                        int64_t modality, const std::optional<at::Tensor>& table,
+                        const std::optional<at::Tensor>& step_tensor) {
+  check_bucket(tensors, offsets, k, gate);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
+                   "mmmod.modulate_sigma_: sigma must be float32 (one noise scale per tensor), got ",
+                   sigma.scalar_type());
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == static_cast<int64_t>(tensors.size()),
+                    "mmmod.modulate_sigma_: sigma must have shape [", tensors.size(),
+                    "] (one per tensor), got ", sigma.sizes());
+  TORCH_CHECK_VALUE(tensors.empty() || sigma.device() == tensors[0].device(),
+                    "mmmod.modulate_sigma_: sigma is on ", sigma.device(), " but the tensors are on ",
+                    tensors[0].device());
+  TORCH_CHECK_VALUE(!table.has_value(),
+                    "mmmod.modulate_sigma_: the CPU kernels take no device table (table must be None)");
+  if (step_tensor.has_value()) {
+    check_step_tensor(*step_tensor, at::Device(at::kCPU));
+    step = step_tensor->to(at::kLong).item<int64_t>();
+  }
+  const KernelTable& K = kernels_for_op();  // may raise: before anything is written
+  if (tensors.empty()) return;
+  const float kv = k.item<float>();
+  const float gv = gate.item<float>();
+  const at::Tensor s = sigma.contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  std::vector<float> sg(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) sg[t] = gated_sigma(sp[t], gv);
+  const std::vector<Chunk> chunks = make_chunks(tensors);
+  if (chunks.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "mmmod_modulate_sigma_cpu", [&] {
+    modulate_given_sigma<scalar_t>(K, tensors, offsets, chunks, sg, kv, static_cast<uint64_t>(seed),
+                                   static_cast<uint32_t>(step), static_cast<uint32_t>(modality));
+  });
+}
+
 at::Tensor bucket_std_cpu(at::TensorList tensors) {
   at::Tensor out = at::zeros({static_cast<int64_t>(tensors.size())}, at::dtype(at::kDouble));
   if (tensors.empty()) return out;
@@ -614,6 +678,7 @@ TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
   m.impl("coefficients", &mmmod::cpu::coefficients_cpu);
   m.impl("modulate_", &mmmod::cpu::modulate_cpu);
   m.impl("modulate_.capturable", &mmmod::cpu::modulate_capturable_cpu);
+  m.impl("modulate_sigma_", &mmmod::cpu::modulate_sigma_cpu);
   m.impl("_bucket_std", &mmmod::cpu::bucket_std_cpu);
   m.impl("_philox_normal_", &mmmod::cpu::philox_normal_cpu);
 }

@@ -56,6 +56,15 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
                         const int64_t* step_ptr, uint32_t step, uint32_t modality,
                         void* workspace, void* stream);
 
+// g <- k g + gate sigma[t] n in place for every tensor t of the table, with sigma given
+// (float32 [ntensors] on the device: each tensor's noise scale before the gate; a non-finite
+// entry gets no noise): the noise pass of mmmod_cuda_modulate without its statistics, same
+// bits for the same sigma. k, gate, sigma, step_ptr as there; no workspace.
+int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                              const float* k, const float* gate, const float* sigma, uint64_t seed,
+                              const int64_t* step_ptr, uint32_t step, uint32_t modality,
+                              void* stream);
+
 // Unbiased float64 std of every tensor of the table into out[ntensors] (device).
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                           void* workspace, double* out, void* stream);

@@ -198,6 +198,28 @@ at::Tensor bucket_table_cuda(at::TensorList tensors, at::IntArrayRef offsets) {
   return upload_table(tensors, offsets, device, "bucket_table").table;
 }
 
+// The bucket's table: `table` when given (checked as far as possible without reading it), else
+// uploaded now (refused under capture).
+DeviceTable given_or_uploaded_table(at::TensorList tensors, at::IntArrayRef offsets,
+                                    const std::optional<at::Tensor>& table, const at::Device& device,
+                                    const char* what) {
+  if (!table.has_value()) return upload_table(tensors, offsets, device, what);
+  // The table's contents are trusted to describe `tensors` (the caller keys its cache by their
+  // data pointers, sizes and offsets); what can be checked without reading it is checked.
+  DeviceTable t;
+  t.ntensors = static_cast<int64_t>(tensors.size());
+  t.nchunks = total_chunks(tensors);
+  const int64_t words = mmmod_cuda_table_words(t.ntensors, t.nchunks);
+  TORCH_CHECK_VALUE(table->scalar_type() == at::kLong && table->dim() == 1 &&
+                        table->is_contiguous() && table->device() == device &&
+                        table->numel() == words,
+                    "mmmod.", what, ": table must be the contiguous int64 [", words,
+                    "] table of these tensors on ", device, " (from mmmod::bucket_table), got ",
+                    table->scalar_type(), " ", table->sizes(), " on ", table->device());
+  t.table = *table;
+  return t;
+}
+
 void modulate_capturable_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                               const at::Tensor& gate, bool noise, bool scaled, int64_t seed,
                               int64_t step, int64_t modality,
@@ -212,26 +234,47 @@ void modulate_capturable_cuda(at::TensorList tensors, at::IntArrayRef offsets, c
     check_step_tensor(*step_tensor, device);
     step64 = step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
   }
-  DeviceTable t;
-  if (table.has_value()) {
-    // The table's contents are trusted to describe `tensors` (the caller keys its cache by their
-    // data pointers, sizes and offsets); what can be checked without reading it is checked.
-    t.ntensors = static_cast<int64_t>(tensors.size());
-    t.nchunks = total_chunks(tensors);
-    const int64_t words = mmmod_cuda_table_words(t.ntensors, t.nchunks);
-    TORCH_CHECK_VALUE(table->scalar_type() == at::kLong && table->dim() == 1 &&
-                          table->is_contiguous() && table->device() == device &&
-                          table->numel() == words,
-                      "mmmod.modulate_: table must be the contiguous int64 [", words,
-                      "] table of these tensors on ", device, " (from mmmod::bucket_table), got ",
-                      table->scalar_type(), " ", table->sizes(), " on ", table->device());
-    t.table = *table;
-  } else {
-    t = upload_table(tensors, offsets, device, "modulate_");
-  }
+  const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_");
   launch_modulate(tensors, t, k, gate, noise, scaled, seed,
                   step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr, step, modality,
                   device);
+}
+
+// modulate_sigma_: the noise kernel alone with each tensor's sigma given (float32 [T] on the
+// device, read by the kernel with k and gate: no host sync). Capturable as modulate_.capturable
+// is: with a table from bucket_table and a device step_tensor it launches one kernel only.
+void modulate_sigma_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
+                         const at::Tensor& gate, const at::Tensor& sigma, int64_t seed, int64_t step,
+                         int64_t modality, const std::optional<at::Tensor>& table,
+                         const std::optional<at::Tensor>& step_tensor) {
+  check_bucket(tensors, offsets, k, gate);
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
+                   "mmmod.modulate_sigma_: sigma must be float32 (one noise scale per tensor), got ",
+                   sigma.scalar_type());
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == static_cast<int64_t>(tensors.size()),
+                    "mmmod.modulate_sigma_: sigma must have shape [", tensors.size(),
+                    "] (one per tensor), got ", sigma.sizes());
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK_VALUE(sigma.device() == device, "mmmod.modulate_sigma_: sigma is on ", sigma.device(),
+                    " but the tensors are on ", device);
+  c10::DeviceGuard guard(device);
+  at::Tensor step64;
+  if (step_tensor.has_value()) {
+    check_step_tensor(*step_tensor, device);
+    step64 = step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
+  }
+  const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_sigma_");
+  if (t.nchunks == 0) return;
+  const at::Tensor s = sigma.contiguous();  // a device copy at most, never a sync
+  check(mmmod_cuda_modulate_sigma(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+                                  dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
+                                  gate.const_data_ptr<float>(), s.const_data_ptr<float>(),
+                                  static_cast<uint64_t>(seed),
+                                  step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr,
+                                  static_cast<uint32_t>(step), static_cast<uint32_t>(modality),
+                                  current_stream(device)),
+        "modulate_sigma_");
 }
 
 at::Tensor bucket_std_cuda(at::TensorList tensors) {
@@ -275,6 +318,7 @@ TORCH_LIBRARY_IMPL(mmmod, CUDA, m) {
   m.impl("coefficients", &mmmod::cuda::coefficients_cuda);
   m.impl("modulate_", &mmmod::cuda::modulate_cuda);
   m.impl("modulate_.capturable", &mmmod::cuda::modulate_capturable_cuda);
+  m.impl("modulate_sigma_", &mmmod::cuda::modulate_sigma_cuda);
   m.impl("bucket_table", &mmmod::cuda::bucket_table_cuda);
   m.impl("_bucket_std", &mmmod::cuda::bucket_std_cuda);
   m.impl("_philox_normal_", &mmmod::cuda::philox_normal_cuda);

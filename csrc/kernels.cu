@@ -15,6 +15,8 @@
 //   3. apply:  one block per chunk, each thread one Philox counter group (4 elements):
 //              g <- float32(k g) + float32(sigma n); seed and modality are kernel arguments,
 //              the step either an argument or read from a device counter (CUDA graphs).
+// modulate_sigma_ (each tensor's sigma given, e.g. gathered across the shards of a tensor) is
+// launch 3 alone, finishing the given sigma (non-finite -> 0, times the gate) per chunk.
 // Vector accesses: a chunk whose tensor's data pointer is 16-byte aligned (checked per chunk on
 // the device, so a table built once serves both cases) reads and writes whole 16-byte vectors
 // (float4, 8 halves / bfloat16 as uint4, double2; the noise kernel 4 elements of its Philox
@@ -369,24 +371,35 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int6
   }
 }
 
+// A given sigma (modulate_sigma_) finished as sigma_from_moments finishes its own: not finite
+// -> 0 (no noise), then one float32 multiply by the gate.
+__device__ __forceinline__ float gated_sigma(float sigma, float gate) {
+  const float big = 3.4028234663852886e38f;
+  if (!(sigma <= big && sigma >= -big)) sigma = 0.0f;
+  return __fmul_rn(sigma, gate);
+}
+
 // Bytes: reads and writes the chunk once, 56 B of table, k and sigma per chunk (8 B step).
+// gate null: sigma is final (sigma_kernel's output, gated there); gate given: sigma is the
+// caller's per-tensor scale before the gate (modulate_sigma_), finished per chunk.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int64_t ntensors,
                                                          int64_t nchunks, const float* k,
-                                                         const float* sigma, uint64_t seed,
-                                                         const int64_t* step_ptr, uint32_t step_value,
-                                                         uint32_t modality) {
+                                                         const float* sigma, const float* gate,
+                                                         uint64_t seed, const int64_t* step_ptr,
+                                                         uint32_t step_value, uint32_t modality) {
   const Table tb = device_table(table, ntensors);
   // the counter is read at run time, so each replay of a captured graph draws fresh noise
   const uint32_t step = step_ptr ? static_cast<uint32_t>(static_cast<uint64_t>(*step_ptr)) : step_value;
   const float kv = *k;
+  const float gv = gate ? *gate : 1.0f;
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const MmmodChunkMeta ch = tb.chunks[c];
     const MmmodTensorMeta tm = tb.tensors[ch.tensor];
     const int64_t rest = tm.numel - ch.start;
     const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
     T* x = reinterpret_cast<T*>(tm.ptr) + ch.start;
-    const float sg = sigma[ch.tensor];
+    const float sg = gate ? gated_sigma(sigma[ch.tensor], gv) : sigma[ch.tensor];
     const uint64_t p0 = static_cast<uint64_t>(tm.offset) + static_cast<uint64_t>(ch.start);
     const uint64_t q0 = p0 >> 2;
     const uint64_t groups = ((p0 + static_cast<uint64_t>(len) - 1) >> 2) - q0 + 1;
@@ -627,7 +640,21 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
   rc = dispatch(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
     noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
-                                                             seed, step_ptr, step, modality);
+                                                             nullptr, seed, step_ptr, step, modality);
+  });
+  return rc ? rc : launch_status();
+}
+
+int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                              const float* k, const float* gate, const float* sigma, uint64_t seed,
+                              const int64_t* step_ptr, uint32_t step, uint32_t modality,
+                              void* stream) {
+  if (ntensors == 0 || nchunks == 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int rc = dispatch(dtype, [&](auto* tag) {
+    using T = typename std::remove_pointer<decltype(tag)>::type;
+    noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
+                                                             gate, seed, step_ptr, step, modality);
   });
   return rc ? rc : launch_status();
 }

@@ -36,6 +36,15 @@ SCHEMAS = {
         "modulate_.capturable(Tensor(a!)[] tensors, int[] offsets, Tensor k, Tensor gate, "
         "bool noise, bool scaled, int seed, int step, int modality, Tensor? table=None, "
         "Tensor? step_tensor=None) -> ()"),
+    # in place: g <- k g + gate sigma[i] n with each tensor's noise scale given (float32 [T] on
+    # the tensors' device, before the gate; non-finite: no noise), no statistics pass: sharded
+    # OGM-GE, whose stds come from a collective (reference.noise_sigma makes sigma of them).
+    # `table` (CUDA: from bucket_table) and `step_tensor` (a 0-d integer counter replacing
+    # `step`) as in modulate_.capturable
+    "modulate_sigma_": (
+        "modulate_sigma_(Tensor(a!)[] tensors, int[] offsets, Tensor k, Tensor gate, "
+        "Tensor sigma, int seed, int step, int modality, Tensor? table=None, "
+        "Tensor? step_tensor=None) -> ()"),
     # the device metadata table (int64 words) of a bucket for modulate_.capturable; CUDA only
     "bucket_table": "bucket_table(Tensor[] tensors, int[] offsets) -> Tensor",
     # (tests) unbiased float64 std of each tensor (0 below two elements), deterministic
@@ -87,6 +96,13 @@ def _modulate_capturable_ref(tensors, offsets, k, gate, noise, scaled, seed, ste
                   step if step_tensor is None else step_tensor, modality)
 
 
+def _modulate_sigma_ref(tensors, offsets, k, gate, sigma, seed, step, modality, table=None,
+                        step_tensor=None):
+    reference.modulate_sigma_bucket_(tensors, offsets, k, gate, sigma, seed=seed,
+                                     step=step if step_tensor is None else step_tensor,
+                                     modality=modality)
+
+
 def _bucket_std_ref(tensors):
     out = [reference.tensor_std(t) for t in tensors]
     if not out:
@@ -118,6 +134,13 @@ def _modulate_capturable_fake(tensors, offsets, k, gate, noise, scaled, seed, st
     return None
 
 
+def _modulate_sigma_fake(tensors, offsets, k, gate, sigma, seed, step, modality, table=None,
+                         step_tensor=None):
+    torch._check(sigma.dim() == 1 and sigma.shape[0] == len(tensors),
+                 lambda: "mmmod.modulate_sigma_: sigma must have one entry per tensor")
+    return None
+
+
 def _bucket_table_fake(tensors, offsets):
     torch._check(len(tensors) == len(offsets), lambda: "one offset per tensor")
     torch._check(len(tensors) > 0, lambda: "no tensors")
@@ -139,6 +162,7 @@ _IMPLS = {
     "coefficients": (_coefficients_ref, _coefficients_fake),
     "modulate_": (_modulate_ref, _modulate_fake),
     "modulate_.capturable": (_modulate_capturable_ref, _modulate_capturable_fake),
+    "modulate_sigma_": (_modulate_sigma_ref, _modulate_sigma_fake),
     "bucket_table": (None, _bucket_table_fake),  # CUDA only: no default implementation
     "_bucket_std": (_bucket_std_ref, _bucket_std_fake),
     "_philox_normal_": (_philox_normal_ref, _philox_normal_fake),

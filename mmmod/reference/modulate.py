@@ -31,12 +31,48 @@ def tensor_std(g: torch.Tensor) -> torch.Tensor:
 
 def tensor_sigma(g: torch.Tensor, k: torch.Tensor, noise_std: str,
                  std: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 sigma of ``g``'s noise; ``std`` (float64, 0-d) replaces ``tensor_std(g)`` when
-    given (a shard's sigma is the whole tensor's, gathered across ranks)."""
-    std = tensor_std(g) if std is None else std.double()
+    """float32 sigma of ``g``'s noise (before the non-finite check); ``std`` (float64, 0-d)
+    replaces ``tensor_std(g)`` when given (a shard's sigma is the whole tensor's, gathered
+    across ranks)."""
+    return _sigma_of_std(tensor_std(g) if std is None else std, k, noise_std)
+
+
+def _sigma_of_std(std: torch.Tensor, k: torch.Tensor, noise_std: str) -> torch.Tensor:
+    std = std.double()
     if noise_std == "scaled":
         std = std * k.double().abs()
     return (std + SIGMA_EPS).float()
+
+
+def noise_sigma(std: torch.Tensor, k: torch.Tensor, noise_std: str) -> torch.Tensor:
+    """The noise scale (before the gate) made of float64 std(s) of any shape: float32
+    ``std + 1e-8`` (``noise_std="scaled"``: ``|k| std + 1e-8``), 0 where that is not finite.
+
+    The one place a given std becomes a sigma: the reference's own noisy rescale and every
+    backend's ``modulate_sigma_`` (the sigma argument, from ``functional.modulate_(stds=)``)
+    take it from here, so all of them agree on sigma bit for bit. Element-wise IEEE float64
+    ops, so a ``[T]`` stack gives the bits of T separate 0-d calls."""
+    sigma = _sigma_of_std(std, k, noise_std)
+    return torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
+
+
+def check_sigma(tensors: Sequence[torch.Tensor], offsets: Sequence[int], sigma) -> None:
+    """Metadata checks of ``modulate_sigma_``'s arguments (no device value is read):
+    one offset and one float32 sigma per tensor, sigma on the tensors' device."""
+    who = "mmmod.modulate_sigma_"
+    if len(offsets) != len(tensors):
+        raise ValueError(f"{who}: {len(tensors)} tensors but {len(offsets)} offsets")
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{who}: sigma must be a tensor, got {type(sigma).__name__}")
+    if sigma.dtype != torch.float32:
+        raise TypeError(f"{who}: sigma must be float32 (one noise scale per tensor), got "
+                        f"{sigma.dtype}")
+    if sigma.dim() != 1 or sigma.shape[0] != len(tensors):
+        raise ValueError(f"{who}: sigma must have shape [{len(tensors)}] (one per tensor), got "
+                         f"{tuple(sigma.shape)}")
+    if tensors and sigma.device != tensors[0].device:
+        raise ValueError(f"{who}: sigma is on {sigma.device} but the tensors are on "
+                         f"{tensors[0].device}")
 
 
 @torch.no_grad()
@@ -64,16 +100,40 @@ def modulate_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int], k:
                 part = flat[s:s + CHUNK]
                 part.copy_(part.float() * k)
             continue
-        sigma = tensor_sigma(g, k, noise_std, None if stds is None else stds[i])
         # a non-finite gradient (NaN/inf anywhere in g) gets no noise: NaN stays where it was
-        sigma = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma))
-        if gate is not None:
-            sigma = sigma * gate
-        flat = g.view(-1)
-        for s in range(0, n, CHUNK):
-            part = flat[s:s + CHUNK]
-            z = philox_normal(seed, step, modality, off + s, part.numel(), g.device)
-            part.copy_(part.float() * k + sigma * z)
+        sigma = noise_sigma(tensor_std(g) if stds is None else stds[i], k, noise_std)
+        _noisy_rescale_(g, off, k, sigma, gate, seed, step, modality)
+
+
+@torch.no_grad()
+def modulate_sigma_bucket_(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
+                           k: torch.Tensor, gate: torch.Tensor | None, sigma: torch.Tensor, *,
+                           seed: int, step, modality: int) -> None:
+    """In-place k * g + gate * sigma[i] * n for the tensors of one modality, sigma given.
+
+    ``sigma`` is a float32 ``[T]`` tensor on the tensors' device: each tensor's noise scale
+    before the gate (``noise_sigma`` of its std); a non-finite entry gets no noise. Same bits
+    as :func:`modulate_bucket_` with ``noise=True`` when its statistics would have found the
+    stds ``sigma`` was made of: same stream positions, same roundings."""
+    check_sigma(tensors, offsets, sigma)
+    k = k.float()
+    for i, (g, off) in enumerate(zip(tensors, offsets)):
+        if g.numel() == 0:
+            continue
+        s = sigma[i]
+        _noisy_rescale_(g, off, k, torch.where(torch.isfinite(s), s, torch.zeros_like(s)), gate,
+                        seed, step, modality)
+
+
+def _noisy_rescale_(g, off, k, sigma, gate, seed, step, modality):
+    """g <- float32(k g) + float32(gate sigma n), chunk by chunk (bounded temporaries)."""
+    if gate is not None:
+        sigma = sigma * gate
+    flat = g.view(-1)
+    for s in range(0, g.numel(), CHUNK):
+        part = flat[s:s + CHUNK]
+        z = philox_normal(seed, step, modality, off + s, part.numel(), g.device)
+        part.copy_(part.float() * k + sigma * z)
 
 
 @torch.no_grad()
