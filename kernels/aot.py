@@ -175,6 +175,15 @@ def backend_launches():
             be.modulate_bucket_([torch.empty(s, dtype=dt) for s in (8, 5000, 4)], [0, 8, 5008],
                                 one, one, noise=True, noise_std="raw", seed=3, step=1,
                                 modality=0)
+            # the noise kernel fed a given sigma (sharded OGM-GE, modulate_sigma_bucket_): int
+            # and tensor step, an empty tensor keeping its row, the aligned variant
+            be.modulate_sigma_bucket_(ts + [torch.empty(0, dtype=dt)], offs + [5010], one, one,
+                                      torch.ones(4), seed=2 ** 40, step=2 ** 33, modality=1)
+            be.modulate_sigma_bucket_(ts, offs, one, one, torch.ones(3), seed=-5,
+                                      step=torch.tensor(3), modality=2)
+            be.modulate_sigma_bucket_([torch.empty(s, dtype=dt) for s in (8, 5000, 4)],
+                                      [0, 8, 5008], one, one, torch.ones(3), seed=3, step=1,
+                                      modality=0)
         # a table bucket whose data pointers are not 16-byte aligned (scalar-access variants)
         store = torch.empty(1 + 5000 + 7)
         ts = [store[1:5001], store[5001:]]

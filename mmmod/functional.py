@@ -270,7 +270,8 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
     are modulated through a contiguous copy written back. ``tensor_names[m][i]`` names tensor i
     of modality m in those errors. ``stds[m][i]`` (a 0-d float64 tensor, or ``None``): the
     std tensor i's sigma is made of instead of its own; given for shards of larger tensors
-    (``mmmod.optim.sharding``), such tensors are modulated by the plain-torch reference.
+    (``mmmod.optim.sharding``), such tensors skip the statistics pass: the backend's noise pass
+    alone runs with ``reference.noise_sigma`` of that std (``mmmod::modulate_sigma_``).
     """
     reference.philox.check_step(step)
     if noise_std not in NOISE_STD:
@@ -306,10 +307,10 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             if sds is None:
                 impl.modulate_bucket_(work, os_, k_m, gate_m, noise=noise, noise_std=noise_std,
                                       seed=int(seed), step=step_arg, modality=m)
-            else:  # given stds (shards): the reference's noisy rescale
-                reference.modulate_bucket_(work, os_, k_m, gate_m, noise=noise,
-                                           noise_std=noise_std, seed=int(seed), step=step_arg,
-                                           modality=m, stds=sds)
+            else:  # given stds (shards of larger tensors): the backend's noise pass alone
+                sigma = reference.noise_sigma(sds, k_m, noise_std)
+                impl.modulate_sigma_bucket_(work, os_, k_m, gate_m, sigma, seed=int(seed),
+                                            step=step_arg, modality=m)
             for g, w in zip(ts, work):
                 if w is not g:
                     g.copy_(w)
@@ -318,7 +319,8 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
 def _plan_buckets(grads, offsets, backend, step, stds=None):
     """(modality, backend, device, tensors, offsets, stds or None) per bucket of one device,
     dtype and whether stds are given, every backend resolved (and so every availability error
-    raised) before the first bucket runs."""
+    raised) before the first bucket runs. A bucket's given stds come as one float64 ``[T]``
+    tensor on its device, each checked here, before any write."""
     plan = []
     for m, tensors in enumerate(grads):
         buckets: dict[tuple, tuple[list, list, list]] = {}
@@ -326,6 +328,8 @@ def _plan_buckets(grads, offsets, backend, step, stds=None):
             if g is None or g.numel() == 0:
                 continue
             sd = None if stds is None else stds[m][i]
+            if sd is not None:
+                _check_given_std(sd, m, i)
             ts, os_, sds = buckets.setdefault((g.device, g.dtype, sd is not None), ([], [], []))
             ts.append(g)
             os_.append(off)
@@ -336,5 +340,17 @@ def _plan_buckets(grads, offsets, backend, step, stds=None):
                 raise RuntimeError(f"mmmod backend {impl.name!r} takes the step as an integer; a "
                                    f"step counter on {step.device} needs backend 'triton' or "
                                    f"'torch'")
+            if given:  # on the bucket's device already (the optimizer's): no copy
+                sds = torch.stack([sd.detach().reshape(()).to(device, torch.float64,
+                                                               non_blocking=True) for sd in sds])
             plan.append((m, impl, device, ts, os_, sds if given else None))
     return plan
+
+
+def _check_given_std(sd, m: int, i: int) -> None:
+    if not isinstance(sd, torch.Tensor):
+        raise TypeError(f"stds[{m}][{i}] must be a tensor (the whole tensor's std) or None, "
+                        f"got {type(sd).__name__}")
+    if sd.numel() != 1 or not sd.dtype.is_floating_point:
+        raise ValueError(f"stds[{m}][{i}] must hold one floating-point value (the whole "
+                         f"tensor's std), got a {sd.dtype} tensor of shape {tuple(sd.shape)}")

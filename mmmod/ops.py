@@ -136,8 +136,14 @@ def _modulate_capturable_fake(tensors, offsets, k, gate, noise, scaled, seed, st
 
 def _modulate_sigma_fake(tensors, offsets, k, gate, sigma, seed, step, modality, table=None,
                          step_tensor=None):
-    torch._check(sigma.dim() == 1 and sigma.shape[0] == len(tensors),
-                 lambda: "mmmod.modulate_sigma_: sigma must have one entry per tensor")
+    torch._check_type(sigma.dtype == torch.float32,
+                      lambda: f"mmmod.modulate_sigma_: sigma must be float32, got {sigma.dtype}")
+    torch._check_value(sigma.dim() == 1 and sigma.shape[0] == len(tensors),
+                       lambda: f"mmmod.modulate_sigma_: sigma must have shape [{len(tensors)}] "
+                               f"(one per tensor), got {tuple(sigma.shape)}")
+    torch._check_value(not tensors or sigma.device == tensors[0].device,
+                       lambda: f"mmmod.modulate_sigma_: sigma is on {sigma.device} but the "
+                               f"tensors are on {tensors[0].device}")
     return None
 
 

@@ -41,3 +41,13 @@ class Backend:
                          k: torch.Tensor, gate: torch.Tensor, *, noise: bool, noise_std: str,
                          seed: int, step: int, modality: int) -> None:
         raise NotImplementedError
+
+    def modulate_sigma_bucket_(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int],
+                               k: torch.Tensor, gate: torch.Tensor, sigma: torch.Tensor, *,
+                               seed: int, step: int, modality: int) -> None:
+        """The noisy rescale ``g <- k g + gate sigma[i] n`` with each tensor's noise scale
+        given (``mmmod::modulate_sigma_``): ``sigma`` is float32 ``[T]`` on the bucket's device,
+        before the gate (``reference.noise_sigma`` of the stds), so no statistics pass runs.
+        The bits of this backend's ``modulate_bucket_`` wherever its statistics would have
+        found the same sigma (sharded tensors, whose std comes from a collective)."""
+        raise NotImplementedError

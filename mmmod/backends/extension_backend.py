@@ -21,6 +21,7 @@ import torch
 
 from .. import _ext
 from ..reference.coefficients import METHODS
+from ..reference.modulate import check_sigma
 from ..reference.philox import check_step, seed_int64
 from .base import Backend
 
@@ -81,15 +82,29 @@ class _ExtensionBackend(Backend):
         tensors = list(tensors)
         if not tensors:
             return
+        step = self._host_step(step)
+        torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
+                                  noise_std == "scaled", seed_int64(seed), int(step) & 0xFFFFFFFF,
+                                  int(modality) & 0xFFFFFFFF)
+
+    def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
+        tensors = list(tensors)
+        step = self._host_step(step)
+        torch.ops.mmmod.modulate_sigma_(tensors, [int(o) for o in offsets], k, gate, sigma,
+                                        seed_int64(seed), int(step) & 0xFFFFFFFF,
+                                        int(modality) & 0xFFFFFFFF)
+
+    def _host_step(self, step):
+        """The step as an int: a CPU counter is read (a plain memory read, not a device sync);
+        a device counter is refused (this op takes the step as an integer)."""
         if isinstance(step, torch.Tensor):
+            check_step(step)
             if step.device.type != "cpu":
                 raise RuntimeError(f"mmmod backend {self.name!r} takes the step as an integer; a "
                                    f"step counter on {step.device} (capturable=True) needs "
                                    f"backend 'triton' or 'torch' (or 'cuda' for CUDA data)")
-            step = int(step)  # a CPU tensor: a plain memory read, not a device sync
-        torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
-                                  noise_std == "scaled", seed_int64(seed), int(step) & 0xFFFFFFFF,
-                                  int(modality) & 0xFFFFFFFF)
+            return int(step)
+        return step
 
 
 class CpuBackend(_ExtensionBackend):
@@ -122,3 +137,25 @@ class CudaBackend(_ExtensionBackend):
         torch.ops.mmmod.modulate_.capturable(
             tensors, offsets, k, gate, bool(noise), noise_std == "scaled", seed_int64(seed),
             int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)
+
+    def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
+        # as modulate_bucket_: the cached device table and a device step counter, so a
+        # captured step (sharded OGM-GE under a CUDA graph) launches the noise kernel only
+        tensors = list(tensors)
+        offsets = [int(o) for o in offsets]
+        if len(offsets) != len(tensors):
+            raise ValueError(f"mmmod.modulate_sigma_: {len(tensors)} tensors but {len(offsets)} "
+                             f"offsets")
+        check_sigma(tensors, offsets, sigma)
+        if not any(t.numel() for t in tensors):
+            return  # nothing to launch: no table to build or upload
+        step_tensor = None
+        if isinstance(step, torch.Tensor):
+            check_step(step)
+            device = tensors[0].device
+            step_tensor = step if step.device == device else step.to(device)
+            step = 0  # unused: the kernel reads step_tensor
+        table = self.tables.get(tensors, offsets)
+        torch.ops.mmmod.modulate_sigma_(
+            tensors, offsets, k, gate, sigma, seed_int64(seed), int(step) & 0xFFFFFFFF,
+            int(modality) & 0xFFFFFFFF, table, step_tensor)

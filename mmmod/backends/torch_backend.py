@@ -26,3 +26,7 @@ class TorchBackend(Backend):
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
         reference.modulate_bucket_(tensors, offsets, k, gate, noise=noise, noise_std=noise_std,
                                    seed=seed, step=step, modality=modality)
+
+    def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
+        reference.modulate_sigma_bucket_(tensors, offsets, k, gate, sigma, seed=seed, step=step,
+                                         modality=modality)

@@ -1,7 +1,8 @@
 """``backend="triton"``: fused Triton kernels (``mmmod.kernels``), see docs/triton.md.
 
 Per step and modality bucket: OGM / MLB is one launch (``k * g`` over every tensor of the
-bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale). Scores are one
+bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale), and one (the
+noisy rescale) when each tensor's sigma is given (``modulate_sigma_bucket_``: shards). Scores are one
 launch for all M modalities plus a one-program epilogue that can also evaluate the
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
@@ -142,6 +143,7 @@ class TritonBackend(Backend):
             "coefficients": self._op_coefficients,
             "modulate_": self._op_modulate,
             "modulate_.capturable": self._op_modulate_capturable,
+            "modulate_sigma_": self._op_modulate_sigma,
         })
         self.op_device_types = self.op_device_types | {device_type}
 
@@ -331,6 +333,53 @@ class TritonBackend(Backend):
             STEP_PTR=step_ptr is not None, ALIGNED=aligned and all(o % 4 == 0 for o in offs),
             num_warps=self.noise_warps)
 
+    def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
+        tensors = list(tensors)
+        if tensors and tensors[0].device.type in self.op_device_types:
+            args = (tensors, [int(o) for o in offsets], k, gate, sigma, seed_int64(seed))
+            if isinstance(step, torch.Tensor):
+                torch.ops.mmmod.modulate_sigma_(*args, 0, int(modality) & _MASK32, None, step)
+            else:
+                torch.ops.mmmod.modulate_sigma_(*args, int(step) & _MASK32,
+                                                int(modality) & _MASK32)
+            return
+        self._modulate_sigma_kernel(tensors, offsets, k, gate, sigma, seed, step, modality)
+
+    def _modulate_sigma_kernel(self, tensors, offsets, k, gate, sigma, seed, step, modality):
+        """The noise kernel alone, fed the given sigma (finished on the device as the sigma
+        kernel finishes its own: non-finite -> 0, times the gate). Every tensor keeps its table
+        row, empty ones included (they own no chunk), so sigma is indexed by row as given: no
+        gather."""
+        from ..reference.modulate import check_sigma  # (reference imports nothing of this)
+        check_sigma(tensors, offsets, sigma)
+        offs = [int(o) for o in offsets]
+        live = [g for g in tensors if g.numel() > 0]
+        if not live:
+            return
+        device, dtype = tensors[0].device, tensors[0].dtype
+        for g in tensors:
+            if g.device != device or g.dtype != dtype:
+                raise ValueError("a bucket must hold tensors of one device and one dtype")
+            if not g.is_contiguous():
+                raise ValueError("bucket tensors must be contiguous")
+        if any(o < 0 for o in offs):
+            raise ValueError(f"noise offset must be >= 0, got {min(offs)}")
+        with _on(device):
+            K = self.kernels
+            k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
+            gate = (torch.ones((), dtype=torch.float32, device=device) if gate is None
+                    else gate.detach().to(device=device, dtype=torch.float32).reshape(()))
+            sg = torch.where(torch.isfinite(sigma), sigma, torch.zeros_like(sigma)) * gate
+            meta = self._cache.get(tensors, offs, self.block, self.block_c)
+            step, step_ptr = self._step_args(step, device)
+            _launch(
+                K.modulate._modulate_noise_kernel, (meta.n_noise_chunks,), meta.meta,
+                meta.noise_map, k, sg, seed_int64(seed), step, step_ptr, int(modality),
+                BLOCK_C=self.block_c, DT=K.utils.tl_dtype(dtype), STEP_PTR=step_ptr is not None,
+                ALIGNED=_aligned(live) and all(o % 4 == 0 for o, g in zip(offs, tensors)
+                                               if g.numel() > 0),
+                num_warps=self.noise_warps)
+
     # -- the CUDA implementation of the mmmod ops (signatures of mmmod/ops.py) -----------------
     def _op_scores(self, logits, labels):
         return self._scores_kernel(list(logits), labels)
@@ -349,6 +398,14 @@ class TritonBackend(Backend):
                              "(table must be None)")
         self._modulate_kernels(tensors, offsets, k, gate, noise, "scaled" if scaled else "raw",
                                seed, step if step_tensor is None else step_tensor, modality)
+
+    def _op_modulate_sigma(self, tensors, offsets, k, gate, sigma, seed, step, modality,
+                           table=None, step_tensor=None):
+        if table is not None:
+            raise ValueError("mmmod.modulate_sigma_: the Triton kernels keep their own bucket "
+                             "tables (table must be None)")
+        self._modulate_sigma_kernel(list(tensors), offsets, k, gate, sigma, seed,
+                                    step if step_tensor is None else step_tensor, modality)
 
     @staticmethod
     def _step_args(step, device):
