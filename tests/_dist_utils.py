@@ -381,8 +381,13 @@ FSDP_CONFIGS = {
                           scaler=True),
     "ogm_ge-resume": dict(method="ogm_ge", inner="adamw", m=2, mapping="modules", filter="all",
                           resume=True),
+    # InfoReg: epochs of 3 steps (snapshots retaken, traces closed, windows decided)
+    "inforeg-sgd": dict(method="inforeg", inner="sgd", m=2, mapping="modules", filter=None),
+    "inforeg-3mod-adamw-resume": dict(method="inforeg", inner="adamw", m=3, mapping="params",
+                                      filter=None, resume=True),
 }
-FSDP_HYBRID = {k: FSDP_CONFIGS[k] for k in ("ogm_ge-adamw", "mlb-3mod-adamw")}
+FSDP_HYBRID = {k: FSDP_CONFIGS[k] for k in ("ogm_ge-adamw", "mlb-3mod-adamw", "inforeg-sgd")}
+INFOREG_EPOCH_STEPS = 3
 
 
 def fsdp_build(cfg: dict, init_seed: int, opt_seed: int, shard=None):
@@ -423,6 +428,8 @@ def fsdp_step(model, opt, t, seed, world, parts, micro, cfg, sync=None, sharded=
     """One training step over micro-batches ``parts`` (this rank's, or all of them in rank
     order for the single-process reference, whose gradient is then their mean)."""
     names = opt.names
+    if cfg["method"] == "inforeg":
+        opt.set_epoch(t // INFOREG_EPOCH_STEPS)
     opt.zero_grad()
     if cfg["method"] == "mslr":
         opt.set_epoch(1 + t, val_acc=[0.5 + 0.01 * t, 0.6 - 0.02 * t])  # ratios from epoch 6
@@ -512,7 +519,7 @@ def fsdp_run(cfg: dict, seed: int, world: int, rank: int | None, mesh=None, ckpt
     model, opt = fsdp_build(cfg, seed, seed + 1 + (rank or 0), shard)
     sync = model.set_requires_gradient_sync if sharded and micro > 1 else None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if cfg.get("scaler") else None
-    coeffs, scores, collectives = [], [], None
+    coeffs, scores, betas, collectives = [], [], [], None
     for t in range(FSDP_STEPS):
         if sharded and cfg.get("resume") and t == FSDP_CKPT_AT:
             model, opt = fsdp_resume(cfg, model, opt, seed, mesh, ckpt_dir, shard)
@@ -524,9 +531,14 @@ def fsdp_run(cfg: dict, seed: int, world: int, rank: int | None, mesh=None, ckpt
                       scaler)
         coeffs.append(opt._coeffs.clone())
         scores.append(opt._scores.clone())
+        if "beta" in opt._method_state:  # InfoReg: the proximal pull's strength this step
+            betas.append(opt._method_state["beta"].clone())
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in model.named_parameters()}
+    method_state = {k: v.clone() for k, v in opt._method_state.items()
+                    if not k.startswith("snapshot.")}  # the rest is replicated
     return {"coeffs": torch.stack(coeffs), "scores": torch.stack(scores), "params": params,
+            "betas": torch.stack(betas) if betas else None, "method_state": method_state,
             "skipped": opt.skipped_steps, "step_count": opt.step_count,
             "collectives": collectives,
             "scale": None if scaler is None else scaler.get_scale()}
@@ -565,19 +577,22 @@ def fsdp_resume(cfg, model, opt, seed, mesh, ckpt_dir, shard):
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict)
     import io
-    mine = io.BytesIO()  # mmmod's entry is replicated (the same on every rank): bytes
+    # mmmod's entry is replicated (the same on every rank) unless opt.sharded_state (InfoReg's
+    # snapshot of sharded parameters): then each rank saves its own under its own key
+    key = f"mmmod.rank{dist.get_rank()}" if opt.sharded_state else "mmmod"
+    mine = io.BytesIO()
     torch.save(opt.state_dict()["mmmod"], mine)
     state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, opt.optimizer), "mmmod": mine}
+             "optim": get_optimizer_state_dict(model, opt.optimizer), key: mine}
     dcp.save(state, checkpoint_id=ckpt_dir)
     model, opt = fsdp_build(cfg, seed + 777, seed + 999, shard)
     state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, opt.optimizer), "mmmod": io.BytesIO()}
+             "optim": get_optimizer_state_dict(model, opt.optimizer), key: io.BytesIO()}
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt.optimizer, state["optim"])
-    state["mmmod"].seek(0)
-    opt.load_state_dict({**opt.optimizer.state_dict(), "mmmod": torch.load(state["mmmod"])})
+    state[key].seek(0)
+    opt.load_state_dict({**opt.optimizer.state_dict(), "mmmod": torch.load(state[key])})
     return model, opt
 
 

@@ -250,7 +250,8 @@ def test_inforeg_snapshot_is_taken_lazily_and_resumes_bitwise(seed):
 def test_on_epoch_needs_params():
     with pytest.raises(TypeError, match="needs params"):
         methods.get("inforeg").on_epoch(methods.get("inforeg").init_state(2), 0, names=["a", "v"])
-    assert not methods.get("inforeg").shard_safe and methods.get("inforeg").corrects_grads
+    m = methods.get("inforeg")
+    assert m.shard_safe and m.whole_tensor_stats and m.corrects_grads
 
 
 @pytest.mark.parametrize("backend", LIVE_BACKENDS)
@@ -281,3 +282,40 @@ def test_optimizer_skips_the_scaling_pass_for_inforeg(monkeypatch):
     opt.observe({"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 0.0]])}, torch.tensor([0]))
     opt.step()
     assert calls == [] and torch.equal(opt._coeffs, torch.ones(2))
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "missing"])
+def test_checkpoint_with_a_snapshot_that_does_not_fit_is_refused_before_anything_changes(bad):
+    """A loaded InfoReg snapshot must match its parameter (shape, dtype, present for every
+    selected tensor once any is): refused at load_state_dict, naming the modality and tensor,
+    with the optimizer and its inner state untouched."""
+    import mmmod
+    torch.manual_seed(0)
+    enc = [torch.nn.Linear(3, 4), torch.nn.Linear(2, 4)]
+    params = [p for e in enc for p in e.parameters()]
+    opt = mmmod.ModulatedOptimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9),
+                                   {"a": enc[0], "b": enc[1]}, method="inforeg", backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.observe({"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 0.0]])},
+                torch.tensor([0]))
+    opt.step()
+    sd = cp.deepcopy(opt.state_dict())
+    key = snapshot_key(1, 0)
+    snap = sd["mmmod"]["method_state"][key]
+    if bad == "shape":
+        sd["mmmod"]["method_state"][key] = snap[:, :1].clone()
+    elif bad == "dtype":
+        sd["mmmod"]["method_state"][key] = snap.double()
+    else:
+        del sd["mmmod"]["method_state"][key]
+    sd["mmmod"]["step_count"] = 7
+    before = cp.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="snapshot of tensor 0 of modality 'b'"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["mmmod"]["step_count"] == before["mmmod"]["step_count"] == 1
+    for k, v in before["mmmod"]["method_state"].items():
+        assert torch.equal(after["mmmod"]["method_state"][k], v), k
+    for i, st in before["state"].items():
+        assert torch.equal(after["state"][i]["momentum_buffer"], st["momentum_buffer"])

@@ -35,8 +35,13 @@ class Method:
     #: coefficients are always 1 (InfoReg acts through ``correct_grads_`` only): the optimizer
     #: then skips the scaling pass over the gradients (and ``apply_to="update"``'s snapshot)
     scales: bool = True
-    #: exact on sharded parameters (FSDP/DTensor): the rule needs nothing per whole tensor
+    #: exact on sharded parameters (FSDP/DTensor): the rule needs nothing per whole tensor, or
+    #: gathers what it needs (``whole_tensor_stats``)
     shard_safe: bool = True
+    #: :meth:`correct_grads_` needs a statistic of each whole tensor (InfoReg's Fisher trace):
+    #: on sharded parameters the optimizer locates every shard and passes ``shards`` (a
+    #: ``mmmod.optim.sharding.ShardPlan``) whose ``sum_over_shards`` adds per-shard partial sums
+    whole_tensor_stats: bool = False
     #: a rule the fused backends may evaluate in their scores epilogue instead of
     #: :meth:`coefficients` (``"ogm"`` or ``"mlb"``); ``None`` runs the torch rule
     native: str | None = None
@@ -104,10 +109,20 @@ class Method:
 
     def correct_grads_(self, params: Sequence[Sequence[torch.Tensor]],
                        grads: Sequence[Sequence[torch.Tensor | None]],
-                       state: dict[str, torch.Tensor], backend: str | None = None) -> None:
+                       state: dict[str, torch.Tensor], backend: str | None = None,
+                       **kwargs: Any) -> None:
         """Change the selected gradients in place before the modulation (``None`` entries have
         no gradient this step). Sync-free; the default does nothing. ``backend`` is the
-        optimizer's backend preference (``None``: follow the tensors' device)."""
+        optimizer's backend preference (``None``: follow the tensors' device). A method with
+        ``whole_tensor_stats`` also receives ``shards=`` when some selected tensor is sharded
+        (``params`` and ``grads`` are then the local shards)."""
+        return None
+
+    def check_state(self, state: dict[str, torch.Tensor],
+                    params: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> None:
+        """Refuse (ValueError naming the entry) a method state loaded from a checkpoint that
+        does not fit these parameters; called before anything is restored. Default: no
+        parameter-shaped state, nothing to check."""
         return None
 
     # -- validation --------------------------------------------------------------------------
@@ -202,5 +217,6 @@ def table() -> list[Mapping[str, Any]]:
     """One row per registered method (for docs, ``mmmod.info`` and the demo's ``--help``)."""
     return [{"name": m.name, "summary": m.summary, "alpha": m.default_alpha,
              "param_filter": m.default_filter, "noise": m.noise, "shard_safe": m.shard_safe,
+             "whole_tensor_stats": m.whole_tensor_stats,
              "native": m.native, "hyperparameters": m.hyperparameters}
             for m in _REGISTRY.values()]

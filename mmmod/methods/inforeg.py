@@ -70,8 +70,9 @@ class InfoReg(Method):
     needs_params = True
     scales = False  # coefficients are 1: the proximal correction is the whole method
     corrects_grads = True
-    # the Fisher trace is a mean over each whole tensor; a shard's mean is not that
-    shard_safe = False
+    # the Fisher trace is a mean over each whole tensor: on shards, per-shard float64 sums of
+    # squares added across the shard group (ShardPlan.sum_over_shards), then / the tensor's size
+    whole_tensor_stats = True
 
     def __init__(self, threshold: float = WINDOW_THRESHOLD, name: str | None = None):
         self.threshold = real_number("threshold", threshold)
@@ -107,33 +108,73 @@ class InfoReg(Method):
         return self.nan_if_any_nan(scores, torch.ones_like(s))
 
     @torch.no_grad()
-    def correct_grads_(self, params, grads, state, backend=None):
+    def correct_grads_(self, params, grads, state, backend=None, shards=None):
         """The proximal correction of every modality, one fused pass per modality and device.
 
         ``backend`` is the optimizer's backend name: ``"torch"`` runs the reference
         :func:`proximal_`, ``"triton"`` the Triton kernels (kernels/proximal_kernel.py), and
         anything else (``None``, ``"auto"``, ``"cpu"``, ``"cuda"``) ``torch.ops.mmmod.proximal_``,
         whose kernel the dispatcher picks from the tensors' device (the compiled CPU/CUDA kernel
-        when the extension is loaded, else Triton on a GPU, else the reference)."""
+        when the extension is loaded, else Triton on a GPU, else the reference).
+
+        ``shards`` (a ``mmmod.optim.sharding.ShardPlan``, given when some selected tensor is an
+        FSDP2 shard): the correction is element-wise, so each rank corrects its shard as is; a
+        sharded tensor's Fisher term, the mean of its whole gradient squared, is each shard's
+        float64 sum of squares, added across the shard group in rank order (one all-gather
+        per group per step), divided by the tensor's size."""
         self._ensure_snapshot(state, params)
         beta = state["beta"]
         run = _proximal_for(backend)
         fisher_device = state["fisher"].device
+        located = shards.shards if shards is not None else [[None] * len(g) for g in grads]
+        partial = [[None] * len(g) for g in grads]  # sharded tensors' local sums of squares
         incs = []
         for m, (ps, gs) in enumerate(zip(params, grads)):
             snaps = [state[snapshot_key(m, i)] for i in range(len(ps))]
-            # tensors without a gradient are left out; one call per device (in first-seen order)
-            by_device: dict = {}
+            # tensors without a gradient are left out; one call per device (in first-seen
+            # order) and kind: whole tensors, whose Fisher term the op returns, and shards
+            calls: dict = {}
             for i, g in enumerate(gs):
                 if g is not None:
-                    by_device.setdefault(g.device, []).append(i)
+                    calls.setdefault((g.device, located[m][i] is not None), []).append(i)
             inc = torch.zeros((), dtype=torch.float64, device=fisher_device)
-            for device, idx in by_device.items():
+            for (device, sharded), idx in calls.items():
                 part = run([gs[i] for i in idx], [ps[i].detach() for i in idx],
                            [snaps[i] for i in idx], beta[m].to(device))
-                inc = inc + part.to(fisher_device)
+                if not sharded:
+                    inc = inc + part.to(fisher_device)
+                    continue
+                for i in idx:  # the op's return holds the shards' own means: not the trace's
+                    if gs[i].dim() >= 2:
+                        partial[m][i] = gs[i].double().square().sum()
             incs.append(inc)
+        if shards is not None and shards.located:
+            totals = shards.sum_over_shards(partial)  # every rank joins, with or without grads
+            for m, row in enumerate(totals):
+                for i, total in enumerate(row):
+                    # the tensor's dims, not its local gradient's presence: every rank adds the
+                    # same terms (a tensor without a gradient anywhere adds an exact 0)
+                    if total is not None and params[m][i].dim() >= 2:
+                        n = located[m][i].global_numel
+                        incs[m] = incs[m] + (total / n).to(fisher_device)
         state["fisher"].add_(torch.stack(incs))
+
+    def check_state(self, state, params, names):
+        """Every snapshot a checkpoint holds must match its (local) parameter's shape and
+        dtype, and every parameter must have one once any does."""
+        keys = [snapshot_key(m, i) for m, ps in enumerate(params) for i in range(len(ps))]
+        if not any(k in state for k in keys):
+            return  # saved before the first step: the snapshot is taken then
+        for m, ps in enumerate(params):
+            for i, p in enumerate(ps):
+                snap = state.get(snapshot_key(m, i))
+                if snap is None or snap.shape != p.shape or snap.dtype != p.dtype:
+                    got = "missing" if snap is None else f"{snap.dtype} {tuple(snap.shape)}"
+                    raise ValueError(
+                        f"state_dict's InfoReg snapshot of tensor {i} of modality "
+                        f"{names[m]!r} is {got}, the parameter is {p.dtype} "
+                        f"{tuple(p.shape)} (a checkpoint of another model, or of another "
+                        f"sharding: InfoReg's snapshot holds this rank's shards)")
 
     def on_epoch(self, state, epoch, *, names, params=None, **inputs):
         if inputs:

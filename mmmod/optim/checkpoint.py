@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import config
-from .selection import param_of
+from .selection import param_of, param_tensors
 
 KEYS = ("step_count", "seed", "epoch", "modalities", "selection", "hyper", "method_state",
         "skipped_steps", "scores", "coefficients")
@@ -79,6 +79,8 @@ def validated(opt, own: Any) -> dict[str, Any]:
             or state[k].shape[1:] != v.shape[1:] or (v.dim() == 1 and state[k].shape != v.shape)
             for k, v in fresh.items()):
         raise ValueError(f"state_dict's method state does not fit method {opt.method!r}")
+    # parameter-shaped state (InfoReg's snapshots) against this optimizer's (local) tensors
+    opt._method.check_state(state, param_tensors(opt.params), opt.names)
     out["method_state"] = state
     for k in ("skipped_steps", "scores", "coefficients"):
         out[k] = own[k]

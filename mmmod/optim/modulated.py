@@ -91,7 +91,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                                  "inner optimizer whose step takes no closure")
             sharded = [f"{pn!r} of modality {n!r}" for n, ps, pns in
                        zip(self.names, self.params, self.param_names)
-                       for e, pn in zip(ps, pns) if selection.sharded_kind(e)]
+                       for e, pn in zip(ps, pns) if selection.sharded_kind(selection.param_of(e))]
             if sharded:  # the fused kernels take whole tensors, not local shards + gathered stds
                 raise ValueError(f"fused=True does not support sharded (FSDP2/DTensor) "
                                  f"parameters yet: {sharded[0]} is sharded; use fused=False")
@@ -258,6 +258,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         return self._recorder
 
     @property
+    def sharded_state(self) -> bool:
+        """Whether ``state_dict()["mmmod"]`` differs between ranks: a method that keeps a copy
+        of the parameters (InfoReg's snapshot) holds this rank's shards of sharded (FSDP2)
+        parameters. Save it per rank then (docs/distributed.md); otherwise it is replicated."""
+        return self._method.needs_params and any(
+            selection.sharded_kind(selection.param_of(e)) for ps in self.params for e in ps)
+
+    @property
     def device_step(self) -> torch.Tensor | None:
         """The capturable noise counter (0-d int64 on the parameters' device), else ``None``."""
         return self._step_t
@@ -293,8 +301,11 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
                                     backend=self.backend, state=self._method_state)
         if m.corrects_grads:
+            # a method reading whole-tensor statistics gets the located shards (FSDP2)
+            extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
+                else {}
             m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
-                             backend=self.backend)
+                             backend=self.backend, **extra)
         if modulate and self._fused is not None:
             self._fused_pending = (grads, k)  # applied by the fused update in step()
         elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass

@@ -1,7 +1,7 @@
-"""Sharded parameters (FSDP2 ``fully_shard``, DTensor): what each rank modulates, and OGM-GE's
-whole-tensor statistics across shards.
+"""Sharded parameters (FSDP2 ``fully_shard``, DTensor): what each rank modulates, and the
+whole-tensor statistics (OGM-GE's std, InfoReg's Fisher trace) across shards.
 
-Every method scales gradients element-wise, which is exact on each rank's shard. Two things
+Every method scales gradients element-wise, which is exact on each rank's shard. Three things
 are per whole tensor and need more than the shard:
 
 - **The noise position.** Element ``e`` of a modality's selected tensors (unsharded, in
@@ -18,6 +18,10 @@ are per whole tensor and need more than the shard:
   rank merges the table in the same fixed order (Chan et al.'s pairwise update, rank 0 first),
   so the std has the same bits on every rank. No host sync: the collective is asynchronous and
   waited on through its handle, and everything else stays on the device.
+- **A method's whole-tensor statistic** (``Method.whole_tensor_stats``: InfoReg's Fisher trace,
+  a mean of squared gradients over each whole tensor): the method computes a float64 partial
+  sum per local shard and :meth:`ShardPlan.sum_over_shards` adds the shards' partial sums, one
+  all-gather per shard group per step, in rank order (the same bits on every rank).
 """
 from __future__ import annotations
 
@@ -66,10 +70,11 @@ def _numel(shape) -> int:
     return n
 
 
-def _locate(e, pname: str, name: str) -> Shard | None:
+def _locate(e, pname: str, name: str, need_range: bool = True) -> Shard | None:
     """The local block of a DTensor entry as a contiguous range of its flat unsharded order
     (``None`` when every rank holds the whole tensor), or a ValueError naming the parameter
-    when the layout has no such range."""
+    when the layout has no such range. ``need_range=False`` (a method that only adds per-shard
+    sums): any single ``Shard(d)`` layout, ``start`` then meaningless (0)."""
     from torch.distributed.tensor import Replicate, Shard as ShardPlacement
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     p = e.param if isinstance(e, ParamSlice) else e
@@ -79,7 +84,7 @@ def _locate(e, pname: str, name: str) -> Shard | None:
     if not sharded:
         return None  # replicated everywhere: the local tensor is the whole tensor
     if len(sharded) != 1 or type(placements[sharded[0]]) is not ShardPlacement:
-        raise ValueError(f"{who} has DTensor placements {placements}: OGM-GE's noise and sigma "
+        raise ValueError(f"{who} has DTensor placements {placements}: whole-tensor statistics "
                          f"on sharded parameters need exactly one Shard(d) placement (the rest "
                          f"Replicate), as FSDP2's fully_shard makes (Shard(0), or "
                          f"(Replicate(), Shard(0)) for hybrid sharding)")
@@ -94,6 +99,8 @@ def _locate(e, pname: str, name: str) -> Shard | None:
                              f"sharded on; slice along another dim (or do not shard it)")
         full[e.dim] = local_shape[e.dim] = e.stop - e.start
         offset[e.dim] = 0
+    if not need_range:
+        return Shard(p.device_mesh.get_group(mesh_dim), 0, _numel(local_shape), _numel(full))
     # contiguous in the flat order iff every dim before the sharded one holds one index
     # locally and every dim after it is whole
     if any(local_shape[d] != 1 and full[d] != 1 for d in range(shard_dim)) or any(
@@ -129,6 +136,33 @@ class ShardPlan:
     @property
     def needs_stds(self) -> bool:
         return bool(self.groups)
+
+    #: some selected entry is a located shard (the plan has collectives to make)
+    located = needs_stds
+
+    @torch.no_grad()
+    def sum_over_shards(self, partial: Sequence[Sequence[torch.Tensor | None]]
+                        ) -> list[list[torch.Tensor | None]]:
+        """The whole-tensor sum of every sharded entry from each shard's partial sum.
+
+        ``partial[m][i]``: a 0-d float64 tensor (this rank's shard's part; ``None`` counts as
+        0) for every located shard. One all-gather of a ``[T]`` float64 row per shard group,
+        added in rank order on every rank (the same bits everywhere, whatever algorithm an
+        all-reduce would pick); ``None`` for entries that are not shards."""
+        out: list[list[torch.Tensor | None]] = [[None] * len(row) for row in self.shards]
+        for group, members in self.groups:
+            dev = distributed.collective_device(group)
+            row = torch.stack([torch.zeros((), dtype=torch.float64, device=dev)
+                               if partial[m][i] is None
+                               else partial[m][i].to(dev, torch.float64) for m, i in members])
+            table = distributed.all_gather_rows(row, group)
+            total = table[0].clone()
+            for r in range(1, table.shape[0]):
+                total += table[r]
+            for t, (m, i) in enumerate(members):
+                p = partial[m][i]
+                out[m][i] = total[t].to(dev if p is None else p.device, non_blocking=True)
+        return out
 
     @torch.no_grad()
     def global_stds(self, grads: Sequence[Sequence[torch.Tensor | None]]
@@ -189,8 +223,9 @@ def plan(names, params, param_names, method, noise_rng: str) -> ShardPlan:
     """Check every selected entry against ``method`` and lay out the noise stream.
 
     Refused, with the modality and parameter named: sharded entries of a method that is not
-    ``shard_safe``; for a noise method, an FSDP1 ``FlatParameter`` (it flattens many tensors
-    into one, so no per-tensor std exists), ``noise_rng="torch"`` on a shard (each rank's
+    ``shard_safe``; for a noise method or one with ``whole_tensor_stats``, an FSDP1
+    ``FlatParameter`` (it flattens many tensors into one, so no per-tensor statistic exists);
+    for a noise method, ``noise_rng="torch"`` on a shard (each rank's
     torch generator cannot draw its slice of one stream), and layouts whose local shard is not
     one contiguous range (see :func:`_locate`). Slices of a DTensor along its sharded dim are
     refused for every method (the slice's rows live on other ranks)."""
@@ -207,21 +242,22 @@ def plan(names, params, param_names, method, noise_rng: str) -> ShardPlan:
                     f"{method.name!r} needs a statistic of each whole tensor that mmmod does "
                     f"not gather across shards yet; use DDP for it, or another method "
                     f"(every other registered method is exact under sharding)")
+            whole = method.noise or method.whole_tensor_stats
+            if kind and whole and not _is_dtensor(p):
+                raise ValueError(
+                    f"parameter {pname!r} of modality {name!r} is {kind}: method "
+                    f"{method.name!r} needs a statistic of each tensor's own gradient, which "
+                    f"a flattened FSDP1 parameter mixes with others; shard with FSDP2 "
+                    f"(fully_shard) instead")
             if kind and method.noise:
-                if not _is_dtensor(p):
-                    raise ValueError(
-                        f"parameter {pname!r} of modality {name!r} is {kind}: method "
-                        f"{method.name!r} needs each tensor's own gradient std, which a "
-                        f"flattened FSDP1 parameter mixes with others; shard with FSDP2 "
-                        f"(fully_shard) instead")
                 if noise_rng != "philox":
                     raise ValueError(
                         f"parameter {pname!r} of modality {name!r} is {kind}: "
                         f"noise_rng={noise_rng!r} draws from each rank's own generator and "
                         f"cannot give a shard its part of one stream; use noise_rng='philox'")
-            if _is_dtensor(p) and (method.noise or isinstance(e, ParamSlice)):
-                s = _locate(e, pname, name)
-                if not method.noise:
+            if _is_dtensor(p) and (whole or isinstance(e, ParamSlice)):
+                s = _locate(e, pname, name, need_range=method.noise)
+                if not whole:
                     s = None  # located only to refuse a slice along the sharded dim
             row.append(s)
             offs.append(run + (0 if s is None else s.start))
