@@ -73,14 +73,16 @@ def validated(opt, own: Any) -> dict[str, Any]:
     # epoch) and gain entries (InfoReg's parameter snapshots): every fresh entry must be there
     # with its dtype, number of dimensions and trailing shape; extra entries are tensors too
     state, fresh = own["method_state"], opt._method_state
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        # parameter-shaped state (InfoReg's snapshots) against this optimizer's (local)
+        # tensors, named, before the generic check below
+        opt._method.check_state(state, param_tensors(opt.params), opt.names)
     if not isinstance(state, dict) or not set(fresh) <= set(state) or any(
             not isinstance(v, torch.Tensor) for v in state.values()) or any(
             state[k].dtype != v.dtype or state[k].dim() != v.dim()
             or state[k].shape[1:] != v.shape[1:] or (v.dim() == 1 and state[k].shape != v.shape)
             for k, v in fresh.items()):
         raise ValueError(f"state_dict's method state does not fit method {opt.method!r}")
-    # parameter-shaped state (InfoReg's snapshots) against this optimizer's (local) tensors
-    opt._method.check_state(state, param_tensors(opt.params), opt.names)
     out["method_state"] = state
     for k in ("skipped_steps", "scores", "coefficients"):
         out[k] = own[k]
