@@ -381,6 +381,13 @@ FSDP_CONFIGS = {
                           scaler=True),
     "ogm_ge-resume": dict(method="ogm_ge", inner="adamw", m=2, mapping="modules", filter="all",
                           resume=True),
+    # fused=True: the modulation inside the inner update, on the local shards (the CPU kernel
+    # when the extension is built, else the reference)
+    "ogm_ge-sgd-fused": dict(method="ogm_ge", inner="sgd", m=2, mapping="modules", filter="all",
+                             fused=True, backend="auto"),
+    "ogm_ge-3mod-adamw-fused-update": dict(method="ogm_ge", inner="adamw", m=3,
+                                           mapping="params", filter="all", fused=True,
+                                           backend="auto", apply_to="update", resume=True),
     # InfoReg: epochs of 3 steps (snapshots retaken, traces closed, windows decided)
     "inforeg-sgd": dict(method="inforeg", inner="sgd", m=2, mapping="modules", filter=None),
     "inforeg-3mod-adamw-resume": dict(method="inforeg", inner="adamw", m=3, mapping="params",
@@ -410,7 +417,7 @@ def fsdp_build(cfg: dict, init_seed: int, opt_seed: int, shard=None):
         inner(model.parameters()), mapping, method=cfg["method"], alpha=0.8 if cfg["method"] in (
             "ogm", "ogm_ge") else None, param_filter=cfg["filter"], seed=opt_seed,
         noise_std=cfg.get("noise_std", "raw"), apply_to=cfg.get("apply_to", "grad"),
-        backend="torch")
+        backend=cfg.get("backend", "torch"), fused=cfg.get("fused", False))
     return model, opt
 
 
@@ -540,6 +547,7 @@ def fsdp_run(cfg: dict, seed: int, world: int, rank: int | None, mesh=None, ckpt
     return {"coeffs": torch.stack(coeffs), "scores": torch.stack(scores), "params": params,
             "betas": torch.stack(betas) if betas else None, "method_state": method_state,
             "skipped": opt.skipped_steps, "step_count": opt.step_count,
+            "fused": opt._fused is not None,
             "collectives": collectives,
             "scale": None if scaler is None else scaler.get_scale()}
 

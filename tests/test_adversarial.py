@@ -532,14 +532,3 @@ def test_lbfgs_in_update_mode_scales_the_whole_step_by_the_last_coefficients(see
         for p, q, s0 in zip(enc.parameters(), enc_b.parameters(), start):
             torch.testing.assert_close(p, s0 + k[m] * (q - s0), rtol=1e-6, atol=1e-7)
     assert torch.equal(a.head.weight, b.head.weight)  # not selected: the plain LBFGS step
-
-
-def test_fused_refuses_sharded_parameters(monkeypatch):
-    from mmmod.optim import selection
-    model, opt, names = built()
-    first = opt.params[0][0]
-    monkeypatch.setattr(selection, "sharded_kind",
-                        lambda p: "a DTensor (FSDP2 / tensor parallel)" if p is first else "")
-    with pytest.raises(ValueError, match=r"fused=True does not support sharded .* is sharded"):
-        mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                 dict(zip(names, model.encoders)), method="ogm", fused=True)

@@ -26,6 +26,7 @@ from .. import backends, reference
 from .. import ops_fused  # noqa: F401  (defines torch.ops.mmmod.fused_*)
 from ..reference.philox import CHUNK, philox_normal, seed_int64
 from ..slices import ParamSlice
+from .selection import local
 
 # group options each supported inner optimizer must have for the fused update to equal its step
 _SGD_REFUSED = {"differentiable": True, "fused": True}
@@ -213,9 +214,14 @@ class FusedUpdate:
 
     @torch.no_grad()
     def step(self, grads, coeffs, *, noise: bool, noise_std: str, seed: int, step, offsets,
-             backend: str, apply_to: str) -> None:
+             backend: str, apply_to: str, stds=None) -> None:
         """Modulate (in registers) and update every selected parameter that has a gradient,
-        then run the inner optimizer's own step on every other parameter."""
+        then run the inner optimizer's own step on every other parameter.
+
+        Sharded (FSDP2) parameters: ``grads`` are the local shards, ``offsets`` the shards'
+        stream offsets and ``stds[m][i]`` the whole tensor's gathered float64 std (``None``
+        for ordinary tensors); the kernels update the local shards of the parameter and of
+        its optimizer state (DTensors in ``state``, as torch's own step keeps them)."""
         opt = self.optimizer
         check_groups(opt, self.kind)
         self.group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
@@ -232,10 +238,11 @@ class FusedUpdate:
             for i, (p, g) in enumerate(zip(ps, gs)):
                 if g is None or g.numel() == 0:
                     continue
-                if g.dtype != p.dtype or g.shape != p.shape:
+                lp = local(p)  # a DTensor's local shard (the same memory), else p
+                if g.dtype != lp.dtype or g.shape != lp.shape:
                     raise ValueError(f"fused=True: the gradient of parameter {i} of modality "
                                      f"{self.names[m]!r} is {g.dtype} {tuple(g.shape)}, the "
-                                     f"parameter {p.dtype} {tuple(p.shape)}")
+                                     f"parameter {lp.dtype} {tuple(lp.shape)}")
                 gi = self.group_of[id(p)]
                 buckets.setdefault((p.device, p.dtype), []).append((i, gi, p, g))
             for (device, _), items in buckets.items():
@@ -251,6 +258,14 @@ class FusedUpdate:
             gs = [g if g.is_contiguous() else g.contiguous() for _, _, _, g in items]
             if noise:
                 sigma = _sigmas(impl, gs, k_grad, gate_m, noise_std)
+                given = [None if stds is None else stds[m][i] for i, _, _, _ in items]
+                if any(sd is not None for sd in given):
+                    # shards: the whole tensor's std, gathered across the shard group (a
+                    # stack of views, no index tensor uploaded)
+                    sigma = torch.stack([
+                        sigma[j] if sd is None else
+                        reference.modulate.noise_sigma(sd.to(device), k_grad, noise_std) * gate_m
+                        for j, sd in enumerate(given)])
             by_group: dict = {}
             for j, (i, gi, p, g) in enumerate(items):
                 by_group.setdefault(gi, []).append((j, i, p))
@@ -267,7 +282,8 @@ class FusedUpdate:
 
     def _bucket(self, kernel, group, params, grads, offsets, k, sigma, u, seed, step, m):
         state = self.optimizer.state
-        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        lps = [local(p) for p in params]  # the kernels write the local shards of DTensors
+        work = [p if p.is_contiguous() else p.contiguous() for p in lps]
         if self.kind == "sgd":
             momentum = group["momentum"]
             bufs, ready = [], []
@@ -279,13 +295,14 @@ class FusedUpdate:
                         buf = torch.empty_like(p)
                         state[p]["momentum_buffer"] = buf
                     bufs.append(buf)
-            wb = [b if b.is_contiguous() else b.contiguous() for b in bufs]
+            lbs = [local(b) for b in bufs]
+            wb = [b if b.is_contiguous() else b.contiguous() for b in lbs]
             hyper = dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                          momentum=float(momentum), dampening=float(group["dampening"]),
                          nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
             kernel(work, grads, wb, ready, offsets, k, sigma, u, **hyper, seed=seed, step=step,
                    modality=m)
-            _copy_back(bufs, wb)
+            _copy_back(lbs, wb)
         else:
             avgs, sqs, steps = [], [], []
             for p in params:
@@ -296,8 +313,8 @@ class FusedUpdate:
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1  # a CPU tensor, as torch keeps it (non-capturable): no sync
                 steps.append(float(st["step"]))
-                avgs.append(st["exp_avg"])
-                sqs.append(st["exp_avg_sq"])
+                avgs.append(local(st["exp_avg"]))
+                sqs.append(local(st["exp_avg_sq"]))
             wa = [a if a.is_contiguous() else a.contiguous() for a in avgs]
             ws = [s if s.is_contiguous() else s.contiguous() for s in sqs]
             beta1, beta2 = group["betas"]
@@ -310,7 +327,7 @@ class FusedUpdate:
                    step=step, modality=m)
             _copy_back(avgs, wa)
             _copy_back(sqs, ws)
-        _copy_back(params, work)
+        _copy_back(lps, work)
 
     def _inner_step_without(self, done: set) -> None:
         """The inner optimizer's own step for every parameter not updated here: the fused ones'

@@ -89,12 +89,6 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             if self.capturable or self._closure_required or self.noise_rng != "philox":
                 raise ValueError("fused=True needs capturable=False, noise_rng='philox' and an "
                                  "inner optimizer whose step takes no closure")
-            sharded = [f"{pn!r} of modality {n!r}" for n, ps, pns in
-                       zip(self.names, self.params, self.param_names)
-                       for e, pn in zip(ps, pns) if selection.sharded_kind(selection.param_of(e))]
-            if sharded:  # the fused kernels take whole tensors, not local shards + gathered stds
-                raise ValueError(f"fused=True does not support sharded (FSDP2/DTensor) "
-                                 f"parameters yet: {sharded[0]} is sharded; use fused=False")
             self._fused = fused_update.FusedUpdate(optimizer, self.params, self.param_names,
                                                    self.names)
         self._patch_step_function()
@@ -182,11 +176,11 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             outcome.append(self._modulate_gradients())
             before = self._snapshot()
             if self._fused_pending is not None:  # fused=True: modulation inside the update
-                grads, k = self._fused_pending
+                grads, k, stds = self._fused_pending
                 self._fused_pending = None
                 self._fused.step(grads, k, noise=self._method.noise, noise_std=self.noise_std,
                                  seed=self.seed, step=self.step_count, offsets=self._offsets,
-                                 backend=self.backend, apply_to=self.apply_to)
+                                 backend=self.backend, apply_to=self.apply_to, stds=stds)
             else:
                 self.optimizer.step()
         last = outcome[-1] if outcome else None
@@ -306,14 +300,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                 else {}
             m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
                              backend=self.backend, **extra)
+        # shards' whole-tensor stds: one collective per shard group, every rank
+        stds = self._shards.global_stds(grads) if modulate and m.noise and \
+            self._shards.needs_stds else None
         if modulate and self._fused is not None:
-            self._fused_pending = (grads, k)  # applied by the fused update in step()
+            self._fused_pending = (grads, k, stds)  # applied by the fused update in step()
         elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
             if not noise_only or m.noise:
-                # shards' whole-tensor stds: one collective per shard group, every rank
-                stds = self._shards.global_stds(grads) if m.noise and self._shards.needs_stds \
-                    else None
                 functional.modulate_(
                     grads, k * 0 + 1 if noise_only else k, noise=m.noise,
                     noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
