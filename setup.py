@@ -161,7 +161,8 @@ def _extension():
         exts.append(ce.CUDAExtension(
             "mmmod._C_cuda",
             sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu",
-                        "proximal_cuda.cpp", "proximal.cu"),
+                        "proximal_cuda.cpp", "proximal.cu", "fused_update_cuda.cpp",
+                        "fused_update.cu"),
             include_dirs=include,
             define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},

@@ -252,26 +252,34 @@ def inner_update(numels, es: int, kind: str):
 #: kernels/fused_update_kernel.py: Philox counters per program, int64 words per table row
 FUSED_BLOCK_C = 256
 FUSED_FIELDS = 8
+#: csrc/fused_update_api.h: elements per chunk (MMMOD_FUSED_CHUNK), bytes of a tensor entry
+#: (MmmodFusedTensor: 7 int64 + 2 float64) and of a chunk entry (MmmodFusedChunk)
+FUSED_CUDA_CHUNK = 16384
+FUSED_CUDA_TENSOR_ENTRY = 72
+FUSED_CUDA_CHUNK_ENTRY = 16
 
 
 def fused_update(backend: str, numels, es: int, kind: str, offsets=None):
     """The fused update kernel of one bucket (Triton: kernels/fused_update_kernel.py; CUDA:
-    planned, csrc/fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient
-    read once, the modulated gradient ``k g + sigma n`` formed in registers and never stored,
-    the parameter and each state tensor read and written once. Side traffic per program: its
-    map entry (8 B), its tensor's table row (Triton: 8 int64 words), k, sigma and the update
-    scale (12 B), the scalars (9 float64) and, for Adam, the tensor's two bias corrections."""
+    csrc/fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient read once,
+    the modulated gradient ``k g + sigma n`` formed in registers and never stored, the parameter
+    and each state tensor read and written once. Side traffic per program (Triton) or block
+    (CUDA): Triton its map entry (8 B), its tensor's table row (8 int64 words), k, sigma and the
+    update scale (12 B), the scalars (9 float64) and, for Adam, the tensor's two bias
+    corrections; CUDA its chunk entry (16 B), its tensor's entry (72 B, bias corrections
+    included), k, sigma and the update scale (12 B); the CUDA kernel's scalars are kernel
+    arguments (constant bank, no DRAM traffic)."""
     numels = [x for x in numels if x > 0]
     offsets = _stream_offsets(numels) if offsets is None else offsets
     n = sum(numels)
     s = UPDATE_STATE[kind]
-    scalars = 9 * 8 + (16 if kind == "adamw" else 0)
     if backend == "triton":
+        scalars = 9 * 8 + (16 if kind == "adamw" else 0)
         programs = sum(triton_noise_chunks(x, o, FUSED_BLOCK_C) for x, o in zip(numels, offsets))
         side = programs * (8 + 8 * FUSED_FIELDS + 12 + scalars)
     else:
-        programs = cuda_chunks(numels)
-        side = programs * (8 + 8 * (2 + s) + 16 + 12 + scalars)
+        programs = cuda_chunks(numels, FUSED_CUDA_CHUNK)
+        side = programs * (FUSED_CUDA_CHUNK_ENTRY + FUSED_CUDA_TENSOR_ENTRY + 12)
     return Traffic(backend, "fused_update_kernel", 1, n * es, 0, side, n * es * 2 * (1 + s))
 
 

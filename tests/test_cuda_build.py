@@ -12,6 +12,8 @@ Also here, for every venv: scripts/gpu_check.sh refuses a machine without a GPU 
 import importlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ needs_cuda_torch = pytest.mark.skipif(
 # set by the lane: there the extension must be built, so a missing one fails instead of skipping
 EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
 OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
-       "_bucket_std", "_philox_normal_")
+       "_bucket_std", "_philox_normal_", "fused_sgd_", "fused_adam_")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +114,158 @@ def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
         assert cubins == sorted(int(x) for x in want.split(",")), entries
     else:
         assert cubins, entries
+
+
+# -- the fused update's kernels (csrc/fused_update.cu) in the fat binary ---------------------------
+# every instantiation: kernel x dtype (Itanium template-argument code, element size) x noise
+FUSED_KERNELS = ("fused_sgd_kernel", "fused_adam_kernel")
+FUSED_TYPES = {"f": 4, "d": 8, "6__half": 2, "13__nv_bfloat16": 2}
+# arrays each kernel reads / writes per element: SGD g, p, buf / p, buf; Adam g, p, m, v / p, m, v
+FUSED_ARRAYS = {"fused_sgd_kernel": (3, 2), "fused_adam_kernel": (4, 3)}
+
+
+def _fused_instances():
+    return [(k, t, n) for k in FUSED_KERNELS for t in FUSED_TYPES for n in (0, 1)]
+
+
+def _instance_of(function: str):
+    """(kernel, type code, noise) of a mangled fused-update kernel name, or None."""
+    m = re.search(r"\d+(fused_(?:sgd|adam)_kernel)I(f|d|6__half|13__nv_bfloat16)Lb([01])E",
+                  function)
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def _cuobjdump():
+    """cuobjdump: the toolkit's, else the one Triton ships (this machine's toolkit has none)."""
+    cands = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                  "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.path.isfile(c)), None)
+
+
+def _tool(name, found):
+    if found is None:
+        if EXPECT_BUILD:
+            pytest.fail(f"{name} not found: the CUDA lane needs it to read the fat binary")
+        pytest.skip(f"{name} not found")
+    return found
+
+
+def _by_arch(text: str):
+    """Split cuobjdump output into (sm, section text) per embedded ELF."""
+    parts = re.split(r"^arch = sm_(\d+)\s*$", text, flags=re.M)
+    return [(int(sm), body) for sm, body in zip(parts[1::2], parts[2::2])]
+
+
+@pytest.fixture(scope="module")
+def fused_resources(cuda_ext):
+    """{(sm, kernel, type, noise): {"REG": .., "STACK": .., "LOCAL": ..}} of the shipped binary."""
+    dump = _tool("cuobjdump", _cuobjdump())
+    out = subprocess.run([dump, "-res-usage", cuda_ext.__file__], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    res = {}
+    for sm, body in _by_arch(out):
+        for fn, usage in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", body):
+            inst = _instance_of(fn)
+            if inst is not None:
+                assert (sm, *inst) not in res, f"{fn} twice for sm_{sm}"
+                res[(sm, *inst)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage)}
+    return res
+
+
+def _expected_sms():
+    want = os.environ.get("MMMOD_EXPECT_SM")  # "80,90" in the lane
+    return sorted(int(x) for x in want.split(",")) if want else None
+
+
+@needs_cuda_torch
+def test_fat_binary_holds_every_fused_kernel(cuda_ext, fused_resources):
+    """16 instantiations (SGD and Adam x 4 dtypes x noise on/off) per architecture, none using
+    local memory."""
+    sms = _expected_sms() or sorted({key[0] for key in fused_resources})
+    assert sms, "no fused-update kernel in the fat binary"
+    for sm in sms:
+        have = sorted(key[1:] for key in fused_resources if key[0] == sm)
+        assert have == sorted(_fused_instances()), (sm, have)
+    assert all(r["LOCAL"] == 0 for r in fused_resources.values()), fused_resources
+
+
+def _nvcc():
+    for c in (os.environ.get("NVCC"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
+        if c and os.path.isfile(c):
+            return c
+    return None
+
+
+@needs_cuda_torch
+def test_fused_kernels_have_no_register_spills(cuda_ext, fused_resources, tmp_path):
+    """ptxas -v on csrc/fused_update.cu with the extension's nvcc flags, for each architecture of
+    the binary: no spill stores or loads in any instantiation, and the same registers and stack
+    frame as the shipped cubins (so the report is about the code that ships). The noise variants'
+    32-byte stack frame is sincosf's argument-reduction array (Payne-Hanek, for |x| > 105615:
+    never taken, the angle is 2 pi u with u < 1), not spills."""
+    from torch.utils import cpp_extension as ce
+    nvcc = _tool("nvcc", _nvcc())
+    sms = sorted({key[0] for key in fused_resources})
+    flags = [f for f in ce.COMMON_NVCC_FLAGS if f.startswith(("-D", "--expt"))]
+    cmd = [nvcc, "-c", "-std=c++20", "-O3", "-lineinfo", "-fmad=false", "-Xptxas", "-v",
+           *flags, "-I" + str(ROOT / "csrc"), str(ROOT / "csrc" / "fused_update.cu"),
+           "-o", str(tmp_path / "fused_update.o")]
+    for sm in sms:
+        cmd[1:1] = ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = {}
+    for fn, sm, frame, st, ld, regs in re.findall(
+            r"Compiling entry function '(\S+)' for 'sm_(\d+)'\s*\n"
+            r"(?:ptxas info\s*: Function properties for \S+\s*\n)?"
+            r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s*\n"
+            r"ptxas info\s*: Used (\d+) registers", out.stderr):
+        inst = _instance_of(fn)
+        if inst is not None:
+            report[(int(sm), *inst)] = dict(frame=int(frame), spill=int(st) + int(ld), reg=int(regs))
+    assert sorted(report) == sorted(fused_resources), (sorted(report), out.stderr[-3000:])
+    for key, r in report.items():
+        assert r["spill"] == 0, (key, r)
+        assert r["reg"] == fused_resources[key]["REG"], (key, r, fused_resources[key])
+        assert r["frame"] == fused_resources[key]["STACK"], (key, r, fused_resources[key])
+        assert r["frame"] == (32 if key[3] else 0), (key, r)  # sincosf's array, noise only
+
+
+@needs_cuda_torch
+def test_fused_kernels_use_vector_accesses(cuda_ext, fused_resources):
+    """In the shipped SASS each array is read and written a Philox group (4 elements) at a time:
+    one 16-byte access per array for float32, one 8-byte (2 x half2 / bfloat162) for 16-bit
+    types, two 16-byte for float64 (ld.global.cg / st.global.cg: LDG/STG .STRONG.GPU), beside
+    the scalar accesses of misaligned chunks and partial groups."""
+    dump = _tool("cuobjdump", _cuobjdump())
+    out = subprocess.run([dump, "-sass", cuda_ext.__file__], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    access = re.compile(r"\b(LDG|STG)\.E((?:\.(?:64|128|U16))?)\.STRONG\.GPU\b")
+    width_of = {"": 4, ".64": 8, ".128": 16, ".U16": 2}
+    seen = set()
+    for sm, body in _by_arch(out):
+        for part in re.split(r"\n\s+Function : ", body)[1:]:
+            inst = _instance_of(part.split("\n", 1)[0])
+            if inst is None:
+                continue
+            kernel, t, _ = inst
+            es = FUSED_TYPES[t]
+            width = min(4 * es, 16)
+            count = {"LDG": {}, "STG": {}}
+            for op, w in access.findall(part):
+                count[op][width_of[w]] = count[op].get(width_of[w], 0) + 1
+            loads, stores = FUSED_ARRAYS[kernel]
+            per_array = 4 * es // width
+            assert count["LDG"].get(width, 0) == loads * per_array, (sm, inst, count)
+            assert count["STG"].get(width, 0) == stores * per_array, (sm, inst, count)
+            assert count["LDG"].get(es, 0) == 4 * loads, (sm, inst, count)  # the scalar path
+            seen.add((sm, *inst))
+    assert seen == set(fused_resources)
 
 
 def _meta_bucket():
