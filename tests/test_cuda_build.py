@@ -29,7 +29,8 @@ needs_cuda_torch = pytest.mark.skipif(
 # set by the lane: there the extension must be built, so a missing one fails instead of skipping
 EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
 OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
-       "_bucket_std", "_philox_normal_", "fused_sgd_", "fused_adam_")
+       "_bucket_std", "_philox_normal_", "fused_sgd_", "fused_adam_", "modulate_sigma_",
+       "proximal_")
 
 
 ROOT = Path(__file__).resolve().parents[1]
