@@ -1,9 +1,9 @@
 """``backend="triton"``: fused Triton kernels (``mmmod.kernels``), see docs/triton.md.
 
 Per step and modality bucket: OGM / MLB is one launch (``k * g`` over every tensor of the
-bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale), and one (the
-noisy rescale) when each tensor's sigma is given (``modulate_sigma_bucket_``: shards). Scores are one
-launch for all M modalities plus a one-program epilogue that can also evaluate the
+bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale), or the noisy
+rescale alone when each tensor's sigma is given (``modulate_sigma_bucket_``: shards). Scores
+are one launch for all M modalities plus a one-program epilogue that can also evaluate the
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..reference.modulate import check_sigma
 from ..reference.philox import check_step, seed_int64
 from .base import Backend
 
@@ -350,7 +351,6 @@ class TritonBackend(Backend):
         kernel finishes its own: non-finite -> 0, times the gate). Every tensor keeps its table
         row, empty ones included (they own no chunk), so sigma is indexed by row as given: no
         gather."""
-        from ..reference.modulate import check_sigma  # (reference imports nothing of this)
         check_sigma(tensors, offsets, sigma)
         offs = [int(o) for o in offsets]
         live = [g for g in tensors if g.numel() > 0]
