@@ -169,9 +169,7 @@ def _sigmas(impl, tensors: list, k: torch.Tensor, gate: torch.Tensor, noise_std:
         sig = torch.stack([reference.tensor_sigma(g, k, noise_std).to(k.device) for g in tensors])
     else:  # the compiled extensions: the same per-tensor moments their modulate_ uses
         std = torch.ops.mmmod._bucket_std(tensors).to(k.device)
-        if noise_std == "scaled":
-            std = std * k.double().abs()
-        sig = (std + reference.modulate.SIGMA_EPS).float()
+        return reference.noise_sigma(std, k, noise_std) * gate
     sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
     return sig * gate
 
@@ -264,7 +262,7 @@ class FusedUpdate:
                     # stack of views, no index tensor uploaded)
                     sigma = torch.stack([
                         sigma[j] if sd is None else
-                        reference.modulate.noise_sigma(sd.to(device), k_grad, noise_std) * gate_m
+                        reference.noise_sigma(sd.to(device), k_grad, noise_std) * gate_m
                         for j, sd in enumerate(given)])
             by_group: dict = {}
             for j, (i, gi, p, g) in enumerate(items):
