@@ -227,8 +227,10 @@ def check_grads(grads, names=None, tensor_names=None) -> None:
     # it answers all clear, or which byte ranges overlap (each pair decided below, exactly as
     # check_no_overlap decides it), or that some tensor may fail a check; the code below is then
     # the definition, and raises the first error with its message.
-    fast = not torch.compiler.is_compiling() and (_fast_check_grads or _fast_checker())
-    if fast:
+    fast = _fast_check_grads
+    if fast is None:
+        fast = _fast_checker()
+    if fast and not torch.compiler.is_compiling():
         found = fast(grads)
         if found is None:
             return
