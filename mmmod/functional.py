@@ -215,7 +215,10 @@ def check_grads(grads, names=None, tensor_names=None) -> None:
     """Every check on the gradients that can fail, for every modality and tensor, before
     anything is written: type, layout, dtype, writability (no self-overlapping or
     inference-mode gradient) and overlap between tensors. ``modulate_`` runs it first; the
-    optimizer runs it before computing a step's coefficients."""
+    optimizer runs it before computing a step's coefficients. With the extension loaded, a C++
+    pass over the metadata (``mmmod._C.check_grads``) clears the usual case; the Python code
+    below stays the definition: it runs whenever that pass is unavailable or reports a
+    possible problem, and raises every error."""
     grads = [list(t) for t in grads]
     if tensor_names is not None and [len(t) for t in tensor_names] != [len(t) for t in grads]:
         raise ValueError("tensor_names must name every tensor of grads")

@@ -161,6 +161,29 @@ def test_answers_on_common_layouts():
 
 
 @needs_fast
+def test_thousands_of_views_of_one_flat_buffer(seed):
+    """A flat gradient buffer cut into 2 x 1000 views (adjacent ranges, none shared): all clear;
+    one view widened by an element over its neighbour: that pair only, refused as in Python."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 40, (2000,), generator=g).tolist()
+    flat = torch.zeros(sum(sizes) + 1)
+    views, off = [], 0
+    for n in sizes:
+        views.append(flat[off:off + n])
+        off += n
+    grads = [views[:1000], views[1000:]]
+    assert FAST(grads) is None and verdict(grads) is None
+    j = int(torch.randint(0, 1999, (1,), generator=g))
+    start = sum(sizes[:j])
+    views[j] = flat[start:start + sizes[j] + 1]  # now shares one element with views[j + 1]
+    grads = [views[:1000], views[1000:]]
+    key = lambda t: (t // 1000, t % 1000)  # noqa: E731
+    assert FAST(grads) == [(key(j), key(j + 1))]
+    assert verdict(grads) == verdict(grads, fast=False)
+    assert "overlap in memory" in verdict(grads)[1]
+
+
+@needs_fast
 def test_inference_tensors_follow_inference_mode():
     with torch.inference_mode():
         g = torch.ones(4, 3)
