@@ -1,6 +1,13 @@
 // Input checks shared by the CPU (mmmod._C) and CUDA (mmmod._C_cuda) implementations.
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "grad_checks.h"
 #include "ops.h"
 
 namespace mmmod {
@@ -92,6 +99,135 @@ void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::Tens
                       p.device(), ", snapshot on ", p0.device(), ", beta on ", beta.device(),
                       "; expected one device");
   }
+}
+
+// ---- the gradient checks (mmmod.functional.check_grads), fast path --------------------------
+// Every rule below mirrors its Python definition in mmmod/functional.py; where they could
+// differ (arithmetic overflow, tensors whose metadata is not plain), this side answers "run the
+// full check" and the Python code decides. Nothing here refuses: a refusal's message is Python's.
+
+bool self_overlaps(const at::Tensor& t) {
+  if (t.is_contiguous() || t.numel() == 0) return false;
+  // (stride, size) of the dims of more than one element, sorted as Python sorts those tuples
+  c10::SmallVector<std::pair<int64_t, int64_t>, 8> dims;
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // elements (minus one) covered by the dims seen so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    int64_t step = 0;
+    // past int64 the layout cannot describe a real buffer: "may overlap" sends it to Python
+    if (__builtin_mul_overflow(size - 1, stride, &step) ||
+        __builtin_add_overflow(span, step, &span)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+// mmmod.functional.GRAD_DTYPES
+bool grad_dtype(at::ScalarType dt) {
+  return dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble;
+}
+
+struct Span {
+  c10::DeviceType type;
+  int64_t index;       // device index, 0 when the device has none (Python: d.index or 0)
+  uint64_t lo, hi;     // byte range [lo, hi) (mmmod.functional._byte_range)
+  int64_t m, i, ref;   // key (m, i) and the position in refs
+};
+
+// Python sorts the tuples (device type name, index, lo, hi, (m, i)): the same order
+bool span_less(const Span& a, const Span& b) {
+  if (a.type != b.type) {
+    return c10::DeviceTypeName(a.type, /*lower_case=*/true) <
+           c10::DeviceTypeName(b.type, /*lower_case=*/true);
+  }
+  if (a.index != b.index) return a.index < b.index;
+  if (a.lo != b.lo) return a.lo < b.lo;
+  if (a.hi != b.hi) return a.hi < b.hi;
+  if (a.m != b.m) return a.m < b.m;
+  return a.i < b.i;
+}
+
+// mmmod.functional._byte_range; false when it cannot be computed here (no plain storage,
+// overflow), which sends the gradient to the full check
+bool byte_range(const at::Tensor& t, uint64_t* lo, uint64_t* hi) {
+  if (!t.has_storage()) return false;
+  const void* ptr = nullptr;
+  try {
+    ptr = t.const_data_ptr();  // throws for storage that must not be accessed (functional, ...)
+  } catch (const std::exception&) {
+    return false;
+  }
+  const uint64_t es = static_cast<uint64_t>(t.element_size());
+  uint64_t extent = 0;  // elements from the first to one past the last
+  if (t.is_contiguous()) {
+    extent = static_cast<uint64_t>(t.numel());
+  } else {
+    int64_t last = 0;
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    for (size_t d = 0; d < sizes.size(); ++d) {
+      int64_t step = 0;
+      if (__builtin_mul_overflow(sizes[d] - 1, strides[d], &step) ||
+          __builtin_add_overflow(last, step, &last)) {
+        return false;
+      }
+    }
+    if (last < 0) return false;  // a negative stride: not a layout torch makes; let Python judge
+    extent = static_cast<uint64_t>(last) + 1;
+  }
+  *lo = reinterpret_cast<uintptr_t>(ptr);
+  uint64_t bytes = 0;
+  return !__builtin_mul_overflow(extent, es, &bytes) && !__builtin_add_overflow(*lo, bytes, hi);
+}
+
+}  // namespace
+
+GradCheckResult check_grads_fast(const std::vector<GradRef>& refs, bool inference_mode) {
+  GradCheckResult out;
+  std::vector<Span> spans;
+  spans.reserve(refs.size());
+  for (size_t k = 0; k < refs.size(); ++k) {
+    const at::Tensor& t = *refs[k].tensor;
+    const bool plain = t.defined() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+                       !t.is_nested() &&
+                       !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    if (!plain || t.layout() != c10::kStrided || t.is_sparse() || !grad_dtype(t.scalar_type()) ||
+        (t.is_inference() && !inference_mode) || self_overlaps(t)) {
+      out.needs_full_check = static_cast<int64_t>(k);
+      return out;
+    }
+    if (t.device().type() == c10::DeviceType::Meta || t.numel() == 0) continue;
+    Span s{t.device().type(), t.device().has_index() ? t.device().index() : 0, 0, 0,
+           refs[k].m, refs[k].i, static_cast<int64_t>(k)};
+    if (!byte_range(t, &s.lo, &s.hi)) {
+      out.needs_full_check = static_cast<int64_t>(k);
+      return out;
+    }
+    spans.push_back(s);
+  }
+  std::sort(spans.begin(), spans.end(), span_less);
+  // the sweep of check_no_overlap: the spans still open (same device, ending past this start)
+  // in the order they opened, each paired with the new one
+  std::vector<const Span*> open;
+  for (const Span& s : spans) {
+    open.erase(std::remove_if(open.begin(), open.end(),
+                              [&](const Span* o) {
+                                return o->type != s.type || o->index != s.index || o->hi <= s.lo;
+                              }),
+               open.end());
+    for (const Span* o : open) out.overlapping.emplace_back(o->ref, s.ref);
+    open.push_back(&s);
+  }
+  return out;
 }
 
 }  // namespace mmmod

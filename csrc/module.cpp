@@ -24,7 +24,14 @@
 #endif
 
 #if defined(MMMOD_CPU_KERNELS_API)
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <exception>
+#include <vector>
+
 #include "cpu_kernels.h"
+#include "grad_checks.h"
 #include "ops.h"
 #else
 #include "cuda_api.h"
@@ -69,6 +76,61 @@ PyObject* cpu_kernels(PyObject*, PyObject*) {
                        mmmod::cpu::avx2_supported() ? Py_True : Py_False, "avx512_supported",
                        mmmod::cpu::avx512_supported() ? Py_True : Py_False);
 }
+
+// mmmod._C.check_grads(grads): the fast path of mmmod.functional.check_grads (csrc/checks.cpp).
+// A plain CPython function, not a torch op: it reads metadata only, so it needs none of the
+// dispatcher's machinery, and the dispatcher's boxing of a Tensor[] list (a refcount and an
+// IValue per tensor) would cost more than the checks themselves. `grads` is a list (one per
+// modality) of lists of tensors or None. Returns None (all clear); (m, i): that entry needs the
+// full Python check (not a plain tensor, or a check may fail); or a list of ((m, i), (m2, i2))
+// pairs whose byte ranges overlap on one device, every entry having passed the rest. Bound in
+// mmmod._C only: the checks read metadata (of CUDA tensors too) and _C is loaded whenever
+// _C_cuda is.
+PyObject* check_grads(PyObject*, PyObject* grads) {
+  const auto key = [](int64_t m, int64_t i) {
+    return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(m), static_cast<Py_ssize_t>(i));
+  };
+  try {
+    if (!PyList_Check(grads)) return key(-1, -1);
+    std::vector<mmmod::GradRef> refs;
+    for (Py_ssize_t m = 0; m < PyList_GET_SIZE(grads); ++m) {
+      PyObject* tensors = PyList_GET_ITEM(grads, m);
+      if (!PyList_Check(tensors)) return key(m, -1);
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); ++i) {
+        PyObject* g = PyList_GET_ITEM(tensors, i);
+        if (g == Py_None) continue;
+        // a Tensor subclass may define its own metadata (DTensor, fake tensors): Python decides
+        if (!THPVariable_CheckExact(g)) return key(m, i);
+        refs.push_back({m, i, &THPVariable_Unpack(g)});
+      }
+    }
+    // the tensors stay borrowed from the lists: nothing below runs Python code
+    const auto res = mmmod::check_grads_fast(refs, c10::InferenceMode::is_enabled());
+    if (res.needs_full_check >= 0) {
+      const auto& r = refs[res.needs_full_check];
+      return key(r.m, r.i);
+    }
+    if (res.overlapping.empty()) Py_RETURN_NONE;
+    PyObject* pairs = PyList_New(static_cast<Py_ssize_t>(res.overlapping.size()));
+    if (pairs == nullptr) return nullptr;
+    for (size_t p = 0; p < res.overlapping.size(); ++p) {
+      const auto& a = refs[res.overlapping[p].first];
+      const auto& b = refs[res.overlapping[p].second];
+      PyObject* pair = Py_BuildValue("((nn)(nn))", static_cast<Py_ssize_t>(a.m),
+                                     static_cast<Py_ssize_t>(a.i), static_cast<Py_ssize_t>(b.m),
+                                     static_cast<Py_ssize_t>(b.i));
+      if (pair == nullptr) {
+        Py_DECREF(pairs);
+        return nullptr;
+      }
+      PyList_SET_ITEM(pairs, static_cast<Py_ssize_t>(p), pair);
+    }
+    return pairs;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
 #endif
 
 PyMethodDef methods[] = {
@@ -79,6 +141,9 @@ PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
      "The CPU kernel table in use ('avx512', 'avx2' or 'scalar') and whether the AVX2 and "
      "AVX-512 tables are supported."},
+    {"check_grads", check_grads, METH_O,
+     "Fast path of mmmod.functional.check_grads: None (all clear), (m, i) (run the full check) "
+     "or the ((m, i), (m2, i2)) pairs whose byte ranges overlap."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

@@ -152,9 +152,15 @@ def test_disjoint_blocks_of_one_buffer_are_accepted(backend, seed):
     functional.modulate_([rows[:1], rows[1:]], k, noise=False, backend=backend)
 
 
-def test_overlap_check_matches_brute_force(seed):
+@pytest.mark.parametrize("path", ["check_no_overlap", "check_grads-python", "check_grads-fast"])
+def test_overlap_check_matches_brute_force(seed, path, monkeypatch):
     """check_no_overlap against the actual element addresses of random strided views of one
-    buffer: it never misses an overlap; same-stride blocks it decides exactly."""
+    buffer: it never misses an overlap; same-stride blocks it decides exactly. The same through
+    check_grads, with its Python checks alone and with the C++ fast path (mmmod._C)."""
+    if path == "check_grads-fast" and not functional._fast_checker():
+        pytest.skip("mmmod._C (with check_grads) is not built")
+    if path == "check_grads-python":
+        monkeypatch.setattr(functional, "_fast_check_grads", False)
     rnd = random.Random(seed)
     buf = torch.zeros(256)
     addr = torch.arange(256)
@@ -173,7 +179,10 @@ def test_overlap_check_matches_brute_force(seed):
                  for t in (a, b)]
         truth = bool(cells[0] & cells[1])
         try:
-            functional.check_no_overlap([((0, 0), a), ((1, 0), b)], lambda m, i: f"t{m}")
+            if path == "check_no_overlap":
+                functional.check_no_overlap([((0, 0), a), ((1, 0), b)], lambda m, i: f"t{m}")
+            else:  # also refuses a self-overlapping a or b: an overlap said, never missed
+                functional.check_grads([[a], [b]])
             said = False
         except ValueError:
             said = True
