@@ -374,16 +374,30 @@ def _plan_buckets(grads, offsets, backend, step, stds=None):
     plan = []
     for m, tensors in enumerate(grads):
         buckets: dict[tuple, tuple[list, list, list]] = {}
-        for i, (g, off) in enumerate(zip(tensors, offsets[m])):
-            if g is None or g.numel() == 0:
-                continue
-            sd = None if stds is None else stds[m][i]
-            if sd is not None:
-                _check_given_std(sd, m, i)
-            ts, os_, sds = buckets.setdefault((g.device, g.dtype, sd is not None), ([], [], []))
-            ts.append(g)
-            os_.append(off)
-            sds.append(sd)
+        if stds is None:
+            # the common case, per tensor as little Python as possible (a step of a model with
+            # thousands of tensors pays this loop once per tensor)
+            for g, off in zip(tensors, offsets[m]):
+                if g is None or not g.numel():
+                    continue
+                key = (g.device, g.dtype, False)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = ([], [], None)
+                b[0].append(g)
+                b[1].append(off)
+        else:
+            for i, (g, off) in enumerate(zip(tensors, offsets[m])):
+                if g is None or g.numel() == 0:
+                    continue
+                sd = stds[m][i]
+                if sd is not None:
+                    _check_given_std(sd, m, i)
+                ts, os_, sds = buckets.setdefault((g.device, g.dtype, sd is not None),
+                                                  ([], [], []))
+                ts.append(g)
+                os_.append(off)
+                sds.append(sd)
         for (device, _, given), (ts, os_, sds) in buckets.items():
             impl = backends.get(backend, device, device_step=isinstance(step, torch.Tensor))
             if isinstance(step, torch.Tensor) and step.device.type != "cpu" and not impl.device_step:
