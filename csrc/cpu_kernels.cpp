@@ -649,6 +649,44 @@ at::Tensor bucket_std_cpu(at::TensorList tensors) {
   return out;
 }
 
+// _bucket_moments: (count, mean, M2) of every tensor in float64, [T, 3], (0, 0, 0) for an empty
+// tensor. The statistics pass of modulate_ (bucket_moments: fixed chunks of kChunkCpu elements
+// in parallel, merged per tensor in chunk order), so the rows do not depend on the thread count
+// and equal the moments behind modulate_'s own sigma. Sharded OGM-GE gathers these rows across
+// the ranks holding a tensor's shards and merges them (mmmod/optim/sharding.py). A tensor of any
+// layout is read in its logical (row-major) order, through a contiguous copy when it is not
+// contiguous. Every input is checked before anything is computed.
+at::Tensor bucket_moments_cpu(at::TensorList tensors) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  for (int64_t i = 0; i < T; ++i) {
+    const at::ScalarType st = tensors[i].scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                     "mmmod._bucket_moments: tensor ", i, " is ", st,
+                     "; expected float32, float16, bfloat16 or float64");
+    TORCH_CHECK_VALUE(st == tensors[0].scalar_type() && tensors[i].device() == tensors[0].device(),
+                      "mmmod._bucket_moments: a bucket holds one dtype and device; tensor ", i,
+                      " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
+                      tensors[0].scalar_type(), " on ", tensors[0].device());
+  }
+  const KernelTable& K = kernels_for_op();  // may raise (a bad MMMOD_CPU_KERNELS)
+  at::Tensor out = at::zeros({T, 3}, at::dtype(at::kDouble));
+  if (T == 0) return out;
+  std::vector<at::Tensor> flat;
+  flat.reserve(tensors.size());
+  for (const auto& t : tensors) flat.push_back(t.contiguous());
+  const std::vector<Chunk> chunks = make_chunks(flat);
+  double* op = out.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat[0].scalar_type(), "mmmod_bucket_moments_cpu", [&] {
+    const std::vector<Moments> mom = bucket_moments<scalar_t>(K, flat, chunks);
+    for (int64_t t = 0; t < T; ++t) {
+      op[3 * t] = mom[t].n;
+      op[3 * t + 1] = mom[t].mean;
+      op[3 * t + 2] = mom[t].m2;
+    }
+  });
+  return out;
+}
+
 void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t modality,
                        int64_t offset) {
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous(),
@@ -680,5 +718,6 @@ TORCH_LIBRARY_IMPL(mmmod, CPU, m) {
   m.impl("modulate_.capturable", &mmmod::cpu::modulate_capturable_cpu);
   m.impl("modulate_sigma_", &mmmod::cpu::modulate_sigma_cpu);
   m.impl("_bucket_std", &mmmod::cpu::bucket_std_cpu);
+  m.impl("_bucket_moments", &mmmod::cpu::bucket_moments_cpu);
   m.impl("_philox_normal_", &mmmod::cpu::philox_normal_cpu);
 }

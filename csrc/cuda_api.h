@@ -69,6 +69,13 @@ int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchun
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                           void* workspace, double* out, void* stream);
 
+// (count, mean, M2) of every tensor of the table in float64 into out[3 * ntensors] (device,
+// row-major [ntensors, 3]; (0, 0, 0) for an empty tensor): the statistics launch of
+// mmmod_cuda_modulate, then one block per tensor merging its chunks in the std kernel's fixed
+// order (no atomics: the same bits on every run and GPU). workspace as mmmod_cuda_modulate's.
+int mmmod_cuda_bucket_moments(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                              void* workspace, double* out, void* stream);
+
 // Scores of up to MMMOD_CUDA_SCORES_MAX_M modalities per call (two launches: a warp per row,
 // then one block per modality adding the row blocks' partials in a fixed order; no atomics).
 #define MMMOD_CUDA_SCORES_MAX_M 16

@@ -297,6 +297,36 @@ at::Tensor bucket_std_cuda(at::TensorList tensors) {
   return out;
 }
 
+// _bucket_moments: float64 (count, mean, M2) rows [T, 3] on the tensors' device, one statistics
+// launch and one merge launch (kernels.cu); the same checks as the CPU kernel, before any
+// launch. A non-contiguous tensor is read through a contiguous copy (its logical order).
+at::Tensor bucket_moments_cuda(at::TensorList tensors) {
+  const int64_t T = static_cast<int64_t>(tensors.size());
+  for (int64_t i = 0; i < T; ++i) {
+    const at::ScalarType st = tensors[i].scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                     "mmmod._bucket_moments: tensor ", i, " is ", st,
+                     "; expected float32, float16, bfloat16 or float64");
+    TORCH_CHECK_VALUE(st == tensors[0].scalar_type() && tensors[i].device() == tensors[0].device(),
+                      "mmmod._bucket_moments: a bucket holds one dtype and device; tensor ", i,
+                      " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
+                      tensors[0].scalar_type(), " on ", tensors[0].device());
+  }
+  TORCH_CHECK_VALUE(T > 0, "mmmod._bucket_moments: no tensors");  // (dispatch needs one)
+  const at::Device device = tensors[0].device();
+  c10::DeviceGuard guard(device);
+  std::vector<at::Tensor> flat;
+  for (const auto& x : tensors) flat.push_back(x.contiguous());
+  const DeviceTable t = upload_table(flat, {}, device, "_bucket_moments");
+  at::Tensor out = at::empty({T, 3}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor ws = workspace(t, device);
+  check(mmmod_cuda_bucket_moments(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+                                  dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
+                                  out.mutable_data_ptr<double>(), current_stream(device)),
+        "_bucket_moments");
+  return out;
+}
+
 void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64_t modality,
                         int64_t offset) {
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous(),
@@ -321,5 +351,6 @@ TORCH_LIBRARY_IMPL(mmmod, CUDA, m) {
   m.impl("modulate_sigma_", &mmmod::cuda::modulate_sigma_cuda);
   m.impl("bucket_table", &mmmod::cuda::bucket_table_cuda);
   m.impl("_bucket_std", &mmmod::cuda::bucket_std_cuda);
+  m.impl("_bucket_moments", &mmmod::cuda::bucket_moments_cuda);
   m.impl("_philox_normal_", &mmmod::cuda::philox_normal_cuda);
 }

@@ -41,6 +41,7 @@
 
 #include <cmath>
 
+#include "cuda_access.cuh"
 #include "cuda_api.h"
 #include "fused_update_api.h"
 #include "philox.h"
@@ -124,74 +125,12 @@ FU_HD float fma_rn(float a, float b, float c) { FU_RN(__fmaf_rn(a, b, c), std::f
 FU_HD double fma_rn(double a, double b, double c) { FU_RN(__fma_rn(a, b, c), std::fma(a, b, c)); }
 #undef FU_RN
 
-// ---- global memory: ld.global.cg / st.global.cg on the device, plain accesses on the host -------
-template <typename T>
-FU_HD T load(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
-}
-template <typename T>
-FU_HD void store(T* p, T v) {
-#if defined(__CUDA_ARCH__)
-  __stcg(p, v);
-#else
-  *p = v;
-#endif
-}
-
-// ---- 4-element group accesses: one vector access per array (p aligned to 4 elements' width) ----
-template <typename T>
-struct Vec4;
-template <>
-struct Vec4<float> {
-  static FU_HD void load4(const float* p, float* v) {
-    const float4 a = load(reinterpret_cast<const float4*>(p));
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  }
-  static FU_HD void store4(float* p, const float* v) {
-    store(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  }
-};
-template <>
-struct Vec4<double> {
-  static FU_HD void load4(const double* p, double* v) {
-    const double2 a = load(reinterpret_cast<const double2*>(p));
-    const double2 b = load(reinterpret_cast<const double2*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-  }
-  static FU_HD void store4(double* p, const double* v) {
-    store(reinterpret_cast<double2*>(p), make_double2(v[0], v[1]));
-    store(reinterpret_cast<double2*>(p) + 1, make_double2(v[2], v[3]));
-  }
-};
-// 16-bit types: one 8-byte access (uint2) holding 2 x half2 / bfloat162
-template <typename T>
-struct Vec4Half {
-  static FU_HD void load4(const T* p, T* v) {
-    const uint2 raw = load(reinterpret_cast<const uint2*>(p));
-    const T* h = reinterpret_cast<const T*>(&raw);
-    v[0] = h[0]; v[1] = h[1]; v[2] = h[2]; v[3] = h[3];
-  }
-  static FU_HD void store4(T* p, const T* v) {
-    uint2 raw;
-    T* h = reinterpret_cast<T*>(&raw);
-    h[0] = v[0]; h[1] = v[1]; h[2] = v[2]; h[3] = v[3];
-    store(reinterpret_cast<uint2*>(p), raw);
-  }
-};
-template <>
-struct Vec4<__half> : Vec4Half<__half> {};
-template <>
-struct Vec4<__nv_bfloat16> : Vec4Half<__nv_bfloat16> {};
-
-template <typename T>
-FU_HD bool group_aligned(const void* p) {
-  constexpr uintptr_t width = 4 * sizeof(T) < 16 ? 4 * sizeof(T) : 16;
-  return p == nullptr || (reinterpret_cast<uintptr_t>(p) & (width - 1)) == 0;
-}
+// ---- global memory (csrc/cuda_access.cuh): ld.global.cg / st.global.cg on the device, plain
+// accesses on the host; Vec4: one vector access per array for a 4-element group -------------------
+using mmmod::access::group_aligned;
+using mmmod::access::load;
+using mmmod::access::store;
+using mmmod::access::Vec4;
 
 // ---- the table ----------------------------------------------------------------------------------
 struct FusedTable {

@@ -11,7 +11,8 @@
 //              kernel made a second pass over the chunk assuming it came from L2; with ~1,000
 //              resident blocks x 256 KB chunks it did not, and OGM-GE read g three times.)
 //   2. sigma:  one block per tensor merges its chunk moments (thread t: chunks t, t + 256, ...
-//              in order, then the same fixed tree), reads k and gate, writes sigma;
+//              in order, then the same fixed tree), reads k and gate, writes sigma (the
+//              _bucket_moments op: launch 1, then the same merge writing (n, mean, M2) rows);
 //   3. apply:  one block per chunk, each thread one Philox counter group (4 elements):
 //              g <- float32(k g) + float32(sigma n); seed and modality are kernel arguments,
 //              the step either an argument or read from a device counter (CUDA graphs).
@@ -37,50 +38,53 @@
 #include <type_traits>
 
 #include "coefficients.h"
+#include "cuda_access.cuh"
 #include "cuda_api.h"
 #include "philox.h"
 
 namespace {
 
+namespace access = mmmod::access;
+
 constexpr int kThreads = 256;
 
-// Gradient and logit accesses. Their pointers come from the int64 table (or a plain argument),
-// so the compiler cannot infer the global address space and would emit generic LD/ST: the
-// ld.global.cg / st.global.cg intrinsics name it (cache in L2 only: each element is touched
-// once per kernel, nothing to keep in L1).
+// Gradient accesses (csrc/cuda_access.cuh: ld.global.cg / st.global.cg, the vector widths) and
+// the conversions between a stored value and the float / double the kernels compute in.
 template <typename T>
-struct Io;
+struct Cvt;
 template <>
-struct Io<float> {
-  static __device__ __forceinline__ float load(const float* p) { return __ldcg(p); }
-  static __device__ __forceinline__ double load_d(const float* p) { return static_cast<double>(__ldcg(p)); }
-  static __device__ __forceinline__ void store(float* p, float v) { __stcg(p, v); }
+struct Cvt<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ double to_d(float v) { return static_cast<double>(v); }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
 };
 template <>
-struct Io<double> {
-  static __device__ __forceinline__ float load(const double* p) { return static_cast<float>(__ldcg(p)); }
-  static __device__ __forceinline__ double load_d(const double* p) { return __ldcg(p); }
-  static __device__ __forceinline__ void store(double* p, float v) { __stcg(p, static_cast<double>(v)); }
+struct Cvt<double> {
+  static __device__ __forceinline__ float to_f(double v) { return static_cast<float>(v); }
+  static __device__ __forceinline__ double to_d(double v) { return v; }
+  static __device__ __forceinline__ double from_f(float v) { return static_cast<double>(v); }
 };
 template <>
-struct Io<__half> {
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(__ldcg(p)); }
-  static __device__ __forceinline__ double load_d(const __half* p) {
-    return static_cast<double>(__half2float(__ldcg(p)));
-  }
-  static __device__ __forceinline__ void store(__half* p, float v) { __stcg(p, __float2half_rn(v)); }
+struct Cvt<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ double to_d(__half v) { return static_cast<double>(__half2float(v)); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
 };
 template <>
-struct Io<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) {
-    return __bfloat162float(__ldcg(p));
+struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ double to_d(__nv_bfloat16 v) {
+    return static_cast<double>(__bfloat162float(v));
   }
-  static __device__ __forceinline__ double load_d(const __nv_bfloat16* p) {
-    return static_cast<double>(__bfloat162float(__ldcg(p)));
-  }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
-    __stcg(p, __float2bfloat16_rn(v));
-  }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+
+// One element: read as float (load) or double (load_d), written from a float.
+template <typename T>
+struct Io {
+  static __device__ __forceinline__ float load(const T* p) { return Cvt<T>::to_f(access::load(p)); }
+  static __device__ __forceinline__ double load_d(const T* p) { return Cvt<T>::to_d(access::load(p)); }
+  static __device__ __forceinline__ void store(T* p, float v) { access::store(p, Cvt<T>::from_f(v)); }
 };
 
 struct Table {
@@ -130,102 +134,32 @@ unsigned grid_for(int64_t n) {
 constexpr int kVec = 8;
 constexpr int kTile = kThreads * kVec;
 
-// 16-byte vector access to kVec elements (p 16-byte aligned) and 4-element access (p aligned to
-// 4 elements' size) as float / double values.
+// kVec elements of a tile (16-byte vector loads, p 16-byte aligned) as double, and a 4-element
+// group (one access of 4 elements' width, p aligned to it) as float.
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  static __device__ __forceinline__ void load8(const float* p, double* v) {
-    const float4 a = __ldcg(reinterpret_cast<const float4*>(p)), b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  }
-  static __device__ __forceinline__ void load4(const float* p, float* v) {
-    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  }
-  static __device__ __forceinline__ void store4(float* p, const float* v) {
-    __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  }
-};
-template <>
-struct Vec<double> {
-  static __device__ __forceinline__ void load8(const double* p, double* v) {
-    const double2* q = reinterpret_cast<const double2*>(p);
+struct Vec {
+  static_assert(kVec == 8, "a tile is one access::Vec8");
+  static __device__ __forceinline__ void load8(const T* p, double* v) {
+    T raw[kVec];
+    access::Vec8<T>::load8(p, raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const double2 a = __ldcg(q + i);
-      v[2 * i] = a.x;
-      v[2 * i + 1] = a.y;
-    }
+    for (int e = 0; e < kVec; ++e) v[e] = Cvt<T>::to_d(raw[e]);
   }
-  static __device__ __forceinline__ void load4(const double* p, float* v) {
-    const double2 a = __ldcg(reinterpret_cast<const double2*>(p)), b = __ldcg(reinterpret_cast<const double2*>(p) + 1);
-    v[0] = static_cast<float>(a.x); v[1] = static_cast<float>(a.y);
-    v[2] = static_cast<float>(b.x); v[3] = static_cast<float>(b.y);
-  }
-  static __device__ __forceinline__ void store4(double* p, const float* v) {
-    double2* q = reinterpret_cast<double2*>(p);
-    __stcg(q, make_double2(v[0], v[1]));
-    __stcg(q + 1, make_double2(v[2], v[3]));
-  }
-};
-template <>
-struct Vec<__half> {
-  static __device__ __forceinline__ void load8(const __half* p, double* v) {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  static __device__ __forceinline__ void load4(const T* p, float* v) {
+    T raw[4];
+    access::Vec4<T>::load4(p, raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
+    for (int e = 0; e < 4; ++e) v[e] = Cvt<T>::to_f(raw[e]);
   }
-  static __device__ __forceinline__ void load4(const __half* p, float* v) {
-    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));  // 2 x __half2, one 8-byte access
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-    const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
-    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-  }
-  static __device__ __forceinline__ void store4(__half* p, const float* v) {
-    uint2 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
-    h[0] = __floats2half2_rn(v[0], v[1]);
-    h[1] = __floats2half2_rn(v[2], v[3]);
-    __stcg(reinterpret_cast<uint2*>(p), raw);
-  }
-};
-template <>
-struct Vec<__nv_bfloat16> {
-  static __device__ __forceinline__ void load8(const __nv_bfloat16* p, double* v) {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  static __device__ __forceinline__ void store4(T* p, const float* v) {
+    T raw[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
-    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));  // 2 x __nv_bfloat162, one 8-byte access
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-  }
-  static __device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
-    uint2 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-    h[0] = __floats2bfloat162_rn(v[0], v[1]);
-    h[1] = __floats2bfloat162_rn(v[2], v[3]);
-    __stcg(reinterpret_cast<uint2*>(p), raw);
+    for (int e = 0; e < 4; ++e) raw[e] = Cvt<T>::from_f(v[e]);
+    access::Vec4<T>::store4(p, raw);
   }
 };
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
+using mmmod::access::aligned16;
 
 // Moments of cnt values held in registers by the exact two-pass formula (the values are read
 // once from memory): sum in index order, mean = sum / cnt, M2 = sum of squared deviations.
@@ -333,6 +267,22 @@ __global__ void __launch_bounds__(kThreads) std_kernel(const void* table, int64_
   for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
     const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
     if (threadIdx.x == 0) out[t] = m.n >= 2 ? sqrt(m.m2 / (m.n - 1.0)) : 0.0;
+  }
+}
+
+// Bytes: as std_kernel, writes the float64 (count, mean, M2) row (24 B). An empty tensor owns
+// no chunk: tensor_moments leaves it at (0, 0, 0).
+__global__ void __launch_bounds__(kThreads) moments_kernel(const void* table, int64_t ntensors,
+                                                           const mmmod::Moments* part, double* out) {
+  __shared__ mmmod::Moments shared[kThreads / 32];
+  const Table tb = table_view(table);
+  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+    const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
+    if (threadIdx.x == 0) {
+      out[3 * t] = m.n;
+      out[3 * t + 1] = m.mean;
+      out[3 * t + 2] = m.m2;
+    }
   }
 }
 
@@ -667,6 +617,17 @@ int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, 
   const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
   if (rc) return rc;
   std_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
+  return launch_status();
+}
+
+int mmmod_cuda_bucket_moments(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
+                              void* workspace, double* out, void* stream) {
+  if (ntensors == 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
+  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
+  if (rc) return rc;
+  moments_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
   return launch_status();
 }
 

@@ -184,6 +184,11 @@ def backend_launches():
             be.modulate_sigma_bucket_([torch.empty(s, dtype=dt) for s in (8, 5000, 4)],
                                       [0, 8, 5008], one, one, torch.ones(3), seed=3, step=1,
                                       modality=0)
+        # the per-tensor moments of sharded OGM-GE (bucket_moments): chunk statistics + the
+        # moments merge, every dtype, an empty tensor keeping its row; the unaligned variant
+        for dt in dtypes:
+            be.bucket_moments([torch.empty(s, dtype=dt) for s in (7, 5000, 0, 3)])
+        be.bucket_moments([torch.empty(5001)[1:], torch.empty(9)])
         # a table bucket whose data pointers are not 16-byte aligned (scalar-access variants)
         store = torch.empty(1 + 5000 + 7)
         ts = [store[1:5001], store[5001:]]

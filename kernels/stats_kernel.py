@@ -13,6 +13,10 @@ order (blocked vector sums in float64: first the total sum -> mean, then
 unbiased std (0 below two elements), optionally scales it by |k| (``noise_std="scaled"``),
 adds 1e-8 in float64, rounds to float32, zeroes a non-finite sigma and multiplies by the gate:
 ``sigma = float32(std64 + 1e-8) * gate`` exactly as the reference. Same bits on every run.
+
+``_moments_kernel``: the same per-tensor combine (``_tensor_moments``), written as float64
+``(count, mean, M2)`` rows: the ``_bucket_moments`` op, whose rows sharded OGM-GE gathers
+across the ranks holding a tensor's shards (mmmod/optim/sharding.py).
 """
 from __future__ import annotations
 
@@ -58,9 +62,9 @@ def _stats_partial_kernel(meta, stats_map, part, BLOCK: tl.constexpr, DT: tl.con
 
 
 @triton.jit
-def _sigma_kernel(meta, part, k_ptr, gate_ptr, sigma_out, BLOCK: tl.constexpr,
-                  BLOCK_P: tl.constexpr, SCALED: tl.constexpr):
-    t = tl.program_id(0)
+def _tensor_moments(meta, part, t, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(count, mean, M2) of tensor ``t`` in float64 from its chunk partials, combined in a
+    fixed order: the total sum -> mean, then ``M2 = sum_c M2_c + n_c (mean_c - mean)^2``."""
     row = meta + t * META_FIELDS
     n = tl.load(row + F_NUMEL)
     c_first = tl.load(row + F_SCHUNK)
@@ -71,7 +75,7 @@ def _sigma_kernel(meta, part, k_ptr, gate_ptr, sigma_out, BLOCK: tl.constexpr,
         cj = b0 + pj
         acc += tl.load(part + 2 * (c_first + cj), mask=cj < n_chunks, other=0.0)
     nf = n.to(tl.float64)
-    mean = tl.sum(acc, axis=0) / nf
+    mean = tl.sum(acc, axis=0) / tl.maximum(nf, 1.0)  # an empty tensor: 0, not 0 / 0
     acc2 = tl.zeros([BLOCK_P], tl.float64)
     for b0 in range(0, n_chunks, BLOCK_P):
         cj = b0 + pj
@@ -83,6 +87,14 @@ def _sigma_kernel(meta, part, k_ptr, gate_ptr, sigma_out, BLOCK: tl.constexpr,
         dm = sc / cnt - mean
         acc2 += tl.where(cm, m2c + cnt * dm * dm, 0.0)
     m2 = tl.sum(acc2, axis=0)
+    return n, nf, mean, m2
+
+
+@triton.jit
+def _sigma_kernel(meta, part, k_ptr, gate_ptr, sigma_out, BLOCK: tl.constexpr,
+                  BLOCK_P: tl.constexpr, SCALED: tl.constexpr):
+    t = tl.program_id(0)
+    n, nf, mean, m2 = _tensor_moments(meta, part, t, BLOCK, BLOCK_P)
     var = m2 / tl.maximum(nf - 1.0, 1.0)
     std = tl.where(n < 2, 0.0, tl.sqrt(var))
     if SCALED:
@@ -92,3 +104,14 @@ def _sigma_kernel(meta, part, k_ptr, gate_ptr, sigma_out, BLOCK: tl.constexpr,
     sigma = tl.where(tl.abs(sigma) < float("inf"), sigma, 0.0)  # NaN/inf -> no noise
     gate = tl.load(gate_ptr)
     tl.store(sigma_out + t, sigma * gate)
+
+
+@triton.jit
+def _moments_kernel(meta, part, out, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per tensor: its float64 ``(count, mean, M2)`` row, ``(0, 0, 0)`` for an
+    empty tensor (it owns no chunk)."""
+    t = tl.program_id(0)
+    n, nf, mean, m2 = _tensor_moments(meta, part, t, BLOCK, BLOCK_P)
+    tl.store(out + 3 * t, nf)
+    tl.store(out + 3 * t + 1, mean)
+    tl.store(out + 3 * t + 2, m2)

@@ -10,7 +10,8 @@ binary.
 
 No op reads a device value on the host: ``k`` and ``gate`` arrive as 0-d device tensors,
 seed/step/modality as integers (the step as a 0-d device counter in ``modulate_.capturable``).
-The two ops whose names start with ``_`` exist for the test suite and tools only.
+The ops whose names start with ``_`` are private: ``_bucket_std`` and ``_philox_normal_`` exist
+for the test suite and tools, ``_bucket_moments`` for sharded OGM-GE's statistics.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ SCHEMAS = {
     "bucket_table": "bucket_table(Tensor[] tensors, int[] offsets) -> Tensor",
     # (tests) unbiased float64 std of each tensor (0 below two elements), deterministic
     "_bucket_std": "_bucket_std(Tensor[] tensors) -> Tensor",
+    # float64 (count, mean, M2) of each tensor as rows [T, 3] ((0, 0, 0) when empty), on the
+    # tensors' device: the per-shard moments sharded OGM-GE gathers and merges (optim/sharding.py)
+    "_bucket_moments": "_bucket_moments(Tensor[] tensors) -> Tensor",
     # (tests) fill a float32 tensor with the Philox noise of stream elements offset ..
     "_philox_normal_": ("_philox_normal_(Tensor(a!) out, int seed, int step, int modality, "
                         "int offset) -> ()"),
@@ -110,6 +114,43 @@ def _bucket_std_ref(tensors):
     return torch.stack([s.to(out[0].device) for s in out])
 
 
+#: the dtypes _bucket_moments reads (every kernel converts them to float64 exactly)
+MOMENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_moments_inputs(tensors) -> None:
+    """Metadata checks of ``_bucket_moments`` (the same as the C++ kernels', same messages):
+    floating dtypes it reads, one dtype and one device. Reads no device value."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in MOMENT_DTYPES:
+            raise TypeError(f"mmmod._bucket_moments: tensor {i} is {t.dtype}; expected float32, "
+                            f"float16, bfloat16 or float64")
+        t0 = tensors[0]
+        if t.dtype != t0.dtype or t.device != t0.device:
+            raise ValueError(f"mmmod._bucket_moments: a bucket holds one dtype and device; "
+                             f"tensor {i} is {t.dtype} on {t.device}, tensor 0 is {t0.dtype} on "
+                             f"{t0.device}")
+
+
+def _bucket_moments_ref(tensors):
+    """Per tensor, in float64: count, mean, and M2 = the sum of squared deviations from that
+    mean (two passes over a float64 copy), stacked ``[T, 3]``."""
+    check_moments_inputs(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    rows = []
+    for t in tensors:
+        if t.numel() == 0:
+            rows.append(torch.zeros(3, dtype=torch.float64, device=device))
+            continue
+        x = t.detach().reshape(-1).double()
+        mean = x.mean()
+        rows.append(torch.stack([torch.full((), x.numel(), dtype=torch.float64, device=device),
+                                 mean, (x - mean).square().sum()]))
+    if not rows:
+        return torch.zeros((0, 3), dtype=torch.float64, device=device)
+    return torch.stack(rows)
+
+
 def _philox_normal_ref(out, seed, step, modality, offset):
     out.copy_(reference.philox_normal(seed, step, modality, offset, out.numel(), out.device)
               .view(out.shape))
@@ -159,6 +200,12 @@ def _bucket_std_fake(tensors):
                        device=tensors[0].device if tensors else "cpu")
 
 
+def _bucket_moments_fake(tensors):
+    check_moments_inputs(tensors)
+    return torch.empty((len(tensors), 3), dtype=torch.float64,
+                       device=tensors[0].device if tensors else "cpu")
+
+
 def _philox_normal_fake(out, seed, step, modality, offset):
     return None
 
@@ -171,6 +218,7 @@ _IMPLS = {
     "modulate_sigma_": (_modulate_sigma_ref, _modulate_sigma_fake),
     "bucket_table": (None, _bucket_table_fake),  # CUDA only: no default implementation
     "_bucket_std": (_bucket_std_ref, _bucket_std_fake),
+    "_bucket_moments": (_bucket_moments_ref, _bucket_moments_fake),
     "_philox_normal_": (_philox_normal_ref, _philox_normal_fake),
 }
 

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("triton")
 
 MODULATION = ("_modulate_noise_kernel", "_scale_kernel")
-STATISTICS = ("_stats_partial_kernel", "_sigma_kernel")
+STATISTICS = ("_stats_partial_kernel", "_sigma_kernel", "_moments_kernel")
+PARTIALS_ONLY = ("_sigma_kernel", "_moments_kernel")  # read the chunk partials, no gradient
 GRADIENT_OR_LOGIT_READERS = MODULATION + ("_stats_partial_kernel", "_scores_partial_kernel")
 
 
@@ -55,7 +56,8 @@ def test_every_launch_compiles_for_every_target(report):
     assert report["cache_files"] > 0  # the empty cache given was the one compiled into
     kernels = {r["kernel"] for r in report["results"]}
     assert kernels == {"_scores_partial_kernel", "_finish_kernel", "_stats_partial_kernel",
-                       "_sigma_kernel", "_modulate_noise_kernel", "_scale_kernel",
+                       "_sigma_kernel", "_moments_kernel", "_modulate_noise_kernel",
+                       "_scale_kernel",
                        "_proximal_kernel", "_proximal_finish_kernel",
                        "_fused_sgd_kernel", "_fused_adam_kernel"}
     for cc in (80, 90, 100, 120):
@@ -195,7 +197,7 @@ def test_aligned_inputs_take_16_byte_accesses(report):
     unaligned variants have no 16-byte access to the gradient, which shows the check can fail."""
     checked = {True: 0, False: 0}
     for r in _ok(report):
-        if r["kernel"] not in MODULATION + STATISTICS or r["kernel"] == "_sigma_kernel":
+        if r["kernel"] not in MODULATION + STATISTICS or r["kernel"] in PARTIALS_ONLY:
             continue
         kw = _kwargs(report, r)
         if kw.get("FLAT"):

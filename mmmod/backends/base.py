@@ -51,3 +51,10 @@ class Backend:
         The bits of this backend's ``modulate_bucket_`` wherever its statistics would have
         found the same sigma (sharded tensors, whose std comes from a collective)."""
         raise NotImplementedError
+
+    def bucket_moments(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """float64 ``(count, mean, M2)`` of every tensor as rows ``[T, 3]`` on their device
+        (``(0, 0, 0)`` for an empty tensor): ``mmmod::_bucket_moments``, one dtype and device
+        per call, any layout (read in logical order). The compiled extensions' kernels are the
+        op's own; the reference and Triton override this."""
+        return torch.ops.mmmod._bucket_moments(list(tensors))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from .. import reference
+from .. import ops, reference
 from .base import Backend
 
 
@@ -30,3 +30,6 @@ class TorchBackend(Backend):
     def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
         reference.modulate_sigma_bucket_(tensors, offsets, k, gate, sigma, seed=seed, step=step,
                                          modality=modality)
+
+    def bucket_moments(self, tensors):
+        return ops._bucket_moments_ref(list(tensors))

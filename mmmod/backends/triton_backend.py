@@ -2,7 +2,8 @@
 
 Per step and modality bucket: OGM / MLB is one launch (``k * g`` over every tensor of the
 bucket); OGM-GE is three (chunk statistics, per-tensor sigma, noisy rescale), or the noisy
-rescale alone when each tensor's sigma is given (``modulate_sigma_bucket_``: shards). Scores
+rescale alone when each tensor's sigma is given (``modulate_sigma_bucket_``: shards); the
+moments of a shard bucket (``bucket_moments``) are the chunk statistics plus a merge. Scores
 are one launch for all M modalities plus a one-program epilogue that can also evaluate the
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
@@ -145,6 +146,7 @@ class TritonBackend(Backend):
             "modulate_": self._op_modulate,
             "modulate_.capturable": self._op_modulate_capturable,
             "modulate_sigma_": self._op_modulate_sigma,
+            "_bucket_moments": self._op_bucket_moments,
         })
         self.op_device_types = self.op_device_types | {device_type}
 
@@ -380,6 +382,42 @@ class TritonBackend(Backend):
                                                if g.numel() > 0),
                 num_warps=self.noise_warps)
 
+    # -- per-tensor moments (sharded OGM-GE's statistics) ---------------------------------------
+    def bucket_moments(self, tensors):
+        tensors = list(tensors)
+        if tensors and tensors[0].device.type in self.op_device_types:
+            return torch.ops.mmmod._bucket_moments(tensors)
+        return self._bucket_moments_kernel(tensors)
+
+    def _bucket_moments_kernel(self, tensors):
+        """The statistics kernel's chunk partials, then one program per tensor combining them
+        in the sigma kernel's fixed order (``_moments_kernel``): two launches, no atomics, the
+        same bits on every run. Every tensor keeps its table row (an empty one owns no chunk
+        and gets ``(0, 0, 0)``); a non-contiguous tensor is read through a contiguous copy."""
+        from .. import ops
+        ops.check_moments_inputs(tensors)
+        if not tensors:
+            return torch.zeros((0, 3), dtype=torch.float64)
+        device = tensors[0].device
+        out = torch.zeros((len(tensors), 3), dtype=torch.float64, device=device)
+        ts = [g.detach().contiguous() for g in tensors]
+        live = [g for g in ts if g.numel() > 0]
+        if not live:
+            return out
+        with _on(device):
+            K = self.kernels
+            meta = self._cache.get(ts, [0] * len(ts), self.block, self.block_c)
+            part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
+            _launch(
+                K.stats._stats_partial_kernel, (meta.n_stats_chunks,),
+                meta.meta, meta.stats_map, part, BLOCK=self.block,
+                DT=K.utils.tl_dtype(ts[0].dtype), ALIGNED=_aligned(live),
+                num_warps=_warps(self.block))
+            _launch(
+                K.stats._moments_kernel, (meta.num_tensors,),
+                meta.meta, part, out, BLOCK=self.block, BLOCK_P=self.block_p)
+        return out
+
     # -- the CUDA implementation of the mmmod ops (signatures of mmmod/ops.py) -----------------
     def _op_scores(self, logits, labels):
         return self._scores_kernel(list(logits), labels)
@@ -406,6 +444,9 @@ class TritonBackend(Backend):
                              "tables (table must be None)")
         self._modulate_sigma_kernel(list(tensors), offsets, k, gate, sigma, seed,
                                     step if step_tensor is None else step_tensor, modality)
+
+    def _op_bucket_moments(self, tensors):
+        return self._bucket_moments_kernel(list(tensors))
 
     @staticmethod
     def _step_args(step, device):

@@ -12,7 +12,8 @@ are per whole tensor and need more than the shard:
   tensor, e.g. ``(Replicate(), Shard(0))`` of hybrid sharding) that is
   ``first_local_row * row_numel``; other layouts are refused with the parameter's name.
 - **OGM-GE's sigma**, the std of the whole tensor's gradient. Each rank computes per local
-  shard ``(count, mean, M2)`` in float64 (two passes over the shard), the ranks holding the
+  shard ``(count, mean, M2)`` in float64 (``mmmod::_bucket_moments``: one fused statistics
+  pass per (device, dtype) bucket of shards, on every backend's device), the ranks holding the
   shards of a tensor exchange them in **one all-gather per shard group per step** for every
   sharded tensor of every modality (``24 * T`` bytes per rank for T sharded tensors), and every
   rank merges the table in the same fixed order (Chan et al.'s pairwise update, rank 0 first),
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import ops
 from ..slices import ParamSlice
 from . import distributed
 from .selection import sharded_kind
@@ -131,7 +133,8 @@ class ShardPlan:
                     groups.setdefault(s.group, []).append((m, i))
         #: (group, [(modality, tensor index)]) in first-seen order: one collective each
         self.groups = list(groups.items())
-        self._counts: dict[tuple, torch.Tensor] = {}  # (group index, device) -> counts [T]
+        self._index: dict[tuple, torch.Tensor] = {}  # row layouts of global_stds (cached)
+        self._loaded: set[str] = set()  # device types whose moment kernels were loaded
 
     @property
     def needs_stds(self) -> bool:
@@ -170,37 +173,69 @@ class ShardPlan:
         """The unbiased float64 std of every sharded entry's whole gradient (0-d, on the
         gradient's device; ``None`` for ordinary entries, computed by the backend as usual).
 
-        ``grads`` are the local gradients (``selection.grad_of``). One all-gather of a
-        ``[T, 3]`` float64 table per shard group; every rank merges it in rank order, so all
-        of them hold the same bits. A shard without a gradient counts as empty; a
-        non-finite value anywhere in a tensor makes its std non-finite (no noise), as for an
-        unsharded tensor."""
+        ``grads`` are the local gradients (``selection.grad_of``). Per shard group, the local
+        shards' ``(count, mean, M2)`` come from one ``mmmod::_bucket_moments`` call per
+        (device, dtype) bucket of them (the fused statistics pass of the device's kernels:
+        one read of each shard), then one all-gather of the ``[T, 3]`` float64 table; every
+        rank merges it in rank order (:func:`merged_std`), so all of them hold the same bits.
+        A shard without a gradient counts as empty; a non-finite value anywhere in a tensor
+        makes its std non-finite (no noise), as for an unsharded tensor."""
         out: list[list[torch.Tensor | None]] = [[None] * len(row) for row in self.shards]
         for gi, (group, members) in enumerate(self.groups):
             dev = distributed.collective_device(group)
-            rows, counts = [], []
-            for m, i in members:
+            buckets: dict[tuple, list[int]] = {}  # (device, dtype) -> member positions
+            for t, (m, i) in enumerate(members):
                 g = grads[m][i]
-                if g is None or g.numel() == 0:
-                    rows.append(torch.zeros(2, dtype=torch.float64, device=dev))
-                    counts.append(0)
-                    continue
-                x = g.detach().reshape(-1).double()
-                mean = x.mean()
-                rows.append(torch.stack([mean, (x - mean).square().sum()]).to(dev))
-                counts.append(g.numel())
-            key = (gi, dev, tuple(counts))
-            n_local = self._counts.get(key)
-            if n_local is None:  # the counts are shapes: built once, not uploaded every step
-                n_local = torch.tensor(counts, dtype=torch.float64, device=dev)
-                self._counts[key] = n_local
-            mine = torch.cat([n_local[:, None], torch.stack(rows)], 1).contiguous()
-            std = merged_std(distributed.all_gather_rows(mine, group))
+                if g is not None:
+                    buckets.setdefault((g.device, g.dtype), []).append(t)
+            parts, order = [], []
+            for (gdev, _), ts in buckets.items():
+                self._load_kernels(gdev)
+                shards = [grads[members[t][0]][members[t][1]].detach() for t in ts]
+                if gdev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    # the CUDA extension uploads its table from pinned memory, which a graph
+                    # cannot capture; the reference is plain device ops (a host query, no sync)
+                    rows = ops._bucket_moments_ref(shards)
+                else:
+                    rows = torch.ops.mmmod._bucket_moments(shards)
+                parts.append(rows.to(dev))  # a no-op unless gloo gathers CUDA shards' rows
+                order += ts
+            missing = len(members) - len(order)  # no gradient on this rank: empty shards
+            if missing:
+                parts.append(torch.zeros((missing, 3), dtype=torch.float64, device=dev))
+                have = set(order)
+                order += [t for t in range(len(members)) if t not in have]
+            mine = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if order != list(range(len(members))):  # back to the members' (the table's) order
+                mine = mine[self._inverse(gi, order, dev)]
+            std = merged_std(distributed.all_gather_rows(mine.contiguous(), group))
             for t, (m, i) in enumerate(members):
                 g = grads[m][i]
                 if g is not None:
                     out[m][i] = std[t].to(g.device, non_blocking=True)
         return out
+
+    def _inverse(self, gi: int, order: list[int], dev: torch.device) -> torch.Tensor:
+        """Index putting rows stacked in ``order`` back in member order (uploaded once per
+        layout and cached: the layout is the shards' devices and dtypes, fixed across steps)."""
+        key = (gi, dev, tuple(order))
+        idx = self._index.get(key)
+        if idx is None:
+            inv = [0] * len(order)
+            for pos, t in enumerate(order):
+                inv[t] = pos
+            idx = torch.tensor(inv, dtype=torch.int64, device=dev)
+            self._index[key] = idx
+        return idx
+
+    def _load_kernels(self, device: torch.device) -> None:
+        """Load the compiled kernels of ``_bucket_moments`` for this device type (once; the
+        op's plain-torch default runs where there are none)."""
+        if device.type not in self._loaded:
+            from .. import _ext
+            if device.type in ("cpu", "cuda"):
+                _ext.load(device.type)
+            self._loaded.add(device.type)
 
 
 def merged_std(table: torch.Tensor) -> torch.Tensor:
