@@ -30,7 +30,7 @@ needs_cuda_torch = pytest.mark.skipif(
 EXPECT_BUILD = os.environ.get("MMMOD_EXPECT_CUDA_BUILD", "0") == "1"
 OPS = ("scores", "coefficients", "modulate_", "modulate_.capturable", "bucket_table",
        "_bucket_std", "_philox_normal_", "fused_sgd_", "fused_adam_", "modulate_sigma_",
-       "proximal_")
+       "proximal_", "_bucket_moments")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,6 +294,7 @@ def test_opcheck_fake_implementations_on_meta(cuda_ext):
              torch.empty((), dtype=torch.long, device=d)))
     opcheck(ops.bucket_table.default, (ts, offs))
     opcheck(ops._bucket_std.default, (ts,))
+    opcheck(ops._bucket_moments.default, (ts,))
     opcheck(ops._philox_normal_.default, (torch.empty(11, device=d), 7, 2, 0, 3))
 
 
@@ -321,6 +322,8 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
                                  torch.empty((), dtype=torch.long, device="cuda"))
         std = ops._bucket_std(ts)
         assert std.dtype == torch.float64 and std.shape == (3,)
+        rows = ops._bucket_moments(ts)
+        assert rows.device.type == "cuda" and rows.dtype == torch.float64 and rows.shape == (3, 3)
 
 
 @needs_cuda_torch
