@@ -312,7 +312,8 @@ at::Tensor bucket_moments_cuda(at::TensorList tensors) {
                       " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
                       tensors[0].scalar_type(), " on ", tensors[0].device());
   }
-  TORCH_CHECK_VALUE(T > 0, "mmmod._bucket_moments: no tensors");  // (dispatch needs one)
+  // an empty list has no device, so it never dispatches here (the CPU kernel answers it)
+  TORCH_CHECK_VALUE(T > 0, "mmmod._bucket_moments: no tensors");
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
   std::vector<at::Tensor> flat;

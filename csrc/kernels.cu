@@ -18,11 +18,12 @@
 //              the step either an argument or read from a device counter (CUDA graphs).
 // modulate_sigma_ (each tensor's sigma given, e.g. gathered across the shards of a tensor) is
 // launch 3 alone, finishing the given sigma (non-finite -> 0, times the gate) per chunk.
-// Vector accesses: a chunk whose tensor's data pointer is 16-byte aligned (checked per chunk on
-// the device, so a table built once serves both cases) reads and writes whole 16-byte vectors
-// (float4, 8 halves / bfloat16 as uint4, double2; the noise kernel 4 elements of its Philox
-// group: float4, 2 x half2 / __nv_bfloat162, 2 x double2, when the stream offset is a multiple
-// of 4); other chunks and a tensor's partial last tile take scalar accesses.
+// Vector accesses (csrc/cuda_access.cuh, shared with fused_update.cu): a chunk whose tensor's
+// data pointer is 16-byte aligned (checked per chunk on the device, so a table built once
+// serves both cases) reads and writes whole 16-byte vectors (float4, 8 halves / bfloat16 as
+// uint4, double2; the noise kernel 4 elements of its Philox group: float4, 2 x half2 /
+// __nv_bfloat162, 2 x double2, when the stream offset is a multiple of 4); other chunks and a
+// tensor's partial last tile take scalar accesses.
 // Bytes per step (benchmarks/byte_model.py, next to each kernel below): OGM-GE reads every
 // gradient element twice and writes it once (12 B/element in float32, the floor), plus ~80 B
 // per 64 K-element chunk of table and moments.
