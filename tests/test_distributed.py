@@ -153,7 +153,8 @@ def refused(bad, method, want, **kw):
         raise SystemExit(f"{method} accepted {want}")
 
 # OGM-GE on a DTensor: accepted (the shards gather the std); every element-wise method too
-for method in ("ogm_ge", "ogm", "mlb", "agm", "mslr"):
+# InfoReg too (its Fisher sums are gathered across the shards)
+for method in ("ogm_ge", "ogm", "mlb", "agm", "mslr", "inforeg"):
     mmmod.ModulatedOptimizer(torch.optim.SGD([sharded, plain], lr=0.1),
                              {"audio": [sharded], "visual": [plain]}, method=method)
 # an FSDP1 FlatParameter mixes many tensors: no per-tensor std
@@ -162,16 +163,16 @@ mmmod.ModulatedOptimizer(torch.optim.SGD([flat, plain], lr=0.1),
                          {"audio": [flat], "visual": [plain]}, method="ogm")
 # each rank's torch generator cannot draw a shard's part of one stream
 refused(sharded, "ogm_ge", ["DTensor", "noise_rng='philox'"], noise_rng="torch")
-# InfoReg's Fisher mean is per whole tensor: still refused, naming what to use
-refused(sharded, "inforeg", ["DTensor", "'inforeg'", "DDP"])
+# an FSDP1 FlatParameter has no per-tensor Fisher term either
+refused(flat, "inforeg", ["FlatParameter", "'inforeg'", "fully_shard"])
 dist.destroy_process_group()
 print("ok")
 """
 
 
 def test_sharded_parameters_accepted_or_refused_by_name(tmp_path):
-    """DTensor parameters: OGM-GE and every element-wise method accept them; an FSDP1
-    FlatParameter under OGM-GE, noise_rng='torch' on a shard and InfoReg are refused at
+    """DTensor parameters: every method accepts them; an FSDP1 FlatParameter under OGM-GE or
+    InfoReg and noise_rng='torch' on a shard are refused at
     construction with the modality and parameter named (multi-rank behaviour:
     tests/test_fsdp.py)."""
     import subprocess
