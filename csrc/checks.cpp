@@ -73,6 +73,34 @@ void check_step_tensor(const at::Tensor& step, const at::Device& device) {
                     " but the bucket is on ", device);
 }
 
+// mmmod::modulate_sigma_ (csrc/cpu_kernels.cpp, csrc/cuda_ops.cpp); mirrored by
+// mmmod.reference.check_sigma
+void check_sigma(at::TensorList tensors, const at::Tensor& sigma) {
+  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
+                   "mmmod.modulate_sigma_: sigma must be float32 (one noise scale per tensor), got ",
+                   sigma.scalar_type());
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == static_cast<int64_t>(tensors.size()),
+                    "mmmod.modulate_sigma_: sigma must have shape [", tensors.size(),
+                    "] (one per tensor), got ", sigma.sizes());
+  TORCH_CHECK_VALUE(tensors.empty() || sigma.device() == tensors[0].device(),
+                    "mmmod.modulate_sigma_: sigma is on ", sigma.device(), " but the tensors are on ",
+                    tensors[0].device());
+}
+
+// mmmod::_bucket_moments (csrc/cpu_kernels.cpp, csrc/cuda_ops.cpp)
+void check_moments_inputs(at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::ScalarType st = tensors[i].scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+                     "mmmod._bucket_moments: tensor ", i, " is ", st,
+                     "; expected float32, float16, bfloat16 or float64");
+    TORCH_CHECK_VALUE(st == tensors[0].scalar_type() && tensors[i].device() == tensors[0].device(),
+                      "mmmod._bucket_moments: a bucket holds one dtype and device; tensor ", i,
+                      " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
+                      tensors[0].scalar_type(), " on ", tensors[0].device());
+  }
+}
+
 // mmmod::proximal_ (csrc/proximal_cpu.cpp, csrc/proximal_cuda.cpp); mirrored by mmmod/ops_proximal.py
 void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
                   const at::Tensor& beta) {

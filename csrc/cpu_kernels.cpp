@@ -597,15 +597,7 @@ void modulate_sigma_cpu(at::TensorList tensors, at::IntArrayRef offsets, const a
                         int64_t modality, const std::optional<at::Tensor>& table,
                         const std::optional<at::Tensor>& step_tensor) {
   check_bucket(tensors, offsets, k, gate);
-  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
-                   "mmmod.modulate_sigma_: sigma must be float32 (one noise scale per tensor), got ",
-                   sigma.scalar_type());
-  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == static_cast<int64_t>(tensors.size()),
-                    "mmmod.modulate_sigma_: sigma must have shape [", tensors.size(),
-                    "] (one per tensor), got ", sigma.sizes());
-  TORCH_CHECK_VALUE(tensors.empty() || sigma.device() == tensors[0].device(),
-                    "mmmod.modulate_sigma_: sigma is on ", sigma.device(), " but the tensors are on ",
-                    tensors[0].device());
+  check_sigma(tensors, sigma);
   TORCH_CHECK_VALUE(!table.has_value(),
                     "mmmod.modulate_sigma_: the CPU kernels take no device table (table must be None)");
   if (step_tensor.has_value()) {
@@ -658,16 +650,7 @@ at::Tensor bucket_std_cpu(at::TensorList tensors) {
 // contiguous. Every input is checked before anything is computed.
 at::Tensor bucket_moments_cpu(at::TensorList tensors) {
   const int64_t T = static_cast<int64_t>(tensors.size());
-  for (int64_t i = 0; i < T; ++i) {
-    const at::ScalarType st = tensors[i].scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                     "mmmod._bucket_moments: tensor ", i, " is ", st,
-                     "; expected float32, float16, bfloat16 or float64");
-    TORCH_CHECK_VALUE(st == tensors[0].scalar_type() && tensors[i].device() == tensors[0].device(),
-                      "mmmod._bucket_moments: a bucket holds one dtype and device; tensor ", i,
-                      " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
-                      tensors[0].scalar_type(), " on ", tensors[0].device());
-  }
+  check_moments_inputs(tensors);
   const KernelTable& K = kernels_for_op();  // may raise (a bad MMMOD_CPU_KERNELS)
   at::Tensor out = at::zeros({T, 3}, at::dtype(at::kDouble));
   if (T == 0) return out;

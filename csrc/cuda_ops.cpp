@@ -248,16 +248,9 @@ void modulate_sigma_cuda(at::TensorList tensors, at::IntArrayRef offsets, const 
                          int64_t modality, const std::optional<at::Tensor>& table,
                          const std::optional<at::Tensor>& step_tensor) {
   check_bucket(tensors, offsets, k, gate);
-  TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
-                   "mmmod.modulate_sigma_: sigma must be float32 (one noise scale per tensor), got ",
-                   sigma.scalar_type());
-  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == static_cast<int64_t>(tensors.size()),
-                    "mmmod.modulate_sigma_: sigma must have shape [", tensors.size(),
-                    "] (one per tensor), got ", sigma.sizes());
+  check_sigma(tensors, sigma);
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
-  TORCH_CHECK_VALUE(sigma.device() == device, "mmmod.modulate_sigma_: sigma is on ", sigma.device(),
-                    " but the tensors are on ", device);
   c10::DeviceGuard guard(device);
   at::Tensor step64;
   if (step_tensor.has_value()) {
@@ -302,16 +295,7 @@ at::Tensor bucket_std_cuda(at::TensorList tensors) {
 // launch. A non-contiguous tensor is read through a contiguous copy (its logical order).
 at::Tensor bucket_moments_cuda(at::TensorList tensors) {
   const int64_t T = static_cast<int64_t>(tensors.size());
-  for (int64_t i = 0; i < T; ++i) {
-    const at::ScalarType st = tensors[i].scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-                     "mmmod._bucket_moments: tensor ", i, " is ", st,
-                     "; expected float32, float16, bfloat16 or float64");
-    TORCH_CHECK_VALUE(st == tensors[0].scalar_type() && tensors[i].device() == tensors[0].device(),
-                      "mmmod._bucket_moments: a bucket holds one dtype and device; tensor ", i,
-                      " is ", st, " on ", tensors[i].device(), ", tensor 0 is ",
-                      tensors[0].scalar_type(), " on ", tensors[0].device());
-  }
+  check_moments_inputs(tensors);
   // an empty list has no device, so it never dispatches here (the CPU kernel answers it)
   TORCH_CHECK_VALUE(T > 0, "mmmod._bucket_moments: no tensors");
   const at::Device device = tensors[0].device();

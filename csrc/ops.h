@@ -35,5 +35,9 @@ void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::Tens
                            const at::Tensor& beta);
 // A step counter tensor of modulate_.capturable: 0-d, integer, on `device`.
 void check_step_tensor(const at::Tensor& step, const at::Device& device);
+// modulate_sigma_'s sigma: float32 [T], on the tensors' device.
+void check_sigma(at::TensorList tensors, const at::Tensor& sigma);
+// _bucket_moments' tensors: one floating dtype (f32/f16/bf16/f64) and one device.
+void check_moments_inputs(at::TensorList tensors);
 
 }  // namespace mmmod
