@@ -26,6 +26,12 @@
 // KernelTable's normals(), AVX2 or scalar), so the fused and unfused paths draw the same noise.
 // Work is split into fixed chunks of kChunkCpu elements of one tensor, so results never depend
 // on the thread count.
+//
+// Speed: float32 / float64 under torch's FMA kernels (the usual case) take the fast loops
+// (sgd_fast, adam_moments_fast, adam_params_fast), with the flags that change the work as
+// template parameters, so GCC vectorises them; the generic loops (sgd_run, adam_moments,
+// adam_params: run-time flags, scalar code) serve float16 / bfloat16, torch's baseline kernels
+// and MMMOD_CPU_KERNELS=scalar. Both compute the same operations in the same order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -189,10 +195,127 @@ void adam_params(T* __restrict p, const T* __restrict m1, const T* __restrict sq
   }
 }
 
-// One chunk, compiled twice: for CPUs with AVX2 + FMA (std::fma is one instruction and the
-// element loops vectorise) and for the baseline ISA (std::fma from libm, when torch's kernels
-// use it); same results either way. No lambda inside (a lambda body would not inherit the target attribute): the noise runs of
-// cpu_kernels.cpp's for_each_noise_run are written out.
+// The fast element loops: float32 / float64 with torch's FMA kernels (the common case). Every
+// flag that changes which arrays are touched or which operations run is a template parameter,
+// so each loop body is straight-line code GCC vectorises; maximize and update_scale stay run-time
+// but are selects (a negation and a blend: exact, no branch). The operations, their order and
+// their roundings are those of sgd_run / adam_moments / adam_params with R the identity and
+// madd an FMA, so the results are the same bits.
+template <typename T, bool Noise>
+inline __attribute__((always_inline)) T fast_grad(T g, float k, float sigma, const float* z,
+                                                  int64_t j, bool maximize) {
+  const float v = Noise ? modulate_value(static_cast<float>(g), k, sigma, z[j])
+                        : scale_value(static_cast<float>(g), k);
+  const T x = static_cast<T>(v);
+  return maximize ? -x : x;
+}
+
+// Ready: the momentum buffer holds last step's value (else buf = grad.clone())
+template <typename T, bool Noise, bool Decay, bool Mom, bool Ready, bool Nest>
+inline __attribute__((always_inline)) void sgd_fast(T* __restrict p, const T* __restrict g,
+                                                    T* __restrict buf, int64_t n,
+                                                    const float* __restrict z, float k,
+                                                    float sigma, float u, const SgdScalars& s) {
+  const T wd = static_cast<T>(s.wd), mom = static_cast<T>(s.momentum);
+  const T one_minus_damp = static_cast<T>(1.0 - s.dampening), neg_lr = static_cast<T>(-s.lr);
+  const T uu = static_cast<T>(u);
+  const bool maximize = s.maximize, scale = s.scale_update;
+  for (int64_t j = 0; j < n; ++j) {
+    T x = fast_grad<T, Noise>(g[j], k, sigma, z, j, maximize);
+    const T p0 = p[j];
+    if (Decay) x = std::fma(p0, wd, x);
+    if (Mom) {
+      const T b = Ready ? std::fma(x, one_minus_damp, buf[j] * mom) : x;
+      buf[j] = b;
+      x = Nest ? std::fma(b, mom, x) : b;
+    }
+    const T pn = std::fma(x, neg_lr, p0);
+    const T ps = p0 + (pn - p0) * uu;
+    p[j] = scale ? ps : pn;
+  }
+}
+
+// L2: weight decay added to the gradient (Adam's, not AdamW's)
+template <typename T, bool Noise, bool L2>
+inline __attribute__((always_inline)) void adam_moments_fast(const T* __restrict p,
+                                                             const T* __restrict g,
+                                                             T* __restrict m1, T* __restrict m2,
+                                                             int64_t n, const float* __restrict z,
+                                                             float k, float sigma,
+                                                             const AdamScalars& s) {
+  const T wd = static_cast<T>(s.wd);
+  const T w1 = static_cast<T>(1.0 - s.beta1);
+  const bool small = std::abs(w1) < static_cast<T>(0.5);  // torch's is_lerp_weight_small
+  const T coeff = small ? w1 : w1 - static_cast<T>(1);
+  const T b2 = static_cast<T>(s.beta2), one_minus_b2 = static_cast<T>(1.0 - s.beta2);
+  const bool maximize = s.maximize;
+  for (int64_t j = 0; j < n; ++j) {
+    T x = fast_grad<T, Noise>(g[j], k, sigma, z, j, maximize);
+    if (L2) x = std::fma(p[j], wd, x);
+    const T a = m1[j];
+    m1[j] = std::fma(coeff, x - a, small ? a : x);
+    m2[j] = std::fma(one_minus_b2 * x, x, m2[j] * b2);
+  }
+}
+
+// Decoupled: AdamW's param.mul_(1 - lr * wd)
+template <typename T, bool Decoupled>
+inline __attribute__((always_inline)) void adam_params_fast(T* __restrict p,
+                                                            const T* __restrict m1,
+                                                            const T* __restrict sq, int64_t n,
+                                                            float u, const AdamScalars& s,
+                                                            double step) {
+  const T decay_mul = static_cast<T>(1.0 - s.lr * s.wd);
+  const double bc1 = 1.0 - std::pow(s.beta1, step);
+  const double bc2 = 1.0 - std::pow(s.beta2, step);
+  const T bc2_sqrt = static_cast<T>(std::pow(bc2, 0.5));
+  const T neg_step_size = static_cast<T>(-(s.lr / bc1));
+  const T eps = static_cast<T>(s.eps), uu = static_cast<T>(u);
+  const bool scale = s.scale_update;
+  for (int64_t j = 0; j < n; ++j) {
+    const T p0 = p[j];
+    const T pc = Decoupled ? p0 * decay_mul : p0;
+    const T den = sq[j] / bc2_sqrt + eps;
+    const T pn = pc + neg_step_size * m1[j] / den;
+    const T ps = p0 + (pn - p0) * uu;
+    p[j] = scale ? ps : pn;
+  }
+}
+
+template <typename T, bool Noise, bool Decay, bool Mom, bool Ready, bool Nest>
+struct SgdFastRun {
+  T* p; const T* g; T* b; float k, sigma, u; const SgdScalars* s;
+  template <typename U>
+  inline __attribute__((always_inline)) void go(int64_t i, int64_t n, const float* z) const {
+    sgd_fast<T, Noise, Decay, Mom, Ready, Nest>(p + i, g + i, Mom ? b + i : nullptr, n, z, k,
+                                                 sigma, u, *s);
+  }
+};
+
+template <typename T, bool Noise, bool L2>
+struct AdamFastRun {
+  const T* p; const T* g; T* a; T* v; float k, sigma; const AdamScalars* s;
+  template <typename U>
+  inline __attribute__((always_inline)) void go(int64_t i, int64_t n, const float* z) const {
+    adam_moments_fast<T, Noise, L2>(p + i, g + i, a + i, v + i, n, z, k, sigma, *s);
+  }
+};
+
+// calls f(std::bool_constant<b>{}): a run-time flag turned into a template argument
+template <typename F>
+inline void with_flag(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// One chunk (and Adam's parameter pass), compiled per ISA: AVX-512 and AVX2 + FMA (std::fma is
+// one instruction and the fast loops vectorise in 512- / 256-bit vectors) and the baseline ISA
+// (std::fma from libm, when torch's kernels use it); same results on each. No lambda inside (a
+// lambda body would not inherit the target attribute): the noise runs of cpu_kernels.cpp's
+// for_each_noise_run are written out.
 #define MMMOD_FUSED_CHUNK(SUFFIX, ATTR)                                                         \
   template <typename T, typename Run>                                                           \
   ATTR void chunk##SUFFIX(const cpu::KernelTable& K, const NoiseArgs& nz, uint64_t p0,         \
@@ -214,6 +337,11 @@ void adam_params(T* __restrict p, const T* __restrict m1, const T* __restrict sq
       q += static_cast<uint64_t>(ng);                                                           \
       lead = 0;                                                                                 \
     }                                                                                           \
+  }                                                                                             \
+  template <typename T, bool Decoupled>                                                         \
+  ATTR void adam_params##SUFFIX(T* p, const T* m1, const T* sq, int64_t n, float u,            \
+                                const AdamScalars& s, double step) {                            \
+    adam_params_fast<T, Decoupled>(p, m1, sq, n, u, s, step);                                   \
   }
 
 // the per-run bodies as always-inline members (inlined into the chunk function's ISA)
@@ -249,6 +377,9 @@ bool torch_uses_fma() {
 
 #if defined(__x86_64__) || defined(__i386__)
 MMMOD_FUSED_CHUNK(_fma, __attribute__((target("avx2,fma"))))
+// the fast loops in 512-bit vectors where the CPU has them (same operations, same bits)
+MMMOD_FUSED_CHUNK(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,"
+                                                  "prefer-vector-width=512"))))
 #endif
 MMMOD_FUSED_CHUNK(_base, )
 
@@ -261,6 +392,64 @@ bool has_fma() {
   return ok;
 #else
   return false;
+#endif
+}
+
+// the ISA of the fast loops: 2 AVX-512, 1 AVX2 + FMA, 0 none (the generic loops). The CPU's
+// widest, capped by the kernel table in use, so MMMOD_CPU_KERNELS=avx2 runs the 256-bit loops
+// and =scalar the generic ones: each path can be checked against the others on one machine.
+int chunk_isa(const cpu::KernelTable& K) {
+#if defined(MMMOD_X86_SIMD_TABLES)
+  static const bool avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+  }();
+  if (!has_fma()) return 0;
+  if (&K == &cpu::avx512_kernels()) return avx512 ? 2 : 1;
+  return &K == &cpu::avx2_kernels() ? 1 : 0;
+#else
+  (void)K;
+  return 0;
+#endif
+}
+
+// whether this build picks the chunk ISA at run time (x86); elsewhere the baseline build is
+// the fast one
+constexpr bool has_x86_isa_dispatch() {
+#if defined(__x86_64__) || defined(__i386__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// the dtypes of the fast loops (R is the identity and A the storage type)
+template <typename T>
+constexpr bool kFastType = std::is_same<T, float>::value || std::is_same<T, double>::value;
+
+// one chunk through the fast loops, on the widest ISA here
+template <typename T, typename Run>
+void chunk_fast(int isa, const cpu::KernelTable& K, const NoiseArgs& nz, uint64_t p0,
+                int64_t len, const Run& run) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == 2) return chunk_avx512<T>(K, nz, p0, len, run);
+  chunk_fma<T>(K, nz, p0, len, run);  // isa 1 (the fast loops need FMA on x86)
+#else
+  (void)isa;
+  chunk_base<T>(K, nz, p0, len, run);
+#endif
+}
+
+template <typename T, bool Decoupled>
+void adam_params_isa(int isa, T* p, const T* m1, const T* sq, int64_t n, float u,
+                     const AdamScalars& s, double step) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == 2) return adam_params_avx512<T, Decoupled>(p, m1, sq, n, u, s, step);
+  adam_params_fma<T, Decoupled>(p, m1, sq, n, u, s, step);
+#else
+  (void)isa;
+  adam_params_base<T, Decoupled>(p, m1, sq, n, u, s, step);
 #endif
 }
 
@@ -342,9 +531,39 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     using T = scalar_t;
     const cpu::KernelTable& K = cpu::active_kernels();
     const bool fma = has_fma();
+    // torch's FMA kernels on a CPU with FMA (or a non-x86 one): the fast loops
+    const int isa = chunk_isa(K);
+    const bool fast = s.torch_fma && (isa > 0 || !has_x86_isa_dispatch());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = chunks[c];
+        if constexpr (kFastType<T>) {
+          if (fast) {
+            const bool rdy = use_momentum && ready[ch.tensor] != 0;
+            T* p = params[ch.tensor].mutable_data_ptr<T>() + ch.start;
+            const T* g = grads[ch.tensor].const_data_ptr<T>() + ch.start;
+            T* b = use_momentum ? momentum_buffers[ch.tensor].mutable_data_ptr<T>() + ch.start
+                                : nullptr;
+            const float sg = sp != nullptr ? sp[ch.tensor] : 0.0f;
+            const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
+            with_flag(nz.on, [&](auto noise) {
+              with_flag(s.decay, [&](auto decay) {
+                with_flag(use_momentum, [&](auto mom) {
+                  with_flag(rdy, [&](auto ready_buf) {
+                    with_flag(use_momentum && nesterov, [&](auto nest) {
+                      const SgdFastRun<T, decltype(noise)::value, decltype(decay)::value,
+                                       decltype(mom)::value, decltype(ready_buf)::value,
+                                       decltype(nest)::value>
+                          run{p, g, b, kv, sg, u, &s};
+                      chunk_fast<T>(isa, K, nz, p0, ch.len, run);
+                    });
+                  });
+                });
+              });
+            });
+            continue;
+          }
+        }
         const SgdRun<T> run{params[ch.tensor].mutable_data_ptr<T>() + ch.start,
                             grads[ch.tensor].const_data_ptr<T>() + ch.start,
                             use_momentum ? momentum_buffers[ch.tensor].mutable_data_ptr<T>() + ch.start
@@ -396,6 +615,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     using T = scalar_t;
     const cpu::KernelTable& K = cpu::active_kernels();
     const bool fma = has_fma();
+    const int isa = chunk_isa(K);
+    const bool fast = s.torch_fma && (isa > 0 || !has_x86_isa_dispatch());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
       // torch's square roots of one chunk's exp_avg_sq (reused across this thread's chunks)
       at::Tensor sq = at::empty({kChunkCpu}, at::TensorOptions().dtype(dtype));
@@ -404,6 +625,28 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         T* p = params[ch.tensor].mutable_data_ptr<T>() + ch.start;
         T* a = exp_avgs[ch.tensor].mutable_data_ptr<T>() + ch.start;
         T* v = exp_avg_sqs[ch.tensor].mutable_data_ptr<T>() + ch.start;
+        if constexpr (kFastType<T>) {
+          if (fast) {
+            const T* g = grads[ch.tensor].const_data_ptr<T>() + ch.start;
+            const float sg = sp != nullptr ? sp[ch.tensor] : 0.0f;
+            const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
+            with_flag(nz.on, [&](auto noise) {
+              with_flag(s.decay && !s.decoupled, [&](auto l2) {
+                const AdamFastRun<T, decltype(noise)::value, decltype(l2)::value> run{
+                    p, g, a, v, kv, sg, &s};
+                chunk_fast<T>(isa, K, nz, p0, ch.len, run);
+              });
+            });
+            at::Tensor sq_chunk = sq.narrow(0, 0, ch.len);
+            at::sqrt_out(sq_chunk, at::from_blob(v, {ch.len}, at::TensorOptions().dtype(dtype)));
+            const T* root = sq_chunk.const_data_ptr<T>();
+            with_flag(s.decay && s.decoupled, [&](auto decoupled_decay) {
+              adam_params_isa<T, decltype(decoupled_decay)::value>(isa, p, a, root, ch.len, u, s,
+                                                                   steps[ch.tensor]);
+            });
+            continue;
+          }
+        }
         const AdamRun<T> run{p, grads[ch.tensor].const_data_ptr<T>() + ch.start, a, v, kv,
                              sp != nullptr ? sp[ch.tensor] : 0.0f, &s};
         const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor] + ch.start);
