@@ -127,15 +127,28 @@ def _cpu_noise(seed, step, modality, offset, n, device):
     return out.to(device)
 
 
+def _cpu_tables():
+    """The CPU kernel tables this machine runs (``MMMOD_CPU_KERNELS``): the fused update's
+    vectorised loops are built for AVX-512 and AVX2, its portable loops run under "scalar"."""
+    if not CPU_LIVE:
+        return ["scalar"]
+    import mmmod._C
+    info = mmmod._C.cpu_kernels()
+    return ((["avx512"] if info.get("avx512_supported") else [])
+            + (["avx2"] if info["avx2_supported"] else []) + ["scalar"])
+
+
 @pytest.mark.skipif(not CPU_LIVE, reason="cpu extension with the fused kernels not built")
+@pytest.mark.parametrize("table", _cpu_tables())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("n", [0, 1, 13, 4099, 40000])
 @pytest.mark.parametrize("noise", [False, True])
-def test_cpu_ops_equal_reference(dtype, n, noise, monkeypatch):
+def test_cpu_ops_equal_reference(dtype, n, noise, table, monkeypatch):
     """The C++ ops equal the plain-torch reference bit for bit in every dtype over 3 steps, when
     the reference draws the cpu backend's normals (with the reference's own normals the
     modulated gradient may differ by the normals' float32 roundings, about 3 % of the elements
-    by one float32 ulp at these sizes)."""
+    by one float32 ulp at these sizes), under every CPU kernel table."""
+    monkeypatch.setenv("MMMOD_CPU_KERNELS", table)
     monkeypatch.setattr(FU, "philox_normal", _cpu_noise)
     torch.manual_seed(n)
     p0, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
