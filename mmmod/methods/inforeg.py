@@ -120,8 +120,8 @@ class InfoReg(Method):
         ``shards`` (a ``mmmod.optim.sharding.ShardPlan``, given when some selected tensor is an
         FSDP2 shard): the correction is element-wise, so each rank corrects its shard as is; a
         sharded tensor's Fisher term, the mean of its whole gradient squared, is each shard's
-        float64 sum of squares, added across the shard group in rank order (one all-gather
-        per group per step), divided by the tensor's size."""
+        float64 sum of squares (from the fused per-tensor moments), added across the shard
+        group in rank order (one all-gather per group per step), divided by the tensor's size."""
         self._ensure_snapshot(state, params)
         beta = state["beta"]
         run = _proximal_for(backend)
@@ -144,9 +144,18 @@ class InfoReg(Method):
                 if not sharded:
                     inc = inc + part.to(fisher_device)
                     continue
-                for i in idx:  # the op's return holds the shards' own means: not the trace's
+                # the op's return holds the shards' own means, not the trace's: each shard's
+                # sum of squares from its (count, mean, M2), one fused statistics pass per
+                # dtype (mmmod::_bucket_moments), M2 + n mean^2 in float64
+                by_dtype: dict = {}
+                for i in idx:
                     if gs[i].dim() >= 2:
-                        partial[m][i] = gs[i].double().square().sum()
+                        by_dtype.setdefault(gs[i].dtype, []).append(i)
+                for members in by_dtype.values():
+                    rows = _bucket_moments([gs[i] for i in members])
+                    sums = rows[:, 2] + rows[:, 0] * rows[:, 1].square()
+                    for j, i in enumerate(members):
+                        partial[m][i] = sums[j]
             incs.append(inc)
         if shards is not None and shards.located:
             totals = shards.sum_over_shards(partial)  # every rank joins, with or without grads
@@ -242,6 +251,11 @@ def _triton_proximal(grads, params, snapshots, beta):
     _load_kernels()
     from mmmod.kernels import proximal_kernel
     return proximal_kernel.proximal_(grads, params, snapshots, beta)
+
+
+def _bucket_moments(tensors):
+    from .. import ops  # noqa: F401  (defines torch.ops.mmmod._bucket_moments)
+    return torch.ops.mmmod._bucket_moments(tensors)
 
 
 def _ordered_sum(rows: torch.Tensor, width: int) -> torch.Tensor:
