@@ -101,6 +101,105 @@ void check_moments_inputs(at::TensorList tensors) {
   }
 }
 
+// mmmod::fused_sgd_ / fused_adam_ (csrc/fused_update_cpu.cpp, csrc/fused_update_cuda.cpp)
+namespace {
+
+// xs[i] must be a contiguous tensor like params[i] (device, dtype, shape)
+void check_fused_like(const char* op, const char* what, at::TensorList params, at::TensorList xs) {
+  TORCH_CHECK_VALUE(xs.size() == params.size(), "mmmod.", op, ": ", params.size(), " params but ",
+                    xs.size(), " ", what);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(x.device() == p.device() && x.scalar_type() == p.scalar_type() &&
+                          x.sizes() == p.sizes() && x.is_contiguous(),
+                      "mmmod.", op, ": ", what, " ", i, " must be a contiguous ", p.scalar_type(),
+                      " tensor of shape ", p.sizes(), " on ", p.device(), ", like param ", i,
+                      "; got ", x.scalar_type(), " ", x.sizes(), " on ", x.device(),
+                      x.is_contiguous() ? "" : " (not contiguous)");
+  }
+}
+
+// One element, float32, on the bucket's device.
+void check_fused_scalar(const char* op, const char* what, const at::Tensor& t,
+                        const at::Device& device) {
+  TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == device,
+                    "mmmod.", op, ": ", what, " must be a one-element float32 tensor on ", device,
+                    "; got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+void check_fused_common(const char* op, at::TensorList params, at::TensorList grads,
+                        at::IntArrayRef offsets, const at::Tensor& k,
+                        const std::optional<at::Tensor>& sigma,
+                        const std::optional<at::Tensor>& update_scale,
+                        c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(offsets.size() == params.size(), "mmmod.", op, ": ", params.size(),
+                    " params but ", offsets.size(), " offsets");
+  check_fused_like(op, "grads", params, grads);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK_VALUE(device.type() == device_type, "mmmod.", op, ": param 0 is on ", device,
+                    "; the ", c10::DeviceTypeName(device_type), " kernel takes ",
+                    c10::DeviceTypeName(device_type), " tensors");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kDouble,
+                   "mmmod.", op, ": param 0 has dtype ", dtype,
+                   "; expected float32, float16, bfloat16 or float64");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == dtype && p.is_contiguous(),
+                      "mmmod.", op, ": param ", i, " must be a contiguous ", dtype,
+                      " tensor on ", device, ", like param 0; got ", p.scalar_type(), " on ",
+                      p.device(), p.is_contiguous() ? "" : " (not contiguous)");
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.", op, ": offset ", i, " is ", offsets[i],
+                      "; stream offsets are >= 0");
+  }
+  check_fused_scalar(op, "k", k, device);
+  if (sigma.has_value()) {
+    TORCH_CHECK_VALUE(sigma->scalar_type() == at::kFloat && sigma->device() == device &&
+                          sigma->numel() == static_cast<int64_t>(params.size()),
+                      "mmmod.", op, ": sigma must be a float32 tensor on ", device,
+                      " with one value per param (", params.size(), "); got ",
+                      sigma->scalar_type(), " ", sigma->sizes(), " on ", sigma->device());
+  }
+  if (update_scale.has_value()) check_fused_scalar(op, "update_scale", *update_scale, device);
+}
+
+}  // namespace
+
+void check_fused_sgd_inputs(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers, size_t buffer_ready_flags,
+                            bool use_momentum, at::IntArrayRef offsets, const at::Tensor& k,
+                            const std::optional<at::Tensor>& sigma,
+                            const std::optional<at::Tensor>& update_scale,
+                            c10::DeviceType device_type) {
+  constexpr const char* op = "fused_sgd_";
+  check_fused_common(op, params, grads, offsets, k, sigma, update_scale, device_type);
+  if (!use_momentum) return;
+  check_fused_like(op, "momentum_buffers", params, momentum_buffers);
+  TORCH_CHECK_VALUE(buffer_ready_flags == params.size(), "mmmod.", op, ": ", params.size(),
+                    " params but ", buffer_ready_flags, " buffer_ready flags");
+}
+
+void check_fused_adam_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::ArrayRef<double> steps,
+                             at::IntArrayRef offsets, const at::Tensor& k,
+                             const std::optional<at::Tensor>& sigma,
+                             const std::optional<at::Tensor>& update_scale,
+                             c10::DeviceType device_type) {
+  constexpr const char* op = "fused_adam_";
+  check_fused_common(op, params, grads, offsets, k, sigma, update_scale, device_type);
+  check_fused_like(op, "exp_avgs", params, exp_avgs);
+  check_fused_like(op, "exp_avg_sqs", params, exp_avg_sqs);
+  TORCH_CHECK_VALUE(steps.size() == params.size(), "mmmod.", op, ": ", params.size(),
+                    " params but ", steps.size(), " steps");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK_VALUE(steps[i] >= 1.0, "mmmod.", op, ": step ", i, " is ", steps[i],
+                      "; the count after this step's increment is at least 1");
+  }
+}
+
 // mmmod::proximal_ (csrc/proximal_cpu.cpp, csrc/proximal_cuda.cpp); mirrored by mmmod/ops_proximal.py
 void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
                   const at::Tensor& beta) {

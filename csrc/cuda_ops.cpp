@@ -21,28 +21,23 @@
 #include <vector>
 
 #include "cuda_api.h"
+#include "cuda_glue.h"
 #include "ops.h"
 
 namespace mmmod {
 namespace cuda {
 namespace {
 
-void* current_stream(const at::Device& device) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
-}
+void* current_stream(const at::Device& device) { return cuda_current_stream(device); }
 
 void check(int rc, const char* what) {
   TORCH_CHECK(rc == 0, "mmmod: CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
 }
 
 int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return MMMOD_F32;
-    case at::kHalf: return MMMOD_F16;
-    case at::kBFloat16: return MMMOD_BF16;
-    case at::kDouble: return MMMOD_F64;
-    default: TORCH_CHECK_TYPE(false, "mmmod: unsupported dtype ", t);
-  }
+  const int code = cuda_dtype_code(t);
+  TORCH_CHECK_TYPE(code >= 0, "mmmod: unsupported dtype ", t);
+  return code;
 }
 
 struct DeviceTable {
@@ -220,6 +215,14 @@ DeviceTable given_or_uploaded_table(at::TensorList tensors, at::IntArrayRef offs
   return t;
 }
 
+// A capturable launch's step counter as int64 on the bucket's device (undefined: none given).
+static at::Tensor device_step(const std::optional<at::Tensor>& step_tensor,
+                              const at::Device& device) {
+  if (!step_tensor.has_value()) return at::Tensor();
+  check_step_tensor(*step_tensor, device);
+  return step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
+}
+
 void modulate_capturable_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                               const at::Tensor& gate, bool noise, bool scaled, int64_t seed,
                               int64_t step, int64_t modality,
@@ -229,11 +232,7 @@ void modulate_capturable_cuda(at::TensorList tensors, at::IntArrayRef offsets, c
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
-  at::Tensor step64;
-  if (step_tensor.has_value()) {
-    check_step_tensor(*step_tensor, device);
-    step64 = step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
-  }
+  const at::Tensor step64 = device_step(step_tensor, device);
   const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_");
   launch_modulate(tensors, t, k, gate, noise, scaled, seed,
                   step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr, step, modality,
@@ -252,11 +251,7 @@ void modulate_sigma_cuda(at::TensorList tensors, at::IntArrayRef offsets, const 
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   c10::DeviceGuard guard(device);
-  at::Tensor step64;
-  if (step_tensor.has_value()) {
-    check_step_tensor(*step_tensor, device);
-    step64 = step_tensor->to(at::kLong);  // no copy for an int64 counter (the usual case)
-  }
+  const at::Tensor step64 = device_step(step_tensor, device);
   const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_sigma_");
   if (t.nchunks == 0) return;
   const at::Tensor s = sigma.contiguous();  // a device copy at most, never a sync

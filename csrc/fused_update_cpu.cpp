@@ -453,51 +453,6 @@ void adam_params_isa(int isa, T* p, const T* m1, const T* sq, int64_t n, float u
 #endif
 }
 
-// Metadata checks of one bucket, before anything is written.
-void check_same(const char* op, const char* what, at::TensorList params, at::TensorList xs) {
-  TORCH_CHECK_VALUE(xs.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                    " params but ", xs.size(), " ", what);
-  for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK_VALUE(xs[i].device() == params[i].device() &&
-                          xs[i].scalar_type() == params[i].scalar_type() &&
-                          xs[i].sizes() == params[i].sizes() && xs[i].is_contiguous(),
-                      "mmmod.", op, ": ", what, " ", i, " must be a contiguous ",
-                      params[i].scalar_type(), " tensor of shape ", params[i].sizes(), " on ",
-                      params[i].device(), ", like param ", i);
-  }
-}
-
-void check_common(const char* op, at::TensorList params, at::TensorList grads,
-                  at::IntArrayRef offsets, const at::Tensor& k,
-                  const std::optional<at::Tensor>& sigma,
-                  const std::optional<at::Tensor>& update_scale) {
-  TORCH_CHECK_VALUE(offsets.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                    " params but ", offsets.size(), " offsets");
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].is_contiguous() && params[i].device().is_cpu(), "mmmod.", op,
-                      ": param ", i, " must be a contiguous CPU tensor");
-    TORCH_CHECK_TYPE(at::isFloatingType(params[i].scalar_type()) &&
-                         params[i].scalar_type() == params[0].scalar_type(),
-                     "mmmod.", op, ": a bucket holds one floating dtype; param ", i, " is ",
-                     params[i].scalar_type());
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.", op, ": negative stream offset ", offsets[i]);
-  }
-  check_same(op, "grads", params, grads);
-  TORCH_CHECK_VALUE(k.numel() == 1 && k.scalar_type() == at::kFloat && k.device().is_cpu(),
-                    "mmmod.", op, ": k must be a one-element float32 CPU tensor");
-  if (sigma.has_value()) {
-    TORCH_CHECK_VALUE(sigma->scalar_type() == at::kFloat && sigma->device().is_cpu() &&
-                          sigma->numel() == static_cast<int64_t>(params.size()),
-                      "mmmod.", op, ": sigma must be a float32 CPU tensor with one value per "
-                      "param");
-  }
-  if (update_scale.has_value()) {
-    TORCH_CHECK_VALUE(update_scale->numel() == 1 && update_scale->scalar_type() == at::kFloat &&
-                          update_scale->device().is_cpu(),
-                      "mmmod.", op, ": update_scale must be a one-element float32 CPU tensor");
-  }
-}
-
 }  // namespace
 
 void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -506,13 +461,9 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    const std::optional<at::Tensor>& update_scale, double lr, double weight_decay,
                    double momentum, double dampening, bool nesterov, bool maximize, int64_t seed,
                    int64_t step, int64_t modality) {
-  check_common("fused_sgd_", params, grads, offsets, k, sigma, update_scale);
   const bool use_momentum = momentum != 0.0;
-  if (use_momentum) {
-    check_same("fused_sgd_", "momentum_buffers", params, momentum_buffers);
-    TORCH_CHECK_VALUE(buffer_ready.size() == params.size(), "mmmod.fused_sgd_: ",
-                      params.size(), " params but ", buffer_ready.size(), " buffer_ready flags");
-  }
+  check_fused_sgd_inputs(params, grads, momentum_buffers, buffer_ready.size(), use_momentum,
+                         offsets, k, sigma, update_scale, c10::DeviceType::CPU);
   if (params.empty()) return;
   std::vector<char> ready(params.size(), 0);
   for (size_t i = 0; use_momentum && i < params.size(); ++i) ready[i] = buffer_ready.get(i);
@@ -591,15 +542,8 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& update_scale, double lr, double beta1,
                     double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
                     int64_t seed, int64_t step, int64_t modality) {
-  check_common("fused_adam_", params, grads, offsets, k, sigma, update_scale);
-  check_same("fused_adam_", "exp_avgs", params, exp_avgs);
-  check_same("fused_adam_", "exp_avg_sqs", params, exp_avg_sqs);
-  TORCH_CHECK_VALUE(steps.size() == params.size(), "mmmod.fused_adam_: ", params.size(),
-                    " params but ", steps.size(), " steps");
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK_VALUE(steps[i] >= 1.0, "mmmod.fused_adam_: step ", i, " is ", steps[i],
-                      "; the count after this step's increment is at least 1");
-  }
+  check_fused_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma,
+                          update_scale, c10::DeviceType::CPU);
   if (params.empty()) return;
   const std::vector<Chunk> chunks = make_chunks(params);
   const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();

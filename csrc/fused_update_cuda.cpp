@@ -21,92 +21,19 @@
 #include <vector>
 
 #include "cuda_api.h"
+#include "cuda_glue.h"
 #include "fused_update_api.h"
+#include "ops.h"
 
 namespace mmmod {
 namespace fused_cuda {
 namespace {
 
-void* current_stream(const at::Device& device) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
-}
 
 void check_rc(int rc, const char* op, const char* what) {
   TORCH_CHECK(rc == 0, "mmmod.", op, ": CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
 }
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return MMMOD_F32;
-    case at::kHalf: return MMMOD_F16;
-    case at::kBFloat16: return MMMOD_BF16;
-    case at::kDouble: return MMMOD_F64;
-    default: return -1;
-  }
-}
-
-// xs[i] must be a contiguous tensor like params[i] (device, dtype, shape)
-void check_like(const char* op, const char* what, at::TensorList params, at::TensorList xs) {
-  TORCH_CHECK_VALUE(xs.size() == params.size(), "mmmod.", op, ": ", params.size(), " params but ",
-                    xs.size(), " ", what);
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const at::Tensor& x = xs[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(x.device() == p.device() && x.scalar_type() == p.scalar_type() &&
-                          x.sizes() == p.sizes() && x.is_contiguous(),
-                      "mmmod.", op, ": ", what, " ", i, " must be a contiguous ", p.scalar_type(),
-                      " tensor of shape ", p.sizes(), " on ", p.device(), ", like param ", i,
-                      "; got ", x.scalar_type(), " ", x.sizes(), " on ", x.device(),
-                      x.is_contiguous() ? "" : " (not contiguous)");
-  }
-}
-
-// One element, float32, on the bucket's device.
-void check_scalar_tensor(const char* op, const char* what, const at::Tensor& t,
-                         const at::Device& device) {
-  TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == device,
-                    "mmmod.", op, ": ", what, " must be a one-element float32 tensor on ", device,
-                    "; got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-}
-
-// The checks every fused op makes; returns false for an empty bucket (nothing to do).
-bool check_common(const char* op, at::TensorList params, at::TensorList grads,
-                  at::IntArrayRef offsets, const at::Tensor& k,
-                  const std::optional<at::Tensor>& sigma,
-                  const std::optional<at::Tensor>& update_scale) {
-  TORCH_CHECK_VALUE(offsets.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                    " params but ", offsets.size(), " offsets");
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                    " params but ", grads.size(), " grads");
-  if (params.empty()) return false;
-  const at::Device device = params[0].device();
-  const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK_VALUE(device.is_cuda(), "mmmod.", op, ": param 0 is on ", device,
-                    "; the CUDA kernel takes CUDA tensors");
-  TORCH_CHECK_TYPE(dtype_code(dtype) >= 0, "mmmod.", op, ": param 0 has dtype ", dtype,
-                   "; expected float32, float16, bfloat16 or float64");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == dtype && p.is_contiguous(),
-                      "mmmod.", op, ": param ", i, " must be a contiguous ", dtype,
-                      " tensor on ", device, ", like param 0; got ", p.scalar_type(), " on ",
-                      p.device(), p.is_contiguous() ? "" : " (not contiguous)");
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.", op, ": offset ", i, " is ", offsets[i],
-                      "; stream offsets are >= 0");
-  }
-  check_like(op, "grads", params, grads);
-  check_scalar_tensor(op, "k", k, device);
-  if (sigma.has_value()) {
-    TORCH_CHECK_VALUE(sigma->scalar_type() == at::kFloat && sigma->device() == device &&
-                          sigma->is_contiguous() &&
-                          sigma->numel() == static_cast<int64_t>(params.size()),
-                      "mmmod.", op, ": sigma must be a contiguous float32 tensor on ", device,
-                      " with one value per param (", params.size(), "); got ",
-                      sigma->scalar_type(), " ", sigma->sizes(), " on ", sigma->device());
-  }
-  if (update_scale.has_value()) check_scalar_tensor(op, "update_scale", *update_scale, device);
-  return true;
-}
 
 bool has_elements(at::TensorList params) {
   for (const auto& p : params) {
@@ -125,7 +52,7 @@ struct Table {
 // Header, tensor entries and chunk entries, uploaded without a sync (refused under capture).
 Table upload(const char* op, const std::vector<MmmodFusedTensor>& metas, const at::Device& device) {
   int capturing = 0;
-  check_rc(mmmod_cuda_stream_is_capturing(current_stream(device), &capturing), op,
+  check_rc(mmmod_cuda_stream_is_capturing(cuda_current_stream(device), &capturing), op,
            "cudaStreamIsCapturing");
   TORCH_CHECK(!capturing, "mmmod.", op, ": this call uploads its metadata table from pinned host "
               "memory, which cannot be captured in a CUDA graph");
@@ -173,13 +100,10 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double momentum, double dampening, bool nesterov, bool maximize, int64_t seed,
                     int64_t step, int64_t modality) {
   constexpr const char* op = "fused_sgd_";
-  if (!check_common(op, params, grads, offsets, k, sigma, update_scale)) return;
   const bool use_momentum = momentum != 0.0;
-  if (use_momentum) {
-    check_like(op, "momentum_buffers", params, momentum_buffers);
-    TORCH_CHECK_VALUE(buffer_ready.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                      " params but ", buffer_ready.size(), " buffer_ready flags");
-  }
+  check_fused_sgd_inputs(params, grads, momentum_buffers, buffer_ready.size(), use_momentum,
+                         offsets, k, sigma, update_scale, c10::DeviceType::CUDA);
+  if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
   std::vector<MmmodFusedTensor> metas;
@@ -190,6 +114,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   if (!has_elements(params)) return;
   const Table t = upload(op, metas, device);
+  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // no sync
   MmmodSgdScalars s;
   std::memset(&s, 0, sizeof(s));
   // the Python floats torch's _multi_tensor_sgd passes its foreach ops
@@ -202,12 +127,12 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   s.use_momentum = use_momentum;
   s.nesterov = nesterov;
   check_rc(mmmod_cuda_fused_sgd(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
-                                sigma.has_value() ? sigma->const_data_ptr<float>() : nullptr,
+                                cuda_dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
+                                sig.defined() ? sig.const_data_ptr<float>() : nullptr,
                                 update_scale.has_value() ? update_scale->const_data_ptr<float>()
                                                          : nullptr,
                                 s, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                                static_cast<uint32_t>(modality), current_stream(device)),
+                                static_cast<uint32_t>(modality), cuda_current_stream(device)),
            op, "launch");
 }
 
@@ -219,15 +144,9 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
                      int64_t seed, int64_t step, int64_t modality) {
   constexpr const char* op = "fused_adam_";
-  TORCH_CHECK_VALUE(steps.size() == params.size(), "mmmod.", op, ": ", params.size(),
-                    " params but ", steps.size(), " steps");
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK_VALUE(steps[i] >= 1.0, "mmmod.", op, ": step ", i, " is ", steps[i],
-                      "; the count after this step's increment is at least 1");
-  }
-  if (!check_common(op, params, grads, offsets, k, sigma, update_scale)) return;
-  check_like(op, "exp_avgs", params, exp_avgs);
-  check_like(op, "exp_avg_sqs", params, exp_avg_sqs);
+  check_fused_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma,
+                          update_scale, c10::DeviceType::CUDA);
+  if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
   std::vector<MmmodFusedTensor> metas;
@@ -241,6 +160,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
   if (!has_elements(params)) return;
   const Table t = upload(op, metas, device);
+  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // no sync
   MmmodAdamScalars s;
   std::memset(&s, 0, sizeof(s));
   s.weight_decay = weight_decay;
@@ -253,12 +173,12 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   s.decay = weight_decay != 0.0;
   s.decoupled = decoupled;
   check_rc(mmmod_cuda_fused_adam(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                 dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
-                                 sigma.has_value() ? sigma->const_data_ptr<float>() : nullptr,
+                                 cuda_dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
+                                 sig.defined() ? sig.const_data_ptr<float>() : nullptr,
                                  update_scale.has_value() ? update_scale->const_data_ptr<float>()
                                                           : nullptr,
                                  s, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                                 static_cast<uint32_t>(modality), current_stream(device)),
+                                 static_cast<uint32_t>(modality), cuda_current_stream(device)),
            op, "launch");
 }
 

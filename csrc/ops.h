@@ -39,5 +39,20 @@ void check_step_tensor(const at::Tensor& step, const at::Device& device);
 void check_sigma(at::TensorList tensors, const at::Tensor& sigma);
 // _bucket_moments' tensors: one floating dtype (f32/f16/bf16/f64) and one device.
 void check_moments_inputs(at::TensorList tensors);
+// fused_sgd_ / fused_adam_ buckets on a device of type `device_type` (CPU or CUDA): every
+// list as long as params, contiguous tensors like their param, one dtype (f32/f16/bf16/f64),
+// one-element float32 k and update_scale, float32 sigma [T], offsets >= 0, Adam step counts >= 1.
+void check_fused_sgd_inputs(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers, size_t buffer_ready_flags,
+                            bool use_momentum, at::IntArrayRef offsets, const at::Tensor& k,
+                            const std::optional<at::Tensor>& sigma,
+                            const std::optional<at::Tensor>& update_scale,
+                            c10::DeviceType device_type);
+void check_fused_adam_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::ArrayRef<double> steps,
+                             at::IntArrayRef offsets, const at::Tensor& k,
+                             const std::optional<at::Tensor>& sigma,
+                             const std::optional<at::Tensor>& update_scale,
+                             c10::DeviceType device_type);
 
 }  // namespace mmmod

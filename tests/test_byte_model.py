@@ -16,7 +16,6 @@ float64 merge order replayed in numpy (no GPU needed).
 """
 import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -25,6 +24,8 @@ import torch
 
 from benchmarks import byte_model as bm
 from mmmod import reference
+
+import _toolchain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,27 +231,11 @@ def test_model_programs_and_launches_are_the_launchers():
 
 
 # ------------------------------------------------------------- vector widths in the CUDA cubin
-def _cuobjdump():
-    cands = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
-    try:
-        import triton
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                  "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in cands if c and os.path.isfile(c)), None)
-
-
-def _nvcc():
-    for c in (os.environ.get("NVCC"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
-        if c and os.path.isfile(c):
-            return c
-    return None
 
 
 @pytest.fixture(scope="module")
 def sass(tmp_path_factory):
-    nvcc, dump = _nvcc(), _cuobjdump()
+    nvcc, dump = _toolchain.nvcc(), _toolchain.cuobjdump()
     if not nvcc or not dump:
         pytest.skip("needs nvcc and cuobjdump")
     d = tmp_path_factory.mktemp("cubin")

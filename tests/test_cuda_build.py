@@ -13,13 +13,14 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import _toolchain
 
 needs_cuda_torch = pytest.mark.skipif(
     torch.version.cuda is None,
@@ -136,18 +137,6 @@ def _instance_of(function: str):
     return (m.group(1), m.group(2), int(m.group(3))) if m else None
 
 
-def _cuobjdump():
-    """cuobjdump: the toolkit's, else the one Triton ships (this machine's toolkit has none)."""
-    cands = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
-    try:
-        import triton
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                  "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in cands if c and os.path.isfile(c)), None)
-
-
 def _tool(name, found):
     if found is None:
         if EXPECT_BUILD:
@@ -165,7 +154,7 @@ def _by_arch(text: str):
 @pytest.fixture(scope="module")
 def fused_resources(cuda_ext):
     """{(sm, kernel, type, noise): {"REG": .., "STACK": .., "LOCAL": ..}} of the shipped binary."""
-    dump = _tool("cuobjdump", _cuobjdump())
+    dump = _tool("cuobjdump", _toolchain.cuobjdump())
     out = subprocess.run([dump, "-res-usage", cuda_ext.__file__], capture_output=True, text=True,
                          check=True, timeout=300).stdout
     res = {}
@@ -195,13 +184,6 @@ def test_fat_binary_holds_every_fused_kernel(cuda_ext, fused_resources):
     assert all(r["LOCAL"] == 0 for r in fused_resources.values()), fused_resources
 
 
-def _nvcc():
-    for c in (os.environ.get("NVCC"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
-        if c and os.path.isfile(c):
-            return c
-    return None
-
-
 @needs_cuda_torch
 def test_fused_kernels_have_no_register_spills(cuda_ext, fused_resources, tmp_path):
     """ptxas -v on csrc/fused_update.cu with the extension's nvcc flags, for each architecture of
@@ -210,7 +192,7 @@ def test_fused_kernels_have_no_register_spills(cuda_ext, fused_resources, tmp_pa
     32-byte stack frame is sincosf's argument-reduction array (Payne-Hanek, for |x| > 105615:
     never taken, the angle is 2 pi u with u < 1), not spills."""
     from torch.utils import cpp_extension as ce
-    nvcc = _tool("nvcc", _nvcc())
+    nvcc = _tool("nvcc", _toolchain.nvcc())
     sms = sorted({key[0] for key in fused_resources})
     flags = [f for f in ce.COMMON_NVCC_FLAGS if f.startswith(("-D", "--expt"))]
     cmd = [nvcc, "-c", "-std=c++20", "-O3", "-lineinfo", "-fmad=false", "-Xptxas", "-v",
@@ -243,7 +225,7 @@ def test_fused_kernels_use_vector_accesses(cuda_ext, fused_resources):
     one 16-byte access per array for float32, one 8-byte (2 x half2 / bfloat162) for 16-bit
     types, two 16-byte for float64 (ld.global.cg / st.global.cg: LDG/STG .STRONG.GPU), beside
     the scalar accesses of misaligned chunks and partial groups."""
-    dump = _tool("cuobjdump", _cuobjdump())
+    dump = _tool("cuobjdump", _toolchain.cuobjdump())
     out = subprocess.run([dump, "-sass", cuda_ext.__file__], capture_output=True, text=True,
                          check=True, timeout=600).stdout
     access = re.compile(r"\b(LDG|STG)\.E((?:\.(?:64|128|U16))?)\.STRONG\.GPU\b")

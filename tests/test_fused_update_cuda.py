@@ -25,8 +25,6 @@ empty tensors, the vector / scalar split, flags and hyperparameters are checked 
 arithmetic's rounding forms differ from torch's CPU step (bounds below).
 """
 import ctypes
-import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -38,6 +36,8 @@ import mmmod
 from mmmod import backends
 from mmmod.optim import fused as FU
 from mmmod.reference import philox
+
+import _toolchain
 
 LIVE, WHY = backends.status("cuda")
 KERNELS = LIVE and mmmod.ops_fused.has_kernel("fused_sgd_", "CUDA") and \
@@ -495,16 +495,9 @@ class _AdamScalars(ctypes.Structure):  # MmmodAdamScalars
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # cuda_api.h
 
 
-def _nvcc():
-    for c in (os.environ.get("NVCC"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")):
-        if c and os.path.isfile(c):
-            return c
-    return None
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    nvcc = _nvcc()
+    nvcc = _toolchain.nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc to compile the fused kernels' chunk code for the host")
     d = tmp_path_factory.mktemp("fused_host")

@@ -127,16 +127,21 @@ class CudaBackend(_ExtensionBackend):
         offsets = [int(o) for o in offsets]
         if len(offsets) != len(tensors):
             raise ValueError(f"mmmod.modulate_: {len(tensors)} tensors but {len(offsets)} offsets")
+        table, step, step_tensor = self._launch_args(tensors, offsets, step)
+        torch.ops.mmmod.modulate_.capturable(
+            tensors, offsets, k, gate, bool(noise), noise_std == "scaled", seed_int64(seed),
+            int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)
+
+    def _launch_args(self, tensors, offsets, step):
+        """(cached device table, int step, device step tensor or None) of one launch: a step
+        counter tensor is read by the kernel on the tensors' device (the int is then unused)."""
         step_tensor = None
         if isinstance(step, torch.Tensor):
             check_step(step)
             device = tensors[0].device
             step_tensor = step if step.device == device else step.to(device)
-            step = 0  # unused: the kernel reads step_tensor
-        table = self.tables.get(tensors, offsets)
-        torch.ops.mmmod.modulate_.capturable(
-            tensors, offsets, k, gate, bool(noise), noise_std == "scaled", seed_int64(seed),
-            int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)
+            step = 0
+        return self.tables.get(tensors, offsets), step, step_tensor
 
     def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
         # as modulate_bucket_: the cached device table and a device step counter, so a
@@ -149,13 +154,7 @@ class CudaBackend(_ExtensionBackend):
         check_sigma(tensors, offsets, sigma)
         if not any(t.numel() for t in tensors):
             return  # nothing to launch: no table to build or upload
-        step_tensor = None
-        if isinstance(step, torch.Tensor):
-            check_step(step)
-            device = tensors[0].device
-            step_tensor = step if step.device == device else step.to(device)
-            step = 0  # unused: the kernel reads step_tensor
-        table = self.tables.get(tensors, offsets)
+        table, step, step_tensor = self._launch_args(tensors, offsets, step)
         torch.ops.mmmod.modulate_sigma_(
             tensors, offsets, k, gate, sigma, seed_int64(seed), int(step) & 0xFFFFFFFF,
             int(modality) & 0xFFFFFFFF, table, step_tensor)
