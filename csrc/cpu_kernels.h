@@ -12,9 +12,9 @@
 // - normals(): the value of a counter group depends only on (seed, step, modality, q), never on
 //   where a block starts or ends (the AVX2 table computes partial blocks with the same vector
 //   code on padded lanes);
-// - lanes_sum_f32() / lanes_sqdev_f32(): the statistics pass accumulates element i of a chunk into
-//   float64 lane i % 16 in element order (then a fixed tree, moment_lanes_sum), identically in
-//   every table, so the statistics are bit-identical too, however a chunk's pass is sliced;
+// - lanes_shifted_f32() / lanes_sqdev_f32(): the statistics passes accumulate element i of a chunk
+//   into float64 lane i % 16 in element order (then a fixed tree, moment_lanes_sum), identically
+//   in every table, so the statistics are bit-identical too, however a chunk's pass is sliced;
 // - modulate_f32(): x <- float32(x k) + float32(sigma z), products rounded separately (no FMA),
 //   bit-identical to the reference for the same z; scale_f32(): x <- float32(x k), likewise;
 // - the AVX-512 normals are bit-identical to the AVX2 ones (same operations, wider registers);
@@ -36,6 +36,8 @@ constexpr int64_t kBlockGroups = 128;
 constexpr int64_t kNormalsPad = 32;
 // float64 accumulator lanes of the statistics pass.
 constexpr int kMomentLanes = 16;
+// How far ahead of the reads the statistics and noise passes prefetch (bytes).
+constexpr int64_t kStatsPrefetchBytes = 4096;
 
 // x86-64 GCC builds compile the AVX2 and AVX-512 tables (each TU switches its ISA on with a target
 // pragma); other builds have the portable table only.
@@ -53,8 +55,9 @@ struct KernelTable {
   void (*modulate_f32)(float* x, const float* z, int64_t n, float k, float sigma);
   // x[i] <- x[i] k (float32).
   void (*scale_f32)(float* x, int64_t n, float k);
-  // lanes[j] += float64(x[i]) for i = j mod 16, in order; n a multiple of 16.
-  void (*lanes_sum_f32)(const float* x, int64_t n, double* lanes);
+  // d = float64(x[i]) - c; s1[j] += d, s2[j] += d * d (separately rounded) for i = j mod 16, in
+  // order; n a multiple of 16.
+  void (*lanes_shifted_f32)(const float* x, int64_t n, double c, double* s1, double* s2);
   // lanes[j] += (float64(x[i]) - mean)^2 for i = j mod 16, in order; n a multiple of 16.
   void (*lanes_sqdev_f32)(const float* x, int64_t n, double mean, double* lanes);
   // logsumexp of one row as torch defines it (an infinite max is not subtracted), exp terms

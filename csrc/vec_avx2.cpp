@@ -275,20 +275,29 @@ void scale_f32_avx2(float* x, int64_t n, float k) {
 }
 
 // ---- statistics -----------------------------------------------------------------------------
-void lanes_sum_f32_avx2(const float* x, int64_t n, double* lanes) {
-  __m256d a0 = _mm256_loadu_pd(lanes), a1 = _mm256_loadu_pd(lanes + 4);
-  __m256d a2 = _mm256_loadu_pd(lanes + 8), a3 = _mm256_loadu_pd(lanes + 12);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
-    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(v0)));
-    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)));
-    a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(v1)));
-    a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)));
+void lanes_shifted_f32_avx2(const float* x, int64_t n, double c, double* s1, double* s2) {
+  const __m256d cv = _mm256_set1_pd(c);
+  __m256d a[4], q[4];
+  for (int r = 0; r < 4; ++r) {
+    a[r] = _mm256_loadu_pd(s1 + 4 * r);
+    q[r] = _mm256_loadu_pd(s2 + 4 * r);
   }
-  _mm256_storeu_pd(lanes, a0);
-  _mm256_storeu_pd(lanes + 4, a1);
-  _mm256_storeu_pd(lanes + 8, a2);
-  _mm256_storeu_pd(lanes + 12, a3);
+  for (int64_t i = 0; i < n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i) + kStatsPrefetchBytes, _MM_HINT_T0);  // as AVX-512
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    const __m256d d[4] = {_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)), cv),
+                          _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)), cv),
+                          _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v1)), cv),
+                          _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)), cv)};
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm256_add_pd(a[r], d[r]);
+      q[r] = _mm256_add_pd(q[r], _mm256_mul_pd(d[r], d[r]));  // separately rounded, no FMA
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_pd(s1 + 4 * r, a[r]);
+    _mm256_storeu_pd(s2 + 4 * r, q[r]);
+  }
 }
 
 void lanes_sqdev_f32_avx2(const float* x, int64_t n, double mean, double* lanes) {
@@ -346,7 +355,7 @@ double row_lse_f32_avx2(const float* row, int64_t C) {
   return static_cast<double>(m) + std::log((s[0] + s[2]) + (s[1] + s[3]));
 }
 
-const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, scale_f32_avx2, lanes_sum_f32_avx2,
+const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, scale_f32_avx2, lanes_shifted_f32_avx2,
                            lanes_sqdev_f32_avx2, row_lse_f32_avx2};
 
 }  // namespace

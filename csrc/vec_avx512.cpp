@@ -270,15 +270,28 @@ void scale_f32_avx512(float* x, int64_t n, float k) {
 }
 
 // ---- statistics: lanes 0-7 in one register, 8-15 in the other --------------------------------
-void lanes_sum_f32_avx512(const float* x, int64_t n, double* lanes) {
-  __m512d a0 = _mm512_loadu_pd(lanes), a1 = _mm512_loadu_pd(lanes + 8);
+void lanes_shifted_f32_avx512(const float* x, int64_t n, double c, double* s1, double* s2) {
+  const __m512d cv = _mm512_set1_pd(c);
+  __m512d a0 = _mm512_loadu_pd(s1), a1 = _mm512_loadu_pd(s1 + 8);
+  __m512d q0 = _mm512_loadu_pd(s2), q1 = _mm512_loadu_pd(s2 + 8);
   for (int64_t i = 0; i < n; i += 16) {
+    // the chunks' reads are short runs interleaved with the noise arithmetic, which the hardware
+    // prefetchers follow late: ask for the line 4 KiB ahead (measured: ~5 % off the OGM-GE pass)
+    _mm_prefetch(reinterpret_cast<const char*>(x + i) + kStatsPrefetchBytes, _MM_HINT_T0);
     const __m512 v = _mm512_loadu_ps(x + i);
-    a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-    a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), cv);
+    const __m512d d1 = _mm512_sub_pd(
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))), cv);
+    a0 = _mm512_add_pd(a0, d0);
+    a1 = _mm512_add_pd(a1, d1);
+    // separately rounded square and sum, as the other tables (no FMA here)
+    q0 = _mm512_add_pd(q0, _mm512_mul_pd(d0, d0));
+    q1 = _mm512_add_pd(q1, _mm512_mul_pd(d1, d1));
   }
-  _mm512_storeu_pd(lanes, a0);
-  _mm512_storeu_pd(lanes + 8, a1);
+  _mm512_storeu_pd(s1, a0);
+  _mm512_storeu_pd(s1 + 8, a1);
+  _mm512_storeu_pd(s2, q0);
+  _mm512_storeu_pd(s2 + 8, q1);
 }
 
 void lanes_sqdev_f32_avx512(const float* x, int64_t n, double mean, double* lanes) {
@@ -301,7 +314,7 @@ void lanes_sqdev_f32_avx512(const float* x, int64_t n, double mean, double* lane
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table = {"avx512", normals_avx512, modulate_f32_avx512, scale_f32_avx512,
-                                    lanes_sum_f32_avx512, lanes_sqdev_f32_avx512,
+                                    lanes_shifted_f32_avx512, lanes_sqdev_f32_avx512,
                                     avx2_kernels().row_lse_f32};
   return table;
 }

@@ -11,7 +11,9 @@ float64 summation and the bounds are the same for float32, float16, bfloat16 and
 - mean: ``|mean - mean*| <= 128 eps64 mean(|x|)`` (a float64 sum of at most ~1,000 terms per
   accumulator before a fixed tree: chunks of 16 K elements in 16 lanes on the CPU, 4 K-element
   blocks on Triton, 8-element tiles merged on CUDA);
-- M2: ``|M2 - M2*| <= 256 eps64 M2*`` (the two-pass deviations from each chunk's own mean);
+- M2: ``|M2 - M2*| <= 256 eps64 M2*`` (on the CPU each chunk's sums of ``x - c`` and
+  ``(x - c)^2`` about a shift ``c`` near its mean, falling back to the two-pass deviations from
+  the chunk's mean where ``c`` is too far from it to keep that bound; elsewhere two-pass);
   exactly 0 below two elements.
 
 And the std merged from uneven shards (FSDP2's ``torch.chunk`` rows, empty shards included):
@@ -86,6 +88,26 @@ def test_each_backend_matches_the_float64_oracle(backend, dtype, seed):
     rows = _impl(backend).bucket_moments(ts)
     assert rows.device.type == device_for(backend).type
     _assert_moments(rows, ts, (backend, dtype))
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunks_that_start_far_from_their_mean_keep_the_bound(backend, dtype, seed):
+    """The CPU's one-pass sums take their shift from a chunk's first 16 values; where those lie
+    far from the chunk's mean against its spread, the one-pass M2 would lose ~10 digits, and the
+    chunk must be redone in two passes (a kernel without that fallback fails here)."""
+    g = torch.Generator().manual_seed(seed)
+    chunk = 16384
+    outs = []
+    for n in (chunk + 77, 3 * chunk + 5):
+        t = torch.randn(n, generator=g, dtype=torch.float64) * 1e-3 + 0.25
+        for s in range(0, n, chunk):
+            m = min(16, n - s)
+            t[s:s + m] = 1e3 + torch.rand(m, generator=g, dtype=torch.float64)
+        outs.append(t.to(dtype))
+    outs.append(torch.cat([torch.full((16,), -7e2, dtype=dtype), torch.randn(900, generator=g).to(dtype)]))
+    ts = [t.to(device_for(backend)) for t in outs]
+    _assert_moments(_impl(backend).bucket_moments(ts), ts, (backend, dtype))
 
 
 @pytest.mark.parametrize("backend", LIVE_BACKENDS)
