@@ -217,6 +217,11 @@ int64_t window_elements() {
   return int64_t{1} << 21;
 }
 
+// Chunks a thread claims at a time in the noise passes: longer sequential runs for the hardware
+// prefetchers. Measured on the 2-core EPYC: the noise pass alone ~5 % faster than with single
+// chunks, the pipelined OGM-GE pass 1 % (up to 8 % while the host ran slowly).
+constexpr int64_t kNoiseGrain = 4;
+
 // Fewest elements per thread of the noise-free scaling pass (below: fewer threads), and the
 // smallest tensor it splits between threads.
 constexpr int64_t kScaleMinShare = int64_t{1} << 16;
@@ -464,7 +469,7 @@ void modulate_noise(const KernelTable& K, at::TensorList tensors, at::IntArrayRe
                           sigma[ch.tensor], seed, step, modality, st ? &*st : nullptr);
       }
       if (st) part[s0 + t] = st->finish();
-    });
+    }, kNoiseGrain);
     if (p < nw) {
       for (int64_t c = s0; c < s0 + sn; ++c) {
         mom[chunks[c].tensor] = moments_merge(mom[chunks[c].tensor], part[c]);
@@ -485,14 +490,12 @@ template <typename T>
 void modulate_given_sigma(const KernelTable& K, at::TensorList tensors, at::IntArrayRef offsets,
                           const std::vector<Chunk>& chunks, const std::vector<float>& sigma, float k,
                           uint64_t seed, uint32_t step, uint32_t modality) {
-  // runs of 4 consecutive chunks per claim: longer sequential streams for the prefetchers
-  // (measured ~5 % faster than single chunks; the pipelined pass gains nothing from it)
   for_each_index(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
     const Chunk& ch = chunks[c];
     const uint64_t p0 = static_cast<uint64_t>(offsets[ch.tensor]) + static_cast<uint64_t>(ch.start);
     modulate_chunk<T>(K, tensors[ch.tensor].mutable_data_ptr<T>() + ch.start, ch.len, p0, k,
                       sigma[ch.tensor], seed, step, modality, nullptr);
-  }, 4);
+  }, kNoiseGrain);
 }
 
 // A given sigma as sigma_from_moments finishes its own: not finite -> 0 (no noise), then one
