@@ -626,12 +626,18 @@ void modulate_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Ten
                   const at::Tensor& gate, bool noise, bool scaled, int64_t seed, int64_t step,
                   int64_t modality) {
   check_bucket(tensors, offsets, k, gate);
-  const KernelTable& K = kernels_for_op();  // may raise: before anything is written
+  kernels_for_op();  // may raise: before anything is written
   if (tensors.empty()) return;
-  const float kv = k.item<float>();
-  const float gv = gate.item<float>();
+  modulate_values_cpu(tensors, offsets, k.item<float>(), gate.item<float>(), noise, scaled, seed,
+                      step, modality);
+}
+
+void modulate_values_cpu(at::TensorList tensors, at::IntArrayRef offsets, float k, float gate,
+                         bool noise, bool scaled, int64_t seed, int64_t step, int64_t modality) {
+  if (tensors.empty()) return;
+  const KernelTable& K = kernels_for_op();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "mmmod_modulate_cpu", [&] {
-    modulate_impl<scalar_t>(K, tensors, offsets, kv, gv, noise, scaled, static_cast<uint64_t>(seed),
+    modulate_impl<scalar_t>(K, tensors, offsets, k, gate, noise, scaled, static_cast<uint64_t>(seed),
                             static_cast<uint32_t>(step), static_cast<uint32_t>(modality));
   });
 }

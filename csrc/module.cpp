@@ -33,6 +33,12 @@
 #include "cpu_kernels.h"
 #include "grad_checks.h"
 #include "ops.h"
+namespace mmmod {
+namespace cpu {
+// csrc/modulate_all_cpu.cpp
+PyObject* modulate_all_cpu(PyObject*, PyObject* args);
+}  // namespace cpu
+}  // namespace mmmod
 #else
 #include "cuda_api.h"
 #endif
@@ -144,6 +150,9 @@ PyMethodDef methods[] = {
     {"check_grads", check_grads, METH_O,
      "Fast path of mmmod.functional.check_grads: None (all clear), (m, i) (run the full check) "
      "or the ((m, i), (m2, i2)) pairs whose byte ranges overlap."},
+    {"modulate_all_cpu", mmmod::cpu::modulate_all_cpu, METH_VARARGS,
+     "modulate_all_cpu(grads, offsets, coeffs, noise, scaled, seed, step) -> bool: the one-call "
+     "CPU path of mmmod.functional.modulate_ (False: declined, nothing written)."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

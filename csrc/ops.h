@@ -31,6 +31,13 @@ int method_code(const std::string& method);
 void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                   const at::Tensor& gate);
 void check_scores_inputs(at::TensorList logits, const at::Tensor& labels);
+// The CPU kernel of modulate_ (csrc/cpu_kernels.cpp) on one checked bucket (one dtype,
+// contiguous CPU tensors, offsets >= 0) with k and the gate as values; also run by
+// mmmod._C.modulate_all_cpu (csrc/modulate_all_cpu.cpp).
+namespace cpu {
+void modulate_values_cpu(at::TensorList tensors, at::IntArrayRef offsets, float k, float gate,
+                         bool noise, bool scaled, int64_t seed, int64_t step, int64_t modality);
+}  // namespace cpu
 void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
                            const at::Tensor& beta);
 // A step counter tensor of modulate_.capturable: 0-d, integer, on `device`.

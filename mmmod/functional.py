@@ -6,6 +6,7 @@ any gradient is touched.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -191,6 +192,8 @@ def _overlap_error(who, a, b) -> ValueError:
 #: ``mmmod._C.check_grads`` (csrc/checks.cpp) once looked up; False when the extension is not
 #: loaded (then every check runs in Python)
 _fast_check_grads = None
+_fast_modulate = None
+_CPU = torch.device("cpu")
 
 
 def _fast_checker():
@@ -199,6 +202,22 @@ def _fast_checker():
         from . import _ext
         _fast_check_grads = getattr(_ext.load("cpu")[0], "check_grads", None) or False
     return _fast_check_grads
+
+
+def _fast_modulator(backend: str):
+    """``mmmod._C.modulate_all_cpu`` when ``backend`` resolves to the CPU extension for CPU
+    data, else None (the general path then runs, and raises whatever it raises)."""
+    global _fast_modulate
+    if _fast_modulate is None:
+        from . import _ext
+        _fast_modulate = getattr(_ext.load("cpu")[0], "modulate_all_cpu", None) or False
+    if not _fast_modulate:
+        return None
+    try:
+        impl = backends.get(backend, _CPU)
+    except (RuntimeError, ValueError):
+        return None
+    return _fast_modulate if impl.name == "cpu" else None
 
 
 def _check_coeffs(grads, coeffs):
@@ -325,6 +344,12 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
                    else [[0] * len(tensors) for tensors in grads])
     elif [len(o) for o in offsets] != [len(t) for t in grads]:
         raise ValueError("offsets must give one stream offset per tensor of grads")
+    elif not _prechecked:  # the optimizer's own offsets are running sums
+        for m, os_ in enumerate(offsets):
+            for i, o in enumerate(os_):
+                if not hasattr(o, "__index__") or operator.index(o) < 0:
+                    raise ValueError(f"offsets[{m}][{i}] must be a non-negative int (a stream "
+                                     f"position), got {o!r}")
     with torch.no_grad():
         if noise_rng == "torch":
             if bool(torch.isfinite(coeffs).all()):
@@ -333,6 +358,16 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             return
         if stds is not None and [len(d) for d in stds] != [len(t) for t in grads]:
             raise ValueError("stds must give one std (or None) per tensor of grads")
+        if (stds is None and not isinstance(step, torch.Tensor) and coeffs.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            # the usual CPU call in one C++ call (csrc/modulate_all_cpu.cpp): the same kernels
+            # and results, without a few tiny torch ops and one dispatch per modality; it
+            # declines (writing nothing) whatever it does not handle, which then runs below
+            fast = _fast_modulator(backend)
+            if fast is not None and fast(grads, [list(o) for o in offsets], coeffs, noise,
+                                         noise_std == "scaled", reference.philox.seed_int64(seed),
+                                         int(step) & 0xFFFFFFFF):
+                return
         plan = _plan_buckets(grads, offsets, backend, step, stds if noise else None)
         # a 0-d integer tensor step (the optimizer's capturable counter) stays on the device
         step_arg = step if isinstance(step, torch.Tensor) else int(step)
