@@ -290,9 +290,9 @@ std::vector<Chunk> make_chunks(at::TensorList tensors) {
 // 1 + n (mean - c)^2 / M2, so it is kept only where n (mean - c)^2 <= M2 (a factor of at most 2;
 // the usual case, c being a sample of the chunk's own values); otherwise (a shift far from the
 // mean against the spread, or a non-finite value) the mean and M2 come from the classic two
-// passes (the plain sum, then the squares about the mean) while the chunk is still in the cache. The sums may be fed in slices (sum()),
-// in element order, before finish(); slicing never changes a bit: every lane sees the same
-// additions in the same order.
+// passes (the plain sum, then the squares about the mean) while the chunk is still in the cache.
+// The sums may be fed in slices (sum()), in element order, before finish(); slicing never changes
+// a bit: every lane sees the same additions in the same order.
 template <typename T>
 struct ChunkStats {
   const KernelTable& K;
@@ -455,8 +455,8 @@ void modulate_noise(const KernelTable& K, at::TensorList tensors, at::IntArrayRe
     const int64_t m0 = p > 0 ? windows[p - 1].first : 0, mn = p > 0 ? windows[p - 1].second - m0 : 0;
     const int64_t s0 = p < nw ? windows[p].first : 0, sn = p < nw ? windows[p].second - s0 : 0;
     for_each_index(std::max(mn, sn), [&](int64_t t) {
-      // on this thread's stack: the lanes are rewritten at every noise block, and two threads' heap
-      // blocks sharing a cache line (as malloc may place them) made the whole pass ~35 % slower
+      // on this thread's stack: its lanes are rewritten at every noise block and must not share a
+      // cache line with another thread's (two heap blocks could)
       std::optional<ChunkStats<T>> st;
       if (t < sn) {
         const Chunk& ch = chunks[s0 + t];
