@@ -642,6 +642,14 @@ void modulate_values_cpu(at::TensorList tensors, at::IntArrayRef offsets, float 
   });
 }
 
+// The step of a capturable call: the CPU counter's value when one is given (checked; a memory
+// read, not a device sync), else `step`.
+static int64_t host_step(int64_t step, const std::optional<at::Tensor>& step_tensor) {
+  if (!step_tensor.has_value()) return step;
+  check_step_tensor(*step_tensor, at::Device(at::kCPU));
+  return step_tensor->to(at::kLong).item<int64_t>();
+}
+
 // modulate_.capturable on the CPU: the step counter is a CPU tensor, read here (a memory read,
 // not a device sync); there is no device table.
 void modulate_capturable_cpu(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
@@ -650,11 +658,8 @@ void modulate_capturable_cpu(at::TensorList tensors, at::IntArrayRef offsets, co
                              const std::optional<at::Tensor>& step_tensor) {
   TORCH_CHECK_VALUE(!table.has_value(),
                     "mmmod.modulate_: the CPU kernels take no device table (table must be None)");
-  if (step_tensor.has_value()) {
-    check_step_tensor(*step_tensor, at::Device(at::kCPU));
-    step = step_tensor->to(at::kLong).item<int64_t>();
-  }
-  modulate_cpu(tensors, offsets, k, gate, noise, scaled, seed, step, modality);
+  modulate_cpu(tensors, offsets, k, gate, noise, scaled, seed, host_step(step, step_tensor),
+               modality);
 }
 
 // modulate_sigma_ on the CPU: sigma, k and gate are CPU tensors read here (memory reads, not
@@ -667,10 +672,7 @@ void modulate_sigma_cpu(at::TensorList tensors, at::IntArrayRef offsets, const a
   check_sigma(tensors, sigma);
   TORCH_CHECK_VALUE(!table.has_value(),
                     "mmmod.modulate_sigma_: the CPU kernels take no device table (table must be None)");
-  if (step_tensor.has_value()) {
-    check_step_tensor(*step_tensor, at::Device(at::kCPU));
-    step = step_tensor->to(at::kLong).item<int64_t>();
-  }
+  step = host_step(step, step_tensor);
   const KernelTable& K = kernels_for_op();  // may raise: before anything is written
   if (tensors.empty()) return;
   const float kv = k.item<float>();

@@ -40,9 +40,11 @@
 #include <stdint.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda_access.cuh"
 #include "cuda_api.h"
+#include "cuda_dtypes.cuh"
 #include "fused_update_api.h"
 #include "philox.h"
 
@@ -489,24 +491,11 @@ int mmmod_cuda_fused_sgd(const void* table, int64_t ntensors, int64_t nchunks, i
   if (nchunks <= 0) return 0;
   const int64_t* t = static_cast<const int64_t*>(table);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case MMMOD_F32:
-      launch_sgd<float>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
-      break;
-    case MMMOD_F16:
-      launch_sgd<__half>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
-      break;
-    case MMMOD_BF16:
-      launch_sgd<__nv_bfloat16>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step,
-                                modality, st);
-      break;
-    case MMMOD_F64:
-      launch_sgd<double>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
+    using T = typename std::remove_pointer<decltype(tag)>::type;
+    launch_sgd<T>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
+  });
+  return rc ? rc : static_cast<int>(cudaGetLastError());
 }
 
 int mmmod_cuda_fused_adam(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -516,25 +505,11 @@ int mmmod_cuda_fused_adam(const void* table, int64_t ntensors, int64_t nchunks, 
   if (nchunks <= 0) return 0;
   const int64_t* t = static_cast<const int64_t*>(table);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case MMMOD_F32:
-      launch_adam<float>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
-      break;
-    case MMMOD_F16:
-      launch_adam<__half>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
-      break;
-    case MMMOD_BF16:
-      launch_adam<__nv_bfloat16>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step,
-                                 modality, st);
-      break;
-    case MMMOD_F64:
-      launch_adam<double>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality,
-                          st);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
+    using T = typename std::remove_pointer<decltype(tag)>::type;
+    launch_adam<T>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
+  });
+  return rc ? rc : static_cast<int>(cudaGetLastError());
 }
 
 }  // extern "C"

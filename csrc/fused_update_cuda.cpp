@@ -29,11 +29,9 @@ namespace mmmod {
 namespace fused_cuda {
 namespace {
 
-
 void check_rc(int rc, const char* op, const char* what) {
   TORCH_CHECK(rc == 0, "mmmod.", op, ": CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
 }
-
 
 bool has_elements(at::TensorList params) {
   for (const auto& p : params) {
@@ -91,6 +89,38 @@ MmmodFusedTensor entry(const at::Tensor& p, const at::Tensor& g, const at::Tenso
   return e;
 }
 
+// What both launchers take besides their scalars: the uploaded table and the device pointers of
+// k, sigma and update_scale (sigma's contiguous copy held here), seed, step, modality, stream.
+struct Launch {
+  Table table;
+  at::Tensor sigma;
+  int dtype = 0;
+  const float* k = nullptr;
+  const float* sigma_ptr = nullptr;
+  const float* update_scale = nullptr;
+  uint64_t seed = 0;
+  uint32_t step = 0, modality = 0;
+  void* stream = nullptr;
+};
+
+Launch prepare(const char* op, const std::vector<MmmodFusedTensor>& metas, at::TensorList params,
+               const at::Tensor& k, const std::optional<at::Tensor>& sigma,
+               const std::optional<at::Tensor>& update_scale, int64_t seed, int64_t step,
+               int64_t modality, const at::Device& device) {
+  Launch l;
+  l.table = upload(op, metas, device);
+  l.sigma = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // a device copy at most
+  l.dtype = cuda_dtype_code(params[0].scalar_type());
+  l.k = k.const_data_ptr<float>();
+  l.sigma_ptr = l.sigma.defined() ? l.sigma.const_data_ptr<float>() : nullptr;
+  l.update_scale = update_scale.has_value() ? update_scale->const_data_ptr<float>() : nullptr;
+  l.seed = static_cast<uint64_t>(seed);
+  l.step = static_cast<uint32_t>(step);
+  l.modality = static_cast<uint32_t>(modality);
+  l.stream = cuda_current_stream(device);
+  return l;
+}
+
 }  // namespace
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -113,8 +143,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     metas.back().flag = use_momentum && buffer_ready.get(i) ? 1 : 0;
   }
   if (!has_elements(params)) return;
-  const Table t = upload(op, metas, device);
-  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // no sync
+  const Launch l = prepare(op, metas, params, k, sigma, update_scale, seed, step, modality, device);
   MmmodSgdScalars s;
   std::memset(&s, 0, sizeof(s));
   // the Python floats torch's _multi_tensor_sgd passes its foreach ops
@@ -126,13 +155,9 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   s.decay = weight_decay != 0.0;
   s.use_momentum = use_momentum;
   s.nesterov = nesterov;
-  check_rc(mmmod_cuda_fused_sgd(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                cuda_dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
-                                sig.defined() ? sig.const_data_ptr<float>() : nullptr,
-                                update_scale.has_value() ? update_scale->const_data_ptr<float>()
-                                                         : nullptr,
-                                s, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                                static_cast<uint32_t>(modality), cuda_current_stream(device)),
+  check_rc(mmmod_cuda_fused_sgd(l.table.words.const_data_ptr(), l.table.ntensors, l.table.nchunks,
+                                l.dtype, l.k, l.sigma_ptr, l.update_scale, s, l.seed, l.step,
+                                l.modality, l.stream),
            op, "launch");
 }
 
@@ -159,8 +184,7 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     metas.back().bc2_sqrt = std::pow(bc2, 0.5);
   }
   if (!has_elements(params)) return;
-  const Table t = upload(op, metas, device);
-  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // no sync
+  const Launch l = prepare(op, metas, params, k, sigma, update_scale, seed, step, modality, device);
   MmmodAdamScalars s;
   std::memset(&s, 0, sizeof(s));
   s.weight_decay = weight_decay;
@@ -172,13 +196,9 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   s.maximize = maximize;
   s.decay = weight_decay != 0.0;
   s.decoupled = decoupled;
-  check_rc(mmmod_cuda_fused_adam(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                 cuda_dtype_code(params[0].scalar_type()), k.const_data_ptr<float>(),
-                                 sig.defined() ? sig.const_data_ptr<float>() : nullptr,
-                                 update_scale.has_value() ? update_scale->const_data_ptr<float>()
-                                                          : nullptr,
-                                 s, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                                 static_cast<uint32_t>(modality), cuda_current_stream(device)),
+  check_rc(mmmod_cuda_fused_adam(l.table.words.const_data_ptr(), l.table.ntensors, l.table.nchunks,
+                                 l.dtype, l.k, l.sigma_ptr, l.update_scale, s, l.seed, l.step,
+                                 l.modality, l.stream),
            op, "launch");
 }
 

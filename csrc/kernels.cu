@@ -41,6 +41,7 @@
 #include "coefficients.h"
 #include "cuda_access.cuh"
 #include "cuda_api.h"
+#include "cuda_dtypes.cuh"
 #include "philox.h"
 
 namespace {
@@ -50,35 +51,9 @@ namespace access = mmmod::access;
 constexpr int kThreads = 256;
 
 // Gradient accesses (csrc/cuda_access.cuh: ld.global.cg / st.global.cg, the vector widths) and
-// the conversions between a stored value and the float / double the kernels compute in.
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to_f(float v) { return v; }
-  static __device__ __forceinline__ double to_d(float v) { return static_cast<double>(v); }
-  static __device__ __forceinline__ float from_f(float v) { return v; }
-};
-template <>
-struct Cvt<double> {
-  static __device__ __forceinline__ float to_f(double v) { return static_cast<float>(v); }
-  static __device__ __forceinline__ double to_d(double v) { return v; }
-  static __device__ __forceinline__ double from_f(float v) { return static_cast<double>(v); }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ double to_d(__half v) { return static_cast<double>(__half2float(v)); }
-  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ double to_d(__nv_bfloat16 v) {
-    return static_cast<double>(__bfloat162float(v));
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
+// the conversions between a stored value and the float / double the kernels compute in
+// (csrc/cuda_dtypes.cuh).
+using mmmod::Cvt;
 
 // One element: read as float (load) or double (load_d), written from a float.
 template <typename T>
@@ -520,17 +495,6 @@ __global__ void coefficients_kernel(const float* s, float* k, int64_t M, int met
   if (blockIdx.x == 0 && threadIdx.x == 0) mmmod::compute_coefficients(s, k, M, method, alpha, beta_max);
 }
 
-template <typename F>
-int dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case MMMOD_F32: f(static_cast<float*>(nullptr)); return 0;
-    case MMMOD_F16: f(static_cast<__half*>(nullptr)); return 0;
-    case MMMOD_BF16: f(static_cast<__nv_bfloat16*>(nullptr)); return 0;
-    case MMMOD_F64: f(static_cast<double*>(nullptr)); return 0;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
-
 // The error of the launch just made (cudaSuccess = 0), checked after every single launch.
 int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
@@ -559,11 +523,25 @@ size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks) {
 // right after the launch that caused it.
 static int stats(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                  mmmod::Moments* part, cudaStream_t st) {
-  const int rc = dispatch(dtype, [&](auto* tag) {
+  const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
     stats_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, part);
   });
   return rc ? rc : launch_status();
+}
+
+// The statistics launch, then `merge` (one block per tensor) turning each tensor's chunk moments
+// in `workspace` into its row(s) of `out` (std_kernel, moments_kernel).
+using MergeKernel = void (*)(const void*, int64_t, const mmmod::Moments*, double*);
+static int stats_then_merge(MergeKernel merge, const void* table, int64_t ntensors, int64_t nchunks,
+                            int dtype, void* workspace, double* out, void* stream) {
+  if (ntensors == 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
+  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
+  if (rc) return rc;
+  merge<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
+  return launch_status();
 }
 
 int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -576,7 +554,7 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
   float* sigma = reinterpret_cast<float*>(part + nchunks);
   int rc = 0;
   if (!noise) {
-    rc = dispatch(dtype, [&](auto* tag) {
+    rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
       using T = typename std::remove_pointer<decltype(tag)>::type;
       scale_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k);
     });
@@ -588,7 +566,7 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
                                                          sigma);
   rc = launch_status();
   if (rc) return rc;
-  rc = dispatch(dtype, [&](auto* tag) {
+  rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
     noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
                                                              nullptr, seed, step_ptr, step, modality);
@@ -602,7 +580,7 @@ int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchun
                               void* stream) {
   if (ntensors == 0 || nchunks == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int rc = dispatch(dtype, [&](auto* tag) {
+  const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
     noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
                                                              gate, seed, step_ptr, step, modality);
@@ -612,24 +590,12 @@ int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchun
 
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                           void* workspace, double* out, void* stream) {
-  if (ntensors == 0) return 0;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
-  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
-  if (rc) return rc;
-  std_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
-  return launch_status();
+  return stats_then_merge(std_kernel, table, ntensors, nchunks, dtype, workspace, out, stream);
 }
 
 int mmmod_cuda_bucket_moments(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
                               void* workspace, double* out, void* stream) {
-  if (ntensors == 0) return 0;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
-  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
-  if (rc) return rc;
-  moments_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
-  return launch_status();
+  return stats_then_merge(moments_kernel, table, ntensors, nchunks, dtype, workspace, out, stream);
 }
 
 size_t mmmod_cuda_scores_workspace_bytes(int64_t B, int64_t M) {

@@ -1,5 +1,5 @@
 // CUDA kernels of InfoReg's proximal op (mmmod::proximal_; glue: proximal_cuda.cpp, interface:
-// proximal_api.h). CUDA headers and proximal_api.h only, no torch.
+// proximal_api.h). CUDA headers, proximal_api.h and cuda_dtypes.cuh only, no torch.
 //
 // 1. proximal_kernel: one block per chunk of MMMOD_PROX_CHUNK elements of one tensor. Thread i
 //    takes elements i, i + 256, ... (coalesced), forms g + beta (p - p0) in float32 with
@@ -18,40 +18,14 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda_dtypes.cuh"
 #include "proximal_api.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct ProxIo;
-template <>
-struct ProxIo<float> {
-  static __device__ __forceinline__ float to_f(float v) { return v; }
-  static __device__ __forceinline__ double to_d(float v) { return static_cast<double>(v); }
-  static __device__ __forceinline__ float from_f(float v) { return v; }
-};
-template <>
-struct ProxIo<double> {
-  static __device__ __forceinline__ float to_f(double v) { return __double2float_rn(v); }
-  static __device__ __forceinline__ double to_d(double v) { return v; }
-  static __device__ __forceinline__ double from_f(float v) { return static_cast<double>(v); }
-};
-template <>
-struct ProxIo<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ double to_d(__half v) { return static_cast<double>(__half2float(v)); }
-  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct ProxIo<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ double to_d(__nv_bfloat16 v) {
-    return static_cast<double>(__bfloat162float(v));
-  }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
+using mmmod::Cvt;  // stored value <-> float / double (csrc/cuda_dtypes.cuh)
 
 // this thread's float64 sum of squares over its elements of one chunk
 template <typename T>
@@ -59,15 +33,15 @@ __device__ double chunk_pass(T* g, const T* p, const T* p0, int64_t len, float b
   double acc = 0.0;
   if (beta != 0.0f) {  // NaN != 0: a NaN beta writes NaN, as the reference
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      const float d = __fsub_rn(ProxIo<T>::to_f(p[i]), ProxIo<T>::to_f(p0[i]));
-      const T r = ProxIo<T>::from_f(__fadd_rn(ProxIo<T>::to_f(g[i]), __fmul_rn(beta, d)));
+      const float d = __fsub_rn(Cvt<T>::to_f(p[i]), Cvt<T>::to_f(p0[i]));
+      const T r = Cvt<T>::from_f(__fadd_rn(Cvt<T>::to_f(g[i]), __fmul_rn(beta, d)));
       g[i] = r;
-      const double x = ProxIo<T>::to_d(r);
+      const double x = Cvt<T>::to_d(r);
       acc = __dadd_rn(acc, __dmul_rn(x, x));
     }
   } else {
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      const double x = ProxIo<T>::to_d(g[i]);
+      const double x = Cvt<T>::to_d(g[i]);
       acc = __dadd_rn(acc, __dmul_rn(x, x));
     }
   }
