@@ -15,6 +15,7 @@ import torch
 
 from .. import backends, functional
 from ..monitor.history import Recorder
+from ..monitor.signals import Signals, check as check_signals
 from . import checkpoint, config, distributed, selection, sharding, update
 from . import fused as fused_update
 
@@ -36,7 +37,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                  noise_rng: str = "philox", param_filter: str | Callable | None = None,
                  apply_to: str = "grad", backend: str = "auto", seed: int = 0,
                  process_group: Any = None, strict: bool = False, capturable: bool = False,
-                 history: int = 0, fused: bool = False) -> None:
+                 history: int = 0, fused: bool = False, signals=()) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -77,6 +78,11 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # per-step history (mmmod.monitor): off (None) unless history > 0 or a logger is added
         history = config.integer("history", history, minimum=0)
         self._recorder = Recorder(self.names, history, device=self._device) if history else None
+        # imbalance signals added to the recorded rows (mmmod.monitor.signals), opt-in
+        self.signals = check_signals(signals)
+        self._signals = Signals(self.signals, self.names, [
+            [e for _, e in selection.expand(n, src)] for n, src in items],
+            self._device) if self.signals else None
         self.defaults = optimizer.defaults  # torch.optim.Optimizer bookkeeping, no params
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
                      "load_state_dict_pre", "load_state_dict_post"):
@@ -146,11 +152,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._score_sum = s if self._score_sum is None else self._score_sum + s
         self._observed += 1
         self._samples += labels.shape[0]  # host metadata: the divisor of a "mean" reduction
+        if self._signals is not None:
+            self._signals.observe(zs, labels)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop the scores gathered for them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._score_sum, self._observed, self._samples = None, 0, 0
+        if self._signals is not None:
+            self._signals.reset()
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -164,6 +174,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             def evaluate():
                 with torch.enable_grad():
                     loss = closure()
+                self._read_signal_gradients()
                 outcome.append(self._modulate_gradients())
                 return loss
             before = self._snapshot()
@@ -173,6 +184,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            self._read_signal_gradients()
             outcome.append(self._modulate_gradients())
             before = self._snapshot()
             if self._fused_pending is not None:  # fused=True: modulation inside the update
@@ -196,7 +208,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             s = self._score_sum  # a baseline run still records what it observed, k = 1
             k = torch.ones_like(s, dtype=torch.float32)
         if self._recorder is not None and s is not None:
-            self._recorder.record(s, k, bad, self._method.log_values(self._method_state) or None,
+            self._recorder.record(s, k, bad, self._record_extras(),
                                   step=self.step_count, epoch=self.epoch,
                                   samples=self._samples * self._world(),
                                   modulated=self._method.modulates and self.in_window())
@@ -204,6 +216,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
         self._score_sum, self._observed, self._samples = None, 0, 0
+        if self._signals is not None:
+            self._signals.reset()
         return loss
 
     @property
@@ -316,6 +330,17 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                     tensor_names=self.param_names, stds=stds,
                     _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)
+
+    def _read_signal_gradients(self) -> None:
+        if self._signals is not None and self._recorder is not None:
+            self._signals.read_gradients()  # before the modulation changes them
+
+    def _record_extras(self):
+        """The row's extra columns: the method's log values and the opted-in signals."""
+        extra = self._method.log_values(self._method_state) or {}
+        if self._signals is not None:
+            extra = {**extra, **self._signals.values(self.process_group)}
+        return extra or None
 
     def _snapshot(self):
         if self._fused_pending is not None:
