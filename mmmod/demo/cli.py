@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from . import imbalance
 from .data import SyntheticConfig, class_signatures, make_dataset
 from .models import FUSIONS
 from .train import DEMO_ALPHA, TrainConfig, demo_methods, train_one
@@ -64,6 +65,9 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--n-frames", type=int, default=None, help="frames per clip (real data: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the imbalance report (Shapley contributions and linear probes "
+                        "before and after training; about 10%% of a default run's time)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log each run's scores/coefficients to OUT/tensorboard/ "
                         "(needs the tensorboard package)")
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
                        width=args.width, resnet18=args.resnet18, backend=args.backend,
                        device=args.device, modulation_starts=args.modulation_starts,
                        modulation_ends=args.modulation_ends, apply_to=args.apply_to,
-                       progress=not args.quiet)
+                       progress=not args.quiet, imbalance=not args.no_report)
     os.makedirs(args.out, exist_ok=True)
     if args.tensorboard:
         try:
@@ -221,6 +225,11 @@ def main(argv=None) -> int:
     print(table)
     print(f"\nseeds {seeds}, {epochs} epochs, fusion {args.fusion}, total {total:.0f}s "
           f"(probe = linear probe of the frozen encoder)")
+    imbalance_report = imbalance.report(runs)
+    if imbalance_report is not None:
+        print(f"\nimbalance before and after training (seed {seeds[0]}; Shapley values of the "
+              f"test accuracy and loss over the two modalities, mmmod.diagnostics):\n")
+        print(imbalance_report)
     result = {"argv": sys.argv[1:] if argv is None else list(argv), "methods": methods,
               "seeds": seeds, "train_config": tcfg.to_dict(), "data": data_info,
               "summary": summary, "table": table, "total_s": total,
@@ -230,5 +239,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     files = [] if args.no_plots else plot(runs, args.out)
+    if imbalance_report is not None and not args.no_plots and files:
+        files.append(os.path.join(args.out, "imbalance.png"))
+        imbalance_report.figure(files[-1])
     print(f"wrote {os.path.join(args.out, 'results.json')}" + "".join(f", {p}" for p in files))
     return 0

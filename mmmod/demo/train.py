@@ -28,8 +28,10 @@ import torch.nn.functional as F
 
 from .. import losses
 from .. import methods as registry
+from ..diagnostics.probe import linear_probe
 from ..monitor import Recorder, attach
 from ..optimizer import ModulatedOptimizer
+from . import imbalance
 from .models import AVClassifier
 
 # demo-only runs: no modulation, with the plain or the MLB multi-loss objective
@@ -74,6 +76,7 @@ class TrainConfig:
     probe_steps: int = 100
     progress: bool = True
     log_every: int = 50             # loggers' flush interval in steps (one host read each)
+    imbalance: bool = True          # Shapley contributions + probes before and after training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +93,7 @@ class RunResult:
     curves: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict)
     alpha: Optional[float] = None
+    imbalance: dict = field(default_factory=dict)  # {"before": ..., "after": ...} (demo.imbalance)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,27 +163,6 @@ def features(model: AVClassifier, data, device, bs: int = 256):
     return torch.cat(outs), torch.cat(fas), torch.cat(fvs)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, steps: int = 100,
-                 weight_decay: float = 1e-3) -> float:
-    """Test accuracy of a logistic regression fitted (L-BFGS) on frozen features."""
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
-    lin = torch.nn.Linear(xtr.shape[1], n_classes)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(xtr), train_y) + weight_decay * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return (lin(xte).argmax(1) == test_y).float().mean().item()
-
-
 def evaluate(model: AVClassifier, data, device) -> dict:
     out, fa, fv = features(model, data, device)
     y = data.labels
@@ -205,6 +188,8 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     torch.manual_seed(seed)
     model = AVClassifier(n_classes, cfg.fusion, cfg.width, cfg.resnet18).to(device)
     opt = _make_optimizer(model, method, cfg, seed)
+    before = (imbalance.measure(model, train, test, device, n_classes, cfg.probe_steps)
+              if cfg.imbalance else None)
     joint_heads = method in JOINT_HEADS
     # methods fed per-epoch accuracies (MSLR): the demo has no validation split, so they get
     # the unimodal heads' accuracy over the previous epoch's training batches (stated in
@@ -273,12 +258,15 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     _, te_a, te_v = features(model, test, device)
     probe = {"audio": linear_probe(tr_a, train.labels, te_a, test.labels, n_classes, cfg.probe_steps),
              "visual": linear_probe(tr_v, train.labels, te_v, test.labels, n_classes, cfg.probe_steps)}
+    after = (imbalance.measure(model, train, test, device, n_classes, cfg.probe_steps, probe)
+             if cfg.imbalance else None)
     final = curves["fused"][-1] if curves["fused"] else evaluate(model, test, device)["fused"]
     return RunResult(method=method, seed=seed, fused_acc=final, probe_acc=probe,
                      head_acc={"audio": curves["audio_head"][-1] if curves["audio_head"] else float("nan"),
                                "visual": curves["visual_head"][-1] if curves["visual_head"] else float("nan")},
                      wall_s=train_s, curves=curves, steps=steps,
-                     alpha=None if method in ("baseline", "multiloss") else opt.alpha)
+                     alpha=None if method in ("baseline", "multiloss") else opt.alpha,
+                     imbalance={"before": before, "after": after} if cfg.imbalance else {})
 
 
 class _NoBar:
