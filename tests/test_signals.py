@@ -240,3 +240,58 @@ def test_ddp_signals_equal_one_process_on_the_concatenated_batch(tmp_path):
         torch.testing.assert_close(got["score"], want["score"], rtol=1e-5, atol=1e-6)
     # the accuracies really differ between the halves: the all-gather matters
     assert not torch.equal(got["acc"], torch.zeros_like(got["acc"]))
+
+
+# ---- FSDP2: the norms of sharded tensors are summed over the shards ------------------------
+def _fsdp_run(rank, world, steps=3):
+    from _dist_utils import ShardModel
+    torch.manual_seed(0)
+    model = ShardModel(2)
+    mapping = {"audio": model.encoders[0], "visual": model.encoders[1]}
+    if rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
+        for enc in model.encoders:
+            fully_shard(enc, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = mmmod.ModulatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), mapping,
+                                   method="ogm_ge", alpha=0.8, param_filter="all",
+                                   backend="torch", history=steps, signals=ALL)
+    for t in range(steps):
+        xs, y = _global_batch(t)
+        xs = [x[:, :1 + i] for i, x in enumerate(xs)]
+        if rank is not None:
+            sl = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+            xs, y = [x[sl] for x in xs], y[sl]
+        opt.zero_grad()
+        out, feats = model(xs)
+        head = model.head
+        w = head.weight.full_tensor() if hasattr(head.weight, "full_tensor") else head.weight
+        b = head.bias.full_tensor() if hasattr(head.bias, "full_tensor") else head.bias
+        with torch.no_grad():
+            zs = [f @ w[:, 3 * i:3 * i + 3].T + b / 2 for i, f in enumerate(feats)]
+        opt.observe(dict(zip(["audio", "visual"], zs)), y)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+    return opt.history()
+
+
+def fsdp_signals_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from _dist_utils import init
+    init(rank, world, port)
+    torch.save(_fsdp_run(rank, world), os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_signals_equal_one_process_on_the_concatenated_batch(tmp_path):
+    from _dist_utils import spawn
+    spawn(fsdp_signals_worker, WORLD, str(tmp_path))
+    want = _fsdp_run(None, WORLD)
+    for rank in range(WORLD):
+        got = torch.load(os.path.join(tmp_path, f"fsdp{rank}.pt"))
+        torch.testing.assert_close(got["acc"], want["acc"], rtol=0, atol=0)
+        torch.testing.assert_close(got["grad_norm"], want["grad_norm"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got["speed"], want["speed"], rtol=1e-4, atol=1e-10)
