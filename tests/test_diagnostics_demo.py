@@ -64,3 +64,14 @@ def test_cli_prints_the_report_and_draws_it(tmp_path, capsys):
     assert cli.main(args + ["--out", str(tmp_path / "off"), "--no-report", "--no-plots"]) == 0
     assert "Shapley" not in capsys.readouterr().out
     assert not (tmp_path / "off" / "imbalance.png").exists()
+
+
+def test_demo_records_the_signals_when_asked(tiny_data):
+    tr, te = tiny_data
+    cfg = train.TrainConfig(epochs=1, batch_size=32, width=4, progress=False, probe_steps=5,
+                            backend="torch", imbalance=False, signals=("accuracy", "speed"))
+    r = train.train_one("baseline", tr, te, cfg, seed=0)
+    assert {"acc/audio", "acc/visual", "speed/audio", "speed/visual"} <= set(r.steps)
+    assert all(0.0 <= a <= 1.0 for a in r.steps["acc/visual"])
+    with pytest.raises(SystemExit, match="unknown signal 'bogus'"):
+        cli.main(["--signals", "accuracy,bogus"])

@@ -65,6 +65,9 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--n-frames", type=int, default=None, help="frames per clip (real data: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--signals", default="",
+                   help="comma-separated training-time signals to record per step (accuracy, "
+                        "grad_norm, speed; docs/diagnostics.md)")
     p.add_argument("--no-report", action="store_true",
                    help="skip the imbalance report (Shapley contributions and linear probes "
                         "before and after training; about 10%% of a default run's time)")
@@ -82,6 +85,14 @@ def _methods(spec: str) -> list[str]:
         if m not in known:
             raise SystemExit(f"mmmod demo: unknown method {m!r}; choose from {', '.join(known)}")
     return ms
+
+
+def _signals(spec: str) -> tuple:
+    from ..monitor.signals import check
+    try:
+        return check([s.strip() for s in spec.split(",") if s.strip()])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"mmmod demo: --signals: {e}")
 
 
 def _real_data(args):
@@ -178,7 +189,8 @@ def main(argv=None) -> int:
                        width=args.width, resnet18=args.resnet18, backend=args.backend,
                        device=args.device, modulation_starts=args.modulation_starts,
                        modulation_ends=args.modulation_ends, apply_to=args.apply_to,
-                       progress=not args.quiet, imbalance=not args.no_report)
+                       progress=not args.quiet, imbalance=not args.no_report,
+                       signals=_signals(args.signals))
     os.makedirs(args.out, exist_ok=True)
     if args.tensorboard:
         try:

@@ -77,6 +77,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 50             # loggers' flush interval in steps (one host read each)
     imbalance: bool = True          # Shapley contributions + probes before and after training
+    signals: tuple = ()             # training-time signals in the history (mmmod.monitor.signals)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +146,7 @@ def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> Modulate
                               modulation_starts=cfg.modulation_starts,
                               modulation_ends=modulation_window(method, cfg),
                               param_filter=cfg.param_filter, apply_to=cfg.apply_to,
-                              backend=cfg.backend, seed=seed)
+                              backend=cfg.backend, seed=seed, signals=cfg.signals)
 
 
 @torch.no_grad()
