@@ -295,3 +295,25 @@ def test_fsdp2_signals_equal_one_process_on_the_concatenated_batch(tmp_path):
         torch.testing.assert_close(got["acc"], want["acc"], rtol=0, atol=0)
         torch.testing.assert_close(got["grad_norm"], want["grad_norm"], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(got["speed"], want["speed"], rtol=1e-4, atol=1e-10)
+
+
+def test_copies_keep_the_signals():
+    import copy
+    import pickle
+    torch.manual_seed(5)
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=0.1), history=2,
+                      signals=ALL, backend="torch")
+    for clone in (copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))):
+        m2, o2 = clone
+        assert o2.signals == ALL and o2.recorder is None  # the recorder belongs to the run
+        from mmmod.monitor import Recorder, attach
+        attach(o2, Recorder(names, 2))
+        xs, y = batch()
+        o2.zero_grad()
+        zs, acc, gsq, _ = _eager(m2, names, xs, y)
+        o2.observe(dict(zip(names, zs)), y)
+        o2.step()
+        # the copy's norms are of the copy's gradients
+        torch.testing.assert_close(o2.history()["grad_norm"][0].double(), gsq.sqrt(), rtol=1e-5,
+                                   atol=0)

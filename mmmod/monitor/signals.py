@@ -76,7 +76,6 @@ class Signals:
 
     def __init__(self, kinds: Sequence[str], names: Sequence[str], entries: Sequence[Sequence],
                  device: torch.device) -> None:
-        from ..optim import selection
         from ..slices import ParamSlice
         self.kinds = tuple(kinds)
         self.names = list(names)
@@ -95,7 +94,6 @@ class Signals:
         # per bucket: the modality of each tensor, as a device index for one index_add
         self._index = {key: torch.tensor([m for m, _ in items], dtype=torch.int64, device=device)
                        for key, items in self._buckets.items()}
-        self._selection = selection
         self.reset()
 
     def reset(self) -> None:
@@ -126,7 +124,7 @@ class Signals:
         later call in the same step (a closure optimizer's re-evaluation) replaces it."""
         if not self.wants_norms:
             return
-        sel = self._selection
+        from ..optim import selection as sel
         total = None
         for key, items in self._buckets.items():
             grads, params, idx = [], [], []
