@@ -31,21 +31,29 @@ from ..slices import ParamSlice
 from . import distributed
 
 
-def _reached_leaves(loss: torch.Tensor) -> set[int]:
-    """ids of the leaf tensors (``AccumulateGrad`` variables) the loss's graph reaches."""
+#: autograd nodes that stand for a whole compiled graph (torch.compile's AOTAutograd): every
+#: output's graph runs through the same node, so which inputs one loss reaches is not visible
+OPAQUE_NODES = ("CompiledFunctionBackward",)
+
+
+def _reached_leaves(loss: torch.Tensor) -> tuple[set[int], bool]:
+    """(ids of the leaf tensors, i.e. ``AccumulateGrad`` variables, the loss's graph reaches;
+    whether the walk went through a compiled graph's node, which hides what it reaches)."""
     out: set[int] = set()
     seen: set[int] = set()
+    opaque = False
     stack = [loss.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
+        opaque = opaque or type(fn).__name__ in OPAQUE_NODES
         var = getattr(fn, "variable", None)
         if var is not None:
             out.add(id(var))
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    return out
+    return out, opaque
 
 
 class ObjectiveGradients:
@@ -112,13 +120,15 @@ class ObjectiveGradients:
         return fused_key
 
     def _check_graph(self, losses, fused_key) -> None:
+        """Each unimodal objective reaches its own encoder and no other (its gradient on an
+        encoder is taken as that encoder's own objective's). The fused objective's reach is
+        checked from its gradients. Through a compiled graph (torch.compile) the walk cannot
+        tell which inputs one output reaches: the check is skipped for that objective."""
         own = [{id(t) for t in ts} for ts in self.leaves]
-        fused = _reached_leaves(losses[fused_key])
         for m, name in enumerate(self.names):
-            if not own[m] & fused:
-                raise ValueError(f"backward(): the fused objective {fused_key!r} reaches no "
-                                 f"selected tensor of modality {name!r}")
-            reached = _reached_leaves(losses[name])
+            reached, opaque = _reached_leaves(losses[name])
+            if opaque:
+                continue
             if not own[m] & reached:
                 raise ValueError(f"backward(): objective {name!r} reaches no selected tensor "
                                  f"of its own modality's encoder")
@@ -152,14 +162,18 @@ class ObjectiveGradients:
         wants = [t.requires_grad for t in leaves]
         got = torch.autograd.grad(scaled[fused_key], [t for t, w in zip(leaves, wants) if w],
                                   retain_graph=True, allow_unused=True)
-        total.backward(retain_graph=retain_graph)
-        # both passes done: keep the fused objective's gradients (summed over the step's calls)
         it = iter(got)
         flat = [next(it) if w else None for w in wants]
         new, k = [], 0
         for ts in self.leaves:
             new.append(flat[k:k + len(ts)])
             k += len(ts)
+        for m, row in enumerate(new):
+            if all(g is None for g in row):
+                raise ValueError(f"backward(): the fused objective {fused_key!r} reaches no "
+                                 f"selected tensor of modality {self.names[m]!r}")
+        total.backward(retain_graph=retain_graph)
+        # both passes done: keep the fused objective's gradients (summed over the step's calls)
         if self.fused is None:
             self.fused = [[None if g is None else g.detach() for g in row] for row in new]
         else:
