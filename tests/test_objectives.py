@@ -157,3 +157,20 @@ def test_other_methods_get_one_backward_of_the_sum(seed):
     assert not opt._objectives.pending
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_calls_of_one_step_must_agree_on_the_scaler(seed):
+    model = AVNet()
+    opt = make_opt(model, NAMES2)
+    (xs, y), (xs2, y2) = data(NAMES2, 2, seed)
+    opt.backward(losses_of(model, xs, y, NAMES2))
+    before = _snapshot(model, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    with pytest.raises(ValueError, match="same scaler"):
+        opt.backward(losses_of(model, xs2, y2, NAMES2), scaler=scaler)
+    after = _snapshot(model, opt)
+    assert _same(before[0], after[0]) and _same(before[1], after[1])
+    # a disabled scaler is no scaler
+    opt.backward(losses_of(model, xs2, y2, NAMES2),
+                 scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert opt._objectives.fused_scale is None

@@ -146,8 +146,11 @@ class ObjectiveGradients:
         if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "unscale_")):
             raise TypeError(f"backward(): scaler must be a torch.amp.GradScaler, got "
                             f"{type(scaler).__name__}")
-        if self.combines and self.scaler is not None and scaler is not self.scaler:
-            raise ValueError("backward(): every call of one step must pass the same scaler")
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None  # a disabled scaler scales nothing
+        if self.combines and self.fused is not None and scaler is not self.scaler:
+            raise ValueError("backward(): every call of one step must pass the same scaler "
+                             "(or none)")
         if self.combines:
             self._check_graph(losses, fused_key)
         scaled = {k: (scaler.scale(v) if scaler is not None else v).reshape(())
