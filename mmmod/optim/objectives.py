@@ -16,9 +16,10 @@ encoders, checked here from the autograd graph), so the authors' three retained 
 the summed one become two. ``step()`` then hands ``(g_mm, g_sum)`` to the method's
 ``combine_``. Any other method gets one backward of the summed loss.
 
-Every check (keys, scalar losses, devices, graph reachability) runs before the first pass; the
-kept gradients are updated only once both passes succeeded, so a failing call leaves every
-gradient and kept gradient as it was.
+Every check (keys, scalar losses, devices, each unimodal objective's reach from a walk of the
+graph) runs before the first pass, the fused objective's reach (from its gradients) between the
+two; the kept gradients are updated only once both passes succeeded, so a failing call leaves
+every gradient and kept gradient as it was.
 """
 from __future__ import annotations
 
