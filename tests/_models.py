@@ -33,11 +33,37 @@ def train_step(model, opt, names, xs, y, scaler=None):
     out, feats = model(xs)
     opt.observe(dict(zip(names, mmmod.fusion.concat_logits(model.head, feats))), y)
     loss = nn.functional.cross_entropy(out, y)
+    if opt._method.combines_objectives:  # per-objective gradients: opt.backward(losses)
+        return _multi_objective_step(model, opt, names, feats, loss, y, scaler)
     if scaler is None:
         loss.backward()
         opt.step()
     else:
         scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return loss
+
+
+def unimodal_logits(head: nn.Linear, feats):
+    """Each modality's share of the concat head, differentiable: z_m = f_m W[:, cols(m)]^T +
+    b / M (mmmod.fusion.concat_logits without no_grad), reaching encoder m only."""
+    zs, start = [], 0
+    for f in feats:
+        zs.append(f @ head.weight[:, start:start + f.shape[1]].T + head.bias / len(feats))
+        start += f.shape[1]
+    return zs
+
+
+def _multi_objective_step(model, opt, names, feats, loss, y, scaler):
+    losses = {"multimodal": loss}
+    for n, z in zip(names, unimodal_logits(model.head, feats)):
+        losses[n] = nn.functional.cross_entropy(z, y)
+    if scaler is None:
+        opt.backward(losses)
+        opt.step()
+    else:
+        opt.backward(losses, scaler=scaler)
         scaler.step(opt)
         scaler.update()
     return loss

@@ -292,6 +292,8 @@ def test_every_registered_method_matches_its_hooks_written_by_hand(seed, name):
     (over all micro-batches), coefficients with the method's state, on_epoch (with the selected
     parameters when asked), correct_grads_ before the modulation, noise, then the inner step."""
     m = mmmod.methods.get(name)
+    if m.combines_objectives:
+        pytest.skip("trained with opt.backward(losses): tests/test_mmpareto.py drives its hooks")
     torch.manual_seed(seed)
     a = TwoEncoder()
     b = copy.deepcopy(a)

@@ -191,7 +191,10 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     opt = _make_optimizer(model, method, cfg, seed)
     before = (imbalance.measure(model, train, test, device, n_classes, cfg.probe_steps)
               if cfg.imbalance else None)
-    joint_heads = method in JOINT_HEADS
+    # a method combining per-objective gradients (MMPareto) trains the unimodal heads jointly
+    # and backpropagates the objectives through opt.backward
+    combines = registry.get(opt.method).combines_objectives
+    joint_heads = method in JOINT_HEADS or combines
     # methods fed per-epoch accuracies (MSLR): the demo has no validation split, so they get
     # the unimodal heads' accuracy over the previous epoch's training batches (stated in
     # docs/demo.md); counted on the device, read once per epoch
@@ -235,7 +238,11 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
                 z = model.split_logits(feats) if model.has_split else [h.detach() for h in heads]
             opt.zero_grad()
             opt.observe({"audio": z[0], "visual": z[1]}, y)
-            (loss if joint_heads else loss + loss_heads).backward()
+            if combines:
+                opt.backward({"multimodal": F.cross_entropy(out, y),
+                              **{n: F.cross_entropy(h, y) for n, h in zip(opt.names, heads)}})
+            else:
+                (loss if joint_heads else loss + loss_heads).backward()
             opt.step()  # the recorder appends this step's scores and coefficients
             loss_sum += loss.detach() * y.numel()  # on the device: no host read per step
             if wants_acc:

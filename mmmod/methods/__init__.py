@@ -2,7 +2,7 @@
 
 >>> import mmmod
 >>> mmmod.methods.names()
-('ogm', 'ogm_ge', 'mlb', 'none', 'agm', 'mslr', 'inforeg')
+('ogm', 'ogm_ge', 'mlb', 'none', 'agm', 'mslr', 'inforeg', 'mmpareto')
 
 A new score-to-coefficient rule is one subclass of :class:`Method` and one :func:`register`
 call, from inside or outside the package; it then works by name in ``ModulatedOptimizer``
@@ -14,5 +14,7 @@ from .base import Method, get, names, real_number, register, table, unregister
 from . import ogm, ogm_ge, mlb, none  # noqa: E402,F401  isort: skip
 # balancing methods beyond OGM/MLB, on the same kernels (docs/semantics.md)
 from . import agm, mslr, inforeg  # noqa: E402,F401  isort: skip
+# per-objective gradient combination (docs/multi_objective.md)
+from . import mmpareto  # noqa: E402,F401  isort: skip
 
 __all__ = ["Method", "register", "unregister", "get", "names", "table", "real_number"]

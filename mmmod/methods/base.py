@@ -98,6 +98,11 @@ class Method:
     #: the optimizer calls :meth:`correct_grads_` every step, after :meth:`coefficients` and
     #: before the modulation (InfoReg's proximal term)
     corrects_grads: bool = False
+    #: the rule combines per-objective gradients (MMPareto, PCGrad-style surgery): training
+    #: calls ``opt.backward({fused: L, modality: L_m, ...})``, which keeps each selected
+    #: tensor's fused-objective gradient next to its summed one, and ``step()`` calls
+    #: :meth:`combine_` (inside the modulation window) instead of scaling (docs/multi_objective.md)
+    combines_objectives: bool = False
 
     def batch_scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Sums over the batch of this method's per-sample score, float32 [M], on the device and
@@ -117,6 +122,19 @@ class Method:
         ``whole_tensor_stats`` also receives ``shards=`` when some selected tensor is sharded
         (``params`` and ``grads`` are then the local shards)."""
         return None
+
+    def combine_(self, fused: Sequence[Sequence[torch.Tensor]],
+                 summed: Sequence[Sequence[torch.Tensor]], state: dict[str, torch.Tensor], *,
+                 alpha: float, names: Sequence[str], fused_scale: torch.Tensor | None = None,
+                 backend: str | None = None) -> None:
+        """Write each modality's combined gradient into ``summed`` (a method with
+        :attr:`combines_objectives`). ``summed[m][i]`` is the ``.grad`` of tensor i of modality
+        m: the gradient of the summed loss. ``fused[m][i]`` is its gradient of the fused
+        objective, in the units of ``summed`` once multiplied by ``fused_scale`` (a 0-d
+        float64 tensor, the GradScaler's inverse scale, or ``None``); modality m's own
+        objective's gradient is ``summed - fused_scale * fused``. Sync-free, in place."""
+        raise NotImplementedError(f"method {self.name!r} declares combines_objectives but "
+                                  f"defines no combine_")
 
     def check_state(self, state: dict[str, torch.Tensor],
                     params: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> None:
@@ -218,5 +236,6 @@ def table() -> list[Mapping[str, Any]]:
     return [{"name": m.name, "summary": m.summary, "alpha": m.default_alpha,
              "param_filter": m.default_filter, "noise": m.noise, "shard_safe": m.shard_safe,
              "whole_tensor_stats": m.whole_tensor_stats,
+             "combines_objectives": m.combines_objectives,
              "native": m.native, "hyperparameters": m.hyperparameters}
             for m in _REGISTRY.values()]

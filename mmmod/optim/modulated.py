@@ -16,7 +16,7 @@ import torch
 from .. import backends, functional
 from ..monitor.history import Recorder
 from ..monitor.signals import Signals, check as check_signals
-from . import checkpoint, config, distributed, selection, sharding, update
+from . import checkpoint, config, distributed, objectives, selection, sharding, update
 from . import fused as fused_update
 
 
@@ -62,6 +62,9 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # sharded parameters (FSDP2): refusals, and each shard's place in the noise stream
         self._shards = sharding.plan(self.names, self.params, self.param_names, m,
                                      self.noise_rng)
+        # opt.backward(losses): per-objective gradients for a method that combines them
+        self._objectives = objectives.ObjectiveGradients(self.names, self.params,
+                                                         self.param_names, m)
         devices = selection.devices(self.params)
         resolved = config.resolve_backends(self.backend, devices, self.capturable)
         self._closure_required = config.closure_required(optimizer)
@@ -155,12 +158,25 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if self._signals is not None:
             self._signals.observe(zs, labels)
 
+    def backward(self, losses: Mapping[Any, torch.Tensor], *, scaler: Any = None,
+                 retain_graph: bool = False) -> None:
+        """Backpropagate several objectives: ``losses`` maps each modality name to its
+        unimodal loss and one more key (e.g. ``"multimodal"``) to the fused loss. Every
+        ``.grad`` receives the summed loss's gradient; a method that combines per-objective
+        gradients (``mmpareto``) also gets each selected tensor's fused-objective gradient
+        (two backward passes in all). ``scaler``: a ``GradScaler`` that scales the losses here
+        (then step with ``scaler.step(opt)``). Any number of calls per step (accumulation).
+        See docs/multi_objective.md."""
+        self._objectives.backward(losses, self._device, scaler=scaler,
+                                  retain_graph=config.flag("retain_graph", retain_graph))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop the scores gathered for them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._score_sum, self._observed, self._samples = None, 0, 0
         if self._signals is not None:
             self._signals.reset()
+        self._objectives.clear()
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -218,6 +234,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._score_sum, self._observed, self._samples = None, 0, 0
         if self._signals is not None:
             self._signals.reset()
+        self._objectives.clear()
         return loss
 
     @property
@@ -303,6 +320,10 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if modulate or m.corrects_grads:  # everything that can fail, before any state changes
             grads = [[selection.grad_of(e) for e in ps] for ps in self.params]
             functional.check_grads(grads, self.names, self.param_names)
+        if modulate and m.combines_objectives:  # per-objective gradients (objectives.py)
+            fused, summed = self._objectives.pairs(grads, self.process_group, id(self))
+            m.combine_(fused, summed, self._method_state, alpha=self.alpha, names=self.names,
+                       fused_scale=self._objectives.fused_scale, backend=self.backend)
         s, per_sample = distributed.global_scores(
             self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
             len(self.names), self._device)

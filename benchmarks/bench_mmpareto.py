@@ -1,0 +1,202 @@
+"""MMPareto: the authors' whole step (transcribed) against ``ModulatedOptimizer``'s, and the
+combine alone against one ``torch._foreach_add_`` over the same gradients.
+
+Workload: the demo's audio-visual model (``mmmod.demo.models``: two ResNet encoders of the
+demo's width, a concat fusion head and unimodal heads, named as the authors' ``AVClassifier``:
+``audio_net``, ``visual_net``, ``head``, ``head_audio``, ``head_video``), a random batch of the
+demo's shapes, SGD (lr 2e-3, momentum 0.9, weight decay 1e-4: the script's defaults).
+
+* ``paper``: ``benchmarks.mmpareto_eager.authors_step``: forward, three retained backward
+  passes with every encoder gradient cloned (and concatenated), the cosines, the solver's
+  host-side dot products, the summed backward, the ``named_parameters()`` loop with
+  ``torch.norm`` per tensor, ``optimizer.step()``;
+* ``mmmod``: forward, ``opt.backward({"multimodal": L, "audio": L_a, "visual": L_v})`` (two
+  backward passes), ``opt.step()`` (the combine's plain-torch reference, then SGD).
+
+Both start from the same parameters and batch; one step of each is compared first (``agrees``:
+parameters within ``RTOL`` of each tensor's largest magnitude, and moved). The whole steps are
+timed alternately (round robin, medians) because the host is shared. The combine row times
+``mmpareto_combine_`` on saved gradient pairs of every encoder tensor (inputs restored between
+calls) against ``torch._foreach_add_(g_sum, g_mm)`` over the same tensors.
+
+    python -m benchmarks.bench_mmpareto [--quick|--smoke] [--batch N] [--threads 2]
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import common
+from . import mmpareto_eager as eager
+
+NAMES = ("audio", "visual")
+N_CLASSES = 8
+#: agreement bound of the parameters after one step (float32 rounding; see
+#: docs/semantics.md section 11 for why the two differ in the last bits)
+RTOL = 1e-5
+
+
+class AuthorsNamedAV(nn.Module):
+    """The demo's encoders and heads under the authors' parameter names."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        from mmmod.demo.models import make_encoder
+        self.audio_net = make_encoder(1, width)
+        self.visual_net = make_encoder(3, width)
+        da, dv = self.audio_net.out_dim, self.visual_net.out_dim
+        self.head = nn.Linear(da + dv, N_CLASSES)
+        self.head_audio = nn.Linear(da, N_CLASSES)
+        self.head_video = nn.Linear(dv, N_CLASSES)
+
+    def forward(self, audio, visual):
+        a, v = self.audio_net(audio), self.visual_net(visual)
+        return self.head(torch.cat([a, v], 1)), self.head_audio(a), self.head_video(v)
+
+
+def losses(model, batch):
+    a, v, y = batch
+    out, out_a, out_v = model(a, v)
+    return [F.cross_entropy(out, y), F.cross_entropy(out_a, y), F.cross_entropy(out_v, y)]
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-4)
+
+
+def _max_rel_diff(a, b):
+    return max(((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(a, b))
+
+
+def run(args):
+    device = common.pick_device(args.device)
+    batch = args.batch or (4 if args.smoke else 64)
+    width = 4 if args.smoke else 16
+    spatial = 16 if args.smoke else 32  # the demo's images; its spectrograms are 32 x 63
+    frames = 16 if args.smoke else 63
+    torch.manual_seed(0)
+    model = AuthorsNamedAV(width).to(device)
+    data = (torch.randn(batch, 1, spatial, frames, device=device),
+            torch.randn(batch, 3, spatial, spatial, device=device),
+            torch.randint(0, N_CLASSES, (batch,), device=device))
+    import mmmod
+    ours = copy.deepcopy(model)
+    inner_p = _sgd(model)
+    opt = mmmod.ModulatedOptimizer(_sgd(ours), {"audio": ours.audio_net,
+                                                "visual": ours.visual_net},
+                                   method="mmpareto", backend="torch")
+
+    def paper_fn():
+        eager.authors_step(model, inner_p, lambda: losses(model, data), list(NAMES))
+
+    def mmmod_fn():
+        opt.zero_grad()
+        ls = losses(ours, data)
+        opt.backward(dict(zip(("multimodal",) + NAMES, ls)))
+        opt.step()
+
+    # ---- the outputs first: one step of each from the same state --------------------------
+    start = [p.detach().clone() for p in model.parameters()]
+    paper_fn()
+    mmmod_fn()
+    after_p = [p.detach().clone() for p in model.parameters()]
+    after_m = [p.detach().clone() for p in ours.parameters()]
+    diff = _max_rel_diff(after_p, after_m)
+    moved = _max_rel_diff(start, after_p) > 0
+    check = {"max_rel_diff": diff, "rtol": RTOL, "agrees": diff <= RTOL and moved,
+             "weights": opt._method_state["weights"].tolist()}
+    common.log(f"paper vs mmmod max rel diff {diff:.3g} agrees {check['agrees']}")
+
+    # ---- whole steps, round robin --------------------------------------------------------
+    reps = 2 if args.smoke else 8 if args.quick else 20
+    samples = {"paper": [], "mmmod": []}
+    for fn in (paper_fn, mmmod_fn):  # warm-up
+        fn()
+    for _ in range(reps):
+        for name, fn in (("paper", paper_fn), ("mmmod", mmmod_fn)):
+            common.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            common.sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    steps = {k: {"median_s": statistics.median(v), "reps": len(v)} for k, v in samples.items()}
+    steps["mmmod"]["ratio_vs_paper"] = steps["mmmod"]["median_s"] / steps["paper"]["median_s"]
+    common.log(f"whole step: paper {common.fmt_time(steps['paper']['median_s'])}, mmmod "
+               f"{common.fmt_time(steps['mmmod']['median_s'])}")
+
+    # ---- the combine alone ------------------------------------------------------------------
+    opt.zero_grad()
+    opt.backward(dict(zip(("multimodal",) + NAMES, losses(ours, data))))
+    fused = [list(r) for r in opt._objectives.fused]
+    summed = [[p.grad for p in getattr(ours, f"{n}_net").parameters()] for n in NAMES]
+    saved = [[g.clone() for g in row] for row in summed]
+    flat_s = [g for row in summed for g in row]
+    flat_a = [g for row in fused for g in row]
+    flat_saved = [g for row in saved for g in row]
+    numel = sum(g.numel() for g in flat_s)
+
+    def reset():
+        torch._foreach_copy_(flat_s, flat_saved)
+
+    from mmmod.reference.combine import mmpareto_combine_
+
+    def combine_fn():
+        for a, s in zip(fused, summed):
+            mmpareto_combine_(a, s, 1.5)
+
+    def add_fn():
+        torch._foreach_add_(flat_s, flat_a)
+
+    mt = common.min_time(args, full=1.0)
+    comb = {}
+    for name, fn in (("mmmod combine (reference)", combine_fn), ("torch._foreach_add_", add_fn)):
+        comb[name] = common.time_fn(fn, device, reset=reset, min_time=mt,
+                                    min_reps=1 if args.smoke else 5)
+        comb[name].update(common.count_syncs(fn, device))
+    reset()
+    opt.zero_grad()
+    comb["ratio"] = (comb["mmmod combine (reference)"]["median_s"]
+                     / comb["torch._foreach_add_"]["median_s"])
+    results = {"batch": batch, "width": width, "spatial": spatial, "encoder_elements": numel,
+               "encoder_tensors": len(flat_s), "check": check, "steps": steps, "combine": comb}
+    tab = render(results)
+    print(tab)
+    common.write_results("bench_mmpareto", device, args, results, tab)
+    return results
+
+
+def render(r) -> str:
+    s, c = r["steps"], r["combine"]
+    head = (f"demo-sized model (width {r['width']}, {r['spatial']}x{r['spatial']} images), "
+            f"batch {r['batch']}; {r['encoder_tensors']} encoder tensors, "
+            f"{r['encoder_elements']} elements; one step agrees: max rel diff "
+            f"{r['check']['max_rel_diff']:.2g} ({'yes' if r['check']['agrees'] else 'NO'})\n\n")
+    rows = [["whole step (forward, backward passes, combine, SGD)", "paper (4 backward passes)",
+             common.fmt_time(s["paper"]["median_s"]), ""],
+            ["", "mmmod (2 backward passes)", common.fmt_time(s["mmmod"]["median_s"]),
+             f"{s['mmmod']['ratio_vs_paper']:.2f}x paper"],
+            ["combine alone", "torch._foreach_add_", common.fmt_time(c["torch._foreach_add_"]
+                                                                      ["median_s"]), ""],
+            ["", "mmmod combine (reference)",
+             common.fmt_time(c["mmmod combine (reference)"]["median_s"]),
+             f"{c['ratio']:.2f}x _foreach_add_, "
+             f"{c['mmmod combine (reference)']['syncs']} host syncs"]]
+    return head + common.table(["what", "contender", "median", "ratio"], rows)
+
+
+def main(argv=None):
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=None)
+    args, _ = p.parse_known_args(argv)
+    with common.session(args):
+        return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""MMPareto (Wei & Hu, ICML 2024, "MMPareto: Boosting Multimodal Learning with Innocent
+Unimodal Assistance"), as GeWu-Lab/MMPareto_ICML2024's ``code/MMPareto.py`` computes it.
+
+Each encoder m has two objectives: the fused (multimodal) loss and its own unimodal loss. Per
+step and modality, if the two gradients' cosine over the encoder is positive they are weighted
+1/2 each, else by the two-vector min-norm (MGDA) weights; per tensor the combined gradient
+``2 (w_mm g_mm + w_m g_m)`` is brought up to the norm of the summed gradient when that is larger,
+and multiplied by ``gamma`` (``alpha``, default 1.5). Every other parameter keeps the summed
+loss's gradient. Training calls ``opt.backward({"multimodal": L_mm, "audio": L_a, ...})``
+(docs/multi_objective.md); the combine's math is ``mmmod.reference.combine`` (docs/semantics.md
+section 11).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import combine
+from .base import Method, register
+
+
+class MMPareto(Method):
+    name = "mmpareto"
+    summary = ("MMPareto: per encoder, the fused and unimodal objectives' gradients combined "
+               "by the sign rule / min-norm weights, rescaled to the summed gradient's norm")
+    default_alpha = 1.5  # MMPareto.py line 178: gamma = 1.5
+    default_filter = "all"  # every encoder tensor (MMPareto.py lines 74-84)
+    hyperparameters = ("alpha",)
+    scales = False  # the combine is the whole method: no scaling pass
+    needs_scores = False  # no scores: step() needs no observe()
+    combines_objectives = True
+    # a tensor's norm and the modality's inner products are over whole tensors
+    shard_safe = False
+
+    def init_state(self, num_modalities, device=None):
+        # the last step's (w_mm, w_m) per modality, for logging; 1/2 before the first step
+        return {"weights": torch.full((num_modalities, 2), 0.5, dtype=torch.float64,
+                                      device=device)}
+
+    def coefficients(self, scores, *, alpha, beta_max, state):
+        return torch.ones_like(scores, dtype=torch.float32)
+
+    @torch.no_grad()
+    def combine_(self, fused, summed, state, *, alpha, names, fused_scale=None, backend=None):
+        weights = state["weights"]
+        if weights.shape[0] != len(summed):
+            raise ValueError(f"MMPareto state holds {weights.shape[0]} modalities, the "
+                             f"gradients {len(summed)}")
+        for m, (a, s) in enumerate(zip(fused, summed)):
+            w = combine.mmpareto_combine_(a, s, alpha, fused_scale)
+            weights[m].copy_(w.to(weights.device))
+
+    def log_values(self, state):
+        return {"w_mm": state["weights"][:, 0].float()}
+
+
+register(MMPareto())
