@@ -15,7 +15,8 @@ import torch
 
 from .. import backends, functional
 from ..monitor.history import Recorder
-from . import checkpoint, config, distributed, selection, sharding, update
+from . import checkpoint, config, distributed, proxies, selection, sharding, update
+from . import state as run_state
 from . import fused as fused_update
 
 
@@ -37,6 +38,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                  apply_to: str = "grad", backend: str = "auto", seed: int = 0,
                  process_group: Any = None, strict: bool = False, capturable: bool = False,
                  history: int = 0, fused: bool = False) -> None:
+        self._run = run_state.RunState()  # first: the attributes below it are shared properties
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -93,6 +95,16 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                                                    self.names)
         self._patch_step_function()
 
+    # ---- run state: one holder that framework proxies share (mmmod/optim/state.py) ----------
+    epoch, step_count, seed = (run_state.shared(f) for f in ("epoch", "step_count", "seed"))
+    alpha, beta_max = run_state.shared("alpha"), run_state.shared("beta_max")
+    modulation_starts = run_state.shared("modulation_starts")
+    modulation_ends = run_state.shared("modulation_ends")
+    _epoch_hooked = run_state.shared("epoch_hooked")
+    _score_sum, _observed, _samples = (run_state.shared(f) for f in ("score_sum", "observed", "samples"))
+    _scores, _coeffs, _skipped = (run_state.shared(f) for f in ("scores", "coeffs", "skipped"))
+    _fused_pending, _recorder = run_state.shared("fused_pending"), run_state.shared("recorder")
+
     # ---- the inner optimizer's live state ---------------------------------------------------
     param_groups = property(lambda self: self.optimizer.param_groups,
                             lambda self, v: setattr(self.optimizer, "param_groups", v))
@@ -126,9 +138,18 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         return self.modulation_starts <= self.epoch and (
             self.modulation_ends is None or self.epoch <= self.modulation_ends)
 
-    @torch.no_grad()
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
-        """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
+        """Accumulate the scores of one (micro-)batch from each modality's logits [B, C].
+
+        Called with gradient recording off (``torch.no_grad()`` / ``inference_mode``: an
+        evaluation pass) it records nothing, so evaluation batches never reach a training
+        step. See ``zero_grad`` for which pending scores a step uses."""
+        if not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            self._observe(logits, labels)
+
+    def _observe(self, logits, labels) -> None:
         zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
         # with several ranks a raise on one would leave the others waiting in step()'s
@@ -143,14 +164,23 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             s = backends.get(self.backend, labels.device).scores(zs, labels)
         else:
             s = self._method.batch_scores(zs, labels)
-        self._score_sum = s if self._score_sum is None else self._score_sum + s
-        self._observed += 1
-        self._samples += labels.shape[0]  # host metadata: the divisor of a "mean" reduction
+        # labels.shape[0]: host metadata, the divisor of a "mean" reduction
+        self._run.add_scores(s, labels.shape[0], run_state.grad_marks(self.params))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the inner optimizer's gradients and drop the scores gathered for them."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._score_sum, self._observed, self._samples = None, 0, 0
+        """Zero the inner optimizer's gradients and drop the scores whose backward already
+        ran; scores observed after the last backward are kept for the coming one, so both
+        ``zero_grad, forward, observe, backward, step`` and Lightning's ``forward, observe,
+        zero_grad, backward, step`` score this step's batches (mmmod/optim/state.py)."""
+        real = proxies.unwrap(self)  # a framework proxy's self.optimizer is not the inner one
+        real._run.drop_backed(run_state.grad_marks(real.params))
+        real.optimizer.zero_grad(set_to_none=set_to_none)
+        real._run.mark = run_state.grad_marks(real.params)
+
+    def drop_scores(self) -> None:
+        """Forget every score observed since the last step (e.g. after a step that a
+        ``GradScaler`` skipped, or scores observed outside training)."""
+        self._run.clear_pending()
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -203,7 +233,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.step_count += 1
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-        self._score_sum, self._observed, self._samples = None, 0, 0
+        self._run.clear_pending()
         return loss
 
     @property
@@ -281,9 +311,13 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if not m.modulates:
             return None, None, None
         if self._observed == 0 and m.needs_scores:
-            raise RuntimeError("step() called without observe(): give the per-modality logits "
-                               "of this step's batch to observe() before step() (zero_grad() "
-                               "clears them)")
+            raise RuntimeError(
+                "step() called without observe(): give the per-modality logits of this step's "
+                "batch to observe() before step() (zero_grad() drops the scores whose backward "
+                "already ran; observe() under torch.no_grad() records nothing). In a training "
+                "framework, call observe() on mmmod.unwrap(optimizer) (a proxy may not forward "
+                "it) or use mmmod.integrations (Lightning callback, Trainer callback): see "
+                "docs/integrations.md")
         modulate = self.in_window()
         grads = None
         if modulate or m.corrects_grads:  # everything that can fail, before any state changes
