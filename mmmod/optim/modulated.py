@@ -1,7 +1,8 @@
 """``ModulatedOptimizer``: wrap any torch optimizer and modulate each modality's gradients.
 
-Per step: ``zero_grad()`` (also drops the scores gathered so far), forward, ``observe(logits,
-labels)`` (any number of times), backward, ``step()``: coefficients -> modulation -> inner step.
+Per step: ``zero_grad()`` (also drops the scores whose backward already ran), forward,
+``observe(logits, labels)`` (any number of times), backward, ``step()``: coefficients ->
+modulation -> inner step. Run state lives in a holder shared with framework proxies (``state``).
 The wrapper owns no parameters: ``param_groups`` and ``state`` are the inner optimizer's live
 objects. Argument checks live in ``config``, parameter selection in ``selection``, data-parallel
 agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints in ``checkpoint``.
