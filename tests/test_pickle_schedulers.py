@@ -98,3 +98,19 @@ def test_pickle_with_scheduler(name):
     # the scheduler and the optimizer pickled together keep the scheduler working on the copy
     opt_b, sched_b = pickle.loads(pickle.dumps((opt, sched)))
     assert sched_b.optimizer is opt_b
+
+
+def test_unpickles_an_instance_state_from_before_the_run_holder():
+    """Pickles made when the run state were plain instance attributes still load."""
+    model, opt, sched, names, data = _trained("StepLR")
+    state = opt.__getstate__()
+    run = state.pop("_run")
+    state.update({"epoch": 4, "step_count": run.step_count, "seed": run.seed, "alpha": run.alpha,
+                  "beta_max": run.beta_max, "modulation_starts": 0, "modulation_ends": None,
+                  "_epoch_hooked": 4, "_score_sum": None, "_observed": 0, "_samples": 0,
+                  "_scores": run.scores, "_coeffs": run.coeffs, "_skipped": run.skipped,
+                  "_fused_pending": None, "_recorder": None})
+    old = type(opt).__new__(type(opt))
+    old.__setstate__(state)
+    assert old.epoch == 4 and old.step_count == 2 and old.alpha == 0.8
+    assert torch.equal(old._coeffs, opt._coeffs) and "epoch" not in vars(old)

@@ -17,7 +17,7 @@ import torch
 from . import config
 from .proxies import unwrap
 from .selection import param_of, param_tensors
-from .state import grad_marks
+from .state import grad_marks, upgrade
 
 KEYS = ("step_count", "seed", "epoch", "modalities", "selection", "hyper", "method_state",
         "skipped_steps", "scores", "coefficients")
@@ -175,7 +175,7 @@ class Checkpointing:
         return portable_state(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(upgrade(state))
         self._patch_step_function()
         self._run.mark = grad_marks(self.params)
 

@@ -89,6 +89,27 @@ class RunState:
         return new
 
 
+# instance attributes of ModulatedOptimizer pickled before the holder existed -> holder fields
+_LEGACY = {"epoch": "epoch", "step_count": "step_count", "seed": "seed", "alpha": "alpha",
+           "beta_max": "beta_max", "modulation_starts": "modulation_starts",
+           "modulation_ends": "modulation_ends", "_epoch_hooked": "epoch_hooked",
+           "_score_sum": "score_sum", "_observed": "observed", "_samples": "samples",
+           "_scores": "scores", "_coeffs": "coeffs", "_skipped": "skipped",
+           "_fused_pending": "fused_pending", "_recorder": "recorder"}
+
+
+def upgrade(state: dict) -> dict:
+    """A pickled instance state from before the holder: its run attributes moved into one."""
+    if "_run" in state:
+        return state
+    state, run = dict(state), RunState()
+    for old, field in _LEGACY.items():
+        if old in state:
+            setattr(run, field, state.pop(old))
+    state["_run"] = run
+    return state
+
+
 def shared(field: str) -> property:
     """A class-level property that reads and writes ``self._run.<field>``."""
     def get(self) -> Any:
