@@ -202,7 +202,11 @@ setup(
     package_dir={"mmmod.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy"],
-    extras_require={"triton": ["triton"], "demo": ["torchaudio", "matplotlib", "tqdm", "soundfile"]},
+    # the framework integrations (mmmod.integrations): tested with the versions that
+    # .ci/extras_lane.sh pins; `import mmmod` needs none of them
+    extras_require={"triton": ["triton"], "demo": ["torchaudio", "matplotlib", "tqdm", "soundfile"],
+                    "lightning": ["lightning>=2.6"], "accelerate": ["accelerate>=1.16"],
+                    "hf": ["transformers>=5", "accelerate>=1.16"]},
     entry_points={"console_scripts": ["mmmod=mmmod.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

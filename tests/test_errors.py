@@ -102,8 +102,11 @@ def test_step_without_observe():
 
 
 def test_zero_grad_drops_stale_scores():
+    """Scores whose backward ran (a step that never came) are stale at zero_grad."""
     model, opt, logits, y, _ = ready()
     opt.observe(logits, y)
+    xs, y = batch()
+    nn.functional.cross_entropy(model(xs)[0], y).backward()
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="without observe"):
         opt.step()

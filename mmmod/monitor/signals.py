@@ -97,24 +97,22 @@ class Signals:
         self.reset()
 
     def reset(self) -> None:
-        """Drop what was gathered for the current step (``zero_grad``, after ``step``)."""
-        self._hits = None
-        self._count = 0
+        """Drop the gradient sums read for the current step (after ``step``)."""
         self._sq = None
 
     # ---- observe --------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
-        """Add this batch's correct unimodal predictions per modality (on the device)."""
+    def hits(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor | None:
+        """This batch's correct unimodal predictions per modality (float32 ``[M]`` on the
+        device), or ``None`` when accuracy is not asked for. The optimizer keeps their sum with
+        the pending scores (``mmmod.optim.state``), so ``zero_grad`` drops them together."""
         if "accuracy" not in self.kinds:
-            return
+            return None
         if all(z.shape == logits[0].shape for z in logits):
             hits = (torch.stack(list(logits)).argmax(2) == labels).sum(1)
         else:
             hits = torch.stack([(z.argmax(1) == labels).sum() for z in logits])
-        hits = hits.to(torch.float32)
-        self._hits = hits if self._hits is None else self._hits + hits
-        self._count += labels.shape[0]
+        return hits.to(torch.float32)
 
     # ---- gradients (before the modulation) ------------------------------------------------
     @torch.no_grad()
@@ -150,16 +148,17 @@ class Signals:
 
     # ---- the step's values ----------------------------------------------------------------
     @torch.no_grad()
-    def values(self, process_group) -> dict[str, torch.Tensor]:
+    def values(self, process_group, hits: torch.Tensor | None, count: int) -> dict[str, torch.Tensor]:
         """The history columns of this step, ``{prefix: tensor [M]}`` (global under data
-        parallelism: one all-gather of the accuracy counts). Sync-free."""
+        parallelism: one all-gather of the accuracy counts). ``hits``: the step's summed
+        :meth:`hits`, ``count``: its samples (host metadata). Sync-free."""
         from ..optim import distributed
         out: dict[str, torch.Tensor] = {}
         m = len(self.names)
         if "accuracy" in self.kinds:
-            hits = self._hits if self._hits is not None else torch.zeros(
-                m, dtype=torch.float32, device=self.device)
-            both = torch.cat([hits, torch.full((1,), float(self._count), dtype=torch.float32,
+            if hits is None:
+                hits = torch.zeros(m, dtype=torch.float32, device=self.device)
+            both = torch.cat([hits, torch.full((1,), float(count), dtype=torch.float32,
                                                device=hits.device)])
             both = distributed.all_reduce_scores(both, process_group)
             out["acc"] = both[:m] / both[m]  # 0/0 = NaN where nothing was observed

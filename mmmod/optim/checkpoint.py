@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from . import config
+from .proxies import unwrap
 from .selection import param_of, param_tensors
+from .state import grad_marks, upgrade
 
 KEYS = ("step_count", "seed", "epoch", "modalities", "selection", "hyper", "method_state",
         "skipped_steps", "scores", "coefficients")
@@ -139,10 +141,17 @@ def load(opt, state_dict: dict[str, Any]) -> None:
 
 
 def portable_state(opt) -> dict[str, Any]:
-    """The instance state to pickle or deep-copy. The recorder (history and loggers, which
-    may hold open files) belongs to this run: a copy starts without one."""
-    state = dict(opt.__dict__)
-    state["_recorder"] = None
+    """The instance state to pickle or deep-copy: what torch's ``Optimizer.__getstate__``
+    keeps (``defaults``; ``state`` and ``param_groups`` live in the inner optimizer) plus
+    mmmod's own, never a per-instance wrapper of a method (an LR scheduler sets ``opt.step``
+    to a function holding a weak reference to this optimizer: a copy calling it would step
+    the original). The recorder (history and loggers, which may hold open files) belongs to
+    this run: a copy starts without one."""
+    cls = type(opt)
+    state = {k: v for k, v in opt.__dict__.items()
+             if not (callable(v) and callable(getattr(cls, k, None)))}
+    state.pop("_opt_called", None)  # the scheduler wrapper's flag goes with the wrapper
+    state["_run"] = opt._run.portable()
     return state
 
 
@@ -152,12 +161,12 @@ class Checkpointing:
     only param_groups and state)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return save(self)
+        return save(unwrap(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint; one of other modalities, method, apply_to, noise settings or
         selected tensors is refused before anything changes (see the module's policy)."""
-        load(self, state_dict)
+        load(unwrap(self), state_dict)  # through a framework proxy: the real optimizer
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group is not None:
@@ -166,8 +175,9 @@ class Checkpointing:
         return portable_state(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(upgrade(state))
         self._patch_step_function()
+        self._run.mark = grad_marks(self.params)
 
     def __deepcopy__(self, memo):
         """A copy that trains identically; with (model, optimizer) copied together it

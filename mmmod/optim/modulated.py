@@ -1,7 +1,8 @@
 """``ModulatedOptimizer``: wrap any torch optimizer and modulate each modality's gradients.
 
-Per step: ``zero_grad()`` (also drops the scores gathered so far), forward, ``observe(logits,
-labels)`` (any number of times), backward, ``step()``: coefficients -> modulation -> inner step.
+Per step: ``zero_grad()`` (also drops the scores whose backward already ran), forward,
+``observe(logits, labels)`` (any number of times), backward, ``step()``: coefficients ->
+modulation -> inner step. Run state lives in a holder shared with framework proxies (``state``).
 The wrapper owns no parameters: ``param_groups`` and ``state`` are the inner optimizer's live
 objects. Argument checks live in ``config``, parameter selection in ``selection``, data-parallel
 agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints in ``checkpoint``.
@@ -16,7 +17,8 @@ import torch
 from .. import backends, functional
 from ..monitor.history import Recorder
 from ..monitor.signals import Signals, check as check_signals
-from . import checkpoint, config, distributed, objectives, selection, sharding, update
+from . import checkpoint, config, distributed, objectives, proxies, selection, sharding, update
+from . import state as run_state
 from . import fused as fused_update
 
 
@@ -38,6 +40,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                  apply_to: str = "grad", backend: str = "auto", seed: int = 0,
                  process_group: Any = None, strict: bool = False, capturable: bool = False,
                  history: int = 0, fused: bool = False, signals=()) -> None:
+        self._run = run_state.RunState()  # first: the attributes below it are shared properties
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ModulatedOptimizer):
@@ -102,6 +105,16 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                                                    self.names)
         self._patch_step_function()
 
+    # ---- run state: one holder that framework proxies share (mmmod/optim/state.py) ----------
+    epoch, step_count, seed = (run_state.shared(f) for f in ("epoch", "step_count", "seed"))
+    alpha, beta_max = run_state.shared("alpha"), run_state.shared("beta_max")
+    modulation_starts = run_state.shared("modulation_starts")
+    modulation_ends = run_state.shared("modulation_ends")
+    _epoch_hooked = run_state.shared("epoch_hooked")
+    _score_sum, _observed, _samples = (run_state.shared(f) for f in ("score_sum", "observed", "samples"))
+    _scores, _coeffs, _skipped = (run_state.shared(f) for f in ("scores", "coeffs", "skipped"))
+    _fused_pending, _recorder = run_state.shared("fused_pending"), run_state.shared("recorder")
+
     # ---- the inner optimizer's live state ---------------------------------------------------
     param_groups = property(lambda self: self.optimizer.param_groups,
                             lambda self, v: setattr(self.optimizer, "param_groups", v))
@@ -135,9 +148,18 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         return self.modulation_starts <= self.epoch and (
             self.modulation_ends is None or self.epoch <= self.modulation_ends)
 
-    @torch.no_grad()
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
-        """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
+        """Accumulate the scores of one (micro-)batch from each modality's logits [B, C].
+
+        Called with gradient recording off (``torch.no_grad()`` / ``inference_mode``: an
+        evaluation pass) it records nothing, so evaluation batches never reach a training
+        step. See ``zero_grad`` for which pending scores a step uses."""
+        if not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            self._observe(logits, labels)
+
+    def _observe(self, logits, labels) -> None:
         zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
         # with several ranks a raise on one would leave the others waiting in step()'s
@@ -152,11 +174,10 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             s = backends.get(self.backend, labels.device).scores(zs, labels)
         else:
             s = self._method.batch_scores(zs, labels)
-        self._score_sum = s if self._score_sum is None else self._score_sum + s
-        self._observed += 1
-        self._samples += labels.shape[0]  # host metadata: the divisor of a "mean" reduction
-        if self._signals is not None:
-            self._signals.observe(zs, labels)
+        # labels.shape[0]: host metadata, the divisor of a "mean" reduction; the unimodal hits
+        # of the accuracy signal follow the scores' pending rule (state.py)
+        hits = self._signals.hits(zs, labels) if self._signals is not None else None
+        self._run.add_scores(s, labels.shape[0], run_state.grad_marks(self.params), aux=hits)
 
     def backward(self, losses: Mapping[Any, torch.Tensor], *, scaler: Any = None,
                  retain_graph: bool = False) -> None:
@@ -167,16 +188,26 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         (two backward passes in all). ``scaler``: a ``GradScaler`` that scales the losses here
         (then step with ``scaler.step(opt)``). Any number of calls per step (accumulation).
         See docs/multi_objective.md."""
-        self._objectives.backward(losses, self._device, scaler=scaler,
+        real = proxies.unwrap(self)
+        real._objectives.backward(losses, real._device, scaler=scaler,
                                   retain_graph=config.flag("retain_graph", retain_graph))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the inner optimizer's gradients and drop the scores gathered for them."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._score_sum, self._observed, self._samples = None, 0, 0
-        if self._signals is not None:
-            self._signals.reset()
-        self._objectives.clear()
+        """Zero the inner optimizer's gradients and drop the scores whose backward already
+        ran; scores observed after the last backward are kept for the coming one, so both
+        ``zero_grad, forward, observe, backward, step`` and Lightning's ``forward, observe,
+        zero_grad, backward, step`` score this step's batches (mmmod/optim/state.py). The
+        fused-objective gradients kept by ``backward`` are dropped with the gradients."""
+        real = proxies.unwrap(self)  # a framework proxy's self.optimizer is not the inner one
+        real._run.drop_backed(run_state.grad_marks(real.params))
+        real.optimizer.zero_grad(set_to_none=set_to_none)
+        real._run.mark = run_state.grad_marks(real.params)
+        real._objectives.clear()
+
+    def drop_scores(self) -> None:
+        """Forget every score observed since the last step (e.g. after a step that a
+        ``GradScaler`` skipped, or scores observed outside training)."""
+        self._run.clear_pending()
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -231,10 +262,10 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.step_count += 1
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-        self._score_sum, self._observed, self._samples = None, 0, 0
+        self._run.clear_pending()
+        self._objectives.clear()
         if self._signals is not None:
             self._signals.reset()
-        self._objectives.clear()
         return loss
 
     @property
@@ -312,9 +343,13 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if not m.modulates:
             return None, None, None
         if self._observed == 0 and m.needs_scores:
-            raise RuntimeError("step() called without observe(): give the per-modality logits "
-                               "of this step's batch to observe() before step() (zero_grad() "
-                               "clears them)")
+            raise RuntimeError(
+                "step() called without observe(): give the per-modality logits of this step's "
+                "batch to observe() before step() (zero_grad() drops the scores whose backward "
+                "already ran; observe() under torch.no_grad() records nothing). In a training "
+                "framework, call observe() on mmmod.unwrap(optimizer) (a proxy may not forward "
+                "it) or use mmmod.integrations (Lightning callback, Trainer callback): see "
+                "docs/integrations.md")
         modulate = self.in_window()
         grads = None
         if modulate or m.corrects_grads:  # everything that can fail, before any state changes
@@ -360,7 +395,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         """The row's extra columns: the method's log values and the opted-in signals."""
         extra = self._method.log_values(self._method_state) or {}
         if self._signals is not None:
-            extra = {**extra, **self._signals.values(self.process_group)}
+            extra = {**extra, **self._signals.values(self.process_group, self._run.aux_sum,
+                                                        self._samples)}
         return extra or None
 
     def _snapshot(self):
