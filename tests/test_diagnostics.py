@@ -46,6 +46,11 @@ def test_accuracy_values_by_hand_two_modalities():
     assert r.accuracy == pytest.approx({"audio": 0.5, "visual": 0.0})
     assert r.shares() == pytest.approx({"audio": 1.0, "visual": 0.0})
     assert r.samples == 4 and r.full_accuracy == 1.0 and r.empty_accuracy == 0.5
+    # a model no better with every modality than with none has nothing to share
+    worse = dg.shapley(f, _loader([-za, zv], y, 3), ["audio", "visual"])
+    assert worse.full_accuracy < worse.empty_accuracy
+    assert all(math.isnan(v) for v in worse.shares().values())
+    assert "-" in dg.report(shapley=worse).table().splitlines()[2].split()[2]
 
 
 @pytest.mark.parametrize("m", [2, 3, 5])

@@ -82,10 +82,13 @@ class ShapleyResult:
 
     def shares(self, of: str = "accuracy") -> dict:
         """Each modality's fraction of the total contribution (``of``: "accuracy" or "loss");
-        NaN when the contributions sum to zero."""
+        NaN when the contributions do not sum to a positive total (the model with every
+        modality is no better than with none: there is nothing to share)."""
+        if of not in ("accuracy", "loss"):
+            raise ValueError(f"of must be 'accuracy' or 'loss', got {of!r}")
         phi = self.accuracy if of == "accuracy" else self.loss
         total = sum(phi.values())
-        return {n: (v / total if total != 0 else float("nan")) for n, v in phi.items()}
+        return {n: (v / total if total > 0 else float("nan")) for n, v in phi.items()}
 
     def to_dict(self) -> dict:
         """JSON-ready (the per-sample tensors are left out)."""
