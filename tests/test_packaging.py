@@ -72,3 +72,24 @@ def test_installed_wheel_runs_the_demo_entry_point(wheel, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmmod", "demo", "--help"], cwd=tmp_path,
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(target)))
     assert r.returncode == 0 and "--epochs" in r.stdout, r.stderr
+
+
+def test_info_says_triton_live_on_cpu_only_under_its_interpreter():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: triton is live on it")
+    from mmmod import info
+    for interp, live in (("0", False), ("1", True)):
+        env = dict(os.environ, TRITON_INTERPRET=interp)
+        r = subprocess.run([sys.executable, "-c", "import json, mmmod.info as i; "
+                            "print(json.dumps(i.collect()['backends']['triton']))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        st = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+        if st["live"] is False and "cannot be imported" in st["why_not"]:
+            pytest.skip(st["why_not"])
+        assert st["live"] is live, st
+        assert "TRITON_INTERPRET=1" in (st["note"] if live else st["why_not"])
+    text = info.render({**info.collect(), "backends": {"triton": {"live": False, "why_not": "no GPU",
+                                                                  "note": ""}}})
+    assert "  triton  not available: no GPU" in text
