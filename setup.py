@@ -189,7 +189,25 @@ def _version() -> str:
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+NO_TORCH = """
+mmmod: torch cannot be imported while building mmmod.
+The compiled extension is built against the torch it will run with, and pip's isolated build
+environment (the default of `pip install .`) has no torch. Install torch first, then either
+  pip install --no-build-isolation .          # builds the C++ (and CUDA) kernels against it
+or, without the compiled kernels (pure Python; the plain-torch backend is slower on CPU):
+  MMMOD_NO_EXTENSION=1 pip install .
+"""
+
+
+def _torch_or_exit() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(NO_TORCH) from None
+
+
 if os.environ.get("MMMOD_NO_EXTENSION", "0") in ("", "0"):
+    _torch_or_exit()
     ext_modules, cmdclass = _extension()
 
 setup(

@@ -34,6 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: where a run writes unless told otherwise: the committed RESULTS_DIR changes only on request
+DEFAULT_OUT = "benchmarks_out"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSED = ("cpu", "cuda", "triton")
 
@@ -46,7 +48,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     size.add_argument("--smoke", action="store_true",
                       help="tiny sizes, a few repetitions: checks the harness, not speed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", default=RESULTS_DIR, help="directory for JSON/markdown results")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"directory for JSON/markdown results (default: ./{DEFAULT_OUT})")
+    p.add_argument("--update-results", dest="out", action="store_const", const=RESULTS_DIR,
+                   help="write into the repository's benchmarks/results/ (the committed numbers)")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of measurement per contender and case")
     p.add_argument("--threads", type=int, default=None,

@@ -95,7 +95,8 @@ def plot(out: str, tag: str) -> str | None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default=common.RESULTS_DIR)
+    p.add_argument("--out", default=common.DEFAULT_OUT,
+                   help="the folder of a run's JSON files (benchmarks/results: the committed run)")
     args = p.parse_args(argv)
     tag = common.device_tag(common.pick_device(args.device))
     path = plot(args.out, tag)

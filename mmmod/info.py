@@ -3,6 +3,7 @@ are live on this machine (and why not)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 
@@ -45,8 +46,22 @@ def collect() -> dict:
         if name == "auto":
             continue
         live, why = backends.status(name)
-        info["backends"][name] = {"live": live, "why_not": why}
+        if live:
+            live, why = _runs_here(name, torch)
+        info["backends"][name] = {"live": live, "why_not": "" if live else why,
+                                  "note": why if live else ""}
     return info
+
+
+def _runs_here(name: str, torch) -> tuple[bool, str]:
+    """Whether a loaded backend can run on a device of this machine: Triton compiles for GPUs
+    and runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1, tests)."""
+    if name != "triton" or torch.cuda.is_available():
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "on CPU tensors through its interpreter: TRITON_INTERPRET=1"
+    return False, ("triton is installed but there is no GPU, and it runs on CPU tensors only "
+                   "under its interpreter (TRITON_INTERPRET=1, slow: for tests)")
 
 
 def render(info: dict) -> str:
@@ -80,6 +95,7 @@ def render(info: dict) -> str:
     lines.append("backends:")
     for name, st in info["backends"].items():
         lines.append(f"  {name:7s} {'live' if st['live'] else 'not available'}"
+                     + (f" ({st['note']})" if st.get("note") else "")
                      + ("" if st["live"] else f": {st['why_not']}"))
     return "\n".join(lines)
 

@@ -26,6 +26,17 @@ def multi_loss(fused_logits: torch.Tensor, unimodal_logits: Logits, labels: torc
         weights = [1.0] * len(heads)
     if isinstance(weights, Mapping) or len(weights) != len(heads):
         raise ValueError(f"need one weight per unimodal head ({len(heads)}), got {weights!r}")
+    names = names if isinstance(unimodal_logits, Mapping) else list(range(len(heads)))
+    if torch.is_grad_enabled() and fused_logits.requires_grad:
+        for n, z in zip(names, heads):
+            if isinstance(z, torch.Tensor) and not z.requires_grad:
+                # e.g. mmmod.fusion.concat_logits / sum_logits: detached by design (scores
+                # only), so their cross-entropy would add to the loss but not to any gradient
+                raise ValueError(
+                    f"unimodal logits {n!r} do not require grad, so their loss term would "
+                    f"train nothing (mmmod.fusion.concat_logits / sum_logits are detached: "
+                    f"they are for observe() only). MLB's objective needs unimodal heads with "
+                    f"grad, e.g. head_m(encoder_m(x_m)); see examples/mlb_unimodal_heads.py")
     loss = F.cross_entropy(fused_logits, labels)
     for w, z in zip(weights, heads):
         loss = loss + w * F.cross_entropy(z, labels)

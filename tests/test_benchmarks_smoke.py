@@ -191,3 +191,11 @@ def test_methods_smoke(tmp_path):
     for r in doc["methods"].values():
         assert r["check"]["agrees"], r["check"]
         assert {"paper", "mmmod:cpu"} == set(r["steps"])
+
+
+def test_runs_leave_the_committed_results_alone_unless_asked():
+    p = common.parser("x")
+    assert p.parse_args([]).out == "benchmarks_out" != common.RESULTS_DIR
+    assert p.parse_args(["--update-results"]).out == common.RESULTS_DIR
+    assert p.parse_args(["--out", "elsewhere"]).out == "elsewhere"
+    assert os.path.isdir(common.RESULTS_DIR)

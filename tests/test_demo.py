@@ -259,3 +259,23 @@ def test_train_one_runs_the_added_methods(tiny_data, method, monkeypatch):
         assert seen[0] == (0, None)
         for epoch, acc in seen[1:]:
             assert set(acc) == {"audio", "visual"} and all(0.0 <= a <= 1.0 for a in acc.values())
+
+
+def test_cli_help_states_each_default_once_and_explains_every_flag():
+    p = cli.build_parser()
+    text = p.format_help()
+    fmt = p._get_formatter()
+    for a in p._actions:
+        if a.dest == "help":
+            continue
+        assert a.help, f"{a.option_strings} has no help"
+        assert fmt._expand_help(a).count("default") <= 1, a.option_strings
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--seed SEED           first seed (default: 0)" in text
+    assert "training epochs (default: 15 on the built-in data, 30 on --data)" in " ".join(text.split())
+
+
+def test_cli_methods_none_is_the_baseline():
+    assert cli._methods("none,ogm_ge") == ["baseline", "ogm_ge"]
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        cli._methods("nope")

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from . import imbalance
+from .._cli import DefaultsOnce
 from .data import SyntheticConfig, class_signatures, make_dataset
 from .models import FUSIONS
 from .train import DEMO_ALPHA, TrainConfig, demo_methods, train_one
@@ -32,15 +33,19 @@ DEFAULT_METHODS = ("baseline", "ogm_ge", "mlb")
 
 def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnce)
     p.add_argument("--method", "--methods", dest="method", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods from {', '.join(demo_methods())}, or 'all'")
+                   help=f"comma-separated methods from {', '.join(demo_methods())} ('none' is "
+                        f"'baseline'), or 'all'")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 15 on the built-in data, 30 on --data)")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"modulation strength (default per method: {DEMO_ALPHA})")
     p.add_argument("--beta-max", type=float, default=2.0, help="MLB's beta_max")
-    p.add_argument("--fusion", default="concat", choices=FUSIONS)
+    p.add_argument("--fusion", default="concat", choices=FUSIONS,
+                   help="how the two encoders' features are fused: concat (one linear layer on "
+                        "the concatenation, as in the papers), sum (one linear head per "
+                        "modality, logits summed), film or gated")
     p.add_argument("--backend", default="auto", help="mmmod backend: auto, torch, cpu, cuda, triton")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="first seed")
@@ -49,11 +54,14 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="folder of a real data set (see --dataset)")
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "cremad", "ks", "ave"),
                    help="which data set --data holds")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="the inner torch optimizer: SGD with momentum 0.9 (the papers') or Adam")
     p.add_argument("--lr", type=float, default=None, help="learning rate (sgd 0.01, adam 1e-3)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--apply-to", default="grad", choices=("grad", "update"))
-    p.add_argument("--modulation-starts", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--apply-to", default="grad", choices=("grad", "update"),
+                   help="scale the gradient (the papers) or the inner optimizer's update")
+    p.add_argument("--modulation-starts", type=int, default=0,
+                   help="first modulated epoch (0-based)")
     p.add_argument("--modulation-ends", default="auto",
                    help="last modulated epoch (0-based, inclusive), 'none', or 'auto': the first "
                         "half of training for OGM/OGM-GE (as the official script), all for MLB")
@@ -64,7 +72,7 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="frame size (real data: 112)")
     p.add_argument("--n-frames", type=int, default=None, help="frames per clip (real data: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--signals", default="",
                    help="comma-separated training-time signals to record per step (accuracy, "
                         "grad_norm, speed; docs/diagnostics.md)")
@@ -81,6 +89,7 @@ def build_parser(prog: str = "mmmod demo") -> argparse.ArgumentParser:
 def _methods(spec: str) -> list[str]:
     known = demo_methods()
     ms = list(known) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    ms = ["baseline" if m == "none" else m for m in ms]  # the registry's name of no modulation
     for m in ms:
         if m not in known:
             raise SystemExit(f"mmmod demo: unknown method {m!r}; choose from {', '.join(known)}")

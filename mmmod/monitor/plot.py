@@ -2,11 +2,14 @@
 
 RUN is a CSV written by :class:`~mmmod.monitor.CSVLogger`, a TensorBoard folder written by
 :class:`~mmmod.monitor.TensorBoardLogger` (every sub-folder holding event files is one run), or
-the demo's ``results.json`` (the runs of its first seed, or ``--seed``). The figure has one
-column per run: the score on top (the mean probability of the true class when the log knows how
-many samples each step summed over, else the summed score), the coefficient below with the
-steps outside the modulation window shaded and skipped steps marked. matplotlib is imported
-only here, and pyplot never (no global backend switch).
+the demo's ``results.json`` (the runs of its first seed, or ``--seed``). Each run gets a block of
+panels: the score on top (per sample when the log knows how many samples each step summed over,
+titled and scaled by the method's score: p(true class) in [0, 1] for OGM/MLB, NLL for AGM), the
+coefficient below with the steps outside the modulation window shaded and skipped steps marked,
+then one panel per further per-modality column of the log (a method's ``log_values`` such as
+InfoReg's ``beta`` or MSLR's ``ratio``, or any ``<name>/<modality>`` signal). Runs are wrapped
+into a grid of ``--cols`` blocks per row. matplotlib is imported only here, and pyplot never (no
+global backend switch).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ class Run:
     modulated: list | None = None   # inside the modulation window
     skipped: list | None = None
     curves: dict = field(default_factory=dict)  # the demo's per-epoch accuracies
+    extras: dict = field(default_factory=dict)  # {key: {modality: values}}: other columns
+    score_kind: str | None = None   # "prob", "nll", ... (the method's Method.score); None: unknown
 
     def mean_scores(self) -> dict | None:
         """score / samples per modality, or None when the sample counts are not known."""
@@ -47,34 +52,70 @@ def _num(v):
         return None
     if isinstance(v, (int, float)):
         return v
+    if v in ("True", "False", "true", "false"):  # a flag written by a generic CSV writer
+        return int(v in ("True", "true"))
     x = float(v)
     return int(x) if x.is_integer() and "." not in v and "e" not in v.lower() else x
 
 
-def run_from_rows(rows: list[dict], label: str) -> Run:
+def run_from_rows(rows: list[dict], label: str, score_kind: str | None = None) -> Run:
     """A run from rows keyed as the recorder writes them (``step``, ``score/<m>``, ...)."""
     if not rows:
         raise ValueError(f"{label}: no rows")
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     names = [k.split("/", 1)[1] for k in keys if k.startswith("score/")]
     if not names:
         raise ValueError(f"{label}: no score/<modality> columns (got {keys})")
     missing = [f"coeff/{n}" for n in names if f"coeff/{n}" not in keys]
     if missing:
         raise ValueError(f"{label}: no {missing[0]} column")
-    rows = sorted(rows, key=lambda r: _num(r.get("step")) or 0)
+
+    def num(r, key):
+        try:
+            return _num(r.get(key))
+        except (TypeError, ValueError):
+            raise ValueError(f"{label}: column {key!r} holds {r.get(key)!r}, not a number") from None
+    rows = sorted(rows, key=lambda r: num(r, "step") or 0)
 
     def col(key, cast=float):
         if key not in keys:
             return None
-        vals = [_num(r.get(key)) for r in rows]
+        vals = [num(r, key) for r in rows]
         return None if all(v is None for v in vals) else [None if v is None else cast(v) for v in vals]
+
+    def required(key):
+        v = col(key)
+        if v is None:
+            raise ValueError(f"{label}: column {key!r} is empty (no value in {len(rows)} rows)")
+        return v
     step = col("step", int) or list(range(len(rows)))
+    extras: dict = {}
+    for k in keys:  # other per-modality columns: <name>/<modality>
+        base, _, mod = k.partition("/")
+        if base not in ("score", "coeff") and mod in names:
+            v = col(k)
+            if v is not None:
+                extras.setdefault(base, {})[mod] = v
+    if score_kind is None and "method" in keys:
+        score_kind = score_kind_of(str(rows[0].get("method")))
     return Run(label=label, names=names, step=step,
-               score={n: col(f"score/{n}") for n in names},
-               coeff={n: col(f"coeff/{n}") for n in names},
+               score={n: required(f"score/{n}") for n in names},
+               coeff={n: required(f"coeff/{n}") for n in names},
                samples=col("samples", int), modulated=col("modulated", bool),
-               skipped=col("skipped", bool))
+               skipped=col("skipped", bool), extras=extras,
+               score_kind=score_kind if score_kind is not None else score_kind_of(label))
+
+
+def score_kind_of(name: str) -> str | None:
+    """The score of the method a run label or method name names (``Method.score``), or None.
+    A label such as the demo's ``agm_seed0`` names its method by its first part."""
+    from .. import methods
+    aliases = {"baseline": "none", "multiloss": "none"}  # the demo's runs without modulation
+    known = sorted(set(methods.names()) | set(aliases), key=len, reverse=True)
+    for m in known:
+        if name == m or (name.startswith(m) and name[len(m)] in "_-./ "):
+            return methods.get(aliases.get(m, m)).score
+    return None
 
 
 def load_csv(path: str) -> Run:
@@ -118,7 +159,13 @@ def load_tensorboard(folder: str, prefix: str = "mmmod") -> list[Run]:
 def load_results_json(path: str, seed: int | None = None) -> list[Run]:
     """The demo's runs of one seed (default: the first) from its ``results.json``."""
     with open(path) as f:
-        res = json.load(f)
+        try:
+            res = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(res, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'runs' (as 'mmmod demo' writes), "
+                         f"got a {type(res).__name__}")
     return runs_from_results(res.get("runs"), seed, path)
 
 
@@ -127,25 +174,44 @@ def runs_from_results(runs: list[dict] | None, seed: int | None = None,
     """The demo's run dicts (``RunResult.to_dict()``) of one seed as plot runs."""
     if not runs:
         raise ValueError(f"{path}: no 'runs' (not a results.json written by 'mmmod demo')")
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: 'runs' must be a list of runs, got {type(runs).__name__} {runs!r}")
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: run #{i} is a {type(r).__name__}, not an object")
+        for key, types in (("method", str), ("seed", int)):
+            if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
+                raise ValueError(f"{path}: run #{i} has no {key!r} ({types.__name__}), got "
+                                 f"{r.get(key)!r}")
+        if not isinstance(r.get("steps") or {}, dict):
+            raise ValueError(f"{path}: run #{i} ({r['method']}): 'steps' must be an object of "
+                             f"columns")
     seed = runs[0]["seed"] if seed is None else seed
     out = []
     for r in runs:
         if r["seed"] != seed:
             continue
         st = r.get("steps") or {}
+        where = f"{path}: run {r['method']} (seed {seed})"
+        lengths = {len(v) if isinstance(v, list) else -1 for v in st.values()}
+        if -1 in lengths or len(lengths) > 1:
+            raise ValueError(f"{where}: 'steps' must map each column to a list, all of one length")
+        kind = score_kind_of(r["method"])
         if any(k.startswith("score/") for k in st):   # the recorder's columns
-            n = len(st["score/" + next(k for k in st if k.startswith("score/")).split("/", 1)[1]])
+            n = lengths.pop()
             rows = [{k: v[i] for k, v in st.items()} for i in range(n)]
-            run = run_from_rows(rows, r["method"])
+            run = run_from_rows(rows, r["method"], kind)
         elif "score_audio" in st:   # demo output written before the recorder: mean scores
             names = [k[len("score_"):] for k in st if k.startswith("score_")]
             n = len(st[f"score_{names[0]}"])
             run = Run(label=r["method"], names=names, step=list(range(n)),
                       score={m: st[f"score_{m}"] for m in names},
-                      coeff={m: st[f"coef_{m}"] for m in names}, samples=[1] * n)
+                      coeff={m: st.get(f"coef_{m}") or [None] * n for m in names}, samples=[1] * n,
+                      score_kind=kind)
         else:
-            raise ValueError(f"{path}: run {r['method']} (seed {seed}) has no per-step values")
-        run.curves = r.get("curves") or {}
+            raise ValueError(f"{where} has no per-step values")
+        curves = r.get("curves") or {}
+        run.curves = curves if isinstance(curves, dict) else {}
         out.append(run)
     if not out:
         raise ValueError(f"{path}: no run with seed {seed} (seeds: "
@@ -206,29 +272,64 @@ def _spans(steps, flags):
     return spans
 
 
-def _figure(nrows, ncols, w, h):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(w * ncols, h * nrows))
-    return fig, fig.subplots(nrows, ncols, squeeze=False, sharex="col")
+SCORE_TITLES = {"prob": ("p(true class)", (0.0, 1.0)),
+                "nll": ("NLL of the true class", None)}
 
 
-def plot_modulation(runs: list[Run], path: str, smooth_k: int = 10, dpi: int = 110) -> str:
-    """Score (top) and coefficient (bottom) per modality, one column per run; writes ``path``."""
+def _score_label(run: Run, mean: bool) -> tuple[str, tuple | None]:
+    """The score panel's title and y range for the run's score kind."""
+    what, ylim = SCORE_TITLES.get(run.score_kind, (None, None))
+    if what is None:
+        what = "score" if run.score_kind is None else f"{run.score_kind} score"
+    if not mean:
+        return f"sum of {what} over the step's samples", None
+    return f"mean {what}", ylim
+
+
+def grid(n_runs: int, panels: int, cols: int) -> tuple[int, int]:
+    """(rows, columns) of axes for ``n_runs`` blocks of ``panels`` stacked axes, at most
+    ``cols`` blocks side by side."""
+    c = max(1, min(cols, n_runs))
+    return panels * math.ceil(n_runs / c), c
+
+
+def panels_of(run: Run) -> list[str]:
+    return ["score", "coeff"] + list(run.extras)
+
+
+def plot_modulation(runs: list[Run], path: str, smooth_k: int = 10, dpi: int = 110,
+                    cols: int = 4) -> str:
+    """Per run a block of panels: score, coefficient, then each further per-modality column;
+    at most ``cols`` blocks per row. Writes ``path``."""
     if not runs:
         raise ValueError("no runs to plot")
-    fig, axes = _figure(2, len(runs), 4.2, 3.1)
+    from matplotlib.figure import Figure
+    panels = max(len(panels_of(r)) for r in runs)
+    nrows, ncols = grid(len(runs), panels, cols)
+    fig = Figure(figsize=(4.2 * ncols, 2.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for j, run in enumerate(runs):
+        col, top = j % ncols, (j // ncols) * panels
+        block = [axes[top + i, col] for i in range(len(panels_of(run)))]
+        for ax in block:
+            ax.set_visible(True)
+        for ax in block[:-1]:
+            ax.sharex(block[-1])
+            ax.tick_params(labelbottom=False)
+        block[-1].set_xlabel("step")
         means = run.mean_scores()
-        ax = axes[0, j]
+        what, ylim = _score_label(run, means is not None)
+        ax = block[0]
         for i, n in enumerate(run.names):
             ax.plot(run.step, smooth(means[n] if means else run.score[n], smooth_k), label=n,
                     color=COLORS[i % len(COLORS)])
-        if means:
-            ax.set_ylim(0, 1)
-        ax.set_title(f"{run.label}: " + ("score (mean p(true class))" if means
-                                         else "score (sum of p(true class))"), fontsize=9)
-        ax.legend(loc="lower right", fontsize=8)
-        ax = axes[1, j]
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(f"{run.label}: score ({what})", fontsize=9)
+        ax.legend(loc="best", fontsize=8)
+        ax = block[1]
         for i, n in enumerate(run.names):
             ax.plot(run.step, smooth(run.coeff[n], 1), label=n, color=COLORS[i % len(COLORS)],
                     lw=0.8)
@@ -244,11 +345,23 @@ def plot_modulation(runs: list[Run], path: str, smooth_k: int = 10, dpi: int = 1
         note = ("" if run.modulated is None or all(run.modulated) else
                 " (not applied)" if not modulates else " (shaded: not applied)")
         ax.set_title(f"{run.label}: coefficient k{note}", fontsize=9)
-        ax.set_xlabel("step")
         ax.legend(loc="best", fontsize=8)
+        for ax, (key, series) in zip(block[2:], run.extras.items()):
+            for i, n in enumerate(run.names):
+                if n in series:
+                    ax.plot(run.step, smooth(series[n], 1), label=n, color=COLORS[i % len(COLORS)],
+                            lw=0.8)
+            ax.set_title(f"{run.label}: {key}", fontsize=9)
+            ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     _save(fig, path, dpi)
     return path
+
+
+def _figure(nrows, ncols, w, h):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w * ncols, h * nrows))
+    return fig, fig.subplots(nrows, ncols, squeeze=False, sharex="col")
 
 
 def plot_accuracy(runs: list[Run], path: str, dpi: int = 110) -> str | None:
@@ -266,7 +379,7 @@ def plot_accuracy(runs: list[Run], path: str, dpi: int = 110) -> str | None:
                 axes[1].plot(c["epoch"], [100 * x for x in c[f"{n}_head"]], color=line.get_color(),
                              ls=ls, label=f"{r.label} {n}")
     axes[0].set_title("multimodal test accuracy")
-    axes[1].set_title("unimodal head test accuracy (" + ", ".join(
+    axes[1].set_title("unimodal-head test accuracy, not the linear probe (" + ", ".join(
         f"{n} {ls}" for n, ls in zip(runs[0].names[::-1], ("solid", "dashed", "dotted"))) + ")",
         fontsize=9)
     for ax in axes:
@@ -286,10 +399,24 @@ def _save(fig, path, dpi):
     fig.savefig(path, dpi=dpi)
 
 
+def check_output(path: str) -> None:
+    """Refuse, before anything is drawn, an output path that cannot be written: a folder, or
+    one under a regular file."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"-o {path}: is a folder; give the PNG file to write")
+    parent = os.path.dirname(full)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"-o {path}: {parent} is a file, not a folder")
+
+
 # ---- command line ----------------------------------------------------------------------------
 def build_parser(prog: str = "mmmod plot") -> argparse.ArgumentParser:
+    from .._cli import DefaultsOnce
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("`"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnce)
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="a CSV log, a TensorBoard folder, or the demo's results.json (or its folder)")
     p.add_argument("-o", "--out", default=None,
@@ -297,27 +424,44 @@ def build_parser(prog: str = "mmmod plot") -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=int, default=10, help="trailing mean over K steps of the score")
     p.add_argument("--prefix", default="mmmod", help="TensorBoard tag prefix")
     p.add_argument("--seed", type=int, default=None, help="results.json: which seed's runs")
-    p.add_argument("--dpi", type=int, default=110)
+    p.add_argument("--cols", type=int, default=4, help="runs side by side before wrapping")
+    p.add_argument("--score-kind", default=None,
+                   help="what the logged score is, e.g. prob or nll (default: the method's, when "
+                        "the log or its name says which)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the PNG")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        runs = [r for path in args.runs for r in load(path, args.prefix, args.seed)]
-    except (OSError, ValueError, ImportError) as e:
-        print(f"mmmod plot: {e}", file=sys.stderr)
+
+    def fail(msg: str) -> int:
+        print(f"mmmod plot: {msg}", file=sys.stderr)
         return 2
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("mmmod plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return 2
+    if not 1 <= args.dpi <= 2000:
+        return fail(f"--dpi must be in 1..2000, got {args.dpi}")
+    if args.cols < 1:
+        return fail(f"--cols must be >= 1, got {args.cols}")
     first = args.runs[0]
     out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".",
                                    "modulation.png")
-    written = [plot_modulation(runs, out, args.smooth, args.dpi)]
-    acc = plot_accuracy(runs, os.path.splitext(out)[0] + "_accuracy.png", args.dpi)
+    try:
+        check_output(out)
+        runs = [r for path in args.runs for r in load(path, args.prefix, args.seed)]
+    except (OSError, ValueError, ImportError) as e:
+        return fail(str(e))
+    if args.score_kind:
+        for r in runs:
+            r.score_kind = args.score_kind
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return fail("matplotlib is not installed (pip install matplotlib)")
+    try:
+        written = [plot_modulation(runs, out, args.smooth, args.dpi, args.cols)]
+        acc = plot_accuracy(runs, os.path.splitext(out)[0] + "_accuracy.png", args.dpi)
+    except (OSError, ValueError) as e:  # a full disk, a figure too large to render, ...
+        return fail(f"cannot write {out}: {e}")
     if acc:
         written.append(acc)
     print("wrote " + ", ".join(written))

@@ -54,7 +54,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.strict = config.flag("strict", strict)
         self.noise_std, self.noise_rng = config.noise_options(noise_std, noise_rng, self.capturable)
         self.apply_to = config.choice("apply_to", apply_to, config.APPLY_TO)
-        self.backend = config.choice("backend", backend, backends.BACKENDS)
+        self.requested_backend = config.choice("backend", backend, backends.BACKENDS)
         seed = config.seed(seed)
         items = config.modalities(modalities)
         self.param_filter, keep = config.param_filter(param_filter, m)
@@ -69,7 +69,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._objectives = objectives.ObjectiveGradients(self.names, self.params,
                                                          self.param_names, m)
         devices = selection.devices(self.params)
-        resolved = config.resolve_backends(self.backend, devices, self.capturable)
+        resolved = config.resolve_backends(self.requested_backend, devices, self.capturable)
+        self.backend = "+".join(dict.fromkeys(resolved))  # what runs ("auto" resolved)
         self._closure_required = config.closure_required(optimizer)
         self._offsets = self._shards.offsets  # registration-order stream offsets (local parts)
         self.process_group = process_group
@@ -127,7 +128,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ModulatedOptimizer(method={self.method!r}, alpha={self.alpha}, "
                 f"modalities={self.names}, apply_to={self.apply_to!r}, "
-                f"backend={self.backend!r},\n  {self.optimizer!r})")
+                f"backend={self.backend!r} (requested {self.requested_backend!r}),\n  {self.optimizer!r})")
 
     # ---- public API ------------------------------------------------------------------------
     def set_epoch(self, epoch: int, **inputs: Any) -> None:
@@ -171,7 +172,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                 if not bool(torch.isfinite(z).all()):
                     raise ValueError(f"logits of modality {n!r} contain NaN or inf")
         if self._method.score == "prob":  # the fused scores of every backend
-            s = backends.get(self.backend, labels.device).scores(zs, labels)
+            s = backends.get(self.requested_backend, labels.device).scores(zs, labels)
         else:
             s = self._method.batch_scores(zs, labels)
         # labels.shape[0]: host metadata, the divisor of a "mean" reduction; the unimodal hits
@@ -239,7 +240,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                 self._fused_pending = None
                 self._fused.step(grads, k, noise=self._method.noise, noise_std=self.noise_std,
                                  seed=self.seed, step=self.step_count, offsets=self._offsets,
-                                 backend=self.backend, apply_to=self.apply_to, stds=stds)
+                                 backend=self.requested_backend, apply_to=self.apply_to, stds=stds)
             else:
                 self.optimizer.step()
         last = outcome[-1] if outcome else None
@@ -363,13 +364,13 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
             len(self.names), self._device)
         k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
-                                    backend=self.backend, state=self._method_state)
+                                    backend=self.requested_backend, state=self._method_state)
         if m.corrects_grads:
             # a method reading whole-tensor statistics gets the located shards (FSDP2)
             extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
                 else {}
             m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
-                             backend=self.backend, **extra)
+                             backend=self.requested_backend, **extra)
         # shards' whole-tensor stds: one collective per shard group, every rank
         stds = self._shards.global_stds(grads) if modulate and m.noise and \
             self._shards.needs_stds else None
@@ -382,7 +383,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                     grads, k * 0 + 1 if noise_only else k, noise=m.noise,
                     noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
                     step=self.step_count if self._step_t is None else self._step_t,
-                    backend=self.backend, offsets=self._offsets, names=self.names,
+                    backend=self.requested_backend, offsets=self._offsets, names=self.names,
                     tensor_names=self.param_names, stds=stds,
                     _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)

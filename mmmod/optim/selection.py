@@ -3,6 +3,7 @@ against the inner optimizer, and their gradients at step time."""
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -14,19 +15,26 @@ def select(modalities: list[tuple[Any, Any]], keep: Callable, param_filter,
            optimized: set[int]) -> tuple[list[list], list[list[str]]]:
     """Per modality the selected entries (tensors or ParamSlices) and their names.
 
-    A tensor belongs to one modality only (disjoint slices of one parameter excepted), must
-    be in the inner optimizer (else it would never be updated), and every modality must select
-    at least one tensor."""
+    A tensor belongs to one modality only (disjoint slices of one parameter excepted) and must
+    be in the inner optimizer (else it would never be updated) -- except a frozen one
+    (``requires_grad=False``) left out of the optimizer, which is skipped: nothing trains it.
+    A modality with no trainable tensor at all (frozen, or given as ``[]``) is kept with no
+    tensor: its scores are observed and its coefficient computed, but nothing of it is
+    modulated (one warning). A modality that has trainable tensors must select at least one."""
     owner: dict[int, tuple[Any, Any]] = {}  # id(param) -> (modality, entry)
-    params, names = [], []
+    params, names, untrained = [], [], []
     for name, src in modalities:
         named = expand(name, src)
         chosen, chosen_names, seen = [], [], set()
+        trainable = []  # (name, tensor) of the entries an optimizer step can change
         for pname, e in named:
             p = e.param if isinstance(e, ParamSlice) else e
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"modality {name!r}: entry {pname!r} is a {type(e).__name__}, "
                                 f"not a parameter")
+            if id(p) not in optimized and not p.requires_grad:
+                continue  # frozen and not optimized: never updated, so never modulated
+            trainable.append((pname, p))
             explicit = isinstance(e, ParamSlice)  # slices are chosen by hand: no filter
             if id(e) in seen or not (explicit or keep(pname, p)):
                 continue
@@ -44,12 +52,36 @@ def select(modalities: list[tuple[Any, Any]], keep: Callable, param_filter,
             owner[id(p)] = (name, e)
             chosen.append(e)
             chosen_names.append(pname)
+        if not chosen and trainable:
+            raise ValueError(nothing_selected(name, param_filter, trainable))
         if not chosen:
-            raise ValueError(f"modality {name!r}: param_filter {param_filter!r} "
-                             f"selects no parameter tensor (of {len(named)})")
+            untrained.append(name)
         params.append(chosen)
         names.append(chosen_names)
+    if len(untrained) == len(params):
+        raise ValueError(f"no modality has a trainable parameter in the inner optimizer "
+                         f"(modalities {[n for n, _ in modalities]}): nothing to modulate")
+    if untrained:
+        warnings.warn(f"modalities {untrained} have no trainable parameter (frozen or empty): "
+                      f"their scores are observed and their coefficients computed, but none of "
+                      f"their gradients is modulated", stacklevel=3)
     return params, names
+
+
+def nothing_selected(name, param_filter, trainable: list[tuple[str, torch.Tensor]]) -> str:
+    """The error for a filter that keeps none of a modality's trainable tensors, with the
+    filter that would select them."""
+    dims = sorted({p.dim() for _, p in trainable})
+    msg = (f"modality {name!r}: param_filter {param_filter!r} selects none of its "
+           f"{len(trainable)} trainable tensors (they have {'/'.join(map(str, dims))} dims, e.g. "
+           f"{trainable[0][0]!r})")
+    if param_filter in ("conv", "matrix"):
+        what = "4-D conv weights, as the official OGM-GE code" if param_filter == "conv" \
+            else "tensors of 2+ dims"
+        better = "'matrix' (weights of 2+ dims) or 'all'" if max(dims) >= 2 else "'all'"
+        msg += (f"; '{param_filter}' keeps {what}: for an encoder without such tensors (an MLP, "
+                f"a transformer) pass param_filter={better}")
+    return msg
 
 
 def expand(name, src) -> list[tuple[str, Any]]:
