@@ -193,8 +193,8 @@ int64_t window_elements() {
   bool digits = std::strlen(e) <= 18;  // at most 18 digits: no overflow of int64
   for (const char* c = e; digits && *c != '\0'; ++c) digits = *c >= '0' && *c <= '9';
   TORCH_CHECK_VALUE(digits, "MMMOD_CPU_WINDOW=", e,
-                    " is not a plain non-negative integer (elements per OGM-GE cache window; 0: the "
-                    "whole bucket at once)");
+                    " is not a plain non-negative integer of at most 18 digits (elements per OGM-GE "
+                    "cache window; 0: the whole bucket at once)");
   const long long v = std::strtoll(e, nullptr, 10);
   return v == 0 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(v);
 }

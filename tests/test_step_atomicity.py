@@ -150,3 +150,19 @@ def test_bad_cpu_environment_is_refused_before_any_write(monkeypatch, method, va
         mp.setenv(var, value)
     for fused in _fused_options("cpu"):
         _fail_then_retry(method, "cpu", fused, inject, monkeypatch, var)
+
+
+@pytest.mark.skipif(not backends.status("triton")[0], reason="triton backend not available")
+@pytest.mark.parametrize("how", ["stage", "amsgrad"])
+def test_triton_interpreter_refusals_change_nothing(monkeypatch, how):
+    """One cheap case on the Triton interpreter: an injected check failure and a bad fused
+    option, both with the fused update."""
+    def inject(mp, opt):
+        if how == "amsgrad":
+            mp.setitem(opt.optimizer.param_groups[0], "amsgrad", True)
+        else:
+            def boom(*a, **k):
+                raise Injected("injected failure in fused_plan")
+            mp.setattr(step_checks, "fused_plan", boom)
+    _fail_then_retry("agm", "triton", True, inject, monkeypatch,
+                     "injected" if how == "stage" else "fused=True")

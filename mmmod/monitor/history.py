@@ -1,10 +1,11 @@
 """A sync-free, bounded record of what the modulation did at every step.
 
-:class:`Recorder` keeps the last ``capacity`` steps in one preallocated float32 ring buffer on
-the scores' device. :meth:`Recorder.record` is called once per optimizer step and only launches
-a few small device copies into the row ``count % capacity`` (a Python int): it never reads a
-device value on the host. The host reads the buffer only when asked -- :meth:`history`, or a
-logger's flush every ``every`` steps -- and then in one transfer.
+:class:`Recorder` keeps the last ``capacity`` steps in one float32 ring buffer on the scores'
+device (grown in blocks until it first fills). :meth:`Recorder.record` is called once per
+optimizer step and only launches a few small device copies into the row ``count % capacity``
+(a Python int): it never reads a device value on the host. The host reads the buffer only
+when asked -- :meth:`history`, or a logger's flush every ``every`` steps -- and then in one
+transfer.
 
 Each row holds, for M modalities::
 
@@ -73,8 +74,9 @@ class Recorder:
             rows, since its rows are read from the ring at flush time.
         device: where the ring lives; default: the device of the first recorded scores.
 
-    Memory: ``capacity * (2M + 1 + extra values) * 4`` bytes on the device, plus four Python
-    values per row on the host.
+    Memory: at most ``capacity * (2M + 1 + extra values) * 4`` bytes on the device, allocated as
+    steps come (1024 rows first, doubling up to ``capacity``), plus four Python values per
+    recorded row on the host.
     """
 
     def __init__(self, names: Sequence[str], capacity: int = 1024, *,
@@ -153,7 +155,7 @@ class Recorder:
                extra: Mapping[str, torch.Tensor] | None = None, *, step: int | None = None,
                epoch: int | None = None, samples: int | None = None,
                modulated: bool | None = None) -> None:
-        """Append one step. Sync-free: only device copies into a preallocated row.
+        """Append one step. Sync-free: only device copies into a row (the ring grows in blocks until it first fills).
 
         ``skipped=None`` derives the flag as the optimizer does (any coefficient not finite).
         ``step`` defaults to the number of rows recorded before; ``samples`` (the number of

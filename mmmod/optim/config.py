@@ -165,9 +165,9 @@ def cpu_environment(environ: Mapping[str, str] | None = None) -> None:
         raise ValueError(f"MMMOD_CPU_KERNELS={kernels} is not a CPU kernel table: expected auto, "
                          f"scalar, avx2 or avx512")
     window = env.get("MMMOD_CPU_WINDOW")
-    if window and not (window.isascii() and window.isdigit()):
-        raise ValueError(f"MMMOD_CPU_WINDOW={window} is not a plain non-negative integer (elements "
-                         f"per OGM-GE cache window; 0: the whole bucket at once)")
+    if window and not (window.isascii() and window.isdigit() and len(window) <= 18):
+        raise ValueError(f"MMMOD_CPU_WINDOW={window} is not a plain non-negative integer of at most "
+                         f"18 digits (elements per OGM-GE cache window; 0: the whole bucket at once)")
 
 
 def epoch_not_before(last: int | None, epoch: int) -> None:

@@ -124,12 +124,13 @@ def _numbers(value) -> tuple[list[float], object] | None:
     return None
 
 
-def agree_epoch_inputs(process_group, inputs: dict, names) -> dict:
+def agree_epoch_inputs(process_group, epoch: int, inputs: dict, names) -> dict:
     """The per-epoch inputs every rank feeds the method (e.g. MSLR's ``val_acc``): each rank's
     numbers are gathered and, where ranks differ (each validated its own shard), replaced on
     every rank by their mean in rank order -- the global accuracy when the shards are of equal
     size -- so the replicas cannot drift apart. Ranks that pass different keys or numbers of
-    values are refused on every rank together (every rank sees the same table: no hang).
+    values, or are at different epochs, are refused on every rank together (every rank sees the
+    same table: no hang).
     Two small all-gathers per ``set_epoch`` call that passes inputs."""
     g = group(process_group)
     if g is None or dist.get_world_size(g) == 1:
@@ -147,16 +148,18 @@ def agree_epoch_inputs(process_group, inputs: dict, names) -> dict:
         flat += xs
     device = collective_device(g)
     world_size = dist.get_world_size(g)
-    # header: a hash of the keys and sizes, then the count of numbers (all ranks must agree)
+    # header: a hash of the keys and sizes, the count of numbers, the epoch (all must agree)
     sig = zlib.crc32(repr(layout).encode())  # the same on every rank (str hash() is not)
-    head = torch.tensor([sig, len(flat)], dtype=torch.int64, device=device)
+    head = torch.tensor([sig, len(flat), epoch], dtype=torch.int64, device=device)
     heads = [torch.empty_like(head) for _ in range(world_size)]
     dist.all_gather(heads, head, group=g)
     rows = [h.tolist() for h in heads]
     if any(r != rows[0] for r in rows):
-        raise ValueError(f"set_epoch: the ranks passed different per-epoch inputs (this rank: "
-                         f"{layout}); every rank must pass the same keys with one value per "
-                         f"modality {list(names)}")
+        raise ValueError(f"set_epoch: the ranks passed different epochs or per-epoch inputs "
+                         f"(this rank: epoch {epoch}, inputs {layout}); every rank must set the "
+                         f"same epoch with the same keys, one value per modality {list(names)}")
+    if not flat:
+        return inputs
     mine = torch.tensor(flat, dtype=torch.float64, device=device)
     table = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(table, mine, group=g)

@@ -114,12 +114,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
         epoch = config.integer("epoch", epoch)
         config.epoch_not_before(self._epoch_hooked, epoch)
-        if inputs and self._world() > 1:  # every rank must feed the method the same values
-            inputs = distributed.agree_epoch_inputs(self.process_group, inputs, self.names)
         # the method's per-epoch work (MSLR's history, InfoReg's snapshot and traces) runs once
         # per epoch: calling set_epoch again with the same epoch (e.g. every step) only sets
         # the epoch the window is checked against
         if epoch != self._epoch_hooked:
+            if (inputs or self._method.epoch_inputs) and self._world() > 1:
+                # every rank must feed the method the same values (docs/distributed.md)
+                inputs = distributed.agree_epoch_inputs(self.process_group, epoch, inputs,
+                                                        self.names)
             if self._method.needs_params:
                 inputs["params"] = selection.param_tensors(self.params)
             self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
