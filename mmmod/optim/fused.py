@@ -182,7 +182,9 @@ def _kernels(impl, kind: str, device: torch.device):
     if name == "torch":
         return reference_sgd_ if kind == "sgd" else reference_adam_
     if name == "triton":
-        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415 (optional dependency)
+        from ..backends import triton_backend  # noqa: PLC0415 (optional dependency)
+        triton_backend._load_kernels()  # mmmod.kernels, mapped from a checkout when not installed
+        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415
         return fk.sgd_ if kind == "sgd" else fk.adam_
     op = "fused_sgd_" if kind == "sgd" else "fused_adam_"
     key = "CPU" if device.type == "cpu" else "CUDA"
