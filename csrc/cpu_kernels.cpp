@@ -183,6 +183,22 @@ const KernelTable& table_for_cap(int cap) {
   return kScalar;
 }
 
+// Elements per window of the OGM-GE pass (statistics, then modulation while cached): 8 MiB of
+// fp32, well inside a 32 MiB L3. MMMOD_CPU_WINDOW overrides it (0: the whole bucket at once). Only
+// a plain decimal integer is accepted (atoll would read "1e6" as 1 and "abc" as 0, silently);
+// kernels_for_op() checks it at every op's entry, before anything is written.
+int64_t window_elements() {
+  const char* e = std::getenv("MMMOD_CPU_WINDOW");
+  if (e == nullptr || e[0] == '\0') return int64_t{1} << 21;
+  bool digits = std::strlen(e) <= 18;  // at most 18 digits: no overflow of int64
+  for (const char* c = e; digits && *c != '\0'; ++c) digits = *c >= '0' && *c <= '9';
+  TORCH_CHECK_VALUE(digits, "MMMOD_CPU_WINDOW=", e,
+                    " is not a plain non-negative integer of at most 18 digits (elements per OGM-GE "
+                    "cache window; 0: the whole bucket at once)");
+  const long long v = std::strtoll(e, nullptr, 10);
+  return v == 0 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(v);
+}
+
 }  // namespace
 
 const KernelTable& scalar_kernels() { return kScalar; }
@@ -201,21 +217,11 @@ const KernelTable& kernels_for_op() {
   const int cap = kernels_cap(&bad);
   TORCH_CHECK_VALUE(cap >= 0, "MMMOD_CPU_KERNELS=", bad,
                     " is not a CPU kernel table: expected auto, scalar, avx2 or avx512");
+  (void)window_elements();  // may raise (a malformed MMMOD_CPU_WINDOW), as above
   return table_for_cap(cap);
 }
 
 namespace {
-
-// Elements per window of the OGM-GE pass (statistics, then modulation while cached): 8 MiB of
-// fp32, well inside a 32 MiB L3. MMMOD_CPU_WINDOW overrides it (0: the whole bucket at once).
-int64_t window_elements() {
-  const char* e = std::getenv("MMMOD_CPU_WINDOW");
-  if (e != nullptr && e[0] != '\0') {
-    const long long v = std::atoll(e);
-    return v <= 0 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(v);
-  }
-  return int64_t{1} << 21;
-}
 
 // Chunks a thread claims at a time in the noise passes: longer sequential runs for the hardware
 // prefetchers. Measured on the 2-core EPYC: the noise pass alone ~5 % faster than with single

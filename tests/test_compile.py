@@ -76,26 +76,43 @@ def test_compiled_model_trains_inductor(seed):
     _run_compiled_model(seed, "inductor")
 
 
-@pytest.mark.slow
-def test_compiled_optimizer_step(seed):
-    """``torch.compile(opt.step)`` (graph breaks allowed) gives the eager step's result.
-
-    (Dynamo specialises on the Python int ``step_count`` (the Philox counter), so a compiled
-    step recompiles once per step until the recompile limit, then runs eagerly: correct, not
-    fast. Two steps keep this test cheap.)"""
+def _compiled_step_equals_eager(seed, inner, **kw):
     torch.manual_seed(seed)
     a = TwoEncoder()
     b = copy.deepcopy(a)
-    opt_a, names = make(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), alpha=0.8,
-                        seed=seed, backend="torch")
-    opt_b, _ = make(b, torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), alpha=0.8,
-                    seed=seed, backend="torch")
-    data = [batch() for _ in range(2)]
+    kw = dict(alpha=0.8, seed=seed, backend="torch", history=8, **kw)
+    opt_a, names = make(a, inner(a.parameters()), **kw)
+    opt_b, _ = make(b, inner(b.parameters()), **kw)
+    data = [batch() for _ in range(3)]
     _train(a, a, opt_a, names, data, step=torch.compile(opt_a.step, backend="eager"))
     _train(b, b, opt_b, names, data)
-    assert opt_a.step_count == 2
+    assert opt_a.step_count == opt_b.step_count == 3
+    if opt_b.device_step is not None:
+        assert torch.equal(opt_a.device_step, opt_b.device_step)
+    assert opt_a._score_sum is None and opt_a._observed == 0  # scores cleared
+    for key in ("coefficients", "scores"):
+        got, want = getattr(opt_a, key), getattr(opt_b, key)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    ha, hb = opt_a.history(), opt_b.history()
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in hb)
+    assert ha["step"].tolist() == [0, 1, 2]
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_optimizer_step_equals_eager(seed, capturable):
+    """``torch.compile(opt.step)``: the step runs eagerly (it is excluded from dynamo), so
+    parameters, counters, scores, coefficients and history equal the eager step's bit for bit."""
+    _compiled_step_equals_eager(seed, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                capturable=capturable)
+
+
+@pytest.mark.slow
+def test_compiled_optimizer_step(seed):
+    """The same with Adam and the default (inductor-free) eager compiler, longer: kept under
+    ``-m slow`` as the documented check of docs/distributed.md."""
+    _compiled_step_equals_eager(seed, lambda ps: torch.optim.Adam(ps, lr=1e-2), method="agm")
 
 
 def _explain_no_breaks(fn, *args):

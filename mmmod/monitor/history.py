@@ -1,10 +1,11 @@
 """A sync-free, bounded record of what the modulation did at every step.
 
-:class:`Recorder` keeps the last ``capacity`` steps in one preallocated float32 ring buffer on
-the scores' device. :meth:`Recorder.record` is called once per optimizer step and only launches
-a few small device copies into the row ``count % capacity`` (a Python int): it never reads a
-device value on the host. The host reads the buffer only when asked -- :meth:`history`, or a
-logger's flush every ``every`` steps -- and then in one transfer.
+:class:`Recorder` keeps the last ``capacity`` steps in one float32 ring buffer on the scores'
+device (grown in blocks until it first fills). :meth:`Recorder.record` is called once per
+optimizer step and only launches a few small device copies into the row ``count % capacity``
+(a Python int): it never reads a device value on the host. The host reads the buffer only
+when asked -- :meth:`history`, or a logger's flush every ``every`` steps -- and then in one
+transfer.
 
 Each row holds, for M modalities::
 
@@ -20,12 +21,15 @@ the scores were summed over and whether the step was inside the modulation windo
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 # row keys that are not per-modality values; extra keys may not reuse them
 HOST_FIELDS = ("step", "epoch", "samples", "modulated")
+# device rows allocated at the first record; the ring doubles up to its capacity as steps come
+_FIRST_BLOCK = 1024
 RESERVED = HOST_FIELDS + ("skipped", "score", "coeff")
 
 
@@ -40,10 +44,11 @@ class RemovableHandle:
 
 
 class _Sink:
-    __slots__ = ("logger", "every", "delivered")
+    __slots__ = ("logger", "every", "delivered", "retry_at")
 
     def __init__(self, logger, every: int, delivered: int) -> None:
         self.logger, self.every, self.delivered = logger, every, delivered
+        self.retry_at = 0  # after a failed write: the row count of the next try
 
 
 class _Hook:
@@ -69,8 +74,9 @@ class Recorder:
             rows, since its rows are read from the ring at flush time.
         device: where the ring lives; default: the device of the first recorded scores.
 
-    Memory: ``capacity * (2M + 1 + extra values) * 4`` bytes on the device, plus four Python
-    values per row on the host.
+    Memory: at most ``capacity * (2M + 1 + extra values) * 4`` bytes on the device, allocated as
+    steps come (1024 rows first, doubling up to ``capacity``), plus four Python values per
+    recorded row on the host.
     """
 
     def __init__(self, names: Sequence[str], capacity: int = 1024, *,
@@ -89,7 +95,7 @@ class Recorder:
         self._first = 0                     # oldest row number the ring still holds validly
         self._buf: torch.Tensor | None = None
         self._extra: list[tuple[str, tuple[int, ...], int, int]] | None = None
-        self._host: list[tuple | None] = [None] * capacity
+        self._host: dict[int, tuple] = {}  # slot -> host values, filled as steps come
         self._sinks: list[_Sink] = []
 
     # ---- layout ----------------------------------------------------------------------------
@@ -149,7 +155,7 @@ class Recorder:
                extra: Mapping[str, torch.Tensor] | None = None, *, step: int | None = None,
                epoch: int | None = None, samples: int | None = None,
                modulated: bool | None = None) -> None:
-        """Append one step. Sync-free: only device copies into a preallocated row.
+        """Append one step. Sync-free: only device copies into a row (the ring grows in blocks until it first fills).
 
         ``skipped=None`` derives the flag as the optimizer does (any coefficient not finite).
         ``step`` defaults to the number of rows recorded before; ``samples`` (the number of
@@ -163,9 +169,13 @@ class Recorder:
             return
         if self._buf is None:
             self._extra = layout
-            self._buf = torch.zeros((self.capacity, self.width), dtype=torch.float32,
+            # rows in blocks as steps come (history=N reserves nothing up front)
+            self._buf = torch.zeros((min(self.capacity, _FIRST_BLOCK), self.width),
+                                    dtype=torch.float32,
                                     device=scores.device if self.device is None else self.device)
         slot = self.count % self.capacity
+        if slot >= self._buf.shape[0]:  # still filling: the ring has not wrapped yet
+            self._grow(min(self.capacity, 2 * self._buf.shape[0]))
         row = self._buf[slot]
         # one cat + one copy whatever the number of extras (a few us of launches per step)
         parts = [scores, coeffs] + [extra[key].reshape(-1) for key, _, _, _ in layout]
@@ -181,7 +191,8 @@ class Recorder:
                             None if samples is None else int(samples),
                             None if modulated is None else bool(modulated))
         self.count += 1
-        due = [s for s in self._sinks if self.count - s.delivered >= s.every]
+        due = [s for s in self._sinks
+               if self.count - s.delivered >= s.every and self.count >= s.retry_at]
         if due:
             self._deliver(due)
 
@@ -268,6 +279,9 @@ class Recorder:
             raise TypeError(f"logger must have a write(rows) method, got {type(logger).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check = getattr(logger, "check", None)
+        if callable(check):
+            check()  # e.g. CSVLogger: an unwritable path is refused here, not at a later step
         if every > self.capacity:
             self._resize(every)
         sink = _Sink(logger, every, self.count)
@@ -284,21 +298,38 @@ class Recorder:
     def loggers(self) -> list:
         return [s.logger for s in self._sinks]
 
-    def _deliver(self, sinks: list[_Sink]) -> None:
+    def _deliver(self, sinks: list[_Sink], *, raise_errors: bool = False) -> None:
+        """Write each sink's new rows. A logger that fails keeps its rows for the next delivery
+        (while the ring holds them) and is warned about -- the step that recorded them is never
+        broken by it -- or, with ``raise_errors`` (an explicit flush), the first error is raised
+        after every other logger got its rows."""
         hi = self.count
         lo = max(min(s.delivered for s in sinks), hi - self.capacity)
         rows = self._rows(lo, hi)
+        first_error = None
         for s in sinks:
             part = rows[max(s.delivered - lo, 0):]
+            try:
+                if part:
+                    s.logger.write(part)
+            except Exception as e:  # noqa: BLE001 (any logger error: reported, rows kept)
+                s.retry_at = hi + s.every  # its next regular delivery
+                if raise_errors:
+                    first_error = first_error or e
+                else:
+                    warnings.warn(f"mmmod: logger {s.logger!r} failed to write {len(part)} rows "
+                                  f"({type(e).__name__}: {e}); they are kept and retried at the "
+                                  f"next delivery", RuntimeWarning, stacklevel=4)
+                continue
             s.delivered = hi
-            if part:
-                s.logger.write(part)
+        if first_error is not None:
+            raise first_error
 
     def flush(self) -> None:
         """Deliver every logger's pending rows now (one host read) and flush the loggers."""
         pending = [s for s in self._sinks if s.delivered < self.count]
         if pending:
-            self._deliver(pending)
+            self._deliver(pending, raise_errors=True)
         for s in self._sinks:
             f = getattr(s.logger, "flush", None)
             if callable(f):
@@ -325,17 +356,25 @@ class Recorder:
         host = [self._host[r % self.capacity] for r in range(lo, hi)] if self.capacity else []
         if self._buf is not None:
             kept = self._span(lo, hi)
-            buf = torch.zeros((capacity, self._buf.shape[1]), dtype=self._buf.dtype,
+            buf = torch.zeros((max(capacity if lo else min(capacity, _FIRST_BLOCK), hi),
+                               self._buf.shape[1]), dtype=self._buf.dtype,
                               device=self._buf.device)
             if hi > lo:
                 idx = torch.arange(lo, hi, dtype=torch.int64) % capacity
                 buf.index_copy_(0, idx.to(buf.device), kept)
             self._buf = buf
-        self._host = [None] * capacity
+        self._host = {}
         for r, h in zip(range(lo, hi), host):
             self._host[r % capacity] = h
         self.capacity = capacity
         self._first = lo  # the slots before lo in the grown ring hold nothing yet
+
+    def _grow(self, rows: int) -> None:
+        """More rows for a ring that has not wrapped yet (its rows sit at slots 0..count-1)."""
+        buf = torch.zeros((rows, self._buf.shape[1]), dtype=self._buf.dtype,
+                          device=self._buf.device)
+        buf[:self._buf.shape[0]].copy_(self._buf)
+        self._buf = buf
 
     def __repr__(self) -> str:
         return (f"Recorder(names={self.names}, capacity={self.capacity}, rows={len(self)}, "

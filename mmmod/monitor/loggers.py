@@ -1,6 +1,7 @@
 """Where recorded rows go: a CSV file, TensorBoard, or any callable.
 
-A logger is any object with ``write(rows)`` (and optionally ``flush()`` and ``close()``);
+A logger is any object with ``write(rows)`` (and optionally ``flush()``, ``close()`` and
+``check()``, called by ``add_logger`` to refuse an unusable destination before any step);
 :meth:`mmmod.monitor.Recorder.add_logger` calls ``write`` with the rows recorded since the last
 flush, every ``every`` steps. Rows are dicts of plain Python values with the keys ``step``,
 ``epoch``, ``samples``, ``modulated``, ``skipped``, ``score/<modality>``,
@@ -21,6 +22,10 @@ class CSVLogger:
 
     ``append=True`` continues an existing file whose header matches (resuming a run).
     Empty cells are values that were not given (e.g. ``epoch`` when nothing set it).
+
+    The file is opened at the first write and stays open: close it with :meth:`close` (or
+    ``opt.recorder.close()``, which closes every logger), or use the logger as a context
+    manager (``with CSVLogger(path) as log: ...``). One never closed is closed when collected.
     """
 
     def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
@@ -29,6 +34,24 @@ class CSVLogger:
         self._file = None
         self._writer: csv.DictWriter | None = None
         self.columns: list[str] | None = None
+
+    def check(self) -> None:
+        """Refuse a path the rows could not be written to (its nearest existing folder is not
+        a writable folder, or the path is a folder), before any step writes a row."""
+        path = os.path.abspath(self.path)
+        if os.path.isdir(path):
+            raise ValueError(f"CSVLogger: {self.path} is a folder, not a file path")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(f"CSVLogger: {self.path} is not writable")
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"CSVLogger: cannot create {self.path}: {parent} is a file, not a "
+                             f"folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"CSVLogger: cannot create {self.path}: {parent} is not "
+                                  f"writable")
 
     def _open(self, columns: list[str]) -> None:
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -62,10 +85,23 @@ class CSVLogger:
             self._file.flush()
 
     def close(self) -> None:
+        """Close the file (rows written so far are kept; a later write reopens it, appending)."""
         if self._file is not None:
             self._file.close()
             self._file = None
             self._writer = None
+            self.append = True  # a later write continues the file under the same header
+
+    def __enter__(self) -> "CSVLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
 
     def __repr__(self) -> str:
         return f"CSVLogger({self.path!r})"
@@ -125,6 +161,12 @@ class TensorBoardLogger:
         self.flush()
         if self._owns:
             self.writer.close()
+
+    def __enter__(self) -> "TensorBoardLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"TensorBoardLogger(prefix={self.prefix!r})"

@@ -5,7 +5,12 @@ Policy: a checkpoint never switches what is computed or on which tensors. The mo
 (names and shapes per modality) must equal the optimizer's, else loading raises before anything
 changes. Scalar hyperparameters (``alpha``, ``beta_max``, the modulation window) and the run's
 position (step, seed, epoch, method state, last scores/coefficients, skipped count) are restored
-from the checkpoint, as torch restores a parameter group's ``lr``; they are validated first.
+from the checkpoint, as torch restores a parameter group's ``lr``; they are validated first:
+a missing hyperparameter is named, the skipped count must be a non-negative integer, the last
+scores and coefficients one float per modality, and the method state finite (and, for the
+built-in methods' running values, non-negative). The inner optimizer's type is recorded
+(``"inner"``) and a checkpoint of another type is refused by name (checkpoints without the
+record, from older versions, are not checked for it).
 """
 from __future__ import annotations
 
@@ -29,8 +34,20 @@ def selection(opt) -> list[list[list]]:
             for ps, pnames in zip(opt.params, opt.param_names)]
 
 
+def inner_type(optimizer) -> str:
+    t = type(optimizer)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+#: method-state entries of the built-in methods that hold counts, means of losses, accuracies,
+#: ratios or Fisher traces: never negative in a state the method wrote
+NON_NEGATIVE = {"agm": ("score_mean", "steps"), "mslr": ("ratio", "base_rate", "history"),
+                "inforeg": ("beta", "window", "fisher", "traces")}
+
+
 def entry(opt) -> dict[str, Any]:
     return {
+        "inner": inner_type(opt.optimizer),
         # the device counter is the truth under capture (replays do not run Python);
         # reading it here syncs once per checkpoint, never per step
         "step_count": opt.step_count if opt._step_t is None else int(opt._step_t),
@@ -54,6 +71,12 @@ def validated(opt, own: Any) -> dict[str, Any]:
         raise ValueError(f"state_dict was saved for modalities {own['modalities']}, "
                          f"this optimizer has {opt.names}")
     hyper = own["hyper"]
+    missing = [h for h in config.STRUCTURAL + config.SCALARS
+               if not isinstance(hyper, dict) or h not in hyper]
+    if missing:
+        raise ValueError(f"state_dict['mmmod']['hyper'] lacks {missing} (a checkpoint of an "
+                         f"older version?): set them on the optimizer and save it again, or "
+                         f"add them to the checkpoint")
     for h in config.STRUCTURAL:
         if hyper.get(h) != getattr(opt, h):
             raise ValueError(f"state_dict was saved with {h}={hyper.get(h)!r}, this optimizer "
@@ -65,6 +88,11 @@ def validated(opt, own: Any) -> dict[str, Any]:
             raise ValueError(f"state_dict selects other tensors for modality {name!r} "
                              f"(saved {_brief(saved)}, this optimizer {_brief(cur)}); check "
                              f"param_filter and the model")
+    if "inner" in own and own["inner"] != inner_type(opt.optimizer):
+        raise ValueError(f"state_dict was saved for inner optimizer {own['inner']}, this "
+                         f"optimizer wraps {inner_type(opt.optimizer)}; its state and param "
+                         f"group options would not fit: build the optimizer with the "
+                         f"checkpoint's inner optimizer")
     out = {"step_count": config.integer("step_count", own["step_count"], minimum=0),
            "seed": config.seed(own["seed"]), "epoch": config.integer("epoch", own["epoch"])}
     out["alpha"], out["beta_max"] = opt._method.check_hyperparameters(hyper["alpha"],
@@ -85,10 +113,52 @@ def validated(opt, own: Any) -> dict[str, Any]:
             or state[k].shape[1:] != v.shape[1:] or (v.dim() == 1 and state[k].shape != v.shape)
             for k, v in fresh.items()):
         raise ValueError(f"state_dict's method state does not fit method {opt.method!r}")
+    _check_state_values(opt, state, fresh)
     out["method_state"] = state
-    for k in ("skipped_steps", "scores", "coefficients"):
-        out[k] = own[k]
+    out["skipped_steps"] = _skipped(own["skipped_steps"])
+    for k in ("scores", "coefficients"):
+        out[k] = _per_modality(k, own[k], len(opt.names))
     return out
+
+
+def _skipped(v: Any) -> torch.Tensor | None:
+    """None or a 0-d integer tensor >= 0 (the device counter ``step`` adds to)."""
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or v.dim() != 0 or v.dtype.is_floating_point or \
+            v.dtype.is_complex or v.dtype == torch.bool:
+        raise ValueError(f"state_dict['mmmod']['skipped_steps'] must be None or a 0-d integer "
+                         f"tensor, got {type(v).__name__} {v!r}")
+    if int(v) < 0:
+        raise ValueError(f"state_dict['mmmod']['skipped_steps'] must be >= 0, got {int(v)}")
+    return v
+
+
+def _per_modality(what: str, v: Any, m: int) -> torch.Tensor | None:
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != (m,) or not v.dtype.is_floating_point:
+        raise ValueError(f"state_dict['mmmod'][{what!r}] must be None or a float tensor of shape "
+                         f"({m},), got {type(v).__name__} "
+                         f"{tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}")
+    return v
+
+
+def _check_state_values(opt, state: dict, fresh: dict) -> None:
+    """Refuse, by entry, a method state holding NaN/inf or (for the built-in methods' running
+    values) a negative value: it would poison every later coefficient silently."""
+    positive = NON_NEGATIVE.get(opt.method, ()) if type(opt._method).__module__.startswith(
+        "mmmod.methods.") else ()
+    for k in fresh:
+        v = state[k]
+        if not v.dtype.is_floating_point or v.numel() == 0:
+            continue
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"state_dict's method state {k!r} of method {opt.method!r} holds "
+                             f"NaN or inf")
+        if k in positive and bool((v < 0).any()):
+            raise ValueError(f"state_dict's method state {k!r} of method {opt.method!r} holds a "
+                             f"negative value ({float(v.min())})")
 
 
 def restore(opt, values: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -149,3 +150,30 @@ def closure_required(optimizer) -> bool:
     except (TypeError, ValueError):
         return False
     return p is not None and p.default is inspect.Parameter.empty
+
+
+#: values of MMMOD_CPU_KERNELS the compiled CPU kernels accept (csrc/cpu_kernels.cpp)
+CPU_KERNELS = ("", "auto", "scalar", "avx2", "avx512")
+
+
+def cpu_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse, by name, an environment the CPU extension would refuse (or misread) at its op
+    call: run before a step writes anything, since the extension reads it on every call."""
+    env = os.environ if environ is None else environ
+    kernels = env.get("MMMOD_CPU_KERNELS")
+    if kernels is not None and kernels not in CPU_KERNELS:
+        raise ValueError(f"MMMOD_CPU_KERNELS={kernels} is not a CPU kernel table: expected auto, "
+                         f"scalar, avx2 or avx512")
+    window = env.get("MMMOD_CPU_WINDOW")
+    if window and not (window.isascii() and window.isdigit() and len(window) <= 18):
+        raise ValueError(f"MMMOD_CPU_WINDOW={window} is not a plain non-negative integer of at most "
+                         f"18 digits (elements per OGM-GE cache window; 0: the whole bucket at once)")
+
+
+def epoch_not_before(last: int | None, epoch: int) -> None:
+    """``set_epoch`` never goes back: the method's per-epoch work (MSLR's accuracy history,
+    InfoReg's snapshot and traces) has run for ``last`` and would run again."""
+    if last is not None and epoch < last:
+        raise ValueError(f"set_epoch({epoch}) after epoch {last}: epochs must not go backwards "
+                         f"(the per-epoch work of epoch {last} has run); to restart, load a "
+                         f"checkpoint or build a new optimizer")

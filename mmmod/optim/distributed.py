@@ -3,6 +3,10 @@ collective (rank 0's seed, and a check that every rank resolved the same backend
 step the all-reduce of the M score sums."""
 from __future__ import annotations
 
+import numbers
+import zlib
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -102,3 +106,70 @@ def global_scores(score_sum, samples: int, mean: bool, process_group, num_modali
     count = torch.full((1,), float(samples), dtype=score_sum.dtype, device=score_sum.device)
     both = all_reduce_scores(torch.cat([score_sum, count]), process_group)
     return both[:num_modalities], both[:num_modalities] / both[num_modalities]
+
+
+def _numbers(value) -> tuple[list[float], object] | None:
+    """(the numbers of a per-epoch input, a rebuild function), or None for a value that is not
+    a number, a sequence of numbers or a mapping to numbers."""
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) or (
+            isinstance(v, torch.Tensor) and v.numel() == 1)
+    if real(value):
+        return [float(value)], lambda xs: xs[0]
+    if isinstance(value, Mapping) and all(real(v) for v in value.values()):
+        keys = list(value)
+        return [float(value[k]) for k in keys], lambda xs: dict(zip(keys, xs))
+    if isinstance(value, Sequence) and not isinstance(value, str) and all(real(v) for v in value):
+        return [float(v) for v in value], list
+    return None
+
+
+def agree_epoch_inputs(process_group, epoch: int, inputs: dict, names) -> dict:
+    """The per-epoch inputs every rank feeds the method (e.g. MSLR's ``val_acc``): each rank's
+    numbers are gathered and, where ranks differ (each validated its own shard), replaced on
+    every rank by their mean in rank order -- the global accuracy when the shards are of equal
+    size -- so the replicas cannot drift apart. Ranks that pass different keys or numbers of
+    values, or are at different epochs, are refused on every rank together (every rank sees the
+    same table: no hang).
+    Two small all-gathers per ``set_epoch`` call that passes inputs."""
+    g = group(process_group)
+    if g is None or dist.get_world_size(g) == 1:
+        return inputs
+    keys = sorted(inputs)
+    flat, rebuild, layout = [], {}, []
+    for k in keys:
+        got = _numbers(inputs[k])
+        if got is None:
+            raise TypeError(f"set_epoch({k}=...) under data parallelism must be a number, a "
+                            f"sequence of numbers or a mapping to numbers (gathered across "
+                            f"ranks), got {type(inputs[k]).__name__}")
+        xs, rebuild[k] = got
+        layout.append((k, len(xs)))
+        flat += xs
+    device = collective_device(g)
+    world_size = dist.get_world_size(g)
+    # header: a hash of the keys and sizes, the count of numbers, the epoch (all must agree)
+    sig = zlib.crc32(repr(layout).encode())  # the same on every rank (str hash() is not)
+    head = torch.tensor([sig, len(flat), epoch], dtype=torch.int64, device=device)
+    heads = [torch.empty_like(head) for _ in range(world_size)]
+    dist.all_gather(heads, head, group=g)
+    rows = [h.tolist() for h in heads]
+    if any(r != rows[0] for r in rows):
+        raise ValueError(f"set_epoch: the ranks passed different epochs or per-epoch inputs "
+                         f"(this rank: epoch {epoch}, inputs {layout}); every rank must set the "
+                         f"same epoch with the same keys, one value per modality {list(names)}")
+    if not flat:
+        return inputs
+    mine = torch.tensor(flat, dtype=torch.float64, device=device)
+    table = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(table, mine, group=g)
+    values = table[0].clone()
+    if any(not torch.equal(t, table[0]) for t in table[1:]):
+        for t in table[1:]:
+            values += t
+        values /= world_size
+    out, pos, vals = dict(inputs), 0, values.tolist()
+    for k, n in layout:
+        out[k] = rebuild[k](vals[pos:pos + n])
+        pos += n
+    return out

@@ -26,6 +26,7 @@ from .. import backends, reference
 from .. import ops_fused  # noqa: F401  (defines torch.ops.mmmod.fused_*)
 from ..reference.philox import CHUNK, philox_normal, seed_int64
 from ..slices import ParamSlice
+from torch.optim.optimizer import _get_scalar_dtype
 from .selection import local
 
 # group options each supported inner optimizer must have for the fused update to equal its step
@@ -181,7 +182,9 @@ def _kernels(impl, kind: str, device: torch.device):
     if name == "torch":
         return reference_sgd_ if kind == "sgd" else reference_adam_
     if name == "triton":
-        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415 (optional dependency)
+        from ..backends import triton_backend  # noqa: PLC0415 (optional dependency)
+        triton_backend._load_kernels()  # mmmod.kernels, mapped from a checkout when not installed
+        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415
         return fk.sgd_ if kind == "sgd" else fk.adam_
     op = "fused_sgd_" if kind == "sgd" else "fused_adam_"
     key = "CPU" if device.type == "cpu" else "CUDA"
@@ -210,26 +213,13 @@ class FusedUpdate:
         self.group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups)
                          for p in g["params"]}
 
-    @torch.no_grad()
-    def step(self, grads, coeffs, *, noise: bool, noise_std: str, seed: int, step, offsets,
-             backend: str, apply_to: str, stds=None) -> None:
-        """Modulate (in registers) and update every selected parameter that has a gradient,
-        then run the inner optimizer's own step on every other parameter.
-
-        Sharded (FSDP2) parameters: ``grads`` are the local shards, ``offsets`` the shards'
-        stream offsets and ``stds[m][i]`` the whole tensor's gathered float64 std (``None``
-        for ordinary tensors); the kernels update the local shards of the parameter and of
-        its optimizer state (DTensors in ``state``, as torch's own step keeps them)."""
+    def plan(self, grads, backend: str) -> list:
+        """Every check of a fused step, nothing written: the group options (read at each step:
+        they can change between steps), each gradient against its parameter, every backend
+        resolved and every bucket formed. ``run`` then only computes."""
         opt = self.optimizer
         check_groups(opt, self.kind)
         self.group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
-        if isinstance(step, torch.Tensor):
-            step = int(step)  # the capturable counter is refused with fused=True; a CPU int here
-        ok = torch.isfinite(coeffs).all()
-        k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
-        gate = ok.float()
-        update_mode = apply_to == "update"
-        # plan: every backend resolved, every bucket formed, before anything is written
         plan = []
         for m, (ps, gs) in enumerate(zip(self.params, grads)):
             buckets: dict = {}
@@ -241,11 +231,36 @@ class FusedUpdate:
                     raise ValueError(f"fused=True: the gradient of parameter {i} of modality "
                                      f"{self.names[m]!r} is {g.dtype} {tuple(g.shape)}, the "
                                      f"parameter {lp.dtype} {tuple(lp.shape)}")
+                if id(p) not in self.group_of:
+                    raise ValueError(f"fused=True: parameter {i} of modality {self.names[m]!r} "
+                                     f"is in no param group of the inner optimizer")
                 gi = self.group_of[id(p)]
                 buckets.setdefault((p.device, p.dtype), []).append((i, gi, p, g))
             for (device, _), items in buckets.items():
                 impl = backends.get(backend, device)
                 plan.append((m, device, impl, _kernels(impl, self.kind, device), items))
+        return plan
+
+    @torch.no_grad()
+    def step(self, grads, coeffs, *, noise: bool, noise_std: str, seed: int, step, offsets,
+             backend: str, apply_to: str, stds=None, plan=None) -> None:
+        """Modulate (in registers) and update every selected parameter that has a gradient,
+        then run the inner optimizer's own step on every other parameter. ``plan``: what
+        :meth:`plan` returned for these gradients (made here when not given).
+
+        Sharded (FSDP2) parameters: ``grads`` are the local shards, ``offsets`` the shards'
+        stream offsets and ``stds[m][i]`` the whole tensor's gathered float64 std (``None``
+        for ordinary tensors); the kernels update the local shards of the parameter and of
+        its optimizer state (DTensors in ``state``, as torch's own step keeps them)."""
+        opt = self.optimizer
+        if plan is None:
+            plan = self.plan(grads, backend)
+        if isinstance(step, torch.Tensor):
+            step = int(step)  # the capturable counter is refused with fused=True; a CPU int here
+        ok = torch.isfinite(coeffs).all()
+        k_eff = torch.where(ok, coeffs.float(), torch.ones_like(coeffs, dtype=torch.float32))
+        gate = ok.float()
+        update_mode = apply_to == "update"
         done = set()
         for m, device, impl, kernel, items in plan:
             k_m = k_eff[m].to(device)
@@ -306,7 +321,8 @@ class FusedUpdate:
             for p in params:
                 st = state[p]
                 if len(st) == 0:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    # torch's Adam: float64 under torch.set_default_dtype(torch.float64)
+                    st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1  # a CPU tensor, as torch keeps it (non-capturable): no sync
@@ -349,6 +365,13 @@ def _copy_back(dst: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> Non
             d.copy_(w)
 
 
+def has_step_pre_hooks(optimizer) -> bool:
+    """Whether a step pre-hook (the inner optimizer's own or a global one) would run before the
+    inner step: it must see the modulated gradients (e.g. clipping), so the step runs unfused."""
+    from torch.optim.optimizer import _global_optimizer_pre_hooks  # noqa: PLC0415
+    return bool(optimizer._optimizer_step_pre_hooks) or bool(_global_optimizer_pre_hooks)
+
+
 def supported(optimizer) -> bool:
     """Whether ``fused=True`` accepts this inner optimizer as configured now."""
     try:
@@ -358,5 +381,5 @@ def supported(optimizer) -> bool:
     return True
 
 
-__all__ = ["FusedUpdate", "inner_kind", "check_groups", "reference_sgd_", "reference_adam_",
+__all__ = ["FusedUpdate", "inner_kind", "check_groups", "has_step_pre_hooks", "reference_sgd_", "reference_adam_",
            "modulated_grad", "supported"]

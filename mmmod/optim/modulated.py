@@ -17,7 +17,8 @@ import torch
 from .. import backends, functional
 from ..monitor.history import Recorder
 from ..monitor.signals import Signals, check as check_signals
-from . import checkpoint, config, distributed, objectives, proxies, selection, sharding, update
+from . import (checkpoint, config, distributed, objectives, proxies, selection, sharding, step_checks,
+               update)
 from . import state as run_state
 from . import fused as fused_update
 
@@ -75,6 +76,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._offsets = self._shards.offsets  # registration-order stream offsets (local parts)
         self.process_group = process_group
         self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
+        self._devices = devices
         self.epoch, self.step_count = 0, 0
         self._epoch_hooked = None  # the last epoch whose on_epoch ran
         self._step_t = torch.zeros((), dtype=torch.int64, device=devices[0]) if capturable else None
@@ -135,10 +137,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Set the epoch the modulation window is checked against; ``inputs`` go to the
         method's ``on_epoch`` (e.g. per-modality validation accuracies)."""
         epoch = config.integer("epoch", epoch)
+        config.epoch_not_before(self._epoch_hooked, epoch)
         # the method's per-epoch work (MSLR's history, InfoReg's snapshot and traces) runs once
         # per epoch: calling set_epoch again with the same epoch (e.g. every step) only sets
         # the epoch the window is checked against
         if epoch != self._epoch_hooked:
+            if (inputs or self._method.epoch_inputs) and self._world() > 1:
+                # every rank must feed the method the same values (docs/distributed.md)
+                inputs = distributed.agree_epoch_inputs(self.process_group, epoch, inputs,
+                                                        self.names)
             if self._method.needs_params:
                 inputs["params"] = selection.param_tensors(self.params)
             self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
@@ -210,9 +217,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         ``GradScaler`` skipped, or scores observed outside training)."""
         self._run.clear_pending()
 
+    # torch.compile(opt.step) runs the step eagerly: a compiled graph would drop the Python
+    # state the step changes (step counter, scores, history), see docs/distributed.md
+    @torch._disable_dynamo  # (lazy: imports dynamo at the first call, as torch.optim does)
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
-        that requires a closure, each of its evaluations is modulated."""
+        that requires a closure, each of its evaluations is modulated. Every check runs before
+        the first write to a gradient, parameter or method state (``step_checks``): a refused
+        step changes nothing and does not count."""
         if self._closure_required and closure is None:
             raise TypeError(f"{type(self.optimizer).__name__}.step() requires a closure: call "
                             f"step(closure), the closure calling zero_grad(), observe() and "
@@ -236,11 +248,12 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             outcome.append(self._modulate_gradients())
             before = self._snapshot()
             if self._fused_pending is not None:  # fused=True: modulation inside the update
-                grads, k, stds = self._fused_pending
+                grads, k, stds, plan = self._fused_pending
                 self._fused_pending = None
                 self._fused.step(grads, k, noise=self._method.noise, noise_std=self.noise_std,
                                  seed=self.seed, step=self.step_count, offsets=self._offsets,
-                                 backend=self.requested_backend, apply_to=self.apply_to, stds=stds)
+                                 backend=self.requested_backend, apply_to=self.apply_to, stds=stds,
+                                 plan=plan)
             else:
                 self.optimizer.step()
         last = outcome[-1] if outcome else None
@@ -255,18 +268,20 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         elif not self._method.modulates and self._score_sum is not None:
             s = self._score_sum  # a baseline run still records what it observed, k = 1
             k = torch.ones_like(s, dtype=torch.float32)
-        if self._recorder is not None and s is not None:
-            self._recorder.record(s, k, bad, self._record_extras(),
-                                  step=self.step_count, epoch=self.epoch,
-                                  samples=self._samples * self._world(),
-                                  modulated=self._method.modulates and self.in_window())
-        self.step_count += 1
-        if self._step_t is not None:
-            self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-        self._run.clear_pending()
-        self._objectives.clear()
-        if self._signals is not None:
-            self._signals.reset()
+        try:  # a failing logger is warned about by the recorder; the bookkeeping always completes
+            if self._recorder is not None and s is not None:
+                self._recorder.record(s, k, bad, self._record_extras(),
+                                      step=self.step_count, epoch=self.epoch,
+                                      samples=self._samples * self._world(),
+                                      modulated=self._method.modulates and self.in_window())
+        finally:
+            self.step_count += 1
+            if self._step_t is not None:
+                self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
+            self._run.clear_pending()
+            self._objectives.clear()
+            if self._signals is not None:
+                self._signals.reset()
         return loss
 
     @property
@@ -337,29 +352,19 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     # ---- the step's parts --------------------------------------------------------------------
     def _modulate_gradients(self):
-        """Validate every selected gradient, then compute this evaluation's coefficients,
-        apply the method's gradient correction and modulate (inside the window): (scores,
-        coefficients, skipped flag), or Nones for a method that does not modulate."""
+        """Run every check of this evaluation (``step_checks.run``), then compute its
+        coefficients, apply the method's gradient correction and modulate (inside the
+        window): (scores, coefficients, skipped flag), or Nones for a method that does not
+        modulate. Nothing below the checks refuses."""
         m = self._method
-        if not m.modulates:
+        checked = step_checks.run(self)
+        if checked is None:
             return None, None, None
-        if self._observed == 0 and m.needs_scores:
-            raise RuntimeError(
-                "step() called without observe(): give the per-modality logits of this step's "
-                "batch to observe() before step() (zero_grad() drops the scores whose backward "
-                "already ran; observe() under torch.no_grad() records nothing). In a training "
-                "framework, call observe() on mmmod.unwrap(optimizer) (a proxy may not forward "
-                "it) or use mmmod.integrations (Lightning callback, Trainer callback): see "
-                "docs/integrations.md")
-        modulate = self.in_window()
-        grads = None
-        if modulate or m.corrects_grads:  # everything that can fail, before any state changes
-            grads = [[selection.grad_of(e) for e in ps] for ps in self.params]
-            functional.check_grads(grads, self.names, self.param_names)
-        if modulate and m.combines_objectives:  # per-objective gradients (objectives.py)
-            fused, summed = self._objectives.pairs(grads, self.process_group, id(self))
+        modulate, grads, fused_plan = checked.modulate, checked.grads, checked.fused_plan
+        if checked.pairs is not None:  # per-objective gradients (objectives.py)
+            fused, summed = checked.pairs
             m.combine_(fused, summed, self._method_state, alpha=self.alpha, names=self.names,
-                       fused_scale=self._objectives.fused_scale, backend=self.backend)
+                       fused_scale=self._objectives.fused_scale, backend=self.requested_backend)
         s, per_sample = distributed.global_scores(
             self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
             len(self.names), self._device)
@@ -374,8 +379,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # shards' whole-tensor stds: one collective per shard group, every rank
         stds = self._shards.global_stds(grads) if modulate and m.noise and \
             self._shards.needs_stds else None
-        if modulate and self._fused is not None:
-            self._fused_pending = (grads, k, stds)  # applied by the fused update in step()
+        if modulate and fused_plan is not None:
+            self._fused_pending = (grads, k, stds, fused_plan)  # applied by the fused update
         elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass
             noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
             if not noise_only or m.noise:
