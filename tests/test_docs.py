@@ -43,7 +43,7 @@ def readme_block(heading: str, lang: str = "python") -> str:
     """The first ``lang`` code block under README's ``heading``."""
     readme = (ROOT / "README.md").read_text()
     part = readme[readme.index(heading):]
-    part = part[:part.index("\n## ", 3)]
+    part = part[:re.search(r"\n##+ ", part[3:]).start() + 3]
     return re.search(rf"```{lang}\n(.*?)```", part, re.S).group(1)
 
 
@@ -59,13 +59,24 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_readme_snippets_that_continue_the_quick_start_run(tmp_path):
+    """The multi-objective and the imbalance snippets run after the Quick start's, as written."""
+    code = "\n".join([readme_block("## Quick start"), readme_block("### Several objectives"),
+                      readme_block("## Measure the imbalance")])
+    check = ("\nassert opt.method == 'mmpareto' and opt.step_count == 8\n"
+             "assert set(res.to_dict()) and 'audio' in str(diagnostics.report(shapley=res))\n")
+    r = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_readme_links_to_files_that_exist():
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", readme):
         if target in ("docs/index.md", "docs/architecture.md"):
             continue  # written alongside (the documentation map and the architecture notes)
         assert (ROOT / target).exists(), target
-    assert len(readme.splitlines()) <= 180
+    assert len(readme.splitlines()) <= 215
 
 
 def test_no_reference_to_files_outside_the_repository():
