@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import mmmod
+import mmmod._ops
 from mmmod import backends
 from mmmod.optim import fused as FU
+from mmmod.reference import fused as RF
+from mmmod.reference.philox import seed_int64 as _seed_int64
 
-CPU_LIVE = backends.status("cpu")[0] and mmmod.ops_fused.has_kernel("fused_sgd_", "CPU")
+CPU_LIVE = backends.status("cpu")[0] and mmmod._ops.has_kernel("fused_sgd_", "CPU")
 BACKENDS = ["torch"] + (["cpu"] if CPU_LIVE else [])
 # largest difference, fused vs unfused after 20 steps, in float32 ulps of the tensor's largest
 # magnitude (docs/fused.md): bitwise for SGD and Adam on every backend (the CPU kernel takes its
@@ -123,7 +126,7 @@ def _cpu_noise(seed, step, modality, offset, n, device):
     """The cpu backend's Philox normals (its own log/cos/sin/sqrt roundings; docs/semantics.md
     section 5 lets backends differ there by float32 roundings)."""
     out = torch.empty(n, dtype=torch.float32)
-    torch.ops.mmmod._philox_normal_(out, FU.seed_int64(seed), step, modality, offset)
+    torch.ops.mmmod._philox_normal_(out, _seed_int64(seed), step, modality, offset)
     return out.to(device)
 
 
@@ -149,7 +152,7 @@ def test_cpu_ops_equal_reference(dtype, n, noise, table, monkeypatch):
     modulated gradient may differ by the normals' float32 roundings, about 3 % of the elements
     by one float32 ulp at these sizes), under every CPU kernel table."""
     monkeypatch.setenv("MMMOD_CPU_KERNELS", table)
-    monkeypatch.setattr(FU, "philox_normal", _cpu_noise)
+    monkeypatch.setattr(RF, "philox_normal", _cpu_noise)
     torch.manual_seed(n)
     p0, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     sigma = torch.tensor([0.02]) if noise else None
