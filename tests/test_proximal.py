@@ -245,7 +245,7 @@ def test_inforeg_correct_grads_dispatch_with_none_grads(backend, seed):
 AOT_PROBE = r"""
 import json, os, sys, tempfile
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmmod-prox-aot-")
-from mmmod.kernels import aot
+from tools import aot
 launches = [l for l in aot.backend_launches() if ":_proximal" in l["kernel"]]
 seen, out = set(), []
 for launch in launches:
@@ -264,7 +264,7 @@ print(json.dumps(out, default=str))
 
 @pytest.mark.skipif(not backends.status("triton")[0], reason="triton is not importable")
 def test_proximal_kernels_compile_ahead_of_time_without_spills(tmp_path):
-    """Every proximal launch kernels/aot.py records compiles for sm_80/90/100/120 (the real
+    """Every proximal launch tools/aot.py records compiles for sm_80/90/100/120 (the real
     compiler, not the interpreter), with no register spills, every float32 operation rounded
     (no contractible mul/add: FMA contraction is off), no approximate division, and 64-bit
     block offsets into the gradients."""

@@ -25,6 +25,7 @@ import torch
 
 from ..reference.modulate import noise_sigma
 from ..reference.philox import seed_int64
+from .registry import kernel
 
 _MASK32 = 0xFFFFFFFF
 
@@ -62,8 +63,7 @@ class Backend:
         return self.kernels.get(op)
 
     def _kernel(self, op: str, device) -> Callable:
-        from .registry import kernel  # the one route to a kernel (its fallback and warning)
-        return kernel(op, self, device)
+        return kernel(op, self, device)  # the one route to a kernel (its fallback and warning)
 
     # ---- bucket-level calls, over the kernels ----------------------------------------------
     def scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

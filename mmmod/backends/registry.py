@@ -26,9 +26,8 @@ from typing import Callable
 import torch
 
 from ..reference.ops import REFERENCES
-from .base import Backend
 
-_resolved: dict[tuple, Backend] = {}
+_resolved: dict[tuple, object] = {}  # -> Backend (mmmod/backends/base.py)
 _kernels: dict[tuple, Callable] = {}
 _warned: set = set()
 #: name -> (module, class) of the built-in backends not imported yet
@@ -49,7 +48,7 @@ class _Instances(dict):
         super().__delitem__(key)
 
 
-_instances: dict[str, Backend] = _Instances()
+_instances: dict[str, object] = _Instances()
 #: every registered name, in registration order (the built-in ones first)
 _order: list[str] = []
 
@@ -71,11 +70,11 @@ class _Names(Sequence):
 BACKENDS = _Names()
 
 
-def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+def register_backend(backend, *, replace: bool = False):
     """Register a backend instance under ``backend.name``; ``ModulatedOptimizer(backend=name)``
     and the functional API then accept the name. A name taken already is refused unless
     ``replace``. Returns the backend."""
-    if not isinstance(backend, Backend):
+    if not all(callable(getattr(backend, a, None)) for a in ("op_kernel", "available", "supports")):
         raise TypeError(f"register_backend takes a mmmod.backends.Backend instance, got "
                         f"{type(backend).__name__}")
     name = backend.name
@@ -110,7 +109,7 @@ def _register_builtin(name: str, module: str, cls: str) -> None:
     _order.append(name)
 
 
-def _load(name: str) -> Backend | None:
+def _load(name: str):
     inst = _instances.get(name)
     if inst is not None:
         return inst
@@ -140,14 +139,13 @@ def names() -> tuple[str, ...]:
     return tuple(_order)
 
 
-def get(name: str | Backend, device: torch.device | str | None = None, *,
-        device_step: bool = False) -> Backend:
+def get(name, device: torch.device | str | None = None, *, device_step: bool = False):
     """Resolve a backend name (``"auto"`` included) for data on ``device``.
 
     ``device_step``: the caller passes the Philox step as a device tensor (a CUDA-graph
     capturable step); ``auto`` then skips backends that would need its value on the host."""
-    if isinstance(name, Backend):
-        return name
+    if not isinstance(name, str) and callable(getattr(name, "op_kernel", None)):
+        return name  # resolved already
     key = (name, device, device_step, status, os.environ.get("TRITON_INTERPRET"))
     try:
         hit = _resolved.get(key)
@@ -164,7 +162,7 @@ def get(name: str | Backend, device: torch.device | str | None = None, *,
     return impl
 
 
-def _resolve(name: str, device: torch.device, device_step: bool) -> Backend:
+def _resolve(name: str, device: torch.device, device_step: bool):
     if name == "auto":
         return _auto(device, device_step)
     live, why = status(name)
@@ -191,7 +189,7 @@ def _candidates(device: torch.device) -> list[str]:
     return [n for _, _, n in sorted(out)]
 
 
-def _auto(device: torch.device, device_step: bool = False) -> Backend:
+def _auto(device: torch.device, device_step: bool = False):
     reasons = []
     for name in _candidates(device):
         live, why = status(name)
@@ -208,7 +206,7 @@ def _auto(device: torch.device, device_step: bool = False) -> Backend:
     return _instances["torch"]
 
 
-def kernel(op: str, backend: str | Backend = "auto", device: torch.device | str | None = None,
+def kernel(op: str, backend="auto", device: torch.device | str | None = None,
            *, device_step: bool = False) -> Callable:
     """The kernel of ``op`` (a function with the op's schema signature) that ``backend`` (a
     name, ``"auto"``, or a resolved :class:`Backend`) runs for data on ``device``; the op's

@@ -34,19 +34,17 @@ from .registry import forget_kernels
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
 _MASK32 = 0xFFFFFFFF
 
-#: Set by ``mmmod.kernels.aot.record_launches``: called as ``hook(kernel, grid, args, kwargs)``
-#: before every launch; when it returns False the launch is skipped (recording only).
-_launch_hook = None
+_launch_fn = None
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch ``kernel[grid](*args, **kwargs)`` with FMA contraction off (the reference rounds
-    ``k * g`` and ``sigma * n`` before adding them; so does the CUDA extension)."""
-    kwargs["enable_fp_fusion"] = False
-    hook = _launch_hook
-    if hook is not None and hook(kernel, grid, args, kwargs) is False:
-        return
-    kernel[grid](*args, **kwargs)
+    """Every launch goes through ``mmmod.kernels.launch`` (the launch options, and the hook
+    ``tools/aot.py`` records launches with)."""
+    global _launch_fn
+    if _launch_fn is None:
+        _load_kernels()
+        _launch_fn = importlib.import_module("mmmod.kernels.launch").launch
+    _launch_fn(kernel, grid, *args, **kwargs)
 
 
 def _load_kernels():
