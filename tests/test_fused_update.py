@@ -421,13 +421,23 @@ def test_triton_fused_equals_unfused(kind, dtype):
         assert sorted(ia.state.get(x, {})) == sorted(ib.state.get(y, {}))
 
 
+def _fused_kernels():
+    """kernels/fused_update_kernel.py as ``mmmod.kernels`` (installed, or mapped from the source
+    tree by the Triton backend); skipped where Triton is absent."""
+    pytest.importorskip("triton")
+    from mmmod.backends.triton_backend import _load_kernels
+    _load_kernels()
+    from mmmod.kernels import fused_update_kernel
+    return fused_update_kernel
+
+
 @pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [0, 1, 13, 4099])
 def test_triton_ops_match_reference(dtype, n):
     """The launchers (sgd_ / adam_) against the plain-torch reference over 3 steps: odd sizes,
     an empty tensor, a stream offset that is not a multiple of 4, noise, the update scale."""
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     torch.manual_seed(n)
     sizes = [n, 5]
     p0 = [torch.randn(s).to(dtype) for s in sizes]
@@ -461,7 +471,7 @@ def test_triton_ops_match_reference(dtype, n):
 
 @pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
 def test_triton_launcher_refuses_before_writing():
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     p = [torch.ones(5), torch.ones(3)]
     before = [x.clone() for x in p]
     with pytest.raises(ValueError, match="grads 1 must be a contiguous"):
@@ -479,7 +489,7 @@ def test_triton_launcher_refuses_before_writing():
 
 def test_triton_fused_table_is_reused_while_storages_stay():
     """The fused update's table is built and uploaded once per set of storages, not per step."""
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     g, p, s = torch.zeros(10), torch.zeros(10), torch.zeros(10)
     dev = torch.device("cpu")
     t1, n1 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)
