@@ -8,9 +8,10 @@ are one launch for all M modalities plus a one-program epilogue that can also ev
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
-Every launch goes through :func:`_launch`, the one place that sets the launch options
-(``enable_fp_fusion=False``: each multiply and add rounds as in the reference) and that
-``mmmod.kernels.aot`` hooks to record the exact launches it then compiles ahead of time.
+Every launch goes through ``mmmod.kernels.launch`` (kernels/launch.py), the one place that sets
+the launch options (``enable_fp_fusion=False``: each multiply and add rounds as in the
+reference) and that ``tools/aot.py`` hooks to record the exact launches it then compiles ahead
+of time.
 """
 from __future__ import annotations
 
