@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import mmmod
-from mmmod import backends, methods
+from mmmod import backends
 from mmmod.reference.ops import REFERENCES
 
 import _models
+from infos import method_info, method_infos
 
 class ReferenceBackend(backends.Backend):
     """Every op's reference as this backend's kernel, each call counted."""
@@ -52,26 +53,19 @@ def _run(method, backend, fused=False, inner="sgd", steps=2):
         opt_inner = torch.optim.AdamW(model.parameters(), lr=0.01)
     opt, names = _models.make(model, opt_inner, method=method, backend=backend, fused=fused,
                               seed=11)
-    m = methods.get(method)
+    info = method_info(method)
     for epoch in range(2):
-        inputs = {"val_acc": {"audio": 0.4 + 0.1 * epoch, "visual": 0.5}} \
-            if "val_acc" in m.epoch_inputs else {}
-        opt.set_epoch(epoch, **inputs)
+        opt.set_epoch(epoch, **info.epoch_inputs(epoch))
         for _ in range(steps):
             xs, y = _models.batch(g=g)
             _models.train_step(model, opt, names, xs, y)
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _fused_ok(method):
-    m = methods.get(method)
-    return not m.corrects_grads and m.modulates
-
-
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("method", [i.name for i in method_infos()])
 def test_every_method_runs_through_an_outside_backend(outside, method, fused):
-    if fused and not _fused_ok(method):
+    if fused and not method_info(method).fused:
         pytest.skip(f"{method} is not run fused")
     assert "outside_reference" in backends.BACKENDS
     for inner in (("sgd", "adam") if fused else ("sgd",)):
@@ -80,7 +74,7 @@ def test_every_method_runs_through_an_outside_backend(outside, method, fused):
         got = _run(method, "outside_reference", fused, inner)
         for a, b in zip(got, want):
             assert torch.equal(a, b), (method, fused, inner)
-        m = methods.get(method)
+        m = method_info(method).method
         if m.score == "prob":
             assert outside.calls["scores"] > 0
         if m.native is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from .. import _ops  # noqa: F401  (defines torch.ops.mmmod before any binary loads)
 from .base import Backend
-from .registry import (BACKENDS, _declare_builtin, _instances, _load, _resolved, get, kernel,
-                       names, register_backend, status, unregister_backend)
+from .registry import (BACKENDS, _declare_builtin, get, kernel, names, register_backend, status,
+                       unregister_backend)
+from .registry import _instances, _load, _resolved  # noqa: F401  (the test suite's handles)
 from .torch_backend import TorchBackend
 
 register_backend(TorchBackend())
@@ -21,4 +22,4 @@ _declare_builtin("cpu", "mmmod.backends.extension_backend", "CpuBackend", 30, ("
 _declare_builtin("cuda", "mmmod.backends.extension_backend", "CudaBackend", 30, ("cuda",))
 
 __all__ = ["BACKENDS", "Backend", "TorchBackend", "get", "kernel", "names", "register_backend",
-           "status", "unregister_backend", "_instances", "_load", "_resolved"]
+           "status", "unregister_backend"]
