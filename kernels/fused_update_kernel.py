@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .modulate_kernel import _normals4
+from .launch import launch as _launch
 from .utils import round_to, tl_dtype
 
 #: Philox counters per program (4 * BLOCK_C elements), warps per program
@@ -243,7 +244,6 @@ def _scalars(device, k, sigma, update_scale):
 def sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale, *, lr,
          weight_decay, momentum, dampening, nesterov, maximize, seed, step, modality) -> None:
     """``reference_sgd_``'s contract on one bucket (module docstring)."""
-    from mmmod.backends.triton_backend import _launch
     from mmmod.reference.philox import seed_int64
     use_momentum = momentum != 0
     states = (("momentum_buffers", momentum_buffers),) if use_momentum else ()
@@ -274,7 +274,6 @@ def sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, updat
 def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update_scale, *, lr,
           beta1, beta2, eps, weight_decay, decoupled, maximize, seed, step, modality) -> None:
     """``reference_adam_``'s contract on one bucket (module docstring)."""
-    from mmmod.backends.triton_backend import _launch
     from mmmod.reference.philox import seed_int64
     device = _check("fused_adam_", params, grads,
                     (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)), offsets)

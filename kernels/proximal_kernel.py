@@ -16,16 +16,19 @@ size and adds the tensors flagged as >= 2-D: the Fisher increment, in a fixed or
 does not depend on the GPU or the launch).
 
 :func:`proximal_` is the host launcher (tables, dtype groups, non-contiguous copies); every
-launch goes through ``mmmod.backends.triton_backend._launch``, which ``mmmod.kernels.aot``
+launch goes through ``mmmod.kernels.launch``, which ``tools/aot.py``
 records for the ahead-of-time compile.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from . import bucket as _bucket
+from .launch import launch as _launch
 from .utils import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS, round_to, tl_dtype
 
 #: elements per chunk (one program), warps per chunk program, partials per finishing step
@@ -137,7 +140,6 @@ def proximal_(grads, params, snapshots, beta) -> torch.Tensor:
     """The op on one device: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1).
     Arguments as ``torch.ops.mmmod.proximal_`` (already checked by the caller); returns the
     Fisher increment, float64 0-d on beta's device."""
-    from mmmod.backends.triton_backend import _launch, _on
     device = beta.device
     out = torch.zeros((), dtype=torch.float64, device=device)
     groups: dict = {}
@@ -148,7 +150,7 @@ def proximal_(grads, params, snapshots, beta) -> torch.Tensor:
         return out
     b = beta.detach().to(device=device, dtype=torch.float32).reshape(1)
     cache = _meta_cache()
-    with _on(device):
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for dtype, items in groups.items():
             gs = [g if g.is_contiguous() else g.contiguous() for g, _, _ in items]
             ps = [p.detach().contiguous() for _, p, _ in items]

@@ -149,15 +149,15 @@ def _load_cuda() -> tuple[object, str]:
     return mod, ""
 
 
-#: every module that defines mmmod ops (the binaries register kernels for all of them)
-OP_MODULES = ("mmmod.ops", "mmmod.ops_fused", "mmmod.ops_proximal")
+#: the package that defines every mmmod op (the binaries register kernels for all of them)
+OP_MODULES = ("mmmod._ops",)
 
 
 def define_ops() -> None:
-    """Define the mmmod ops (schemas, fakes, reference implementations: :mod:`mmmod.ops`).
+    """Define the mmmod ops (schemas, fakes, reference implementations: :mod:`mmmod._ops`).
 
     Runs before any binary is loaded: the binaries only register kernels for ops defined
-    here. ``import mmmod`` already did it; this covers a bare ``import mmmod._ext``."""
+    there. ``import mmmod`` already did it; this covers a bare ``import mmmod._ext``."""
     for name in OP_MODULES:
         importlib.import_module(name)
 

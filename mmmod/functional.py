@@ -15,7 +15,6 @@ from . import backends, methods, reference
 
 NOISE_STD = ("raw", "scaled")
 NOISE_RNG = ("philox", "torch")
-DEFAULT_ALPHA = {"ogm": 0.1, "ogm_ge": 0.1, "mlb": 0.5, "none": 0.0}
 
 
 def _name(names, m):
@@ -192,7 +191,8 @@ def _overlap_error(who, a, b) -> ValueError:
 #: ``mmmod._C.check_grads`` (csrc/checks.cpp) once looked up; False when the extension is not
 #: loaded (then every check runs in Python)
 _fast_check_grads = None
-_fast_modulate = None
+#: False switches the backends' whole-call fast paths off
+_fast_modulate = True
 _CPU = torch.device("cpu")
 
 
@@ -205,19 +205,16 @@ def _fast_checker():
 
 
 def _fast_modulator(backend: str):
-    """``mmmod._C.modulate_all_cpu`` when ``backend`` resolves to the CPU extension for CPU
-    data, else None (the general path then runs, and raises whatever it raises)."""
-    global _fast_modulate
-    if _fast_modulate is None:
-        from . import _ext
-        _fast_modulate = getattr(_ext.load("cpu")[0], "modulate_all_cpu", None) or False
-    if not _fast_modulate:
+    """The whole-call fast path (``Backend.modulate_all``, e.g. the CPU extension's
+    ``modulate_all_cpu``) of the backend ``backend`` resolves to for CPU data, else None (the
+    general path then runs, and raises whatever it raises)."""
+    if _fast_modulate is False:  # switched off (tests compare the two paths)
         return None
     try:
         impl = backends.get(backend, _CPU)
     except (RuntimeError, ValueError):
         return None
-    return _fast_modulate if impl.name == "cpu" else None
+    return impl.modulate_all
 
 
 def _check_coeffs(grads, coeffs):

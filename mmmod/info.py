@@ -42,9 +42,7 @@ def collect() -> dict:
                               "why_not_built": cuda_why, "usable": cuda_mod is not None,
                               "why_not_usable": cuda_not_usable}
     info["backends"] = {}
-    for name in backends.BACKENDS:
-        if name == "auto":
-            continue
+    for name in backends.names():
         live, why = backends.status(name)
         if live:
             live, why = _runs_here(name, torch)

@@ -205,7 +205,7 @@ def test_model_constants_are_the_code():
 def test_model_programs_and_launches_are_the_launchers():
     """Grid sizes and kernels of the recorded Triton launches are the model's programs."""
     from mmmod.backends.triton_backend import TritonBackend
-    from mmmod.kernels import aot
+    from tools import aot
     from mmmod.kernels.bucket import BucketMeta
     be = TritonBackend()
     one = torch.ones(1)
@@ -353,7 +353,7 @@ def _triton_live():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_triton_aligned_variant_matches_scalar_variant_and_reference(dtype):
     from mmmod.backends.triton_backend import TritonBackend
-    from mmmod.kernels import aot
+    from tools import aot
     be = TritonBackend()
     be.block, be.block_c, be.block_p = 64, 8, 4  # partial last chunks at small sizes
     g = torch.Generator().manual_seed(7)

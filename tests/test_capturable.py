@@ -137,8 +137,10 @@ def test_auto_skips_a_backend_that_needs_the_step_on_the_host(monkeypatch):
     """On a GPU ``auto`` picks the CUDA extension, unless the step is a device tensor."""
 
     class Fake(Backend):
-        def __init__(self, name, device_step):
-            self.name, self.device_step = name, device_step
+        devices = ("cuda",)
+
+        def __init__(self, name, device_step, priority):
+            self.name, self.device_step, self.priority = name, device_step, priority
 
         def available(self):
             return True, ""
@@ -146,8 +148,8 @@ def test_auto_skips_a_backend_that_needs_the_step_on_the_host(monkeypatch):
         def supports(self, device):
             return True
 
-    monkeypatch.setitem(backends._instances, "cuda", Fake("cuda", False))
-    monkeypatch.setitem(backends._instances, "triton", Fake("triton", True))
+    monkeypatch.setitem(backends._instances, "cuda", Fake("cuda", False, 30))
+    monkeypatch.setitem(backends._instances, "triton", Fake("triton", True, 20))
     dev = torch.device("cuda")
     assert backends.get("auto", dev).name == "cuda"
     assert backends.get("auto", dev, device_step=True).name == "triton"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = ["mmmod", "kernels", "csrc", "scripts", ".ci", "setup.py", "tests", "benchmarks"]
+SOURCES = ["mmmod", "kernels", "tools", "csrc", "scripts", ".ci", "setup.py", "tests", "benchmarks"]
 # reads of an environment variable: getenv("X"), os.environ.get("X"), environ["X"], ${X} / $X
 READS = re.compile(r'getenv\("(MMMOD_\w+)"|environ(?:\.get\(|\[)"(MMMOD_\w+)"|\$\{?(MMMOD_\w+)')
 
@@ -88,3 +88,28 @@ def test_no_reference_to_files_outside_the_repository():
         except UnicodeDecodeError:
             continue
         assert "SPEC.md" not in text and "../shared" not in text, f
+
+
+def test_docs_index_lists_every_document():
+    index = (ROOT / "docs" / "index.md").read_text()
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md"))
+               if p.name != "index.md" and f"]({p.name})" not in index]
+    assert not missing, f"docs/index.md does not list {missing}"
+
+
+def test_architecture_recipe_files_exist():
+    """Every file docs/architecture.md's recipes name is in the tree (the recipes stay true)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:mmmod|tests|kernels|tools|docs)/[\w/.]+\.(?:py|md))`", text))
+    assert "mmmod/_ops/__init__.py" in named and "tests/test_outside_backend.py" in named
+    missing = sorted(n for n in named if "<" not in n and not (ROOT / n).exists())
+    assert not missing, missing
+
+
+def test_project_docs_speak_of_the_project_only():
+    for name in ("benchmarks.md", "demo.md", "triton.md", "fused.md", "architecture.md",
+                 "index.md"):
+        text = (ROOT / "docs" / name).read_text()
+        for word in ("session", "previous round", "issue 1", "issue 2", "issue 3", "issue 4",
+                     "issue 5", "issue 6", "issue 7", "issue 8", "issue 9"):
+            assert word not in text.lower(), (name, word)

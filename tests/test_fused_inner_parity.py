@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook as register_g
 
 pytestmark = pytest.mark.filterwarnings("ignore:mmmod. no fused backend")
 
-CPU_FUSED = backends.status("cpu")[0] and mmmod.ops_fused.has_kernel("fused_adam_", "CPU")
+CPU_FUSED = backends.status("cpu")[0] and mmmod._ops.has_kernel("fused_adam_", "CPU")
 BACKENDS = ["torch"] + (["cpu"] if CPU_FUSED else [])
 
 

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import mmmod
+import mmmod._ops
 from mmmod import backends
 from mmmod.optim import fused as FU
+from mmmod.reference import fused as RF
+from mmmod.reference.philox import seed_int64 as _seed_int64
 
-CPU_LIVE = backends.status("cpu")[0] and mmmod.ops_fused.has_kernel("fused_sgd_", "CPU")
+CPU_LIVE = backends.status("cpu")[0] and mmmod._ops.has_kernel("fused_sgd_", "CPU")
 BACKENDS = ["torch"] + (["cpu"] if CPU_LIVE else [])
 # largest difference, fused vs unfused after 20 steps, in float32 ulps of the tensor's largest
 # magnitude (docs/fused.md): bitwise for SGD and Adam on every backend (the CPU kernel takes its
@@ -123,7 +126,7 @@ def _cpu_noise(seed, step, modality, offset, n, device):
     """The cpu backend's Philox normals (its own log/cos/sin/sqrt roundings; docs/semantics.md
     section 5 lets backends differ there by float32 roundings)."""
     out = torch.empty(n, dtype=torch.float32)
-    torch.ops.mmmod._philox_normal_(out, FU.seed_int64(seed), step, modality, offset)
+    torch.ops.mmmod._philox_normal_(out, _seed_int64(seed), step, modality, offset)
     return out.to(device)
 
 
@@ -149,7 +152,7 @@ def test_cpu_ops_equal_reference(dtype, n, noise, table, monkeypatch):
     modulated gradient may differ by the normals' float32 roundings, about 3 % of the elements
     by one float32 ulp at these sizes), under every CPU kernel table."""
     monkeypatch.setenv("MMMOD_CPU_KERNELS", table)
-    monkeypatch.setattr(FU, "philox_normal", _cpu_noise)
+    monkeypatch.setattr(RF, "philox_normal", _cpu_noise)
     torch.manual_seed(n)
     p0, g = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     sigma = torch.tensor([0.02]) if noise else None
@@ -418,13 +421,23 @@ def test_triton_fused_equals_unfused(kind, dtype):
         assert sorted(ia.state.get(x, {})) == sorted(ib.state.get(y, {}))
 
 
+def _fused_kernels():
+    """kernels/fused_update_kernel.py as ``mmmod.kernels`` (installed, or mapped from the source
+    tree by the Triton backend); skipped where Triton is absent."""
+    pytest.importorskip("triton")
+    from mmmod.backends.triton_backend import _load_kernels
+    _load_kernels()
+    from mmmod.kernels import fused_update_kernel
+    return fused_update_kernel
+
+
 @pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [0, 1, 13, 4099])
 def test_triton_ops_match_reference(dtype, n):
     """The launchers (sgd_ / adam_) against the plain-torch reference over 3 steps: odd sizes,
     an empty tensor, a stream offset that is not a multiple of 4, noise, the update scale."""
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     torch.manual_seed(n)
     sizes = [n, 5]
     p0 = [torch.randn(s).to(dtype) for s in sizes]
@@ -458,7 +471,7 @@ def test_triton_ops_match_reference(dtype, n):
 
 @pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
 def test_triton_launcher_refuses_before_writing():
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     p = [torch.ones(5), torch.ones(3)]
     before = [x.clone() for x in p]
     with pytest.raises(ValueError, match="grads 1 must be a contiguous"):
@@ -476,7 +489,7 @@ def test_triton_launcher_refuses_before_writing():
 
 def test_triton_fused_table_is_reused_while_storages_stay():
     """The fused update's table is built and uploaded once per set of storages, not per step."""
-    from mmmod.kernels import fused_update_kernel as fk
+    fk = _fused_kernels()
     g, p, s = torch.zeros(10), torch.zeros(10), torch.zeros(10)
     dev = torch.device("cpu")
     t1, n1 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)

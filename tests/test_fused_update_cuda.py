@@ -33,15 +33,18 @@ import pytest
 import torch
 
 import mmmod
+import mmmod._ops
 from mmmod import backends
 from mmmod.optim import fused as FU
+from mmmod.reference import fused as RF
+from mmmod.reference.philox import seed_int64 as _seed_int64
 from mmmod.reference import philox
 
 import _toolchain
 
 LIVE, WHY = backends.status("cuda")
-KERNELS = LIVE and mmmod.ops_fused.has_kernel("fused_sgd_", "CUDA") and \
-    mmmod.ops_fused.has_kernel("fused_adam_", "CUDA")
+KERNELS = LIVE and mmmod._ops.has_kernel("fused_sgd_", "CUDA") and \
+    mmmod._ops.has_kernel("fused_adam_", "CUDA")
 _NO_GPU = (f"needs a GPU and the CUDA extension with the fused kernels "
            f"(backend 'cuda': {WHY or 'binary without fused_sgd_/fused_adam_'})")
 
@@ -75,13 +78,13 @@ def _close(x, y, dtype, bound):
 def _cuda_noise(seed, step, modality, offset, n, device):
     """The CUDA kernels' Philox normals (the same philox_normal4 as noise_kernel)."""
     out = torch.empty(n, dtype=torch.float32, device="cuda")
-    torch.ops.mmmod._philox_normal_(out, FU.seed_int64(seed), step, modality, offset)
+    torch.ops.mmmod._philox_normal_(out, _seed_int64(seed), step, modality, offset)
     return out.to(device)
 
 
 @pytest.fixture
 def cuda_normals(monkeypatch):
-    monkeypatch.setattr(FU, "philox_normal", _cuda_noise)
+    monkeypatch.setattr(RF, "philox_normal", _cuda_noise)
 
 
 def _bucket(sizes, dtype, seed=0, device="cuda"):
@@ -336,8 +339,9 @@ def _train(kind, mode, dtype, *, method="ogm_ge", apply_to="grad", inner_kw=None
     "reference" (the fused path with the plain-torch reference as the kernel)."""
     if mode == "reference":
         with monkeypatch.context() as m:
-            m.setattr(FU, "_kernels", lambda impl, kind_, device: (
-                FU.reference_sgd_ if kind_ == "sgd" else FU.reference_adam_))
+            m.setattr(type(backends.get("cuda", "cuda")), "fused_update",
+                      lambda self, kind_, device: (
+                          FU.reference_sgd_ if kind_ == "sgd" else FU.reference_adam_))
             return _train(kind, "fused", dtype, method=method, apply_to=apply_to,
                           inner_kw=inner_kw, steps=steps)
     net = _Net(dtype)
@@ -556,7 +560,7 @@ def _host_sgd(h, nthreads=256):
         kk = k.float().reshape(1).contiguous()
         uu = None if u is None else u.float().reshape(1).contiguous()
         assert h.host_fused_sgd(_ptr(table), _CODES[params[0].dtype], _ptr(kk), _ptr(sigma),
-                                _ptr(uu), s, _u64(FU.seed_int64(seed)),
+                                _ptr(uu), s, _u64(_seed_int64(seed)),
                                 ctypes.c_uint32(step & 0xFFFFFFFF), ctypes.c_uint32(modality),
                                 nthreads) == 0
     return run
@@ -575,7 +579,7 @@ def _host_adam(h, nthreads=256):
         kk = k.float().reshape(1).contiguous()
         uu = None if u is None else u.float().reshape(1).contiguous()
         assert h.host_fused_adam(_ptr(table), _CODES[params[0].dtype], _ptr(kk), _ptr(sigma),
-                                 _ptr(uu), s, _u64(FU.seed_int64(seed)),
+                                 _ptr(uu), s, _u64(_seed_int64(seed)),
                                  ctypes.c_uint32(step & 0xFFFFFFFF), ctypes.c_uint32(modality),
                                  nthreads) == 0
     return run
@@ -586,11 +590,11 @@ def host_normals(host, monkeypatch):
     """The reference draws the host chunk code's normals (philox.h on the host)."""
     def normals(seed, step, modality, offset, n, device):
         out = torch.empty(n, dtype=torch.float32)
-        host.host_normals(_ptr(out), ctypes.c_int64(n), _u64(FU.seed_int64(seed)),
+        host.host_normals(_ptr(out), ctypes.c_int64(n), _u64(_seed_int64(seed)),
                           ctypes.c_uint32(int(step) & 0xFFFFFFFF), ctypes.c_uint32(modality),
                           ctypes.c_uint64(offset))
         return out.to(device)
-    monkeypatch.setattr(FU, "philox_normal", normals)
+    monkeypatch.setattr(RF, "philox_normal", normals)
     return normals
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from mmmod import functional, methods
-from mmmod.methods.inforeg import proximal_, snapshot_key
+from mmmod.methods.inforeg import snapshot_key
+from mmmod.reference.proximal import proximal_
 
 from _backends import LIVE_BACKENDS, device_for
 

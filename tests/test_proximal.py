@@ -28,8 +28,9 @@ import sys
 import pytest
 import torch
 
-from mmmod import _ext, backends, methods, ops_proximal
-from mmmod.methods.inforeg import _triton_proximal, proximal_, snapshot_key
+from mmmod import _ext, _ops, backends, methods
+from mmmod.methods.inforeg import snapshot_key
+from mmmod.reference.proximal import proximal_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # odd sizes, two CPU chunks (2^14) and a partial third, a Triton chunk (4096) + 1, empty tensors
@@ -38,7 +39,7 @@ SHAPES = [(37, 29), (7,), (5, 3, 2), (0, 4), (0,), (), (2 * 16384 + 77,), (4097,
 
 
 def _cpu_live():
-    return _ext.load("cpu")[0] is not None and ops_proximal.has_kernel("CPU")
+    return _ext.load("cpu")[0] is not None and _ops.has_kernel("proximal_", "CPU")
 
 
 def _triton_live():
@@ -63,7 +64,7 @@ IMPLS.append(pytest.param("cuda", id="cuda", marks=[
 
 def run_impl(impl, grads, params, snapshots, beta):
     if impl == "triton":
-        return _triton_proximal(grads, params, snapshots, beta)
+        return backends.get("triton", beta.device).proximal_(grads, params, snapshots, beta)
     return torch.ops.mmmod.proximal_(grads, params, snapshots, beta)
 
 
@@ -244,7 +245,7 @@ def test_inforeg_correct_grads_dispatch_with_none_grads(backend, seed):
 AOT_PROBE = r"""
 import json, os, sys, tempfile
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmmod-prox-aot-")
-from mmmod.kernels import aot
+from tools import aot
 launches = [l for l in aot.backend_launches() if ":_proximal" in l["kernel"]]
 seen, out = set(), []
 for launch in launches:
@@ -263,7 +264,7 @@ print(json.dumps(out, default=str))
 
 @pytest.mark.skipif(not backends.status("triton")[0], reason="triton is not importable")
 def test_proximal_kernels_compile_ahead_of_time_without_spills(tmp_path):
-    """Every proximal launch kernels/aot.py records compiles for sm_80/90/100/120 (the real
+    """Every proximal launch tools/aot.py records compiles for sm_80/90/100/120 (the real
     compiler, not the interpreter), with no register spills, every float32 operation rounded
     (no contractible mul/add: FMA contraction is off), no approximate division, and 64-bit
     block offsets into the gradients."""

@@ -16,7 +16,7 @@ from _models import TwoEncoder, batch, make
 pytestmark = pytest.mark.filterwarnings("ignore:mmmod. no fused backend")
 
 LIVE = [b for b in ("torch", "cpu") if backends.status(b)[0]]
-CPU_FUSED = backends.status("cpu")[0] and mmmod.ops_fused.has_kernel("fused_adam_", "CPU")
+CPU_FUSED = backends.status("cpu")[0] and mmmod._ops.has_kernel("fused_adam_", "CPU")
 METHODS = ["agm", "inforeg", "ogm_ge"]
 
 

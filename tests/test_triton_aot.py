@@ -1,7 +1,7 @@
 """Every launch of the Triton backend compiles ahead of time for real GPU targets (no GPU needed).
 
 The interpreter the other Triton tests use accepts code the compiler rejects and hides what the
-compiler does to the arithmetic, so here ``python -m mmmod.kernels.aot`` (in a subprocess,
+compiler does to the arithmetic, so here ``python -m tools.aot`` (in a subprocess,
 without ``TRITON_INTERPRET``, into an empty ``TRITON_CACHE_DIR``) records the launches the
 backend's launchers make over a matrix of inputs, dedupes them by compiled signature, compiles
 the full matrix for sm_90 and a representative subset for sm_80 / sm_100 / sm_120 (all of them
@@ -11,8 +11,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]  # tools/ is a package of the source tree
 
 pytest.importorskip("triton")
 
@@ -35,9 +38,9 @@ def report(tmp_path_factory):
     cache = d / "cache"
     cache.mkdir()
     out = d / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "mmmod.kernels.aot", "--jobs", "2",
+    proc = subprocess.run([sys.executable, "-m", "tools.aot", "--jobs", "2",
                            "--json", str(out)], env=_env(cache), capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, cwd=ROOT)
     assert out.exists(), f"aot did not write a report:\n{proc.stdout}\n{proc.stderr[-8000:]}"
     rep = json.loads(out.read_text())
     rep["cache_files"] = sum(len(f) for _, _, f in os.walk(cache))
@@ -143,7 +146,7 @@ def test_block_offsets_are_64_bit(report):
 SPECIALIZATION_PROBE = r"""
 import json, torch
 from mmmod.backends.triton_backend import TritonBackend
-from mmmod.kernels import aot
+from tools import aot
 be = TritonBackend()
 ts, one = [torch.empty(50)], torch.ones(1)
 keys, sigs = {}, []
@@ -162,7 +165,7 @@ print(json.dumps({"variants": len(keys), "sig": sig, "launches": len(sigs)}))
 
 def test_seed_and_step_crossing_2_31_add_no_compile_variant(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SPECIALIZATION_PROBE], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["launches"] == 10

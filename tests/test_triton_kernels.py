@@ -370,7 +370,7 @@ def test_seed_and_step_are_not_specialisation_keys():
     import inspect
     import re
     from mmmod.backends.triton_backend import TritonBackend
-    mod = TritonBackend().kernels.modulate
+    mod = TritonBackend().modules.modulate
     f = mod._modulate_noise_kernel
     dns = getattr(f, "do_not_specialize", None)
     if dns is not None:  # compiled JITFunction (GPU): parameter names or indices

@@ -1,8 +1,9 @@
 """``backend="cpu"`` and ``backend="cuda"``: the compiled C++/CUDA kernels of the mmmod ops.
 
-Both call the ops of :mod:`mmmod.ops` (``torch.ops.mmmod``); the dispatcher picks the CPU or
-CUDA kernel the extension registered from the tensors' device (the backend is live only while
-that extension is loaded, so the ops' reference default never stands in for it). Nothing here
+Their kernels are the ops of mmmod/_ops as the dispatcher calls them (``torch.ops.mmmod``):
+it picks the CPU or CUDA kernel the extension registered from the tensors' device (the backend
+is live only while that extension is loaded; an op the binary has no kernel for resolves to
+its reference, with a warning). Nothing here
 reads a device value on the host: ``k`` and ``gate`` stay 0-d device tensors, seed/modality
 are passed as integers, the step as an integer or (``cuda``) a 0-d device counter.
 :meth:`available` says why a backend is not live (extension not built, stale, no CUDA) and how
@@ -19,7 +20,7 @@ from collections import OrderedDict
 
 import torch
 
-from .. import _ext
+from .. import _ext, _ops
 from ..reference.coefficients import METHODS
 from ..reference.modulate import check_sigma
 from ..reference.philox import check_step, seed_int64
@@ -34,7 +35,8 @@ class TableCache:
     the static buffers of a CUDA graph) hit the cache every step. The cache owns the tables, so
     a captured graph's table lives as long as the entry (``size`` buckets are kept)."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, build, size: int = 256):
+        self.build = build  # the bucket_table kernel
         self.size = size
         self._d: OrderedDict = OrderedDict()
         self.builds = 0  # tables uploaded (tests check reuse)
@@ -46,7 +48,7 @@ class TableCache:
         if hit is not None:
             self._d.move_to_end(key)
             return hit
-        table = torch.ops.mmmod.bucket_table(tensors, list(offsets))
+        table = self.build(tensors, list(offsets))
         self.builds += 1
         self._d[key] = table
         if len(self._d) > self.size:
@@ -59,6 +61,14 @@ class TableCache:
 
 class _ExtensionBackend(Backend):
     device_type = "cpu"
+    priority = 30  # "auto" prefers the compiled kernels of the device
+
+    def op_kernel(self, op, device):
+        """The op as the dispatcher calls it, where this extension registered a kernel."""
+        if torch.device(device).type == self.device_type and \
+                _ops.has_kernel(op, self.device_type.upper()):
+            return _ops.overload(op)
+        return None
 
     def available(self):
         mod, why = _ext.load(self.name)
@@ -68,7 +78,7 @@ class _ExtensionBackend(Backend):
         return torch.device(device).type == self.device_type
 
     def scores(self, logits, labels):
-        return torch.ops.mmmod.scores(list(logits), labels)
+        return self._kernel("scores", labels.device)(list(logits), labels)
 
     def coefficients(self, scores, method, alpha, beta_max):
         if scores.dim() != 1 or scores.shape[0] < 2:
@@ -76,23 +86,26 @@ class _ExtensionBackend(Backend):
                              f"{tuple(scores.shape)}")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        return torch.ops.mmmod.coefficients(scores, method, float(alpha), float(beta_max))
+        return self._kernel("coefficients", scores.device)(scores, method, float(alpha),
+                                                           float(beta_max))
 
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
         tensors = list(tensors)
         if not tensors:
             return
         step = self._host_step(step)
-        torch.ops.mmmod.modulate_(tensors, [int(o) for o in offsets], k, gate, bool(noise),
+        self._kernel("modulate_", tensors[0].device)(
+                                  tensors, [int(o) for o in offsets], k, gate, bool(noise),
                                   noise_std == "scaled", seed_int64(seed), int(step) & 0xFFFFFFFF,
                                   int(modality) & 0xFFFFFFFF)
 
     def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
         tensors = list(tensors)
         step = self._host_step(step)
-        torch.ops.mmmod.modulate_sigma_(tensors, [int(o) for o in offsets], k, gate, sigma,
-                                        seed_int64(seed), int(step) & 0xFFFFFFFF,
-                                        int(modality) & 0xFFFFFFFF)
+        device = tensors[0].device if tensors else sigma.device
+        self._kernel("modulate_sigma_", device)(
+            tensors, [int(o) for o in offsets], k, gate, sigma, seed_int64(seed),
+            int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF)
 
     def _host_step(self, step):
         """The step as an int: a CPU counter is read (a plain memory read, not a device sync);
@@ -110,15 +123,23 @@ class _ExtensionBackend(Backend):
 class CpuBackend(_ExtensionBackend):
     name = "cpu"
     device_type = "cpu"
+    devices = ("cpu",)
+
+    @property
+    def modulate_all(self):
+        """``mmmod._C.modulate_all_cpu`` (csrc/modulate_all_cpu.cpp), when the binary has it."""
+        return getattr(_ext.load("cpu")[0], "modulate_all_cpu", None)
 
 
 class CudaBackend(_ExtensionBackend):
     device_step = True  # modulate_.capturable reads the step from the device counter
     name = "cuda"
     device_type = "cuda"
+    devices = ("cuda",)
 
     def __init__(self):
-        self.tables = TableCache()
+        self.tables = TableCache(lambda tensors, offsets: self._kernel(
+            "bucket_table", tensors[0].device)(tensors, offsets))
 
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
         tensors = list(tensors)
@@ -128,7 +149,7 @@ class CudaBackend(_ExtensionBackend):
         if len(offsets) != len(tensors):
             raise ValueError(f"mmmod.modulate_: {len(tensors)} tensors but {len(offsets)} offsets")
         table, step, step_tensor = self._launch_args(tensors, offsets, step)
-        torch.ops.mmmod.modulate_.capturable(
+        self._kernel("modulate_.capturable", tensors[0].device)(
             tensors, offsets, k, gate, bool(noise), noise_std == "scaled", seed_int64(seed),
             int(step) & 0xFFFFFFFF, int(modality) & 0xFFFFFFFF, table, step_tensor)
 
@@ -155,6 +176,6 @@ class CudaBackend(_ExtensionBackend):
         if not any(t.numel() for t in tensors):
             return  # nothing to launch: no table to build or upload
         table, step, step_tensor = self._launch_args(tensors, offsets, step)
-        torch.ops.mmmod.modulate_sigma_(
+        self._kernel("modulate_sigma_", tensors[0].device)(
             tensors, offsets, k, gate, sigma, seed_int64(seed), int(step) & 0xFFFFFFFF,
             int(modality) & 0xFFFFFFFF, table, step_tensor)

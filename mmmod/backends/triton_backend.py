@@ -8,9 +8,10 @@ are one launch for all M modalities plus a one-program epilogue that can also ev
 coefficient rule (:meth:`TritonBackend.scores_and_coefficients`). Nothing here reads a device
 value on the host. On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
-Every launch goes through :func:`_launch`, the one place that sets the launch options
-(``enable_fp_fusion=False``: each multiply and add rounds as in the reference) and that
-``mmmod.kernels.aot`` hooks to record the exact launches it then compiles ahead of time.
+Every launch goes through ``mmmod.kernels.launch`` (kernels/launch.py), the one place that sets
+the launch options (``enable_fp_fusion=False``: each multiply and add rounds as in the
+reference) and that ``tools/aot.py`` hooks to record the exact launches it then compiles ahead
+of time.
 """
 from __future__ import annotations
 
@@ -23,26 +24,28 @@ from pathlib import Path
 
 import torch
 
+from .. import _ops
+from ..reference.moments import check_moments_inputs
 from ..reference.modulate import check_sigma
 from ..reference.philox import check_step, seed_int64
+from ..reference.proximal import check_inputs as check_proximal_inputs
 from .base import Backend
+from .registry import forget_kernels
 
 _METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
 _MASK32 = 0xFFFFFFFF
 
-#: Set by ``mmmod.kernels.aot.record_launches``: called as ``hook(kernel, grid, args, kwargs)``
-#: before every launch; when it returns False the launch is skipped (recording only).
-_launch_hook = None
+_launch_fn = None
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Launch ``kernel[grid](*args, **kwargs)`` with FMA contraction off (the reference rounds
-    ``k * g`` and ``sigma * n`` before adding them; so does the CUDA extension)."""
-    kwargs["enable_fp_fusion"] = False
-    hook = _launch_hook
-    if hook is not None and hook(kernel, grid, args, kwargs) is False:
-        return
-    kernel[grid](*args, **kwargs)
+    """Every launch goes through ``mmmod.kernels.launch`` (the launch options, and the hook
+    ``tools/aot.py`` records launches with)."""
+    global _launch_fn
+    if _launch_fn is None:
+        _load_kernels()
+        _launch_fn = importlib.import_module("mmmod.kernels.launch").launch
+    _launch_fn(kernel, grid, *args, **kwargs)
 
 
 def _load_kernels():
@@ -112,6 +115,8 @@ def _cuda_ops_unclaimed(backend) -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
+    devices = ("cuda",)  # and the CPU under TRITON_INTERPRET=1 (tests): see supports()
+    priority = 20  # after the compiled CUDA extension
 
     #: elements per statistics / scaling program
     block = 4096
@@ -137,18 +142,34 @@ class TritonBackend(Backend):
         if _cuda_ops_unclaimed(self):
             self.register_op_kernels("cuda")
 
-    def register_op_kernels(self, device_type: str) -> None:
-        """Make these kernels the ``device_type`` implementation of the mmmod ops."""
-        from .. import ops
-        ops.register_kernels(device_type.upper(), {
+    def _op_kernels(self) -> dict:
+        """op name -> this backend's kernel of it (a function with the op's signature)."""
+        return {
             "scores": self._op_scores,
             "coefficients": self._op_coefficients,
             "modulate_": self._op_modulate,
             "modulate_.capturable": self._op_modulate_capturable,
             "modulate_sigma_": self._op_modulate_sigma,
             "_bucket_moments": self._op_bucket_moments,
-        })
+            "proximal_": self._op_proximal,
+            "fused_sgd_": self._op_fused_sgd,
+            "fused_adam_": self._op_fused_adam,
+        }
+
+    def register_op_kernels(self, device_type: str) -> None:
+        """Make these kernels the ``device_type`` implementation of the mmmod ops."""
+        _ops.register_kernels(device_type.upper(), self._op_kernels())
         self.op_device_types = self.op_device_types | {device_type}
+        forget_kernels()  # resolved kernels of this device type now go through the dispatcher
+
+    def op_kernel(self, op, device):
+        """Through the dispatcher (an opaque op torch.compile traces without a graph break)
+        where these kernels are the device type's implementation; the launcher itself
+        elsewhere (the CPU interpreter, or next to the CUDA extension)."""
+        fn = self._op_kernels().get(op)
+        if fn is not None and torch.device(device).type in self.op_device_types:
+            return _ops.overload(op)
+        return fn
 
     # -- availability ---------------------------------------------------------------------
     def available(self):
@@ -168,7 +189,7 @@ class TritonBackend(Backend):
         return False
 
     @property
-    def kernels(self) -> _Kernels:
+    def modules(self) -> _Kernels:
         if self._k is None:
             self._k = _Kernels()
             self._cache = self._k.bucket.MetaCache()
@@ -176,12 +197,12 @@ class TritonBackend(Backend):
 
     @property
     def meta_cache(self):
-        self.kernels
+        self.modules
         return self._cache
 
     # -- scores and coefficients -----------------------------------------------------------
     def _launch_scores(self, logits, labels, method_code, alpha, beta_max, want_k):
-        K = self.kernels
+        K = self.modules
         M = len(logits)
         device = labels.device
         B = labels.shape[0]
@@ -206,12 +227,6 @@ class TritonBackend(Backend):
             METHOD=method_code if want_k else 0, WRITE_SCORES=True)
         return scores, k
 
-    def scores(self, logits, labels):
-        logits = list(logits)
-        if labels.device.type in self.op_device_types:
-            return torch.ops.mmmod.scores(logits, labels)
-        return self._scores_kernel(logits, labels)
-
     def _scores_kernel(self, logits, labels):
         with _on(labels.device):
             scores, _ = self._launch_scores(logits, labels, 0, 0.0, 0.0, want_k=False)
@@ -225,11 +240,6 @@ class TritonBackend(Backend):
             from ..reference.coefficients import METHODS
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
-    def coefficients(self, scores, method, alpha, beta_max):
-        if scores.device.type in self.op_device_types:
-            return torch.ops.mmmod.coefficients(scores, method, float(alpha), float(beta_max))
-        return self._coefficients_kernel(scores, method, alpha, beta_max)
-
     def _coefficients_kernel(self, scores, method, alpha, beta_max):
         if scores.dim() != 1:
             raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape "
@@ -242,7 +252,7 @@ class TritonBackend(Backend):
         k = torch.empty(M, dtype=torch.float32, device=s.device)
         with _on(s.device):
             _launch(
-                self.kernels.score._finish_kernel, (1,),
+                self.modules.score._finish_kernel, (1,),
                 s, 1, k, k, float(alpha), float(beta_max), M=M, M_P2=_next_pow2(M), BLOCK_P=2,
                 METHOD=_METHOD_CODE[method], WRITE_SCORES=False)
         return k
@@ -259,19 +269,6 @@ class TritonBackend(Backend):
                                        want_k=True)
 
     # -- modulation ------------------------------------------------------------------------
-    def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step,
-                         modality):
-        if tensors and tensors[0].device.type in self.op_device_types:
-            args = (list(tensors), [int(o) for o in offsets], k, gate, bool(noise),
-                    noise_std == "scaled", seed_int64(seed))
-            if isinstance(step, torch.Tensor):
-                torch.ops.mmmod.modulate_.capturable(*args, 0, int(modality) & _MASK32, None,
-                                                     step)
-            else:
-                torch.ops.mmmod.modulate_(*args, int(step) & _MASK32, int(modality) & _MASK32)
-            return
-        self._modulate_kernels(tensors, offsets, k, gate, noise, noise_std, seed, step, modality)
-
     def _modulate_kernels(self, tensors, offsets, k, gate, noise, noise_std, seed, step,
                           modality):
         if tensors and tensors[0].device.type == "cuda":
@@ -293,7 +290,7 @@ class TritonBackend(Backend):
                 raise ValueError("a bucket must hold tensors of one device and one dtype")
             if not g.is_contiguous():
                 raise ValueError("bucket tensors must be contiguous")
-        K = self.kernels
+        K = self.modules
         DT = K.utils.tl_dtype(dtype)
         k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
         if not noise:
@@ -336,18 +333,6 @@ class TritonBackend(Backend):
             STEP_PTR=step_ptr is not None, ALIGNED=aligned and all(o % 4 == 0 for o in offs),
             num_warps=self.noise_warps)
 
-    def modulate_sigma_bucket_(self, tensors, offsets, k, gate, sigma, *, seed, step, modality):
-        tensors = list(tensors)
-        if tensors and tensors[0].device.type in self.op_device_types:
-            args = (tensors, [int(o) for o in offsets], k, gate, sigma, seed_int64(seed))
-            if isinstance(step, torch.Tensor):
-                torch.ops.mmmod.modulate_sigma_(*args, 0, int(modality) & _MASK32, None, step)
-            else:
-                torch.ops.mmmod.modulate_sigma_(*args, int(step) & _MASK32,
-                                                int(modality) & _MASK32)
-            return
-        self._modulate_sigma_kernel(tensors, offsets, k, gate, sigma, seed, step, modality)
-
     def _modulate_sigma_kernel(self, tensors, offsets, k, gate, sigma, seed, step, modality):
         """The noise kernel alone, fed the given sigma (finished on the device as the sigma
         kernel finishes its own: non-finite -> 0, times the gate). Every tensor keeps its table
@@ -367,7 +352,7 @@ class TritonBackend(Backend):
         if any(o < 0 for o in offs):
             raise ValueError(f"noise offset must be >= 0, got {min(offs)}")
         with _on(device):
-            K = self.kernels
+            K = self.modules
             k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
             gate = (torch.ones((), dtype=torch.float32, device=device) if gate is None
                     else gate.detach().to(device=device, dtype=torch.float32).reshape(()))
@@ -383,19 +368,12 @@ class TritonBackend(Backend):
                 num_warps=self.noise_warps)
 
     # -- per-tensor moments (sharded OGM-GE's statistics) ---------------------------------------
-    def bucket_moments(self, tensors):
-        tensors = list(tensors)
-        if tensors and tensors[0].device.type in self.op_device_types:
-            return torch.ops.mmmod._bucket_moments(tensors)
-        return self._bucket_moments_kernel(tensors)
-
     def _bucket_moments_kernel(self, tensors):
         """The statistics kernel's chunk partials, then one program per tensor combining them
         in the sigma kernel's fixed order (``_moments_kernel``): two launches, no atomics, the
         same bits on every run. Every tensor keeps its table row (an empty one owns no chunk
         and gets ``(0, 0, 0)``); a non-contiguous tensor is read through a contiguous copy."""
-        from .. import ops
-        ops.check_moments_inputs(tensors)
+        check_moments_inputs(tensors)
         if not tensors:
             return torch.zeros((0, 3), dtype=torch.float64)
         device = tensors[0].device
@@ -405,7 +383,7 @@ class TritonBackend(Backend):
         if not live:
             return out
         with _on(device):
-            K = self.kernels
+            K = self.modules
             meta = self._cache.get(ts, [0] * len(ts), self.block, self.block_c)
             part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
             _launch(
@@ -418,7 +396,7 @@ class TritonBackend(Backend):
                 meta.meta, part, out, BLOCK=self.block, BLOCK_P=self.block_p)
         return out
 
-    # -- the CUDA implementation of the mmmod ops (signatures of mmmod/ops.py) -----------------
+    # -- the kernels of the mmmod ops (signatures of mmmod/_ops) --------------------------------
     def _op_scores(self, logits, labels):
         return self._scores_kernel(list(logits), labels)
 
@@ -448,6 +426,30 @@ class TritonBackend(Backend):
     def _op_bucket_moments(self, tensors):
         return self._bucket_moments_kernel(list(tensors))
 
+    def _op_proximal(self, grads, params, snapshots, beta):
+        check_proximal_inputs(grads, params, snapshots, beta)
+        _load_kernels()
+        from mmmod.kernels import proximal_kernel
+        return proximal_kernel.proximal_(grads, params, snapshots, beta)
+
+    def _op_fused_sgd(self, params, grads, momentum_buffers, buffer_ready, offsets, k, sigma,
+                      update_scale, lr, weight_decay, momentum, dampening, nesterov, maximize,
+                      seed, step, modality):
+        _load_kernels()
+        from mmmod.kernels import fused_update_kernel as fk
+        fk.sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale,
+                lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, maximize=maximize, seed=seed, step=step, modality=modality)
+
+    def _op_fused_adam(self, params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma,
+                       update_scale, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                       seed, step, modality):
+        _load_kernels()
+        from mmmod.kernels import fused_update_kernel as fk
+        fk.adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update_scale,
+                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 decoupled=decoupled, maximize=maximize, seed=seed, step=step, modality=modality)
+
     @staticmethod
     def _step_args(step, device):
         """(step as an int, None) or (0, a 0-d integer tensor on ``device`` the kernel reads).
@@ -471,13 +473,15 @@ class TritonBackend(Backend):
             return self._sigmas(ts, k, noise_std, gate)
 
     def _sigmas(self, ts, k, noise_std, gate):
-        K = self.kernels
+        K = self.modules
         device = ts[0].device
         k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
         gate = (torch.ones(1, dtype=torch.float32, device=device) if gate is None
                 else gate.detach().to(device=device, dtype=torch.float32).reshape(1))
-        from ..functional import stream_offsets  # (functional imports this package)
-        offs = stream_offsets(ts)
+        offs, run = [], 0  # each tensor's first element in the stream (only its size matters)
+        for g in ts:
+            offs.append(run)
+            run += g.numel()
         meta = self._cache.get(ts, offs, self.block, self.block_c)
         part = torch.empty(2 * meta.n_stats_chunks, dtype=torch.float64, device=device)
         sigma = torch.empty(meta.num_tensors, dtype=torch.float32, device=device)

@@ -17,10 +17,10 @@ and deviations: docs/semantics.md, section "InfoReg".
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
+from .. import backends
+from ..reference.proximal import proximal_  # noqa: F401  (the correction's definition)
 from .base import Method, real_number, register
 
 #: relative trace growth above which a modality is in its prime learning window (main.py)
@@ -32,32 +32,6 @@ WINDOW_EPOCHS = 10
 def snapshot_key(m: int, i: int) -> str:
     """State key of tensor i of modality m's epoch-start copy."""
     return f"snapshot.{m}.{i}"
-
-
-@torch.no_grad()
-def proximal_(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor],
-              snapshots: Sequence[torch.Tensor], beta: torch.Tensor) -> torch.Tensor:
-    """Reference of the fused proximal op, one modality: ``g <- g + beta (p - p0)`` for every
-    tensor with a gradient, in float32 and cast back to g's dtype; returns the Fisher increment
-    ``sum over tensors of >= 2 dims of mean(g_new^2)`` (float64, 0-d), all on the device.
-
-    The increment is per-step (mean_e sum_t = sum_t mean_e), so no per-element accumulator is
-    kept, unlike the authors' code."""
-    fisher = None
-    b = beta.float()
-    for g, p, p0 in zip(grads, params, snapshots):
-        if g is None or g.numel() == 0:
-            continue
-        new = g.float() + b * (p.float() - p0.float())
-        # beta = 0 (every modality but the leader, most steps) leaves g bit for bit, -0.0 and
-        # float64 included, decided on the device
-        g.copy_(torch.where(b == 0, g, new.to(g.dtype)))
-        if g.dim() >= 2:
-            inc = g.float().square().mean().double()
-            fisher = inc if fisher is None else fisher + inc
-    if fisher is None:
-        return torch.zeros((), dtype=torch.float64, device=beta.device)
-    return fisher.to(beta.device)
 
 
 class InfoReg(Method):
@@ -111,11 +85,9 @@ class InfoReg(Method):
     def correct_grads_(self, params, grads, state, backend=None, shards=None):
         """The proximal correction of every modality, one fused pass per modality and device.
 
-        ``backend`` is the optimizer's backend name: ``"torch"`` runs the reference
-        :func:`proximal_`, ``"triton"`` the Triton kernels (kernels/proximal_kernel.py), and
-        anything else (``None``, ``"auto"``, ``"cpu"``, ``"cuda"``) ``torch.ops.mmmod.proximal_``,
-        whose kernel the dispatcher picks from the tensors' device (the compiled CPU/CUDA kernel
-        when the extension is loaded, else Triton on a GPU, else the reference).
+        ``backend`` is the optimizer's backend name (``None``: ``"auto"``): its kernel of
+        ``mmmod::proximal_`` for the tensors' device runs (``backends.kernel``; ``"torch"``
+        the reference, mmmod/reference/proximal.py).
 
         ``shards`` (a ``mmmod.optim.sharding.ShardPlan``, given when some selected tensor is an
         FSDP2 shard): the correction is element-wise, so each rank corrects its shard as is; a
@@ -124,7 +96,7 @@ class InfoReg(Method):
         group in rank order (one all-gather per group per step), divided by the tensor's size."""
         self._ensure_snapshot(state, params)
         beta = state["beta"]
-        run = _proximal_for(backend)
+        backend = "auto" if backend is None else backend
         fisher_device = state["fisher"].device
         located = shards.shards if shards is not None else [[None] * len(g) for g in grads]
         partial = [[None] * len(g) for g in grads]  # sharded tensors' local sums of squares
@@ -139,6 +111,7 @@ class InfoReg(Method):
                     calls.setdefault((g.device, located[m][i] is not None), []).append(i)
             inc = torch.zeros((), dtype=torch.float64, device=fisher_device)
             for (device, sharded), idx in calls.items():
+                run = backends.kernel("proximal_", backend, device)
                 part = run([gs[i] for i in idx], [ps[i].detach() for i in idx],
                            [snaps[i] for i in idx], beta[m].to(device))
                 if not sharded:
@@ -152,7 +125,8 @@ class InfoReg(Method):
                     if gs[i].dim() >= 2:
                         by_dtype.setdefault(gs[i].dtype, []).append(i)
                 for members in by_dtype.values():
-                    rows = _bucket_moments([gs[i] for i in members])
+                    rows = backends.kernel("_bucket_moments", backend, device)(
+                        [gs[i] for i in members])
                     sums = rows[:, 2] + rows[:, 0] * rows[:, 1].square()
                     for j, i in enumerate(members):
                         partial[m][i] = sums[j]
@@ -232,30 +206,6 @@ class InfoReg(Method):
 
     def log_values(self, state):
         return {"beta": state["beta"], "window": state["window"]}
-
-
-def _proximal_for(backend):
-    """The implementation of the proximal op that ``backend`` (a backend name or None) uses."""
-    if backend == "torch":
-        return proximal_
-    if backend == "triton":
-        return _triton_proximal
-    from .. import ops_proximal  # noqa: F401  (defines torch.ops.mmmod.proximal_)
-    return torch.ops.mmmod.proximal_
-
-
-def _triton_proximal(grads, params, snapshots, beta):
-    from .. import ops_proximal
-    from ..backends.triton_backend import _load_kernels
-    ops_proximal.check_inputs(grads, params, snapshots, beta)
-    _load_kernels()
-    from mmmod.kernels import proximal_kernel
-    return proximal_kernel.proximal_(grads, params, snapshots, beta)
-
-
-def _bucket_moments(tensors):
-    from .. import ops  # noqa: F401  (defines torch.ops.mmmod._bucket_moments)
-    return torch.ops.mmmod._bucket_moments(tensors)
 
 
 def _ordered_sum(rows: torch.Tensor, width: int) -> torch.Tensor:

@@ -7,11 +7,12 @@ other two become one: per element, the modulated gradient ``k g + sigma n`` (or 
 in registers and fed straight into torch's SGD or Adam/AdamW arithmetic; the parameter and the
 optimizer state are written, the gradient is not (it keeps its raw value).
 
-The functional core mirrors torch.optim: ``reference_sgd_`` / ``reference_adam_`` define one
-bucket's update in plain torch, with the very tensor operations of torch's ``_single_tensor_sgd``
-/ ``_single_tensor_adam`` applied to the modulated gradient, so they equal "modulate, then
-torch's step" bit for bit; the device kernels (``torch.ops.mmmod.fused_sgd_`` / ``fused_adam_``:
-C++ on CPU, Triton) are tested against them. Hyperparameters are read from the inner
+The functional core mirrors torch.optim: ``reference_sgd_`` / ``reference_adam_``
+(mmmod/reference/fused.py) define one bucket's update in plain torch, with the very tensor
+operations of torch's ``_single_tensor_sgd`` / ``_single_tensor_adam`` applied to the modulated
+gradient, so they equal "modulate, then torch's step" bit for bit; the backends' kernels of
+``mmmod::fused_sgd_`` / ``fused_adam_`` (C++ on CPU, Triton) are tested against them and
+reached through ``Backend.fused_update``. Hyperparameters are read from the inner
 optimizer's ``param_groups`` at every step and the state is torch's own (``momentum_buffer``,
 ``exp_avg``, ``exp_avg_sq``, ``step``), so checkpoints move freely between fused and unfused runs.
 See docs/fused.md.
@@ -23,8 +24,7 @@ from typing import Sequence
 import torch
 
 from .. import backends, reference
-from .. import ops_fused  # noqa: F401  (defines torch.ops.mmmod.fused_*)
-from ..reference.philox import CHUNK, philox_normal, seed_int64
+from ..reference.fused import modulated_grad, reference_adam_, reference_sgd_
 from ..slices import ParamSlice
 from torch.optim.optimizer import _get_scalar_dtype
 from .selection import local
@@ -78,128 +78,6 @@ def check_params(params, param_names, names) -> None:
                                  f"complex; the fused update takes real tensors")
 
 
-# ---- the reference (the definition every kernel is tested against) ------------------------
-def modulated_grad(g: torch.Tensor, k: torch.Tensor, sigma_i, seed: int, step, modality: int,
-                   offset: int) -> torch.Tensor:
-    """``k g + sigma_i n`` (or ``k g`` when ``sigma_i`` is None) in float32, cast to g's dtype:
-    what ``mmmod.reference.modulate_bucket_`` writes into g, as a new tensor."""
-    flat = g.detach().reshape(-1)
-    out = torch.empty_like(flat)
-    kf = k.float()
-    for s in range(0, flat.numel(), CHUNK):
-        part = flat[s:s + CHUNK]
-        if sigma_i is None:
-            out[s:s + CHUNK] = part.float() * kf
-        else:
-            z = philox_normal(seed, step, modality, offset + s, part.numel(), g.device)
-            out[s:s + CHUNK] = part.float() * kf + sigma_i * z
-    return out.view(g.shape)
-
-
-@torch.no_grad()
-def reference_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale,
-                   *, lr, weight_decay, momentum, dampening, nesterov, maximize, seed, step,
-                   modality) -> None:
-    """torch's ``_single_tensor_sgd`` on the modulated gradients, op for op."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        grad = modulated_grad(g, k, None if sigma is None else sigma[i], seed, step, modality,
-                              offsets[i])
-        p0 = p.clone() if update_scale is not None else None
-        if maximize:
-            grad = -grad
-        if weight_decay != 0:
-            grad = grad.add(p, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if not buffer_ready[i]:
-                buf.copy_(grad)
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(grad, alpha=-lr)
-        if p0 is not None:
-            _scale_update_(p, p0, update_scale)
-
-
-@torch.no_grad()
-def reference_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update_scale,
-                    *, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, seed, step,
-                    modality) -> None:
-    """torch's ``_single_tensor_adam`` (non-capturable, amsgrad off) on the modulated
-    gradients, op for op; ``steps[i]`` is the step count after this step's increment."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        grad = modulated_grad(g, k, None if sigma is None else sigma[i], seed, step, modality,
-                              offsets[i])
-        p0 = p.clone() if update_scale is not None else None
-        if maximize:
-            grad = -grad
-        if weight_decay != 0:
-            if decoupled:
-                p.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(p, alpha=weight_decay)
-        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        t = float(steps[i])
-        bias_correction1 = 1 - beta1 ** t
-        bias_correction2 = 1 - beta2 ** t
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2 ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-step_size)
-        if p0 is not None:
-            _scale_update_(p, p0, update_scale)
-
-
-def _scale_update_(p, p0, u):
-    """p <- p0 + u (p - p0): ``update.scale_updates``' arithmetic for one tensor."""
-    p.sub_(p0)
-    p.mul_(u.to(p.device))
-    p.add_(p0)
-
-
-# ---- sigma: the statistics pass of each backend --------------------------------------------
-def _sigmas(impl, tensors: list, k: torch.Tensor, gate: torch.Tensor, noise_std: str):
-    """float32 [T] sigma per tensor, exactly as the backend's unfused modulation computes it:
-    non-finite -> 0, times the gate."""
-    name = impl.name
-    if name == "triton":
-        return impl.sigmas(tensors, k, noise_std=noise_std, gate=gate)
-    if name == "torch":
-        sig = torch.stack([reference.tensor_sigma(g, k, noise_std).to(k.device) for g in tensors])
-    else:  # the compiled extensions: the same per-tensor moments their modulate_ uses
-        std = torch.ops.mmmod._bucket_std(tensors).to(k.device)
-        return reference.noise_sigma(std, k, noise_std) * gate
-    sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
-    return sig * gate
-
-
-def _kernels(impl, kind: str, device: torch.device):
-    """The fused update of a resolved backend, called as ``fn(*tensors, **hyper, seed=,
-    step=, modality=)`` like the reference."""
-    name = impl.name
-    if name == "torch":
-        return reference_sgd_ if kind == "sgd" else reference_adam_
-    if name == "triton":
-        from ..backends import triton_backend  # noqa: PLC0415 (optional dependency)
-        triton_backend._load_kernels()  # mmmod.kernels, mapped from a checkout when not installed
-        from ..kernels import fused_update_kernel as fk  # noqa: PLC0415
-        return fk.sgd_ if kind == "sgd" else fk.adam_
-    op = "fused_sgd_" if kind == "sgd" else "fused_adam_"
-    key = "CPU" if device.type == "cpu" else "CUDA"
-    if not ops_fused.has_kernel(op, key):
-        raise RuntimeError(f"fused=True: the {name!r} backend's binary has no {op} kernel for "
-                           f"{device.type} (rebuild the extension: pip install -e . "
-                           f"--no-build-isolation), or use backend='torch'/'triton'")
-    fn = getattr(torch.ops.mmmod, op)
-
-    def run(*tensors, seed, step, modality, **hyper):  # the schema's order: tensors, hyper, ids
-        fn(*tensors, *hyper.values(), seed_int64(seed), int(step) & 0xFFFFFFFF,
-           int(modality) & 0xFFFFFFFF)
-    return run
-
-
 class FusedUpdate:
     """Runs the fused modulated update of one ``ModulatedOptimizer`` step."""
 
@@ -238,7 +116,7 @@ class FusedUpdate:
                 buckets.setdefault((p.device, p.dtype), []).append((i, gi, p, g))
             for (device, _), items in buckets.items():
                 impl = backends.get(backend, device)
-                plan.append((m, device, impl, _kernels(impl, self.kind, device), items))
+                plan.append((m, device, impl, impl.fused_update(self.kind, device), items))
         return plan
 
     @torch.no_grad()
@@ -270,7 +148,7 @@ class FusedUpdate:
             sigma = None
             gs = [g if g.is_contiguous() else g.contiguous() for _, _, _, g in items]
             if noise:
-                sigma = _sigmas(impl, gs, k_grad, gate_m, noise_std)
+                sigma = impl.sigmas(gs, k_grad, noise_std=noise_std, gate=gate_m)
                 given = [None if stds is None else stds[m][i] for i, _, _, _ in items]
                 if any(sd is not None for sd in given):
                     # shards: the whole tensor's std, gathered across the shard group (a

@@ -377,7 +377,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
                              backend=self.requested_backend, **extra)
         # shards' whole-tensor stds: one collective per shard group, every rank
-        stds = self._shards.global_stds(grads) if modulate and m.noise and \
+        stds = self._shards.global_stds(grads, self.backend) if modulate and m.noise and \
             self._shards.needs_stds else None
         if modulate and fused_plan is not None:
             self._fused_pending = (grads, k, stds, fused_plan)  # applied by the fused update

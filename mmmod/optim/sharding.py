@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import ops
+from .. import backends
+from ..reference.moments import bucket_moments
 from ..slices import ParamSlice
 from . import distributed
 from .selection import sharded_kind
@@ -134,7 +135,6 @@ class ShardPlan:
         #: (group, [(modality, tensor index)]) in first-seen order: one collective each
         self.groups = list(groups.items())
         self._index: dict[tuple, torch.Tensor] = {}  # row layouts of global_stds (cached)
-        self._loaded: set[str] = set()  # device types whose moment kernels were loaded
 
     @property
     def needs_stds(self) -> bool:
@@ -168,14 +168,14 @@ class ShardPlan:
         return out
 
     @torch.no_grad()
-    def global_stds(self, grads: Sequence[Sequence[torch.Tensor | None]]
+    def global_stds(self, grads: Sequence[Sequence[torch.Tensor | None]], backend: str = "auto"
                     ) -> list[list[torch.Tensor | None]]:
         """The unbiased float64 std of every sharded entry's whole gradient (0-d, on the
         gradient's device; ``None`` for ordinary entries, computed by the backend as usual).
 
         ``grads`` are the local gradients (``selection.grad_of``). Per shard group, the local
         shards' ``(count, mean, M2)`` come from one ``mmmod::_bucket_moments`` call per
-        (device, dtype) bucket of them (the fused statistics pass of the device's kernels:
+        (device, dtype) bucket of them (``backend``'s kernel, the fused statistics pass:
         one read of each shard), then one all-gather of the ``[T, 3]`` float64 table; every
         rank merges it in rank order (:func:`merged_std`), so all of them hold the same bits.
         A shard without a gradient counts as empty; a non-finite value anywhere in a tensor
@@ -190,14 +190,13 @@ class ShardPlan:
                     buckets.setdefault((g.device, g.dtype), []).append(t)
             parts, order = [], []
             for (gdev, _), ts in buckets.items():
-                self._load_kernels(gdev)
                 shards = [grads[members[t][0]][members[t][1]].detach() for t in ts]
                 if gdev.type == "cuda" and torch.cuda.is_current_stream_capturing():
                     # the CUDA extension uploads its table from pinned memory, which a graph
                     # cannot capture; the reference is plain device ops (a host query, no sync)
-                    rows = ops._bucket_moments_ref(shards)
+                    rows = bucket_moments(shards)
                 else:
-                    rows = torch.ops.mmmod._bucket_moments(shards)
+                    rows = backends.kernel("_bucket_moments", backend, gdev)(shards)
                 parts.append(rows.to(dev))  # a no-op unless gloo gathers CUDA shards' rows
                 order += ts
             missing = len(members) - len(order)  # no gradient on this rank: empty shards
@@ -227,15 +226,6 @@ class ShardPlan:
             idx = torch.tensor(inv, dtype=torch.int64, device=dev)
             self._index[key] = idx
         return idx
-
-    def _load_kernels(self, device: torch.device) -> None:
-        """Load the compiled kernels of ``_bucket_moments`` for this device type (once; the
-        op's plain-torch default runs where there are none)."""
-        if device.type not in self._loaded:
-            from .. import _ext
-            if device.type in ("cpu", "cuda"):
-                _ext.load(device.type)
-            self._loaded.add(device.type)
 
 
 def merged_std(table: torch.Tensor) -> torch.Tensor:

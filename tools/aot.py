@@ -4,7 +4,7 @@ The Triton interpreter runs the kernels on CPU but does not compile them: it acc
 compiler rejects (a plain int global in @jit code), never contracts to FMA, uses numpy's
 transcendentals and never specialises arguments. This module closes that gap:
 
-1. :func:`record_launches` hooks ``mmmod.backends.triton_backend._launch`` (the single place
+1. :func:`record_launches` hooks ``mmmod.kernels.launch`` (the single place
    every launcher goes through) and records each launch's kernel, arguments and options,
    optionally without running it. :func:`backend_launches` drives the backend over a matrix of
    inputs (dtypes, M, int and tensor step, flat and table buckets, noise and scale, every
@@ -17,7 +17,7 @@ transcendentals and never specialises arguments. This module closes that gap:
    ``GPUTarget("cuda", cc, 32)``, runs the ptxas Triton ships with ``-v`` on the PTX
    (registers, spills) and counts the PTX instructions docs/triton.md makes claims about.
 
-``python -m mmmod.kernels.aot`` regenerates the table of docs/triton.md (``--markdown``);
+``python -m tools.aot`` (from the source tree) regenerates the table of docs/triton.md (``--markdown``);
 tests/test_triton_aot.py runs it into an empty ``TRITON_CACHE_DIR`` and checks the results.
 Must run without ``TRITON_INTERPRET=1`` (the kernels must be JITFunctions).
 """
@@ -37,6 +37,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+
+from mmmod.backends.triton_backend import _load_kernels
+
+_load_kernels()  # mmmod.kernels: installed, or mapped from the source tree's kernels/
 
 #: Compute capabilities compiled by default (all that Triton 3.7's NVIDIA backend offers
 #: among current data-centre and consumer parts).
@@ -106,7 +110,7 @@ def _kernel_from_path(path: str):
 def record_launches(execute: bool = False):
     """Record every launch of the Triton backend as ``{"kernel", "grid", "args", "kwargs"}``
     descriptions (JSON-able); with ``execute=False`` the launches are not run."""
-    from mmmod.backends import triton_backend
+    from mmmod.kernels import launch
     launches = []
 
     def hook(kernel, grid, args, kwargs):
@@ -115,12 +119,12 @@ def record_launches(execute: bool = False):
                          "kwargs": {k: _describe(v) for k, v in kwargs.items()}})
         return execute
 
-    previous = triton_backend._launch_hook
-    triton_backend._launch_hook = hook
+    previous = launch.hook
+    launch.hook = hook
     try:
         yield launches
     finally:
-        triton_backend._launch_hook = previous
+        launch.hook = previous
 
 
 def backend_launches():
@@ -515,7 +519,7 @@ def ptx_table(report) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mmmod.kernels.aot",
+    p = argparse.ArgumentParser(prog="python -m tools.aot",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(map(str, TARGETS)),
                    help="compute capabilities, e.g. 80,90 (default: %(default)s)")
@@ -532,7 +536,7 @@ def main(argv=None):
         # an empty cache: a cached kernel would hide a compile error
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmmod-aot-")
     t0 = time.perf_counter()
-    this = importlib.import_module("mmmod.kernels.aot")  # workers must unpickle its functions
+    this = importlib.import_module("tools.aot")  # workers must unpickle its functions
     report = this.run([int(t) for t in a.targets.split(",")], jobs=a.jobs,
                       subset_others=not a.full)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,0 +1,1 @@
+"""Developer and CI tools of the mmmod source tree (not shipped in the wheel)."""
