@@ -73,10 +73,8 @@ def test_readme_snippets_that_continue_the_quick_start_run(tmp_path):
 def test_readme_links_to_files_that_exist():
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", readme):
-        if target in ("docs/index.md", "docs/architecture.md"):
-            continue  # written alongside (the documentation map and the architecture notes)
         assert (ROOT / target).exists(), target
-    assert len(readme.splitlines()) <= 215
+    assert len(readme.splitlines()) <= 220
 
 
 def test_no_reference_to_files_outside_the_repository():

@@ -20,8 +20,12 @@ LAYERS = [
     ["mmmod.backends"],               # registry, resolver, the built-in backends
     ["mmmod.fusion", "mmmod.methods"],
     ["mmmod.functional"],
-    ["mmmod.optim"],
-    ["mmmod.optimizer", "mmmod.info", "mmmod.demo", "mmmod", "mmmod.__main__"],
+    # the step and what it records (the signals read the optimizer's selection and collectives)
+    ["mmmod.optim", "mmmod.monitor.signals"],
+    # what a user reaches: evaluation-time diagnostics, framework integrations, the CLIs
+    ["mmmod.diagnostics", "mmmod.integrations"],
+    ["mmmod.optimizer", "mmmod.info", "mmmod.demo", "mmmod.monitor.plot", "mmmod._cli", "mmmod",
+     "mmmod.__main__"],
 ]
 
 
