@@ -95,8 +95,9 @@ class Method:
     #: the optimizer passes the selected parameters, ``params=[[tensor, ...] per modality]``
     #: (registration order, the same lists as the gradients), to :meth:`on_epoch`
     needs_params: bool = False
-    #: the optimizer calls :meth:`correct_grads_` every step, after :meth:`coefficients` and
-    #: before the modulation (InfoReg's proximal term)
+    #: the optimizer calls :meth:`correct_grads_` every step inside the modulation window (and
+    #: :meth:`observe_grads_` outside it), after :meth:`coefficients` and before the
+    #: modulation (InfoReg's proximal term)
     corrects_grads: bool = False
 
     def batch_scores(self, logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,16 @@ class Method:
         optimizer's backend preference (``None``: follow the tensors' device). A method with
         ``whole_tensor_stats`` also receives ``shards=`` when some selected tensor is sharded
         (``params`` and ``grads`` are then the local shards)."""
+        return None
+
+    def observe_grads_(self, params: Sequence[Sequence[torch.Tensor]],
+                       grads: Sequence[Sequence[torch.Tensor | None]],
+                       state: dict[str, torch.Tensor], backend: str | None = None,
+                       **kwargs: Any) -> None:
+        """Called instead of :meth:`correct_grads_` on a step outside the modulation window
+        (``modulation_starts``/``modulation_ends``): the gradients must be left as they are,
+        but the method may gather what later steps need (InfoReg's Fisher trace). Same
+        arguments; the default does nothing."""
         return None
 
     def check_state(self, state: dict[str, torch.Tensor],

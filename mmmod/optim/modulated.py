@@ -298,8 +298,10 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             # a method reading whole-tensor statistics gets the located shards (FSDP2)
             extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
                 else {}
-            m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
-                             backend=self.backend, **extra)
+            # the window gates the correction too; outside it the method only observes
+            fix = m.correct_grads_ if modulate else m.observe_grads_
+            fix(selection.param_tensors(self.params), grads, self._method_state,
+                backend=self.backend, **extra)
         # shards' whole-tensor stds: one collective per shard group, every rank
         stds = self._shards.global_stds(grads) if modulate and m.noise and \
             self._shards.needs_stds else None
