@@ -47,11 +47,11 @@ class AuthorsAGM2:
 
 
 class AuthorsAGMMany:
-    """M modalities as kkontras/MLB's Bias_Infusion_AGM_3mod writes the ratios,
-    exp((mean - s_m) M / (M - 1)), with the two-modality loop's order (coefficients from the
-    running means before this step's update)."""
+    """M modalities as the official three-modality loop writes the ratios (lihong2303/AGM
+    run/URFunny_main.py: exp((mean - s_m) 3/2), cap 7; kkontras/MLB's Bias_Infusion_AGM_3mod
+    the same), with coefficients from the running means before this step's update."""
 
-    def __init__(self, m, alpha, cap=10):
+    def __init__(self, m, alpha, cap=7):
         self.m, self.alpha, self.cap = m, alpha, cap
         self.train = [0.] * m
         self.iteration = 0
@@ -199,7 +199,10 @@ def test_agm_by_name_on_every_backend(backend):
 
 def test_agm_registry_entry():
     m = methods.get("agm")
-    assert m.default_alpha == 1.5 and m.default_filter == "matrix" and m.cap == 10.0
+    assert m.default_alpha == 1.5 and m.default_filter == "matrix" and m.cap is None
+    # the official loops: min(., 10) with two modalities (CREMAD_main.py), 7 with three
+    assert m.cap_for(2) == 10.0 and m.cap_for(3) == 7.0 and m.cap_for(4) == 7.0
+    assert type(m)(cap=5.0).cap_for(3) == 5.0
     assert not m.noise and m.shard_safe and m.native is None
     with pytest.raises(ValueError, match="cap must be finite"):
         type(m)(cap=float("inf"))

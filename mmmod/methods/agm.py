@@ -19,6 +19,10 @@ import torch
 
 from .base import Method, real_number, register
 
+#: the official loops' cap of eta - r: two modalities (run/CREMAD_main.py), three or more
+#: (run/URFunny_main.py, the one three-modality loop)
+OFFICIAL_CAP_2 = 10.0
+OFFICIAL_CAP_MANY = 7.0
 #: AGM's probability floor: a true-label probability below it scores -log(1e-8)
 PROB_FLOOR = 1e-8
 
@@ -58,11 +62,18 @@ class AGM(Method):
     score = "nll"
     score_reduction = "mean"
 
-    def __init__(self, cap: float = 10.0, name: str | None = None):
-        # 10 in the authors' training loop; BalanceBenchmark's AGM_trainer.py uses 7
-        self.cap = real_number("cap", cap)
+    def __init__(self, cap: float | None = None, name: str | None = None):
+        # None: the official loops' cap, 10 with two modalities (lihong2303/AGM
+        # run/CREMAD_main.py lines 151-152), 7 with three (run/URFunny_main.py, coeff_a/v/t)
+        self.cap = None if cap is None else real_number("cap", cap)
         if name is not None:
             self.name = name
+
+    def cap_for(self, num_modalities: int) -> float:
+        """The cap of ``min(eta - r, cap)`` with M modalities."""
+        if self.cap is not None:
+            return self.cap
+        return OFFICIAL_CAP_2 if num_modalities == 2 else OFFICIAL_CAP_MANY
 
     def batch_scores(self, logits, labels):
         return agm_batch_scores(logits, labels)
@@ -84,7 +95,7 @@ class AGM(Method):
         s = scores.to(mean.device, torch.float64)
         r = torch.exp(_others_mean(s) - s)
         eta = torch.exp(_others_mean(mean) - mean)  # running means before this step's update
-        k = torch.exp(alpha * torch.clamp_max(eta - r, self.cap))
+        k = torch.exp(alpha * torch.clamp_max(eta - r, self.cap_for(s.shape[0])))
         # running mean over every step so far: sbar <- sbar (t - 1) / t + s / t; a step with a
         # non-finite score (skipped by the modulation) leaves it and the count untouched
         ok = torch.isfinite(s).all()
