@@ -178,3 +178,117 @@ def test_grad_scaled_sum_checks_its_inputs():
         grad_scaled_sum([x, torch.ones(3, 2)], torch.ones(2))
     with pytest.raises(ValueError, match="shape"):
         GradScales(2).set_(torch.ones(3))
+
+
+def _official_step(ref, opt_ref, scores_run, a, v, y, alpha, modulate):
+    """One step of CREMAD_main.py's AGM branch (lines 64-66, 130-166, 233-244); ``scores_run``:
+    [train_score_a, train_score_v, iteration]. Outside the window the loop never calls
+    update_scale; the scales are set to 1 here, as mmmod writes them (docs/semantics.md
+    section 8)."""
+    softmax = nn.Softmax(dim=1)
+    total_out, pad_visual_out, pad_audio_out, out = ref(a, v)
+    out_a = 0.5 * (total_out - pad_audio_out + pad_visual_out)
+    out_v = 0.5 * (total_out - pad_visual_out + pad_audio_out)
+    opt_ref.zero_grad()
+    n = y.shape[0]
+    score_audio = sum(-torch.log(softmax(out_a)[j][y[j]]) for j in range(n)) / n
+    score_visual = sum(-torch.log(softmax(out_v)[j][y[j]]) for j in range(n)) / n
+    train_score_a, train_score_v, it = scores_run
+    ratio_a = math.exp(score_visual.item() - score_audio.item())
+    ratio_v = math.exp(score_audio.item() - score_visual.item())
+    coeff_a = math.exp(alpha * min(math.exp(train_score_v - train_score_a) - ratio_a, 10))
+    coeff_v = math.exp(alpha * min(math.exp(train_score_a - train_score_v) - ratio_v, 10))
+    scores_run[0] = train_score_a * (it - 1) / it + score_audio.item() / it
+    scores_run[1] = train_score_v * (it - 1) / it + score_visual.item() / it
+    scores_run[2] = it + 1
+    ref.update_scale(coeff_a, coeff_v) if modulate else ref.update_scale(1.0, 1.0)
+    nn.functional.cross_entropy(out, y).backward()
+    w = ref.net.fc_out.weight.grad
+    if w.max() > 1 or w.min() < -1:
+        nn.utils.clip_grad_norm_(ref.parameters(), max_norm=1.0)
+    opt_ref.step()
+    return coeff_a, coeff_v
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_optimizer_writes_the_scales_as_the_official_loop(seed, backend):
+    """Three epochs (the window ends after the second) of the official AGM loop against
+    ModulatedOptimizer(method="agm") with attach_grad_scales: the optimizer writes this step's
+    coefficients in observe(), before the backward the hooks act in, and step() does not scale
+    the encoder gradients again."""
+    import mmmod
+    from mmmod import backends
+
+    if not backends.status(backend)[0]:
+        pytest.skip(f"backend {backend} not available")
+    g = torch.Generator().manual_seed(seed)
+    net = Net()
+    ref = GradMod(cp.deepcopy(net))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    gs = GradScales(2)
+    opt = mmmod.ModulatedOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        {"audio": net.audio_net, "visual": net.visual_net}, method="agm", alpha=1.5,
+        modulation_ends=1, backend=backend)
+    opt.attach_grad_scales(gs)
+    run = [0.0, 0.0, 1]
+    hooked = 0
+    for epoch in range(3):
+        opt.set_epoch(epoch)
+        for _ in range(6):
+            a, v, y = _data(g)
+            coeff = _official_step(ref, opt_ref, run, a, v, y, 1.5, epoch <= 1)
+            opt.zero_grad()
+            m_a, m_v, fused = mmmod_forward(net, gs, a, v)
+            opt.observe({"audio": m_a.detach(), "visual": m_v.detach()}, y)
+            want = torch.tensor(coeff if epoch <= 1 else (1.0, 1.0))
+            torch.testing.assert_close(gs.scales.double(), want.double(), rtol=2e-5, atol=1e-6)
+            hooked += epoch <= 1 and abs(coeff[0] - coeff[1]) > 1e-3
+            nn.functional.cross_entropy(fused, y).backward()
+            w = net.fc_out.weight.grad
+            if w.max() > 1 or w.min() < -1:
+                nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+            opt.step()
+            torch.testing.assert_close(torch.stack(list(opt.coefficients.values())).double(),
+                                       torch.tensor(coeff, dtype=torch.float64), rtol=2e-5, atol=1e-6)
+    assert hooked > 6  # the scales did differ between the modalities
+    for (n, p), q in zip(net.named_parameters(), ref.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_attach_grad_scales_refusals_and_skips():
+    import mmmod
+
+    net = Net()
+    mods = {"audio": net.audio_net, "visual": net.visual_net}
+
+    def make(**kw):
+        return mmmod.ModulatedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), mods,
+                                        backend="torch", **kw)
+    with pytest.raises(ValueError, match="3 scales but the optimizer has 2 modalities"):
+        make(method="agm").attach_grad_scales(GradScales(3))
+    with pytest.raises(ValueError, match="method 'none' computes no coefficients"):
+        make(method="none").attach_grad_scales(GradScales(2))
+    with pytest.raises(ValueError, match="apply_to='grad'"):
+        make(method="agm", apply_to="update").attach_grad_scales(GradScales(2))
+    with pytest.raises(TypeError, match="GradScales"):
+        make(method="agm").attach_grad_scales(torch.ones(2))
+    opt, gs = make(method="agm"), GradScales(2)
+    opt.attach_grad_scales(gs)
+    a, v, y = _data(torch.Generator().manual_seed(0))
+    m_a, m_v, fused = mmmod_forward(net, gs, a, v)
+    z = {"audio": m_a.detach(), "visual": m_v.detach()}
+    opt.observe(z, y)
+    state = {k: t.clone() for k, t in opt._method_state.items()}
+    scales = gs.scales.clone()
+    with pytest.raises(RuntimeError, match="observe\\(\\) called twice"):
+        opt.observe(z, y)
+    assert torch.equal(gs.scales, scales)  # the refused call wrote nothing
+    for k, t in opt._method_state.items():
+        assert torch.equal(t, state[k]), k
+    # non-finite logits: the step is skipped, the scales are ones, the backward untouched
+    opt.zero_grad()
+    opt.observe({"audio": torch.full_like(z["audio"], float("nan")), "visual": z["visual"]}, y)
+    assert torch.equal(gs.scales, torch.ones(2))
+    opt.attach_grad_scales(None)  # detached: step() scales the encoder gradients again
+    assert opt._grad_scales is None

@@ -15,7 +15,7 @@ import torch
 
 from .. import backends, functional
 from ..monitor.history import Recorder
-from . import checkpoint, config, distributed, selection, sharding, update
+from . import checkpoint, config, distributed, grad_scales, selection, sharding, update
 from . import fused as fused_update
 
 
@@ -74,6 +74,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._device = devices[0]
         self._score_sum, self._observed, self._samples = None, 0, 0
         self._scores = self._coeffs = self._skipped = None  # _skipped: device counter
+        # attach_grad_scales: the scales observe() writes, and the (scores, coefficients) it made
+        self._grad_scales = self._early = None
         # per-step history (mmmod.monitor): off (None) unless history > 0 or a logger is added
         history = config.integer("history", history, minimum=0)
         self._recorder = Recorder(self.names, history, device=self._device) if history else None
@@ -126,9 +128,20 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         return self.modulation_starts <= self.epoch and (
             self.modulation_ends is None or self.epoch <= self.modulation_ends)
 
+    def attach_grad_scales(self, scales) -> None:
+        """Write each step's coefficients into ``scales`` (a ``mmmod.fusion.GradScales`` the
+        model fuses its modalities' contributions with) in ``observe()``, before the backward its
+        hooks act in, instead of scaling the selected gradients in ``step()``; ``None`` detaches.
+        One ``observe()`` per step then (docs/semantics.md section 8)."""
+        self._grad_scales = grad_scales.check(self, scales)
+        self._early = None
+
     @torch.no_grad()
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Accumulate the scores of one (micro-)batch from each modality's logits [B, C]."""
+        if self._early is not None:
+            raise RuntimeError("observe() called twice in one step with grad scales attached: "
+                               "the first call already fixed this step's coefficients")
         zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
         # with several ranks a raise on one would leave the others waiting in step()'s
@@ -146,11 +159,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._score_sum = s if self._score_sum is None else self._score_sum + s
         self._observed += 1
         self._samples += labels.shape[0]  # host metadata: the divisor of a "mean" reduction
+        if self._grad_scales is not None:  # the hooks act in the coming backward: k now
+            self._early = self._step_coefficients()
+            grad_scales.write(self._grad_scales, self._early[1], self.in_window())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop the scores gathered for them."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._score_sum, self._observed, self._samples = None, 0, 0
+        self._early = None
 
     def step(self, closure: Callable[[], Any] | None = None):
         """Coefficients, modulation (inside the window), inner step. With an inner optimizer
@@ -204,6 +221,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if self._step_t is not None:
             self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
         self._score_sum, self._observed, self._samples = None, 0, 0
+        self._early = None
         return loss
 
     @property
@@ -289,11 +307,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if modulate or m.corrects_grads:  # everything that can fail, before any state changes
             grads = [[selection.grad_of(e) for e in ps] for ps in self.params]
             functional.check_grads(grads, self.names, self.param_names)
-        s, per_sample = distributed.global_scores(
-            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
-            len(self.names), self._device)
-        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
-                                    backend=self.backend, state=self._method_state)
+        s, k = self._step_coefficients()
         if m.corrects_grads:
             # a method reading whole-tensor statistics gets the located shards (FSDP2)
             extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
@@ -305,10 +319,12 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # shards' whole-tensor stds: one collective per shard group, every rank
         stds = self._shards.global_stds(grads) if modulate and m.noise and \
             self._shards.needs_stds else None
+        # attached grad scales applied k in the backward: here k = 1 (NaN kept: skip)
+        hooked = self._grad_scales is not None
         if modulate and self._fused is not None:
-            self._fused_pending = (grads, k, stds)  # applied by the fused update in step()
-        elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass
-            noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
+            self._fused_pending = (grads, k * 0 + 1 if hooked else k, stds)  # fused update
+        elif modulate and ((m.scales and not hooked) or m.noise):  # k = 1 needs no pass
+            noise_only = self.apply_to == "update" or hooked  # k went elsewhere, noise to grads
             if not noise_only or m.noise:
                 functional.modulate_(
                     grads, k * 0 + 1 if noise_only else k, noise=m.noise,
@@ -318,6 +334,18 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
                     tensor_names=self.param_names, stds=stds,
                     _prechecked=True)  # k*0+1 keeps NaN (skip)
         return s, k, (~torch.isfinite(k).all()).to(torch.int64)
+
+    def _step_coefficients(self):
+        """(scores, coefficients) of this step: made once, in observe() with grad scales."""
+        if self._early is not None:
+            return self._early
+        m = self._method
+        s, per_sample = distributed.global_scores(
+            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
+            len(self.names), self._device)
+        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
+                                    backend=self.backend, state=self._method_state)
+        return s, k
 
     def _snapshot(self):
         if self._fused_pending is not None:
