@@ -127,7 +127,7 @@ def test_official_agm_loop_with_grad_scales(seed):
     ref = GradMod(cp.deepcopy(net))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    gs, state, alpha = GradScales(2), methods.get("agm").init_state(2), 1.5
+    gs, state, alpha = GradScales(2), methods.get("agm_official").init_state(2), 1.5
     softmax = nn.Softmax(dim=1)
     train_score_a = train_score_v = 0.
     for it in range(1, 9):
@@ -154,8 +154,8 @@ def test_official_agm_loop_with_grad_scales(seed):
         # mmmod: the AGM rule on this step's scores, written into the scales before backward
         m_a, m_v, fused = mmmod_forward(net, gs, a, v)
         opt.zero_grad()
-        m = methods.get("agm")
-        k = functional.coefficients(m.batch_scores([m_a.detach(), m_v.detach()], y) / 7, "agm",
+        m = methods.get("agm_official")
+        k = functional.coefficients(m.batch_scores([m_a.detach(), m_v.detach()], y) / 7, "agm_official",
                                     alpha=alpha, state=state)
         torch.testing.assert_close(k.double(), torch.tensor([coeff_a, coeff_v], dtype=torch.float64),
                                    rtol=2e-5, atol=1e-6)
@@ -213,7 +213,7 @@ def _official_step(ref, opt_ref, scores_run, a, v, y, alpha, modulate):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_optimizer_writes_the_scales_as_the_official_loop(seed, backend):
     """Three epochs (the window ends after the second) of the official AGM loop against
-    ModulatedOptimizer(method="agm") with attach_grad_scales: the optimizer writes this step's
+    ModulatedOptimizer(method="agm_official") with attach_grad_scales: the optimizer writes this step's
     coefficients in observe(), before the backward the hooks act in, and step() does not scale
     the encoder gradients again."""
     import mmmod
@@ -228,7 +228,7 @@ def test_optimizer_writes_the_scales_as_the_official_loop(seed, backend):
     gs = GradScales(2)
     opt = mmmod.ModulatedOptimizer(
         torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-        {"audio": net.audio_net, "visual": net.visual_net}, method="agm", alpha=1.5,
+        {"audio": net.audio_net, "visual": net.visual_net}, method="agm_official", alpha=1.5,
         modulation_ends=1, backend=backend)
     opt.attach_grad_scales(gs)
     run = [0.0, 0.0, 1]
