@@ -44,3 +44,77 @@ def concat_slices(linear: torch.nn.Linear, widths: Sequence[int]) -> list[ParamS
         out.append(ParamSlice(linear.weight, 1, start, start + w))
         start += w
     return out
+
+
+class _GradScaledSum(torch.autograd.Function):
+    """sum_m c_m forward; backward hands each c_m the incoming gradient times scales[m]."""
+
+    @staticmethod
+    def forward(ctx, scales, *contributions):
+        # kept by reference, not saved: the scales are written after the forward, before the
+        # backward (save_for_backward would refuse the in-place write)
+        ctx.scales = scales
+        out = contributions[0]
+        for c in contributions[1:]:
+            out = out + c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        scales = ctx.scales
+        # read when backward runs, on the device: whatever the scales hold then applies
+        s = scales.to(grad.dtype)
+        return (None, *(grad * s[m] for m in range(s.shape[0])))
+
+
+class GradScales:
+    """AGM's mechanism as its authors apply it (lihong2303/AGM model/CREMAD_net.py @ 5a65542,
+    ``GradMod``, lines 39-55): the fused logits are the sum of each modality's contribution,
+    and a backward hook multiplies the gradient that flows back through modality m's
+    contribution by ``scales[m]``, so k_m reaches everything upstream of that contribution (the
+    encoders, the fusion head, every tensor, 1-D ones included), not only the encoder
+    parameters the optimizer scales by default. Not equivalent to scaling encoder gradients
+    (docs/semantics.md, AGM).
+
+    ``scales`` is a float32 device tensor [M] (ones at first); write this step's coefficients
+    into it with :meth:`set_` before ``backward()`` (on the device, no host sync)::
+
+        gs = mmmod.fusion.GradScales(2, device)
+        out = gs.fuse([m_a, m_v])        # AGM: m_a = (full - no_audio + no_visual) / 2, ...
+        gs.set_(k)                       # k: this step's AGM coefficients, a tensor [2]
+        loss_fn(out, y).backward()
+    """
+
+    def __init__(self, num_modalities: int, device: torch.device | str | None = None):
+        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 1:
+            raise ValueError(f"num_modalities must be an int >= 1, got {num_modalities!r}")
+        self.scales = torch.ones(num_modalities, dtype=torch.float32, device=device)
+
+    def set_(self, coefficients: torch.Tensor) -> None:
+        """Copy the coefficients [M] into the scales (device to device, no host read)."""
+        if not isinstance(coefficients, torch.Tensor) or coefficients.shape != self.scales.shape:
+            raise ValueError(f"coefficients must be a tensor of shape {tuple(self.scales.shape)}, "
+                             f"got {getattr(coefficients, 'shape', type(coefficients).__name__)}")
+        self.scales.copy_(coefficients.detach())
+
+    def fuse(self, contributions: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused logits ``sum_m contributions[m]`` (in index order), each contribution's
+        gradient multiplied by ``scales[m]`` in the backward."""
+        return grad_scaled_sum(contributions, self.scales)
+
+
+def grad_scaled_sum(contributions: Sequence[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
+    """``sum_m contributions[m]``; the gradient reaching contribution m is scaled by
+    ``scales[m]`` (a tensor [M], read when the backward runs)."""
+    contributions = list(contributions)
+    if not contributions:
+        raise ValueError("grad_scaled_sum needs at least one contribution")
+    if scales.dim() != 1 or scales.shape[0] != len(contributions):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, need ({len(contributions)},): "
+                         f"one scale per contribution")
+    shape = contributions[0].shape
+    for m, c in enumerate(contributions):
+        if c.shape != shape:
+            raise ValueError(f"contribution {m} has shape {tuple(c.shape)}, contribution 0 "
+                             f"{tuple(shape)}: the contributions must have one shape")
+    return _GradScaledSum.apply(scales, *contributions)

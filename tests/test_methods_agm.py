@@ -47,11 +47,11 @@ class AuthorsAGM2:
 
 
 class AuthorsAGMMany:
-    """M modalities as kkontras/MLB's Bias_Infusion_AGM_3mod writes the ratios,
-    exp((mean - s_m) M / (M - 1)), with the two-modality loop's order (coefficients from the
-    running means before this step's update)."""
+    """M modalities as the official three-modality loop writes the ratios (lihong2303/AGM
+    run/URFunny_main.py: exp((mean - s_m) 3/2), cap 7; kkontras/MLB's Bias_Infusion_AGM_3mod
+    the same), with coefficients from the running means before this step's update."""
 
-    def __init__(self, m, alpha, cap=10):
+    def __init__(self, m, alpha, cap=7):
         self.m, self.alpha, self.cap = m, alpha, cap
         self.train = [0.] * m
         self.iteration = 0
@@ -82,7 +82,7 @@ def balancebenchmark_coeffs(scores, train_scores, alpha, cap=7):
     return out
 
 
-def mmmod_step(outs, label, state, alpha, name="agm"):
+def mmmod_step(outs, label, state, alpha, name="agm_official"):
     """What the optimizer does per step for AGM: per-sample NLL sums / sample count."""
     m = methods.get(name)
     assert m.score == "nll" and m.score_reduction == "mean"
@@ -116,7 +116,7 @@ def test_agm_floor_and_bad_labels():
 @pytest.mark.parametrize("alpha", [0.1, 1.5, 4.0])
 def test_agm_matches_the_authors_two_modality_loop_over_steps(seed, alpha):
     g = torch.Generator().manual_seed(seed)
-    ref, state = AuthorsAGM2(alpha), methods.get("agm").init_state(2)
+    ref, state = AuthorsAGM2(alpha), methods.get("agm_official").init_state(2)
     for t in range(12):
         # the leader changes over time, and some steps drive min(eta - r, 10) into the cap
         outs, y = _batch(g, 2, 5 + t % 4, 6, [1 + t % 3, 3.0 - t % 3] if t != 7 else [9, 0.01])
@@ -133,7 +133,7 @@ def test_agm_matches_the_authors_two_modality_loop_over_steps(seed, alpha):
 @pytest.mark.parametrize("m", [3, 4])
 def test_agm_many_modalities_match_the_mean_form(seed, m):
     g = torch.Generator().manual_seed(seed)
-    ref, state = AuthorsAGMMany(m, 1.0), methods.get("agm").init_state(m)
+    ref, state = AuthorsAGMMany(m, 1.0), methods.get("agm_official").init_state(m)
     for t in range(8):
         outs, y = _batch(g, m, 7, 5, [1.0 + ((t + i) % m) for i in range(m)])
         want = ref.step(outs, y)
@@ -148,7 +148,7 @@ def test_balancebenchmark_generic_rule_swaps_the_two_coefficients(seed):
     g = torch.Generator().manual_seed(seed)
     ref, state = AuthorsAGM2(0.7, cap=7), methods.get("agm").init_state(2)
     train = [0.0, 0.0]
-    agm7 = methods.register(type(methods.get("agm"))(cap=7.0, name="agm_cap7_test"))
+    agm7 = methods.register(type(methods.get("agm_official"))(cap=7.0, name="agm_cap7_test"))
     try:
         for t in range(6):
             outs, y = _batch(g, 2, 8, 4, [1.0 + t, 2.0])
@@ -199,7 +199,36 @@ def test_agm_by_name_on_every_backend(backend):
 
 def test_agm_registry_entry():
     m = methods.get("agm")
-    assert m.default_alpha == 1.5 and m.default_filter == "matrix" and m.cap == 10.0
+    assert m.default_alpha == 1.5 and m.default_filter == "matrix" and m.cap is None
+    # the official loops: min(., 10) with two modalities (CREMAD_main.py), 7 with three
+    assert m.cap_for(2) == 10.0 and m.cap_for(3) == 7.0 and m.cap_for(4) == 7.0
+    assert type(m)(cap=5.0).cap_for(3) == 5.0
     assert not m.noise and m.shard_safe and m.native is None
     with pytest.raises(ValueError, match="cap must be finite"):
         type(m)(cap=float("inf"))
+    # the safe default bounds k above by 2; the authors' rule by name, unbounded, alpha 1.0
+    assert m.k_max == 2.0
+    off = methods.get("agm_official")
+    assert off.k_max is None and off.default_alpha == 1.0 and off.cap_for(2) == 10.0
+    with pytest.raises(ValueError, match="k_max must be >= 1"):
+        type(m)(k_max=0.5)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_agm_default_is_the_official_rule_bounded_above(seed, m):
+    """k of the default ``agm`` is min(k_official, 2) at every step, the running means equal,
+    on steps where the official k exceeds 2 (a leader's ratio falling below its running mean)
+    and where it does not."""
+    g = torch.Generator().manual_seed(seed)
+    st, st_off = methods.get("agm").init_state(m), methods.get("agm_official").init_state(m)
+    above = below = 0
+    for t in range(16):
+        spread = [1.0 + ((t + i) % 3) * 3 for i in range(m)] if t % 5 else [0.3] * m
+        outs, y = _batch(g, m, 9, 5, spread)
+        k = mmmod_step(outs, y, st, 1.5, name="agm")
+        k_off = mmmod_step(outs, y, st_off, 1.5, name="agm_official")
+        assert torch.equal(k, torch.clamp_max(k_off, 2.0))
+        assert torch.equal(st["score_mean"], st_off["score_mean"])
+        above += int((k_off > 2).sum())
+        below += int((k_off < 2).sum())
+    assert above > 0 and below > 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmmod import backends, functional, methods
+from mmmod.fusion import GradScales
 from _models import TwoEncoder, batch, make, train_step
 
 READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy")
@@ -34,10 +35,53 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch, apply_to):
                     capturable=True)
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_grad_scales_written_without_host_reads(monkeypatch, backend):
+    """attach_grad_scales: observe() computes the coefficients and writes them into the scales,
+    the backward's hooks read them, step() reuses them: no host read anywhere in between."""
+    model = TwoEncoder()
+    opt, names = make(model, torch.optim.SGD(model.parameters(), lr=1e-2), method="agm",
+                      backend=backend)
+    gs = GradScales(2)
+    opt.attach_grad_scales(gs)
+
+    def step(xs, y):
+        opt.zero_grad()
+        feats = [enc(x) for enc, x in zip(model.encoders, xs)]
+        parts = concat_parts(model.head, feats)
+        opt.observe(dict(zip(names, [p.detach() for p in parts])), y)
+        torch.nn.functional.cross_entropy(gs.fuse(parts), y).backward()
+        opt.step()
+    step(*batch())  # warm-up outside the instrumented region
+    calls = _spy_reads(monkeypatch)
+    step(*batch())
+    monkeypatch.undo()
+    assert calls == [], f"host reads during observe/backward/step: {calls}"
+    assert not torch.equal(gs.scales, torch.ones(2))  # the optimizer did write them
+
+
+def concat_parts(head, feats):
+    """Each modality's share of a concat head's logits, with autograd (they sum to the head's)."""
+    out, start = [], 0
+    for f in feats:
+        w = f.shape[1]
+        out.append(torch.nn.functional.linear(f, head.weight[:, start:start + w], head.bias / len(feats)))
+        start += w
+    return out
+
+
 def _check_no_reads(monkeypatch, **kw):
     model = TwoEncoder()
     opt, names = make(model, torch.optim.AdamW(model.parameters(), lr=1e-3), **kw)
     train_step(model, opt, names, *batch())  # warm-up outside the instrumented region
+    calls = _spy_reads(monkeypatch)
+    train_step(model, opt, names, *batch())
+    monkeypatch.undo()
+    assert calls == [], f"host reads during observe/step: {calls}"
+
+
+def _spy_reads(monkeypatch):
+    """Instrument every host read by mmmod's code; returns the list the reads are appended to."""
     calls = []
     for attr in READS:
         orig = getattr(torch.Tensor, attr)
@@ -49,6 +93,4 @@ def _check_no_reads(monkeypatch, **kw):
             return _orig(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, attr, spy)
     monkeypatch.setattr(functional, "check_labels_in_range", lambda *a, **k: None)
-    train_step(model, opt, names, *batch())
-    monkeypatch.undo()
-    assert calls == [], f"host reads during observe/step: {calls}"
+    return calls

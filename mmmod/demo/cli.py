@@ -26,7 +26,7 @@ from . import imbalance
 from .._cli import DefaultsOnce
 from .data import SyntheticConfig, class_signatures, make_dataset
 from .models import FUSIONS
-from .train import DEMO_ALPHA, TrainConfig, demo_methods, train_one
+from .train import DEMO_ALPHA, TrainConfig, demo_methods, objective, train_one
 
 DEFAULT_METHODS = ("baseline", "ogm_ge", "mlb")
 
@@ -144,9 +144,10 @@ def format_table(summary: dict) -> str:
         txt = fmt.format(m * scale)
         return txt + (" ± " + fmt.format(s * scale) if s == s and s > 0 else "")
 
-    head = ("method", "multimodal acc %", "audio probe %", "visual probe %", "train time s")
+    head = ("method", "multimodal acc %", "audio probe %", "visual probe %", "train time s",
+            "training loss")
     rows = [(m, cell(v["fused_acc"]), cell(v["audio_probe"]), cell(v["visual_probe"]),
-             cell(v["wall_s"], 1.0, "{:.0f}")) for m, v in summary.items()]
+             cell(v["wall_s"], 1.0, "{:.0f}"), objective(m)) for m, v in summary.items()]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def line(r):

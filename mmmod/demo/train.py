@@ -41,6 +41,20 @@ DEMO_ONLY = {"baseline": "none", "multiloss": "none"}
 DEMO_ALPHA = {"ogm_ge": 0.8, "ogm": 0.8, "mlb": 0.5}
 # methods trained with the MLB objective CE(fused) + sum_m CE(z_m) (their heads give the scores)
 JOINT_HEADS = ("mlb", "multiloss")
+# methods whose authors add each modality's cross-entropy on the fusion head's own per-modality
+# logits, with autograd: InfoReg (GeWu-Lab/InfoReg_CVPR2025 main.py @ ea7b9d5 lines 361-363,
+# 378-380, 456-458: L(out) + L(out_a) + L(out_v), out_m the concat head's halves with bias / 2).
+# Without a linear split (film, gated) the unimodal heads stand in, trained jointly.
+SPLIT_LOSSES = ("inforeg",)
+
+
+def objective(method: str) -> str:
+    """The training loss the demo uses for ``method`` (shown in its table)."""
+    if method in JOINT_HEADS:
+        return "CE(fused) + CE(head_a) + CE(head_v)"
+    if method in SPLIT_LOSSES:
+        return "CE(fused) + CE(z_a) + CE(z_v)"
+    return "CE(fused)"
 
 
 def demo_methods() -> tuple[str, ...]:
@@ -95,6 +109,7 @@ class RunResult:
     steps: dict = field(default_factory=dict)
     alpha: Optional[float] = None
     imbalance: dict = field(default_factory=dict)  # {"before": ..., "after": ...} (demo.imbalance)
+    objective: str = "CE(fused)"  # the training loss (objective(method))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +145,19 @@ def modulation_window(method: str, cfg: TrainConfig) -> Optional[int]:
             return max(cfg.epochs // 2 - 1, cfg.modulation_starts)
         return None
     return ends
+
+
+def split_logits_with_grad(model: AVClassifier, feats) -> list[torch.Tensor]:
+    """The fusion head's per-modality logits (docs/semantics.md section 1) with autograd: the
+    concat head's column blocks with bias / M, or each branch of the sum head."""
+    fusion = model.fusion
+    if hasattr(fusion, "fc_out") and hasattr(fusion, "widths"):  # concat
+        w, b, out, start = fusion.fc_out.weight, fusion.fc_out.bias, [], 0
+        for f, width in zip(feats, fusion.widths):
+            out.append(F.linear(f, w[:, start:start + width], None if b is None else b / len(feats)))
+            start += width
+        return out
+    return [fusion.fc_a(feats[0]), fusion.fc_v(feats[1])]  # sum
 
 
 def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> ModulatedOptimizer:
@@ -195,6 +223,7 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
     # and backpropagates the objectives through opt.backward
     combines = registry.get(opt.method).combines_objectives
     joint_heads = method in JOINT_HEADS or combines
+    split_losses = method in SPLIT_LOSSES
     # methods fed per-epoch accuracies (MSLR): the demo has no validation split, so they get
     # the unimodal heads' accuracy over the previous epoch's training batches (stated in
     # docs/demo.md); counted on the device, read once per epoch
@@ -228,10 +257,17 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
         for idx in _batches(len(train), cfg.batch_size, g):
             a, v, y = (t.to(device) for t in train.batch(idx))
             out, feats = model(a, v)
-            heads = model.head_logits(feats, detach=not joint_heads)
+            heads = model.head_logits(feats, detach=not (joint_heads or split_losses and not
+                                                         model.has_split))
             if joint_heads:  # MLB objective: CE(fused) + sum_m CE(z_m); heads give the scores
                 loss = losses.multi_loss(out, heads, y)
                 z = [h.detach() for h in heads]
+            elif split_losses:  # the authors' unimodal losses, through the head's own halves
+                zg = split_logits_with_grad(model, feats) if model.has_split else heads
+                loss = losses.multi_loss(out, zg, y)
+                loss_heads = 0 if not model.has_split else \
+                    sum(F.cross_entropy(h, y) for h in heads)  # detached heads: probes only
+                z = [t.detach() for t in zg]
             else:  # CE(fused); the heads learn on detached features and change no encoder
                 loss = F.cross_entropy(out, y)
                 loss_heads = sum(F.cross_entropy(h, y) for h in heads)
@@ -242,7 +278,7 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
                 opt.backward({"multimodal": F.cross_entropy(out, y),
                               **{n: F.cross_entropy(h, y) for n, h in zip(opt.names, heads)}})
             else:
-                (loss if joint_heads else loss + loss_heads).backward()
+                (loss if joint_heads else loss + loss_heads).backward()  # heads: detached features
             opt.step()  # the recorder appends this step's scores and coefficients
             loss_sum += loss.detach() * y.numel()  # on the device: no host read per step
             if wants_acc:
@@ -274,7 +310,8 @@ def train_one(method: str, train, test, cfg: TrainConfig, seed: int = 0,
                                "visual": curves["visual_head"][-1] if curves["visual_head"] else float("nan")},
                      wall_s=train_s, curves=curves, steps=steps,
                      alpha=None if method in ("baseline", "multiloss") else opt.alpha,
-                     imbalance={"before": before, "after": after} if cfg.imbalance else {})
+                     imbalance={"before": before, "after": after} if cfg.imbalance else {},
+                     objective=objective(method))
 
 
 class _NoBar:

@@ -19,6 +19,14 @@ import torch
 
 from .base import Method, real_number, register
 
+#: the official loops' cap of eta - r: two modalities (run/CREMAD_main.py), three or more
+#: (run/URFunny_main.py, the one three-modality loop)
+OFFICIAL_CAP_2 = 10.0
+OFFICIAL_CAP_MANY = 7.0
+#: the most the default ``agm`` multiplies a gradient by (docs/semantics.md section 8, "Safe
+#: default"): the official rule reaches exp(alpha * 10), tamed there by a learning rate of 1e-5
+#: and a gradient-norm clip that mmmod's optimizer does not apply
+DEFAULT_K_MAX = 2.0
 #: AGM's probability floor: a true-label probability below it scores -log(1e-8)
 PROB_FLOOR = 1e-8
 
@@ -50,7 +58,7 @@ def _others_mean(x: torch.Tensor) -> torch.Tensor:
 
 class AGM(Method):
     name = "agm"
-    summary = "adaptive gradient modulation: k = exp(alpha min(eta - r, cap)) from running NLL means"
+    summary = "adaptive gradient modulation: k = min(exp(alpha min(eta - r, cap)), 2) from running NLL means"
     default_alpha = 1.5  # kkontras/MLB configs/CREMA_D/release/vit/AGM.json
     # BalanceBenchmark scales every encoder tensor except 1-D ones (biases, norms)
     default_filter = "matrix"
@@ -58,11 +66,24 @@ class AGM(Method):
     score = "nll"
     score_reduction = "mean"
 
-    def __init__(self, cap: float = 10.0, name: str | None = None):
-        # 10 in the authors' training loop; BalanceBenchmark's AGM_trainer.py uses 7
-        self.cap = real_number("cap", cap)
+    def __init__(self, cap: float | None = None, k_max: float | None = DEFAULT_K_MAX,
+                 name: str | None = None):
+        # cap None: the official loops' cap, 10 with two modalities (lihong2303/AGM
+        # run/CREMAD_main.py lines 151-152), 7 with three (run/URFunny_main.py, coeff_a/v/t);
+        # k_max None: k unbounded above, as the authors' rule
+        self.cap = None if cap is None else real_number("cap", cap)
+        self.k_max = None if k_max is None else real_number("k_max", k_max)
+        if self.k_max is not None and not self.k_max >= 1.0:
+            raise ValueError(f"k_max must be >= 1 (it bounds how much AGM amplifies a gradient), "
+                             f"got {self.k_max}")
         if name is not None:
             self.name = name
+
+    def cap_for(self, num_modalities: int) -> float:
+        """The cap of ``min(eta - r, cap)`` with M modalities."""
+        if self.cap is not None:
+            return self.cap
+        return OFFICIAL_CAP_2 if num_modalities == 2 else OFFICIAL_CAP_MANY
 
     def batch_scores(self, logits, labels):
         return agm_batch_scores(logits, labels)
@@ -84,7 +105,9 @@ class AGM(Method):
         s = scores.to(mean.device, torch.float64)
         r = torch.exp(_others_mean(s) - s)
         eta = torch.exp(_others_mean(mean) - mean)  # running means before this step's update
-        k = torch.exp(alpha * torch.clamp_max(eta - r, self.cap))
+        k = torch.exp(alpha * torch.clamp_max(eta - r, self.cap_for(s.shape[0])))
+        if self.k_max is not None:
+            k = torch.clamp_max(k, self.k_max)
         # running mean over every step so far: sbar <- sbar (t - 1) / t + s / t; a step with a
         # non-finite score (skipped by the modulation) leaves it and the count untouched
         ok = torch.isfinite(s).all()
@@ -98,4 +121,15 @@ class AGM(Method):
         return {"score_mean": state["score_mean"]}
 
 
+class AGMOfficial(AGM):
+    """The authors' rule unchanged: the official cap, k unbounded above, their default alpha."""
+    name = "agm_official"
+    summary = "AGM as the official loops: k = exp(alpha min(eta - r, cap)), unbounded above"
+    default_alpha = 1.0  # lihong2303/AGM utils/config.py, --alpha default
+
+    def __init__(self, cap: float | None = None, name: str | None = None):
+        super().__init__(cap=cap, k_max=None, name=name)
+
+
 register(AGM())
+register(AGMOfficial())

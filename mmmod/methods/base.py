@@ -95,8 +95,9 @@ class Method:
     #: the optimizer passes the selected parameters, ``params=[[tensor, ...] per modality]``
     #: (registration order, the same lists as the gradients), to :meth:`on_epoch`
     needs_params: bool = False
-    #: the optimizer calls :meth:`correct_grads_` every step, after :meth:`coefficients` and
-    #: before the modulation (InfoReg's proximal term)
+    #: the optimizer calls :meth:`correct_grads_` every step inside the modulation window (and
+    #: :meth:`observe_grads_` outside it), after :meth:`coefficients` and before the
+    #: modulation (InfoReg's proximal term)
     corrects_grads: bool = False
     #: the rule combines per-objective gradients (MMPareto, PCGrad-style surgery): training
     #: calls ``opt.backward({fused: L, modality: L_m, ...})``, which keeps each selected
@@ -135,6 +136,16 @@ class Method:
         objective's gradient is ``summed - fused_scale * fused``. Sync-free, in place."""
         raise NotImplementedError(f"method {self.name!r} declares combines_objectives but "
                                   f"defines no combine_")
+
+    def observe_grads_(self, params: Sequence[Sequence[torch.Tensor]],
+                       grads: Sequence[Sequence[torch.Tensor | None]],
+                       state: dict[str, torch.Tensor], backend: str | None = None,
+                       **kwargs: Any) -> None:
+        """Called instead of :meth:`correct_grads_` on a step outside the modulation window
+        (``modulation_starts``/``modulation_ends``): the gradients must be left as they are,
+        but the method may gather what later steps need (InfoReg's Fisher trace). Same
+        arguments; the default does nothing."""
+        return None
 
     def check_state(self, state: dict[str, torch.Tensor],
                     params: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> None:

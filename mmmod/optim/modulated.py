@@ -17,8 +17,8 @@ import torch
 from .. import backends, functional
 from ..monitor.history import Recorder
 from ..monitor.signals import Signals, check as check_signals
-from . import (checkpoint, config, distributed, objectives, proxies, selection, sharding, step_checks,
-               update)
+from . import (checkpoint, config, distributed, grad_scales, objectives, proxies, selection, sharding,
+               step_checks, update)
 from . import state as run_state
 from . import fused as fused_update
 
@@ -84,6 +84,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._device = devices[0]
         self._score_sum, self._observed, self._samples = None, 0, 0
         self._scores = self._coeffs = self._skipped = None  # _skipped: device counter
+        # attach_grad_scales: the scales observe() writes, and the (scores, coefficients) it made
+        self._grad_scales = self._early = None
         # per-step history (mmmod.monitor): off (None) unless history > 0 or a logger is added
         history = config.integer("history", history, minimum=0)
         self._recorder = Recorder(self.names, history, device=self._device) if history else None
@@ -117,6 +119,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     _score_sum, _observed, _samples = (run_state.shared(f) for f in ("score_sum", "observed", "samples"))
     _scores, _coeffs, _skipped = (run_state.shared(f) for f in ("scores", "coeffs", "skipped"))
     _fused_pending, _recorder = run_state.shared("fused_pending"), run_state.shared("recorder")
+    _grad_scales, _early = run_state.shared("grad_scales"), run_state.shared("early")
 
     # ---- the inner optimizer's live state ---------------------------------------------------
     param_groups = property(lambda self: self.optimizer.param_groups,
@@ -156,6 +159,14 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         return self.modulation_starts <= self.epoch and (
             self.modulation_ends is None or self.epoch <= self.modulation_ends)
 
+    def attach_grad_scales(self, scales) -> None:
+        """Write each step's coefficients into ``scales`` (a ``mmmod.fusion.GradScales`` the
+        model fuses its modalities' contributions with) in ``observe()``, before the backward its
+        hooks act in, instead of scaling the selected gradients in ``step()``; ``None`` detaches.
+        One ``observe()`` per step then (docs/semantics.md section 8)."""
+        self._grad_scales = grad_scales.check(self, scales)
+        self._early = None
+
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
         """Accumulate the scores of one (micro-)batch from each modality's logits [B, C].
 
@@ -168,6 +179,9 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             self._observe(logits, labels)
 
     def _observe(self, logits, labels) -> None:
+        if self._early is not None:
+            raise RuntimeError("observe() called twice in one step with grad scales attached: "
+                               "the first call already fixed this step's coefficients")
         zs = config.ordered_logits(logits, self.names)
         functional.check_logits(zs, labels, self.names)
         # with several ranks a raise on one would leave the others waiting in step()'s
@@ -186,6 +200,9 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # of the accuracy signal follow the scores' pending rule (state.py)
         hits = self._signals.hits(zs, labels) if self._signals is not None else None
         self._run.add_scores(s, labels.shape[0], run_state.grad_marks(self.params), aux=hits)
+        if self._grad_scales is not None:  # the hooks act in the coming backward: k now
+            self._early = self._step_coefficients()
+            grad_scales.write(self._grad_scales, self._early[1], self.in_window())
 
     def backward(self, losses: Mapping[Any, torch.Tensor], *, scaler: Any = None,
                  retain_graph: bool = False) -> None:
@@ -205,7 +222,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         ran; scores observed after the last backward are kept for the coming one, so both
         ``zero_grad, forward, observe, backward, step`` and Lightning's ``forward, observe,
         zero_grad, backward, step`` score this step's batches (mmmod/optim/state.py). The
-        fused-objective gradients kept by ``backward`` are dropped with the gradients."""
+        fused-objective gradients kept by ``backward`` are dropped with the gradients, and
+        coefficients fixed early (grad scales) with their scores."""
         real = proxies.unwrap(self)  # a framework proxy's self.optimizer is not the inner one
         real._run.drop_backed(run_state.grad_marks(real.params))
         real.optimizer.zero_grad(set_to_none=set_to_none)
@@ -278,7 +296,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.step_count += 1
             if self._step_t is not None:
                 self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-            self._run.clear_pending()
+            self._run.clear_pending()  # the early coefficients (grad scales) too
             self._objectives.clear()
             if self._signals is not None:
                 self._signals.reset()
@@ -365,24 +383,24 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             fused, summed = checked.pairs
             m.combine_(fused, summed, self._method_state, alpha=self.alpha, names=self.names,
                        fused_scale=self._objectives.fused_scale, backend=self.requested_backend)
-        s, per_sample = distributed.global_scores(
-            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
-            len(self.names), self._device)
-        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
-                                    backend=self.requested_backend, state=self._method_state)
+        s, k = self._step_coefficients()
         if m.corrects_grads:
             # a method reading whole-tensor statistics gets the located shards (FSDP2)
             extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
                 else {}
-            m.correct_grads_(selection.param_tensors(self.params), grads, self._method_state,
-                             backend=self.requested_backend, **extra)
+            # the window gates the correction too; outside it the method only observes
+            fix = m.correct_grads_ if modulate else m.observe_grads_
+            fix(selection.param_tensors(self.params), grads, self._method_state,
+                backend=self.requested_backend, **extra)
         # shards' whole-tensor stds: one collective per shard group, every rank
         stds = self._shards.global_stds(grads, self.backend) if modulate and m.noise and \
             self._shards.needs_stds else None
+        # attached grad scales applied k in the backward: here k = 1 (NaN kept: skip)
+        hooked = self._grad_scales is not None
         if modulate and fused_plan is not None:
-            self._fused_pending = (grads, k, stds, fused_plan)  # applied by the fused update
-        elif modulate and (m.scales or m.noise):  # a rule of constant k = 1 needs no pass
-            noise_only = self.apply_to == "update"  # then k goes to the update, noise to grads
+            self._fused_pending = (grads, k * 0 + 1 if hooked else k, stds, fused_plan)  # fused update
+        elif modulate and ((m.scales and not hooked) or m.noise):  # k = 1 needs no pass
+            noise_only = self.apply_to == "update" or hooked  # k went elsewhere, noise to grads
             if not noise_only or m.noise:
                 functional.modulate_(
                     grads, k * 0 + 1 if noise_only else k, noise=m.noise,
@@ -404,6 +422,18 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             extra = {**extra, **self._signals.values(self.process_group, self._run.aux_sum,
                                                         self._samples)}
         return extra or None
+
+    def _step_coefficients(self):
+        """(scores, coefficients) of this step: made once, in observe() with grad scales."""
+        if self._early is not None:
+            return self._early
+        m = self._method
+        s, per_sample = distributed.global_scores(
+            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
+            len(self.names), self._device)
+        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
+                                    backend=self.requested_backend, state=self._method_state)
+        return s, k
 
     def _snapshot(self):
         if self._fused_pending is not None:

@@ -52,8 +52,11 @@ class RunState:
         self.scores = self.coeffs = self.skipped = None  # skipped: device counter
         self.fused_pending = None
         self.recorder = None
+        self.grad_scales = None  # attach_grad_scales: where observe() writes the coefficients
+        self.early = None  # (scores, coefficients) fixed in observe() for the grad scales
 
     def clear_pending(self) -> None:
+        self.early = None
         self.score_sum, self.observed, self.samples = None, 0, 0
         self.fresh_sum, self.fresh_observed, self.fresh_samples = None, 0, 0
         self.aux_sum = self.fresh_aux = None
@@ -110,7 +113,8 @@ _LEGACY = {"epoch": "epoch", "step_count": "step_count", "seed": "seed", "alpha"
            "modulation_ends": "modulation_ends", "_epoch_hooked": "epoch_hooked",
            "_score_sum": "score_sum", "_observed": "observed", "_samples": "samples",
            "_scores": "scores", "_coeffs": "coeffs", "_skipped": "skipped",
-           "_fused_pending": "fused_pending", "_recorder": "recorder"}
+           "_fused_pending": "fused_pending", "_recorder": "recorder",
+           "_grad_scales": "grad_scales", "_early": "early"}
 
 
 def upgrade(state: dict) -> dict:
