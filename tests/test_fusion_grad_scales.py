@@ -287,6 +287,7 @@ def test_attach_grad_scales_refusals_and_skips():
     for k, t in opt._method_state.items():
         assert torch.equal(t, state[k]), k
     # non-finite logits: the step is skipped, the scales are ones, the backward untouched
+    opt.drop_scores()  # no backward ran: zero_grad() alone keeps the pending scores
     opt.zero_grad()
     opt.observe({"audio": torch.full_like(z["audio"], float("nan")), "visual": z["visual"]}, y)
     assert torch.equal(gs.scales, torch.ones(2))
