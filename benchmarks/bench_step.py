@@ -127,7 +127,8 @@ def check_fused(inner, params, grads, make_opt, logits, labels, kind) -> dict:
         inner.load_state_dict(copy.deepcopy(saved_s))
         grads.reset()
         opt = make_opt(fused)
-        opt.observe(logits, labels)
+        with torch.enable_grad():  # observe() under no_grad is an evaluation pass: recorded nothing
+            opt.observe(logits, labels)
         opt.step()
         after.append([(k, t.detach().clone()) for k, t in _optimizer_tensors(inner, params)])
     for p, s in zip(params, saved_p):

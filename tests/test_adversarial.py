@@ -496,7 +496,7 @@ def test_unavailable_backend_reported_at_construction(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend='cuda' cannot modulate the parameters on cpu"):
             make(model, torch.optim.SGD(model.parameters(), lr=0.1), backend="cuda")
-    monkeypatch.setattr(backends, "status", lambda name: (False, "pretend it is missing"))
+    monkeypatch.setattr(backends.registry, "status", lambda name: (False, "pretend it is missing"))
     with pytest.raises(RuntimeError, match="pretend it is missing"):
         make(model, torch.optim.SGD(model.parameters(), lr=0.1), backend="cpu")
 
