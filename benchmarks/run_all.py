@@ -3,7 +3,7 @@
 Extra options are passed to each benchmark (``--device``, ``--out``, ``--threads``,
 ``--backends``, ``--min-time``). Writes ``<out>/<name>_<device>.{json,md}``,
 ``<out>/summary_<device>.png`` and ``<out>/README_<device>.md`` (all tables in one file, with
-the targets of issue 5 checked against the numbers).
+the speed targets checked against the numbers).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def write_summary(out_dir: str, tag: str, seconds: float, png: str | None) -> st
     if "bench_modulate" in docs:
         rows = targets(docs["bench_modulate"], docs.get("bench_step"), tag)
         if rows:
-            lines += ["## Targets (issue 5)", "",
+            lines += ["## Targets", "",
                       common.table(["target", "backend", "goal", "measured", "status"], rows), ""]
     for name, d in docs.items():
         md = os.path.join(out_dir, f"{name}_{tag}.md")
