@@ -5,7 +5,7 @@
 # (2.13.0+cu130; `import torch` works without a GPU), then `pip install . --no-build-isolation`
 # builds mmmod._C and mmmod._C_cuda with torch's BuildExtension (a regular install, not editable),
 # for TORCH_CUDA_ARCH_LIST="8.0;9.0". setup.py locates the CUDA toolkit itself and prints it.
-# The tests then run against the installed package (tests/test_cuda_build.py and the CPU
+# The tests then run against the installed package (tests/backends/test_cuda_build.py and the CPU
 # extension's parity suites), from a directory where the checkout's mmmod cannot shadow it.
 #
 # Env: MMMOD_CUDA_VENV (default .venv-cuda), MMMOD_CUDA_LANE_WORK (build copy, default
@@ -59,5 +59,5 @@ cd "$WORK/run"  # no mmmod/ here: tests import the installed package
 "$VENV/bin/python" -m mmmod.info
 # (pytest finds the project's config from the test paths, as from the checkout)
 MMMOD_EXPECT_CUDA_BUILD=1 MMMOD_EXPECT_SM=80,90 MMMOD_SOURCE_TREE="$REPO" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs \
-    "$REPO/tests/test_cuda_build.py" "$REPO/tests/test_cpu_ext.py" "$REPO/tests/test_ext_cuda.py"
+    "$REPO/tests/backends/test_cuda_build.py" "$REPO/tests/backends/test_cpu_ext.py" "$REPO/tests/backends/test_ext_cuda.py"
 say "done"

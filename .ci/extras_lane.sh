@@ -28,6 +28,6 @@ echo "torch==$TORCH" > "$CONSTRAINTS"
 # the constraint makes pip fail rather than replace torch
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "${PINS[@]}"
 say "$("$VENV/bin/python" -c "import torch, lightning, accelerate, transformers, mmmod; print('torch', torch.__version__, '| lightning', lightning.__version__, '| accelerate', accelerate.__version__, '| transformers', transformers.__version__, '| mmmod from', mmmod.__file__)" 2>/dev/null)"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations_lightning.py \
-    tests/test_integrations_hf.py tests/test_integrations_docs.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integrations/test_integrations_lightning.py \
+    tests/integrations/test_integrations_hf.py tests/integrations/test_integrations_docs.py
 say "done"

@@ -42,7 +42,7 @@ N_CLASSES = 6
 AUDIO_SHAPE = (1, 257, 188)
 VISUAL_SHAPE = (3, 1, 224, 224)
 # fused vs unfused after one step: SGD must be bitwise; Adam/AdamW within this many float32 ulps
-# of each tensor's largest magnitude (bitwise on the CPU: docs/fused.md, tests/test_fused_update.py)
+# of each tensor's largest magnitude (bitwise on the CPU: docs/fused.md, tests/kernels/test_fused_update.py)
 ADAM_ULPS = 0
 
 

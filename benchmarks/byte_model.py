@@ -8,9 +8,9 @@ chunk partials, sigma, k; counted as DRAM bytes too, an upper bound). Summed per
 bucket and step they give the ``B/elem`` of a backend; ``expected_seconds`` turns bytes and
 launches into time with a copy bandwidth and a per-launch cost.
 
-tests/test_byte_model.py checks the model against the code (chunk counts from the real bucket
+tests/backends/test_byte_model.py checks the model against the code (chunk counts from the real bucket
 tables, gradient reads per element against the 16-byte accesses counted in the compiled PTX by
-tests/test_triton_aot.py and in the CUDA cubin) and the 12 B/element floor of OGM-GE.
+tests/kernels/test_triton_aot.py and in the CUDA cubin) and the 12 B/element floor of OGM-GE.
 
     python -m benchmarks.byte_model [--markdown]
 """

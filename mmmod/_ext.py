@@ -162,5 +162,5 @@ def define_ops() -> None:
         importlib.import_module(name)
 
 
-#: the name the CUDA lane's tests (tests/test_cuda_build.py) call
+#: the name the CUDA lane's tests (tests/backends/test_cuda_build.py) call
 _register_fakes = define_ops

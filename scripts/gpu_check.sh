@@ -85,8 +85,8 @@ fi
 # -- 3. parity suites and CUDA-graph capture ------------------------------------------------------
 step pytest_gpu "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs --junitxml="$OUT/pytest_gpu.xml" tests
 step pytest_cuda_suites "$PY" -m pytest -q -p no:cacheprovider -m "not gpu and not slow" -rs \
-    --junitxml="$OUT/pytest_cuda_suites.xml" tests/test_triton_kernels.py tests/test_parity.py \
-    tests/test_methods.py tests/test_capturable.py tests/test_sync_free.py tests/test_cuda_build.py
+    --junitxml="$OUT/pytest_cuda_suites.xml" tests/kernels/test_triton_kernels.py tests/optim/test_parity.py \
+    tests/methods/test_methods.py tests/optim/test_capturable.py tests/optim/test_sync_free.py tests/backends/test_cuda_build.py
 
 # -- 4. compute-sanitizer over one small OGM-GE step per fused backend ----------------------------
 SAN=$(command -v compute-sanitizer || true)

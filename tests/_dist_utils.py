@@ -47,7 +47,7 @@ def _run_then_exit(rank: int, fn, *args) -> None:
     With torch 2.13's gloo a worker that has finished (results written, process group
     destroyed) sometimes aborts during interpreter finalization ("terminate called without an
     active exception", SIGABRT with no Python frame on any thread; about 1 run in 8 of
-    tests/test_distributed_methods.py here, the same with mmmod's extension disabled and at
+    tests/distributed/test_distributed_methods.py here, the same with mmmod's extension disabled and at
     older commits): gloo's threads outlive the interpreter's teardown. Nothing of the test
     happens then, so a finished worker leaves with os._exit(0) and skips the teardown; a
     failing worker raises as before (its error reaches the parent through spawn)."""

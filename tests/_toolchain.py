@@ -1,5 +1,5 @@
-"""Where the CUDA tools the compile-level tests use are (tests/test_byte_model.py,
-tests/test_cuda_build.py, tests/test_fused_update_cuda.py); ``None`` when absent."""
+"""Where the CUDA tools the compile-level tests use are (tests/backends/test_byte_model.py,
+tests/backends/test_cuda_build.py, tests/kernels/test_fused_update_cuda.py); ``None`` when absent."""
 import os
 import shutil
 

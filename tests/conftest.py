@@ -1,5 +1,9 @@
 """Shared test setup.
 
+The test modules sit in folders mirroring the package (tests/optim, tests/methods, ...);
+the helpers they share (``_models.py``, ``_sync_spy.py``, ``infos.py``, ...) sit here, in the
+conftest's directory, which pytest puts on ``sys.path``.
+
 Triton kernels run under the interpreter when there is no GPU; the variable must be set before
 the first ``@triton.jit`` is evaluated, i.e. before anything imports ``mmmod.kernels``.
 """

@@ -2,7 +2,7 @@
 is the model): what each op takes (sample inputs of odd sizes, empty and non-contiguous
 tensors, every float dtype with its tolerance), what it must refuse (error inputs), which
 backends run here, and what each method needs to run a few epochs. Generic tests over it:
-tests/test_op_infos.py; tests/test_outside_backend.py runs the method infos."""
+tests/ops/test_op_infos.py; tests/backends/test_outside_backend.py runs the method infos."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -227,7 +227,7 @@ OP_INFOS = [
     OpInfo("fused_sgd_", _fused_sgd_samples, mutated=(0, 2)),
     OpInfo("fused_adam_", _fused_adam_samples, mutated=(0, 2, 3)),
 ]
-#: ops with a reference (``bucket_table`` is a CUDA kernel's device metadata: tests/test_ext_cuda.py)
+#: ops with a reference (``bucket_table`` is a CUDA kernel's device metadata: tests/backends/test_ext_cuda.py)
 assert {o.name for o in OP_INFOS} == set(REFERENCES), set(REFERENCES) ^ {o.name for o in OP_INFOS}
 
 

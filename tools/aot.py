@@ -18,7 +18,7 @@ transcendentals and never specialises arguments. This module closes that gap:
    (registers, spills) and counts the PTX instructions docs/triton.md makes claims about.
 
 ``python -m tools.aot`` (from the source tree) regenerates the table of docs/triton.md (``--markdown``);
-tests/test_triton_aot.py runs it into an empty ``TRITON_CACHE_DIR`` and checks the results.
+tests/kernels/test_triton_aot.py runs it into an empty ``TRITON_CACHE_DIR`` and checks the results.
 Must run without ``TRITON_INTERPRET=1`` (the kernels must be JITFunctions).
 """
 from __future__ import annotations

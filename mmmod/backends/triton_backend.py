@@ -122,7 +122,7 @@ class TritonBackend(Backend):
     block = 4096
     #: Philox counters per noise program (4 * block_c elements) and its warps: 8 elements per
     #: thread; 16 per thread (1024 counters on 8 warps, or 512 on 8) spills registers on
-    #: sm_80/sm_90 (tests/test_triton_aot.py, docs/triton.md)
+    #: sm_80/sm_90 (tests/kernels/test_triton_aot.py, docs/triton.md)
     block_c = 256
     noise_warps = 4
     #: columns per step of the online log-sum-exp, and rows per scores program (upper bounds)
