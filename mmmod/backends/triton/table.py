@@ -26,10 +26,10 @@ a freed block only after an event on that stream has completed (ATen/core/Cachin
 so the source lives exactly until the copy is done. A table built while a CUDA graph is being
 captured keeps its source: the captured memcpy node reads it again at every replay.
 
-Lifetime of the device tables (:class:`MetaCache`, both layouts): LRU, bounded by entries and by bytes. An
-entry built or used while the current stream is capturing a CUDA graph is *pinned*: the graph
-holds its device pointers, so it is never evicted and ``clear()`` keeps it; it is released by
-``clear(force=True)`` once the graphs that used it are gone. A table used on a stream other than
+Lifetime of the device tables (:class:`MetaCache`, both layouts): LRU, bounded by entries and
+by bytes. An entry built or used while the current stream is capturing a CUDA graph is
+*pinned*: the graph holds its device pointers, so it is never evicted and ``clear()`` keeps it;
+it is released by ``clear(force=True)`` once the graphs that used it are gone. A table used on a stream other than
 the one it was allocated on is ``record_stream``-ed on that stream, so the caching allocator
 does not hand its memory out while kernels there may still read it.
 
