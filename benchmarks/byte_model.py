@@ -20,7 +20,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Sequence
 
-#: Triton backend block sizes (mmmod/backends/triton_backend.py TritonBackend)
+#: Triton backend block sizes (mmmod/backends/triton/__init__.py TritonBackend)
 TRITON_BLOCK = 4096
 TRITON_BLOCK_C = 256  # Philox counters per noise program (4 * 256 elements)
 #: CUDA extension chunk (csrc/cuda_api.h MMMOD_CUDA_CHUNK)
@@ -65,7 +65,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def triton_noise_chunks(numel: int, offset: int, block_c: int = TRITON_BLOCK_C) -> int:
-    """Noise programs of one tensor (kernels/bucket.py noise_chunks: Philox-counter aligned)."""
+    """Noise programs of one tensor (mmmod/backends/triton/table.py noise_chunks: Philox-counter aligned)."""
     if numel == 0:
         return 0
     return _cdiv((offset + numel - 1) // 4 - offset // 4 + 1, block_c)
@@ -249,7 +249,8 @@ def inner_update(numels, es: int, kind: str):
     return Traffic("torch", f"{kind} step (one pass)", 1, n * es, 0, 0, n * es * 2 * (1 + s))
 
 
-#: kernels/fused_update_kernel.py: Philox counters per program, int64 words per table row
+#: mmmod/backends/triton/fused_update.py BLOCK_C (Philox counters per program) and table.py
+#: FUSED_FIELDS (int64 words per table row) of kernels/fused_update_kernel.py
 FUSED_BLOCK_C = 256
 FUSED_FIELDS = 8
 #: csrc/fused_update_api.h: elements per chunk (MMMOD_FUSED_CHUNK), bytes of a tensor entry

@@ -1,16 +1,17 @@
 """The fused modulated SGD / Adam update of one bucket (``ModulatedOptimizer(fused=True)`` on the
 ``triton`` backend; docs/fused.md). The definition is ``reference_sgd_`` / ``reference_adam_`` in
 mmmod/optim/fused.py: torch's single-tensor step applied op for op to the modulated gradient.
+The launchers are in mmmod/backends/triton/fused_update.py.
 
 ``_fused_sgd_kernel`` / ``_fused_adam_kernel``: grid = the bucket's chunks. A chunk is
-``BLOCK_C`` consecutive Philox counters of one tensor (the noise chunks of
-kernels/bucket.py: ``4 BLOCK_C`` stream elements, clipped to the tensor), so with noise every
-Philox call yields four normals in registers, exactly as ``_modulate_noise_kernel``. Per
-element the gradient is read once, ``x = round(k g + sigma n)`` (or ``round(k g)``) is formed
+``BLOCK_C`` consecutive Philox counters of one tensor (the noise chunks of the bucket tables,
+mmmod/backends/triton/table.py: ``4 BLOCK_C`` stream elements, clipped to the tensor), so with
+noise every Philox call yields four normals in registers, exactly as ``_modulate_noise_kernel``.
+Per element the gradient is read once, ``x = round(k g + sigma n)`` (or ``round(k g)``) is formed
 in registers and never stored, and torch's arithmetic follows: the parameter and the optimizer
 state (momentum buffer; exp_avg, exp_avg_sq) are read and written once. Global memory per
 element: SGD with momentum 4 reads/writes of the dtype's size plus the gradient read (20 B in
-float32), Adam 28 B; per program its map entry and its tensor's table row (``FIELDS`` int64).
+float32), Adam 28 B; per program its map entry and its tensor's table row (8 int64 words).
 
 Rounding: launched with ``enable_fp_fusion=False`` (every multiply and add rounds on its own,
 like the unfused modulation), except where torch's own kernels compute ``a * b + c`` with one
@@ -19,70 +20,19 @@ correctly rounded ones (``div_rn`` / ``sqrt_rn``), as CUDA's defaults. Every int
 materialises as a tensor is rounded to the storage dtype (``R``). In float64 the arithmetic is
 float64 (torch's opmath type), otherwise float32.
 
-Table (:func:`fused_table`, a new layout next to kernels/bucket.py's, which is left unchanged):
-``FIELDS`` int64 words per tensor: gradient, parameter, state 1 and state 2 pointers, numel,
-stream offset, first chunk, and a per-tensor flag (SGD: momentum buffer ready); then the chunk
-map (chunk -> tensor). Scalars travel in a float64 tensor (lr, weight decay, ...), Adam's
-per-tensor bias corrections in another (each tensor may have its own step count).
+Table (``FusedTable`` in mmmod/backends/triton/table.py): 8 int64 words per tensor: gradient,
+parameter, state 1 and state 2 pointers, numel, stream offset, first chunk, and a per-tensor
+flag (SGD: momentum buffer ready); then the chunk map (chunk -> tensor). Scalars travel in a
+float64 tensor (lr, weight decay, ...), Adam's per-tensor bias corrections in another (each
+tensor may have its own step count).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import torch
 import triton
 import triton.language as tl
 
 from .modulate_kernel import _normals4
-from .launch import launch as _launch
-from .utils import round_to, tl_dtype
-
-#: Philox counters per program (4 * BLOCK_C elements), warps per program
-BLOCK_C = 256
-WARPS = 4
-#: table words per tensor
-FIELDS = 8
-T_G, T_P, T_S1, T_S2, T_NUMEL, T_OFFSET, T_CHUNK, T_FLAG = range(FIELDS)
-#: scalar slots (float64 tensor)
-H_LR, H_WD, H_MOM, H_DAMP, H_B1W, H_B2, H_EPS, H_DECAY_MUL = range(8)
-
-
-def _noise_chunks(numel: int, offset: int) -> int:
-    if numel == 0:
-        return 0
-    return -(-((offset + numel - 1) // 4 - offset // 4 + 1) // BLOCK_C)
-
-
-def fused_table(grads, params, states1, states2, offsets, flags, device):
-    """The int64 table (module docstring) and the number of chunks. States may be absent
-    (``None``: pointer 0, never dereferenced)."""
-    rows, cmap = [], []
-    for t, (g, p, s1, s2, off, fl) in enumerate(zip(grads, params, states1, states2, offsets,
-                                                    flags)):
-        n = g.numel()
-        rows += [g.data_ptr(), p.data_ptr(), 0 if s1 is None else s1.data_ptr(),
-                 0 if s2 is None else s2.data_ptr(), n, int(off), len(cmap), int(bool(fl))]
-        cmap += [t] * _noise_chunks(n, int(off))
-    # reused while the storages, sizes, offsets and flags stay put (every step after the first
-    # with set_to_none=False gradients): no host-to-device upload per step
-    key = (device, tuple(rows))
-    hit = _tables.get(key)
-    if hit is not None:
-        _tables.move_to_end(key)
-        return hit
-    host = torch.tensor(rows + cmap, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    entry = (host.to(device, non_blocking=True), len(cmap))
-    _tables[key] = entry
-    if len(_tables) > TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return entry
-
-
-#: fused-update tables kept on the device (LRU, keyed by every word of the table)
-TABLE_CACHE_SIZE = 64
-_tables: OrderedDict = OrderedDict()
+from .utils import round_to
 
 
 @triton.jit
@@ -208,107 +158,3 @@ def _fused_adam_kernel(table, cmap, k_ptr, sigma, u_ptr, hyper, bias, seed: tl.i
         u = tl.load(u_ptr).to(ACC)
         pn = _R(p0 + _R(_R(pn - p0, DT, ACC) * u, DT, ACC), DT, ACC)
     tl.store(pp + idx, pn.to(DT), mask=msk)
-
-
-def _check(op, params, grads, states, offsets):
-    if not params:
-        return None
-    p0 = params[0]
-    for name, xs in (("grads", grads),) + tuple(states):
-        if len(xs) != len(params):
-            raise ValueError(f"mmmod.{op}: {len(params)} params but {len(xs)} {name}")
-    if len(offsets) != len(params):
-        raise ValueError(f"mmmod.{op}: {len(params)} params but {len(offsets)} offsets")
-    for i, p in enumerate(params):
-        if p.dtype != p0.dtype or p.device != p0.device or not p.is_contiguous():
-            raise ValueError(f"mmmod.{op}: param {i} must be a contiguous {p0.dtype} tensor on "
-                             f"{p0.device}, like param 0")
-        for name, xs in (("grads", grads),) + tuple(states):
-            x = xs[i]
-            if (x.dtype != p.dtype or x.device != p.device or x.shape != p.shape
-                    or not x.is_contiguous()):
-                raise ValueError(f"mmmod.{op}: {name} {i} must be a contiguous {p.dtype} tensor "
-                                 f"of shape {tuple(p.shape)} on {p.device}, like param {i}")
-    tl_dtype(p0.dtype)  # refuses what the kernels do not take
-    return p0.device
-
-
-def _scalars(device, k, sigma, update_scale):
-    k = k.detach().to(device=device, dtype=torch.float32).reshape(1)
-    sig = None if sigma is None else sigma.detach().to(device=device, dtype=torch.float32)
-    u = (None if update_scale is None
-         else update_scale.detach().to(device=device, dtype=torch.float32).reshape(1))
-    return k, sig, u
-
-
-def sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale, *, lr,
-         weight_decay, momentum, dampening, nesterov, maximize, seed, step, modality) -> None:
-    """``reference_sgd_``'s contract on one bucket (module docstring)."""
-    from mmmod.reference.philox import seed_int64
-    use_momentum = momentum != 0
-    states = (("momentum_buffers", momentum_buffers),) if use_momentum else ()
-    device = _check("fused_sgd_", params, grads, states, offsets)
-    if device is None:
-        return
-    if not any(p.numel() for p in params):
-        return
-    # empty tensors keep their rows (no chunks, never dereferenced), so sigma[t] is row t's
-    # without a device-side gather
-    bufs = momentum_buffers if use_momentum else [None] * len(params)
-    ready = buffer_ready if use_momentum else [False] * len(params)
-    table, n_chunks = fused_table(grads, params, bufs, [None] * len(params), offsets, ready,
-                                  device)
-    k, sig, u = _scalars(device, k, sigma, update_scale)
-    hyper = torch.tensor([lr, weight_decay, momentum, 1 - dampening, 0, 0, 0, 0, 0],
-                         dtype=torch.float64).to(device, non_blocking=True)
-    dt = params[0].dtype
-    acc = tl.float64 if dt == torch.float64 else tl.float32
-    _launch(_fused_sgd_kernel, (n_chunks,), table, table[FIELDS * len(params):], k,
-            sig if sig is not None else k, u if u is not None else k, hyper,
-            seed_int64(seed), int(step) & 0xFFFFFFFF, int(modality) & 0x7FFFFFFF,
-            BLOCK_C=BLOCK_C, DT=tl_dtype(dt), ACC=acc, NOISE=sig is not None,
-            UPDATE=u is not None, MAXIMIZE=bool(maximize), DECAY=weight_decay != 0,
-            MOMENTUM=use_momentum, NESTEROV=bool(nesterov), num_warps=WARPS)
-
-
-def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, offsets, k, sigma, update_scale, *, lr,
-          beta1, beta2, eps, weight_decay, decoupled, maximize, seed, step, modality) -> None:
-    """``reference_adam_``'s contract on one bucket (module docstring)."""
-    from mmmod.reference.philox import seed_int64
-    device = _check("fused_adam_", params, grads,
-                    (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)), offsets)
-    if device is None:
-        return
-    if len(steps) != len(params) or any(float(s) < 1 for s in steps):
-        raise ValueError("mmmod.fused_adam_: one step count >= 1 per param (after this step's "
-                         "increment)")
-    if not any(p.numel() for p in params):
-        return
-    table, n_chunks = fused_table(grads, params, exp_avgs, exp_avg_sqs, offsets,
-                                  [False] * len(params), device)
-    k, sig, u = _scalars(device, k, sigma, update_scale)
-    w1 = 1 - beta1
-    # the Python float arithmetic of _single_tensor_adam, per tensor (steps may differ)
-    bias = []
-    for i in range(len(params)):
-        t = float(steps[i])
-        bias += [-(lr / (1 - beta1 ** t)), (1 - beta2 ** t) ** 0.5]
-    dt = params[0].dtype
-    acc = tl.float64 if dt == torch.float64 else tl.float32
-    # values torch turns into the opmath type (float32 unless float64) before using them
-    cast = (lambda v: v) if dt == torch.float64 else (
-        lambda v: float(torch.tensor(v, dtype=torch.float32)))
-    hyper = torch.tensor([cast(lr), cast(weight_decay), 0, 0, cast(w1), cast(beta2), cast(eps),
-                          cast(1 - lr * weight_decay), cast(1 - beta2)],
-                         dtype=torch.float64).to(device, non_blocking=True)
-    bias_t = torch.tensor([cast(b) for b in bias], dtype=torch.float64).to(device,
-                                                                           non_blocking=True)
-    _launch(_fused_adam_kernel, (n_chunks,), table, table[FIELDS * len(params):], k,
-            sig if sig is not None else k, u if u is not None else k, hyper, bias_t,
-            seed_int64(seed), int(step) & 0xFFFFFFFF, int(modality) & 0x7FFFFFFF,
-            BLOCK_C=BLOCK_C, DT=tl_dtype(dt), ACC=acc, NOISE=sig is not None,
-            UPDATE=u is not None, MAXIMIZE=bool(maximize), DECAY=weight_decay != 0,
-            DECOUPLED=bool(decoupled), SMALL_W=abs(w1) < 0.5, num_warps=WARPS)
-
-
-__all__ = ["sgd_", "adam_", "fused_table", "BLOCK_C", "WARPS", "FIELDS"]

@@ -2,11 +2,11 @@
 docs/semantics.md section 10; reference: ``proximal_`` in mmmod/methods/inforeg.py).
 
 ``_proximal_kernel``: grid = the bucket's chunks of ``BLOCK`` elements of one tensor (the
-statistics chunks of :class:`mmmod.kernels.bucket.BucketMeta`). Three bucket tables of the same
-layout (gradients, parameters, snapshots: equal sizes, so equal chunks) give each program its
-three pointers. Per element ``g <- round(float32(g) + beta (float32(p) - float32(p0)))`` (the
-backend's launcher turns FMA contraction off: each operation rounds as in the reference), then
-the chunk's float64 sum of the squares of the stored values goes to ``partial[chunk]``. When
+statistics chunks of the bucket tables, mmmod/backends/triton/table.py). Three bucket tables of
+the same layout (gradients, parameters, snapshots: equal sizes, so equal chunks) give each
+program its three pointers. Per element ``g <- round(float32(g) + beta (float32(p) -
+float32(p0)))`` (the launcher turns FMA contraction off: each operation rounds as in the
+reference), then the chunk's float64 sum of the squares of the stored values goes to ``partial[chunk]``. When
 beta is 0 nothing is stored (the gradients stay bit-identical) and the squares are those of the
 gradients as they are; beta is read from device memory, so no host sync decides it.
 
@@ -15,31 +15,15 @@ partials (``BLOCK_P`` lanes, chunks in order, then one fixed-shape reduction), d
 size and adds the tensors flagged as >= 2-D: the Fisher increment, in a fixed order (the result
 does not depend on the GPU or the launch).
 
-:func:`proximal_` is the host launcher (tables, dtype groups, non-contiguous copies); every
-launch goes through ``mmmod.kernels.launch``, which ``tools/aot.py``
-records for the ahead-of-time compile.
+The host launcher (tables, dtype groups, non-contiguous copies) is ``proximal_`` in
+mmmod/backends/triton/proximal.py.
 """
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
-from . import bucket as _bucket
-from .launch import launch as _launch
-from .utils import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS, round_to, tl_dtype
-
-#: elements per chunk (one program), warps per chunk program, partials per finishing step
-BLOCK = 4096
-WARPS = 8
-BLOCK_P = 256
-#: the tables' noise chunks are unused here: one per tensor keeps the tables small
-_NOISE_BLOCK = 1 << 30
-
-_cache = None
-_flag_tensors: dict = {}
+from .utils import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS, round_to
 
 
 @triton.jit
@@ -116,61 +100,3 @@ def _proximal_finish_kernel(g_meta, partial, flags, out, T, BLOCK: tl.constexpr,
         mean = s / tl.maximum(n, 1).to(tl.float64)
         total += tl.where((flag != 0) & (n > 0), mean, 0.0)
     tl.store(out + tl.arange(0, 1), total)
-
-
-def _meta_cache():
-    global _cache
-    if _cache is None:
-        _cache = _bucket.MetaCache()
-    return _cache
-
-
-def _flags(dims, device):
-    """int32 [T] device tensor: 1 where the tensor counts for the Fisher (>= 2 dims). Depends on
-    the shapes only, so it is built once per device and shape pattern and reused."""
-    key = (device, tuple(int(d >= 2) for d in dims))
-    hit = _flag_tensors.get(key)
-    if hit is None:
-        hit = torch.tensor(key[1], dtype=torch.int32, device=device)
-        _flag_tensors[key] = hit
-    return hit
-
-
-def proximal_(grads, params, snapshots, beta) -> torch.Tensor:
-    """The op on one device: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1).
-    Arguments as ``torch.ops.mmmod.proximal_`` (already checked by the caller); returns the
-    Fisher increment, float64 0-d on beta's device."""
-    device = beta.device
-    out = torch.zeros((), dtype=torch.float64, device=device)
-    groups: dict = {}
-    for g, p, p0 in zip(grads, params, snapshots):
-        if g.numel() > 0:
-            groups.setdefault(g.dtype, []).append((g, p, p0))
-    if not groups:
-        return out
-    b = beta.detach().to(device=device, dtype=torch.float32).reshape(1)
-    cache = _meta_cache()
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for dtype, items in groups.items():
-            gs = [g if g.is_contiguous() else g.contiguous() for g, _, _ in items]
-            ps = [p.detach().contiguous() for _, p, _ in items]
-            p0s = [p0.contiguous() for _, _, p0 in items]
-            zeros = [0] * len(gs)
-            gm = cache.get(gs, zeros, BLOCK, _NOISE_BLOCK)
-            pm = cache.get(ps, zeros, BLOCK, _NOISE_BLOCK)
-            p0m = cache.get(p0s, zeros, BLOCK, _NOISE_BLOCK)
-            partial = torch.empty(gm.n_stats_chunks, dtype=torch.float64, device=device)
-            aligned = all(t.data_ptr() % 16 == 0 for t in gs + ps + p0s)
-            DT = tl_dtype(dtype)
-            _launch(_proximal_kernel, (gm.n_stats_chunks,), gm.meta, pm.meta, p0m.meta,
-                    gm.stats_map, b, partial, BLOCK=BLOCK, DT=DT, ALIGNED=aligned,
-                    num_warps=WARPS)
-            part_out = torch.empty(1, dtype=torch.float64, device=device)
-            _launch(_proximal_finish_kernel, (1,), gm.meta, partial,
-                    _flags([g.dim() for g in gs], device), part_out, len(gs), BLOCK=BLOCK,
-                    BLOCK_P=BLOCK_P)
-            out += part_out[0]
-            for (g, _, _), gc in zip(items, gs):
-                if gc is not g:  # a non-contiguous gradient: its corrected copy goes back
-                    g.copy_(gc)
-    return out

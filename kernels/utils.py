@@ -1,35 +1,19 @@
 """Small Triton helpers shared by the kernels (no libdevice: they also run in the interpreter)."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from . import bucket as _bucket
-
-# The bucket table layout (kernels/bucket.py) as compile-time constants. The compiler refuses a
-# plain int global inside @triton.jit code ("Cannot access global variable ... from within
-# @jit'ed function"; the interpreter accepts it), so the kernels use these tl.constexpr copies.
-META_FIELDS = tl.constexpr(_bucket.META_FIELDS)
-F_PTR = tl.constexpr(_bucket.F_PTR)
-F_NUMEL = tl.constexpr(_bucket.F_NUMEL)
-F_OFFSET = tl.constexpr(_bucket.F_OFFSET)
-F_SCHUNK = tl.constexpr(_bucket.F_SCHUNK)
-F_NCHUNK = tl.constexpr(_bucket.F_NCHUNK)
-
-TORCH_TO_TL = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float64: tl.float64,
-}
-
-
-def tl_dtype(dtype: torch.dtype):
-    try:
-        return TORCH_TO_TL[dtype]
-    except KeyError:
-        raise TypeError(f"mmmod triton kernels do not support dtype {dtype}") from None
+# The bucket table layout (the host side builds it: mmmod/backends/triton/table.py, whose plain
+# ints these must equal; tests/kernels/test_triton_kernels.py checks) as compile-time constants. The
+# compiler refuses a plain int global inside @triton.jit code ("Cannot access global variable
+# ... from within @jit'ed function"; the interpreter accepts it), hence tl.constexpr.
+META_FIELDS = tl.constexpr(5)
+F_PTR = tl.constexpr(0)
+F_NUMEL = tl.constexpr(1)
+F_OFFSET = tl.constexpr(2)
+F_SCHUNK = tl.constexpr(3)
+F_NCHUNK = tl.constexpr(4)
 
 
 @triton.jit

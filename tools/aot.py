@@ -4,7 +4,7 @@ The Triton interpreter runs the kernels on CPU but does not compile them: it acc
 compiler rejects (a plain int global in @jit code), never contracts to FMA, uses numpy's
 transcendentals and never specialises arguments. This module closes that gap:
 
-1. :func:`record_launches` hooks ``mmmod.kernels.launch`` (the single place
+1. :func:`record_launches` hooks ``mmmod.backends.triton.launch`` (the single place
    every launcher goes through) and records each launch's kernel, arguments and options,
    optionally without running it. :func:`backend_launches` drives the backend over a matrix of
    inputs (dtypes, M, int and tensor step, flat and table buckets, noise and scale, every
@@ -38,7 +38,7 @@ from multiprocessing import get_context
 
 import torch
 
-from mmmod.backends.triton_backend import _load_kernels
+from mmmod.backends.triton.kernels import load as _load_kernels
 
 _load_kernels()  # mmmod.kernels: installed, or mapped from the source tree's kernels/
 
@@ -110,7 +110,7 @@ def _kernel_from_path(path: str):
 def record_launches(execute: bool = False):
     """Record every launch of the Triton backend as ``{"kernel", "grid", "args", "kwargs"}``
     descriptions (JSON-able); with ``execute=False`` the launches are not run."""
-    from mmmod.kernels import launch
+    from mmmod.backends.triton import launch
     launches = []
 
     def hook(kernel, grid, args, kwargs):
@@ -133,8 +133,8 @@ def backend_launches():
     Nothing is executed, so this works on CPU without the interpreter; the arguments the
     launchers build (dtypes, alignments, constexprs, options) are the ones a GPU run gets.
     """
-    from mmmod.backends.triton_backend import TritonBackend
-    from mmmod.kernels.bucket import make_flat_grads
+    from mmmod.backends.triton import TritonBackend, proximal
+    from mmmod.backends.triton.table import make_flat_grads
 
     be = TritonBackend()
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -210,13 +210,12 @@ def backend_launches():
         # InfoReg's proximal correction (kernels/proximal_kernel.py): every dtype on aligned
         # tables (a 2-D tensor for the Fisher, a full and a partial chunk), and a bucket whose
         # pointers are off 16-byte alignment (the masked variant)
-        from mmmod.kernels import proximal_kernel
         for dt in dtypes:
             prox = [[torch.empty(s, dtype=dt) for s in ((70, 73), (4096,), (3,))]
                     for _ in range(3)]
-            proximal_kernel.proximal_(*prox, one)
+            proximal.proximal_(be, *prox, one)
         prox = [[buf[1:5001], buf[5001:]] for buf in (torch.empty(1 + 5000 + 7) for _ in range(3))]
-        proximal_kernel.proximal_(*prox, one)
+        proximal.proximal_(be, *prox, one)
     return launches + fused_update_launches()
 
 
@@ -224,8 +223,10 @@ def fused_update_launches():
     """The fused optimizer update's launches (kernels/fused_update_kernel.py), recorded, not
     run: every dtype, SGD with and without momentum / noise / update scale, Adam coupled and
     decoupled (both lerp formulas); part of :func:`backend_launches`."""
-    from mmmod.kernels import fused_update_kernel as fk
+    from mmmod.backends.triton import TritonBackend
+    from mmmod.backends.triton.fused_update import fused_adam_, fused_sgd_
 
+    be = TritonBackend()
     one = torch.ones(1)
     with record_launches(execute=False) as launches:
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -234,18 +235,19 @@ def fused_update_launches():
             offs = [0, 7, 5007]
             for sigma in (None, torch.ones(3)):
                 for upd in (None, one):
-                    fk.sgd_(ps, gs, b1, [True, False, True], offs, one, sigma, upd, lr=0.1,
-                            weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True,
-                            maximize=False, seed=2 ** 40, step=2 ** 33, modality=1)
-                    fk.adam_(ps, gs, b1, b2, [1.0, 2.0, 3.0], offs, one, sigma, upd, lr=1e-3,
-                             beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-                             decoupled=True, maximize=False, seed=3, step=1, modality=0)
-            fk.sgd_(ps, gs, [], [], offs, one, None, None, lr=0.1, weight_decay=0.0,
-                    momentum=0.0, dampening=0.0, nesterov=False, maximize=True, seed=0, step=0,
-                    modality=0)
-            fk.adam_(ps, gs, b1, b2, [1.0, 1.0, 1.0], offs, one, None, None, lr=1e-3,
-                     beta1=0.2, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=False,
-                     maximize=True, seed=3, step=1, modality=0)
+                    fused_sgd_(be, ps, gs, b1, [True, False, True], offs, one, sigma, upd,
+                               lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.0,
+                               nesterov=True, maximize=False, seed=2 ** 40, step=2 ** 33,
+                               modality=1)
+                    fused_adam_(be, ps, gs, b1, b2, [1.0, 2.0, 3.0], offs, one, sigma, upd,
+                                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                                decoupled=True, maximize=False, seed=3, step=1, modality=0)
+            fused_sgd_(be, ps, gs, [], [], offs, one, None, None, lr=0.1, weight_decay=0.0,
+                       momentum=0.0, dampening=0.0, nesterov=False, maximize=True, seed=0,
+                       step=0, modality=0)
+            fused_adam_(be, ps, gs, b1, b2, [1.0, 1.0, 1.0], offs, one, None, None, lr=1e-3,
+                        beta1=0.2, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=False,
+                        maximize=True, seed=3, step=1, modality=0)
     return launches
 
 

@@ -17,7 +17,7 @@ from .torch_backend import TorchBackend
 
 register_backend(TorchBackend())
 # imported on first use (Triton, the extensions); priority and devices declared here for "auto"
-_declare_builtin("triton", "mmmod.backends.triton_backend", "TritonBackend", 20, ("cuda",))
+_declare_builtin("triton", "mmmod.backends.triton", "TritonBackend", 20, ("cuda",))
 _declare_builtin("cpu", "mmmod.backends.extension_backend", "CpuBackend", 30, ("cpu",))
 _declare_builtin("cuda", "mmmod.backends.extension_backend", "CudaBackend", 30, ("cuda",))
 

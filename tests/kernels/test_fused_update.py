@@ -228,7 +228,7 @@ def test_cpu_fused_adam_bitwise_under_each_torch_cpu_capability(capability):
             "print('ok', torch.backends.cpu.get_cpu_capability())\n")
     import os
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
@@ -422,13 +422,17 @@ def test_triton_fused_equals_unfused(kind, dtype):
 
 
 def _fused_kernels():
-    """kernels/fused_update_kernel.py as ``mmmod.kernels`` (installed, or mapped from the source
-    tree by the Triton backend); skipped where Triton is absent."""
+    """The Triton launchers (mmmod/backends/triton/fused_update.py) bound to a fresh backend, as
+    ``.sgd_`` / ``.adam_`` with ``reference_sgd_`` / ``reference_adam_``'s signature, and the
+    backend as ``.be``; skipped where Triton is absent."""
     pytest.importorskip("triton")
-    from mmmod.backends.triton_backend import _load_kernels
-    _load_kernels()
-    from mmmod.kernels import fused_update_kernel
-    return fused_update_kernel
+    import functools
+    import types
+
+    from mmmod.backends.triton import TritonBackend, fused_update
+    be = TritonBackend()
+    return types.SimpleNamespace(be=be, sgd_=functools.partial(fused_update.fused_sgd_, be),
+                                 adam_=functools.partial(fused_update.fused_adam_, be))
 
 
 @pytest.mark.skipif(not TRITON_LIVE, reason="triton backend not available")
@@ -488,12 +492,12 @@ def test_triton_launcher_refuses_before_writing():
 
 
 def test_triton_fused_table_is_reused_while_storages_stay():
-    """The fused update's table is built and uploaded once per set of storages, not per step."""
-    fk = _fused_kernels()
+    """The fused update's table is built and uploaded once per set of storages, not per step,
+    by the backend's one table cache."""
+    cache = _fused_kernels().be.meta_cache
     g, p, s = torch.zeros(10), torch.zeros(10), torch.zeros(10)
-    dev = torch.device("cpu")
-    t1, n1 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)
-    t2, n2 = fk.fused_table([g], [p], [s], [None], [0], [True], dev)
-    assert t1 is t2 and n1 == n2
-    t3, _ = fk.fused_table([g], [p], [s], [None], [0], [False], dev)  # a flag changed
-    assert t3 is not t1 and not torch.equal(t3, t1)
+    t1 = cache.fused([g], [p], [s], [None], [0], [True], 256)
+    t2 = cache.fused([g], [p], [s], [None], [0], [True], 256)
+    assert t1 is t2 and cache.builds == 1
+    t3 = cache.fused([g], [p], [s], [None], [0], [False], 256)  # a flag changed
+    assert t3 is not t1 and not torch.equal(t3.table, t1.table) and cache.builds == 2

@@ -145,7 +145,7 @@ def test_block_offsets_are_64_bit(report):
 
 SPECIALIZATION_PROBE = r"""
 import json, torch
-from mmmod.backends.triton_backend import TritonBackend
+from mmmod.backends.triton import TritonBackend
 from tools import aot
 be = TritonBackend()
 ts, one = [torch.empty(50)], torch.ones(1)

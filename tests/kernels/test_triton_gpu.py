@@ -21,7 +21,7 @@ def be():
     live, why = backends.status("triton")
     if not live:
         pytest.skip(why)
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     return TritonBackend()
 
 

@@ -38,7 +38,7 @@ def be():
 @pytest.fixture
 def small():
     """A private backend instance with tiny blocks: many chunks per tensor, many row blocks."""
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     b = TritonBackend()
     b.block, b.block_c, b.score_block_c, b.score_rows, b.block_p = 64, 8, 8, 2, 4
     return b
@@ -308,7 +308,7 @@ def test_non_finite_gradient_gets_no_noise(small, seed):
 
 
 def test_meta_cache_reused_until_storages_change(seed):
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     be = TritonBackend()
     be.block, be.block_c = 64, 8
     a = _grads(torch.float32, [(10,), (100,)])
@@ -323,7 +323,7 @@ def test_meta_cache_reused_until_storages_change(seed):
 
 
 def test_flat_gradient_buffer(small, seed):
-    from mmmod.kernels.bucket import flat_view, make_flat_grads
+    from mmmod.backends.triton.table import flat_view, make_flat_grads
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(3, 5), (70,), (1,)]]
     buf = make_flat_grads(params)
     buf.copy_(torch.randn(buf.numel()))
@@ -358,7 +358,7 @@ def test_default_blocks_tensor_bigger_than_one_block(be, seed):
 
 
 def test_backend_status_and_supports():
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     b = TritonBackend()
     assert b.available() == (True, "")
     assert b.supports(torch.device("cuda"))
@@ -369,7 +369,7 @@ def test_backend_status_and_supports():
 def test_seed_and_step_are_not_specialisation_keys():
     import inspect
     import re
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     mod = TritonBackend().modules.modulate
     f = mod._modulate_noise_kernel
     dns = getattr(f, "do_not_specialize", None)
@@ -389,7 +389,7 @@ def _cache_get(cache, sizes, base=0):
 
 
 def test_meta_cache_lru_bounded_by_entries_and_bytes():
-    from mmmod.kernels.bucket import MetaCache
+    from mmmod.backends.triton.table import MetaCache
     cache = MetaCache(size=3, max_bytes=1 << 20)
     keep = [_cache_get(cache, [(10,), (100,)]) for _ in range(5)]  # 5 distinct storages
     assert len(cache) == 3 and cache.builds == 5
@@ -411,7 +411,7 @@ def test_meta_cache_lru_bounded_by_entries_and_bytes():
 
 
 def test_meta_cache_pins_entries_used_under_graph_capture():
-    from mmmod.kernels.bucket import MetaCache
+    from mmmod.backends.triton.table import MetaCache
     cache = MetaCache(size=2)
     capturing = {"on": False}
     cache.capturing = lambda device: capturing["on"]
@@ -433,7 +433,7 @@ def test_meta_cache_pins_entries_used_under_graph_capture():
 
 def test_meta_cache_records_the_using_stream(monkeypatch):
     """A table used on a stream other than its allocation stream is record_stream-ed there."""
-    from mmmod.kernels.bucket import MetaCache
+    from mmmod.backends.triton.table import MetaCache
     recorded = []
     monkeypatch.setattr(torch.Tensor, "record_stream",
                         lambda self, s: recorded.append((self.data_ptr(), s)))
@@ -446,7 +446,7 @@ def test_meta_cache_records_the_using_stream(monkeypatch):
 
 
 def test_cpu_step_tensor_for_a_gpu_bucket_is_read_on_the_host():
-    from mmmod.backends.triton_backend import TritonBackend
+    from mmmod.backends.triton import TritonBackend
     cuda = torch.device("cuda")  # only compared with, never touched
     assert TritonBackend._step_args(torch.tensor(2 ** 32 + 7), cuda) == (7, None)
     assert TritonBackend._step_args(torch.tensor(-3, dtype=torch.int16), cuda) == (2 ** 32 - 3,
@@ -456,3 +456,34 @@ def test_cpu_step_tensor_for_a_gpu_bucket_is_read_on_the_host():
     assert TritonBackend._step_args(step, torch.device("cpu")) == (0, step)  # read by the kernel
     with pytest.raises(ValueError, match="0-d integer tensor"):
         TritonBackend._step_args(torch.tensor([1]), cuda)
+
+
+def test_table_layout_constants_are_the_kernels():
+    """The host table builder and the kernels read the same words (kernels/utils.py holds them
+    as tl.constexpr, mmmod/backends/triton/table.py as ints)."""
+    from mmmod.backends.triton import TritonBackend, table
+    utils = TritonBackend().modules.utils
+    for name in ("META_FIELDS", "F_PTR", "F_NUMEL", "F_OFFSET", "F_SCHUNK", "F_NCHUNK"):
+        assert getattr(utils, name).value == getattr(table, name), name
+
+
+def test_every_launcher_builds_its_tables_in_its_backends_cache(seed):
+    """Modulation, moments, the proximal correction and the fused update all take their tables
+    from the one cache their backend object owns (no cache shared between backends)."""
+    from mmmod.backends.triton import TritonBackend
+    be, other = TritonBackend(), TritonBackend()
+    ts = _grads(torch.float32, [(10,), (100,)])
+    be.modulate_bucket_(ts, [0, 10], _k(0.9), _k(1.0), noise=True, noise_std="raw", seed=1,
+                        step=0, modality=0)
+    assert be.meta_cache.builds == 1
+    be.bucket_moments([t.clone() for t in ts])
+    assert be.meta_cache.builds == 2
+    snaps = [t.clone() for t in ts]
+    be.proximal_(ts, [t + 1 for t in ts], snaps, torch.tensor(0.5, device=DEVICE))
+    assert be.meta_cache.builds == 5  # gradients, parameters, snapshots
+    p = [torch.zeros_like(t) for t in ts]
+    be.fused_update("sgd", DEVICE)(p, ts, [], [False, False], [0, 10], _k(1.0), None, None,
+                                   lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                                   nesterov=False, maximize=False, seed=1, step=0, modality=0)
+    assert be.meta_cache.builds == 6 and len(be.meta_cache) == 6
+    assert other._cache is None or other.meta_cache.builds == 0

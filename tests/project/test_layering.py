@@ -1,7 +1,8 @@
 """The import rule (docs/architecture.md): every module of mmmod (kernels/ included, shipped as
 ``mmmod.kernels``) imports only from its own layer or the layers below it, and no set of
-modules imports itself in a cycle. Imports are read from the source (``ast``), lazy imports
-inside functions included."""
+modules imports itself in a cycle; kernels/ is pure ``@triton.jit`` code that imports only
+triton (and math). Imports are read from the source (``ast``), lazy imports inside functions
+included."""
 import ast
 from pathlib import Path
 
@@ -16,8 +17,10 @@ LAYERS = [
      "mmmod.data", "mmmod.monitor"],
     ["mmmod._ops"],                   # the one op library: schemas, fakes, reference defaults
     ["mmmod._ext"],                   # the compiled extensions' loader
-    ["mmmod.kernels"],                # Triton @jit code and its launch helper
-    ["mmmod.backends"],               # registry, resolver, the built-in backends
+    ["mmmod.kernels"],                # Triton @jit code only (imports triton, nothing of mmmod)
+    # registry, resolver, the built-in backends; mmmod.backends.triton: the Triton backend's
+    # declaration, one launcher per op, its table builder and launch point
+    ["mmmod.backends", "mmmod.backends.triton"],
     ["mmmod.fusion", "mmmod.methods"],
     ["mmmod.functional"],
     # the step and what it records (the signals read the optimizer's selection and collectives)
@@ -130,6 +133,47 @@ def test_reference_is_a_leaf():
     bad = [(a, b) for a, deps in GRAPH.items() if a.startswith("mmmod.reference")
            for b in deps if not b.startswith("mmmod.reference")]
     assert not bad, bad
+
+
+#: what a file of kernels/ may import besides its sibling kernel files (``from .x import``)
+KERNEL_IMPORTS = {"triton", "math", "__future__"}
+
+
+def _foreign_imports(source: str, path: str = "<kernel>") -> list:
+    """Imports of a kernels/ file outside :data:`KERNEL_IMPORTS` and its own folder."""
+    bad = []
+    for node in ast.walk(ast.parse(source, path)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                continue  # a sibling kernel file, itself checked here
+            names = [("." * node.level) + (node.module or "")]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("import_module",
+                                                                             "__import__"):
+            names = ["importlib"]
+        else:
+            continue
+        bad += [f"{path}:{node.lineno} imports {n}" for n in names
+                if n.split(".")[0] not in KERNEL_IMPORTS]
+    return bad
+
+
+def test_kernels_import_only_triton():
+    """The launchers, tables and torch live in mmmod/backends/triton/; kernels/ holds only what
+    the Triton compiler (and tools/aot.py) compiles."""
+    files = sorted((ROOT / "kernels").rglob("*.py"))
+    assert len(files) >= 6
+    bad = [b for p in files for b in _foreign_imports(p.read_text(), str(p.relative_to(ROOT)))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_kernel_import_check_sees_foreign_imports():
+    src = ("import triton\nimport triton.language as tl\nimport math\nfrom .utils import x\n"
+           "def f():\n    import torch\n    from mmmod.reference import philox\n"
+           "    from .. import _ops\n")
+    assert [b.split(" imports ")[1] for b in _foreign_imports(src)] == [
+        "torch", "mmmod.reference", ".."]
 
 
 def test_the_checker_sees_a_planted_cycle_and_upward_import(monkeypatch):

@@ -1,4 +1,12 @@
-"""Bucket metadata for the multi-tensor kernels (host side, no Triton code).
+"""The multi-tensor tables of the Triton kernels (host side, no Triton code): one builder and
+one cache for every launcher that hands many tensors to one launch (apex ``multi_tensor_apply``
+style: a table of pointers and sizes plus a chunk -> tensor map).
+
+Two layouts, one upload path and one cache (:class:`MetaCache`, owned by the backend object):
+:class:`BucketMeta` (modulation, statistics, moments, the proximal correction) and
+:class:`FusedTable` (the fused SGD / Adam update). Their word offsets are the ones the kernels
+read (``kernels/utils.py`` holds :data:`META_FIELDS` and ``F_*`` as ``tl.constexpr``;
+``kernels/fused_update_kernel.py`` reads the :data:`FUSED_FIELDS` words by position).
 
 A *bucket* is the gradients of one modality on one device with one dtype. The kernels see it
 through one small int64 table, built on the host once per distinct set of gradient storages
@@ -18,10 +26,10 @@ a freed block only after an event on that stream has completed (ATen/core/Cachin
 so the source lives exactly until the copy is done. A table built while a CUDA graph is being
 captured keeps its source: the captured memcpy node reads it again at every replay.
 
-Lifetime of the device tables (:class:`MetaCache`): LRU, bounded by entries and by bytes. An
-entry built or used while the current stream is capturing a CUDA graph is *pinned*: the graph
-holds its device pointers, so it is never evicted and ``clear()`` keeps it; it is released by
-``clear(force=True)`` once the graphs that used it are gone. A table used on a stream other than
+Lifetime of the device tables (:class:`MetaCache`, both layouts): LRU, bounded by entries and
+by bytes. An entry built or used while the current stream is capturing a CUDA graph is
+*pinned*: the graph holds its device pointers, so it is never evicted and ``clear()`` keeps it;
+it is released by ``clear(force=True)`` once the graphs that used it are gone. A table used on a stream other than
 the one it was allocated on is ``record_stream``-ed on that stream, so the caching allocator
 does not hand its memory out while kernels there may still read it.
 
@@ -44,6 +52,9 @@ import torch
 
 META_FIELDS = 5
 F_PTR, F_NUMEL, F_OFFSET, F_SCHUNK, F_NCHUNK = range(META_FIELDS)
+#: int64 words per tensor of the fused update's table: gradient, parameter, state 1 and state 2
+#: pointers, numel, stream offset, first chunk, flag (SGD: momentum buffer ready)
+FUSED_FIELDS = 8
 CACHE_SIZE = 256
 CACHE_BYTES = 64 << 20  # device table bytes kept by the LRU (unpinned entries)
 
@@ -70,6 +81,24 @@ def current_stream(device: torch.device):
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def _upload(table, words, device: torch.device, keep_host: bool) -> None:
+    """Move the int64 ``words`` to ``device`` as ``table.buffer`` (module docstring: pinned
+    source, non-blocking copy) and set what :class:`MetaCache` tracks of an entry."""
+    host = torch.tensor(words, dtype=torch.int64)
+    table._host = None
+    if device.type == "cuda":
+        host = host.pin_memory()
+        buf = host.to(device, non_blocking=True)
+        if keep_host:  # a captured memcpy node re-reads the source at every replay
+            table._host = host
+    else:
+        buf = host.to(device)
+    table.buffer = buf
+    table.nbytes = buf.numel() * buf.element_size()
+    table.alloc_stream = current_stream(device)
+    table.pinned = False  # set by MetaCache: used under graph capture, never evicted
+
+
 class BucketMeta:
     """The device table of one bucket (see the module docstring)."""
 
@@ -90,27 +119,44 @@ class BucketMeta:
         self.n_stats_chunks = len(smap)
         self.n_noise_chunks = len(nmap)
         self.block, self.block_c = block, block_c
-        host = torch.tensor(rows + smap + nmap, dtype=torch.int64)
-        self._host = None
-        if device.type == "cuda":
-            host = host.pin_memory()
-            buf = host.to(device, non_blocking=True)
-            if keep_host:  # a captured memcpy node re-reads the source at every replay
-                self._host = host
-        else:
-            buf = host.to(device)
+        _upload(self, rows + smap + nmap, device, keep_host)
         t = self.num_tensors * META_FIELDS
-        self.buffer = buf
-        self.nbytes = buf.numel() * buf.element_size()
-        self.alloc_stream = current_stream(device)
-        self.pinned = False  # set by MetaCache: used under graph capture, never evicted
+        buf = self.buffer
         self.meta = buf[:t]
         self.stats_map = buf[t:t + self.n_stats_chunks]
         self.noise_map = buf[t + self.n_stats_chunks:]
 
 
+def fused_words(grads, params, states1, states2, offsets, flags, block_c: int):
+    """The :class:`FusedTable` rows (``FUSED_FIELDS`` words per tensor) and chunk map (chunk ->
+    tensor, the tensor's noise chunks). A state may be absent (``None``: pointer 0, never
+    dereferenced); an empty tensor keeps its row and owns no chunk."""
+    rows, cmap = [], []
+    for t, (g, p, s1, s2, off, fl) in enumerate(zip(grads, params, states1, states2, offsets,
+                                                    flags)):
+        n = g.numel()
+        rows += [g.data_ptr(), p.data_ptr(), 0 if s1 is None else s1.data_ptr(),
+                 0 if s2 is None else s2.data_ptr(), n, int(off), len(cmap), int(bool(fl))]
+        cmap += [t] * noise_chunks(n, int(off), block_c)
+    return rows, cmap
+
+
+class FusedTable:
+    """The device table of one fused-update bucket: ``table`` (``FUSED_FIELDS`` int64 words
+    per tensor, see :func:`fused_words`) and ``chunk_map`` (``n_chunks`` words), one buffer."""
+
+    def __init__(self, rows, cmap, num_tensors: int, device: torch.device, *,
+                 keep_host: bool = False):
+        _upload(self, rows + cmap, device, keep_host)
+        self.num_tensors = num_tensors
+        self.n_chunks = len(cmap)
+        self.table = self.buffer
+        self.chunk_map = self.buffer[FUSED_FIELDS * num_tensors:]
+
+
 class MetaCache:
-    """LRU cache of :class:`BucketMeta`, keyed by the storages and stream offsets.
+    """LRU cache of the device tables (:class:`BucketMeta`, :class:`FusedTable`), keyed by
+    the storages, sizes, stream offsets (and flags) they describe.
 
     Bounded by ``size`` entries and ``max_bytes`` bytes of device tables; pinned entries (built
     or used under CUDA graph capture) are never evicted and count towards neither bound, since
@@ -127,6 +173,7 @@ class MetaCache:
         self.stream = current_stream
         self._count = 0   # unpinned entries
         self._nbytes = 0  # their device bytes
+        self._flags: dict = {}
 
     @property
     def nbytes(self) -> int:
@@ -141,16 +188,43 @@ class MetaCache:
         return len(self._d)
 
     def get(self, tensors, offsets, block: int, block_c: int) -> BucketMeta:
+        """The :class:`BucketMeta` of ``tensors`` (built once per storages, sizes, offsets)."""
         device = tensors[0].device
-        key = (device, tensors[0].dtype, block, block_c,
+        key = ("bucket", device, tensors[0].dtype, block, block_c,
                tuple(g.data_ptr() for g in tensors), tuple(g.numel() for g in tensors),
                tuple(int(o) for o in offsets))
+        return self._lookup(key, device, lambda keep_host: BucketMeta(
+            tensors, offsets, block, block_c, keep_host=keep_host))
+
+    def fused(self, grads, params, states1, states2, offsets, flags, block_c: int) -> FusedTable:
+        """The :class:`FusedTable` of one fused-update bucket, reused while every word of it
+        (storages, sizes, offsets, flags) stays put: every step after the first with
+        ``set_to_none=False`` gradients uploads nothing."""
+        device = params[0].device
+        rows, cmap = fused_words(grads, params, states1, states2, offsets, flags, block_c)
+        key = ("fused", device, block_c, tuple(rows))
+        return self._lookup(key, device, lambda keep_host: FusedTable(
+            rows, cmap, len(params), device, keep_host=keep_host))
+
+    def flags(self, values, device: torch.device) -> torch.Tensor:
+        """A small int32 device tensor of ``values`` (per-tensor flags that depend on the shapes
+        only), built once per device and values and kept for the cache's lifetime."""
+        key = (device, tuple(int(v) for v in values))
+        hit = self._flags.get(key)
+        if hit is None:
+            hit = torch.tensor(key[1], dtype=torch.int32, device=device)
+            self._flags[key] = hit
+        return hit
+
+    def _lookup(self, key, device, build):
+        """The entry under ``key``, built by ``build(keep_host)`` when missing; pins it under
+        graph capture, records the using stream, evicts to the bounds."""
         under_capture = self.capturing(device)
         meta = self._d.get(key)
         if meta is not None:
             self._d.move_to_end(key)
         else:
-            meta = BucketMeta(tensors, offsets, block, block_c, keep_host=under_capture)
+            meta = build(under_capture)
             self.builds += 1
             self._d[key] = meta
             self._count += 1
@@ -188,6 +262,7 @@ class MetaCache:
         replayed again (delete the graphs first)."""
         if force:
             self._d.clear()
+            self._flags.clear()
         else:
             for key in [k for k, m in self._d.items() if not m.pinned]:
                 del self._d[key]
