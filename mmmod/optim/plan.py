@@ -62,14 +62,15 @@ class StepPlan:
         self.devices, self.device = devices, devices[0]
         self.closure_required = closure_required
         t = self.traits
-        #: the stages of one evaluation of the gradients, in order
+        #: the stages of one evaluation of the gradients, in order (none for a method that
+        #: does not modulate: its step only records what was observed)
         self.evaluation: tuple[Callable[[Any, Evaluation], None], ...] = tuple(
             stage for stage, needed in (
                 (self.combine_objectives, t.combines_objectives),
                 (self.coefficients, True),
                 (self.correct_grads, t.corrects_grads),
                 (self.shard_stds, t.noise and shards.needs_stds),
-                (self.modulate, fused is not None or t.scales or t.noise)) if needed)
+                (self.modulate, fused is not None or t.scales or t.noise)) if needed and t.modulates)
 
     # ---- the step --------------------------------------------------------------------------
     def run(self, opt, closure):
