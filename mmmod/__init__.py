@@ -2,7 +2,7 @@
 from . import backends, filters, functional, fusion, losses, methods, reference
 from ._version import __version__
 from .optim.proxies import unwrap
-from .optimizer import ModulatedOptimizer
+from .optim import ModulatedOptimizer
 from .slices import ParamSlice
 
 __all__ = ["ModulatedOptimizer", "ParamSlice", "unwrap", "functional", "fusion", "losses", "reference", "backends",

@@ -30,7 +30,7 @@ from .. import losses
 from .. import methods as registry
 from ..diagnostics.probe import linear_probe
 from ..monitor import Recorder, attach
-from ..optimizer import ModulatedOptimizer
+from ..optim import ModulatedOptimizer
 from . import imbalance
 from .models import AVClassifier
 

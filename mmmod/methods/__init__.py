@@ -9,6 +9,7 @@ call, from inside or outside the package; it then works by name in ``ModulatedOp
 and ``functional.coefficients`` on every backend (see README, "Adding a method").
 """
 from .base import Method, get, names, real_number, register, table, unregister
+from .traits import MethodTraits
 
 # the built-in methods register themselves on import, in this order
 from . import ogm, ogm_ge, mlb, none  # noqa: E402,F401  isort: skip
@@ -17,4 +18,4 @@ from . import agm, mslr, inforeg  # noqa: E402,F401  isort: skip
 # per-objective gradient combination (docs/multi_objective.md)
 from . import mmpareto  # noqa: E402,F401  isort: skip
 
-__all__ = ["Method", "register", "unregister", "get", "names", "table", "real_number"]
+__all__ = ["Method", "MethodTraits", "register", "unregister", "get", "names", "table", "real_number"]

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .traits import MethodTraits
+
 
 class Method:
     """Base class of a modulation method; subclass it and :func:`register` an instance."""
@@ -166,6 +168,11 @@ class Method:
             raise ValueError(f"beta_max must be >= 1, got {b} (it bounds the coefficient of a "
                              f"lagging modality from above; below 1 it would slow it down)")
         return a, b
+
+    def traits(self) -> MethodTraits:
+        """The flags above as one frozen value: what the optimizer's step plan reads (once, when
+        it is built)."""
+        return MethodTraits.of(self)
 
     # -- helpers for subclasses -------------------------------------------------------------
     @staticmethod

@@ -20,5 +20,5 @@ def attach(opt, recorder: Recorder | None = None, capacity: int = 1024) -> Recor
     if opt.recorder is not None:
         raise ValueError("this optimizer already records its steps (history=N or an earlier "
                          "attach()); use opt.recorder")
-    opt._recorder = recorder
+    opt.run_state.recorder = recorder  # the holder a framework proxy shares (mmmod.optim.state)
     return recorder

@@ -11,6 +11,11 @@ scores and coefficients one float per modality, and the method state finite (and
 built-in methods' running values, non-negative). The inner optimizer's type is recorded
 (``"inner"``) and a checkpoint of another type is refused by name (checkpoints without the
 record, from older versions, are not checked for it).
+
+The run's position is the optimizer's run state (``opt.run_state``, mmmod/optim/state.py):
+:meth:`~mmmod.optim.state.RunState.to_dict` gives what is saved and
+:meth:`~mmmod.optim.state.RunState.load_dict` restores it; the method object is
+``opt.method_object``. Nothing here reads a private attribute of the optimizer.
 """
 from __future__ import annotations
 
@@ -46,18 +51,15 @@ NON_NEGATIVE = {"agm": ("score_mean", "steps"), "mslr": ("ratio", "base_rate", "
 
 
 def entry(opt) -> dict[str, Any]:
+    run = opt.run_state.to_dict()
     return {
         "inner": inner_type(opt.optimizer),
-        # the device counter is the truth under capture (replays do not run Python);
-        # reading it here syncs once per checkpoint, never per step
-        "step_count": opt.step_count if opt._step_t is None else int(opt._step_t),
-        "seed": opt.seed, "epoch": opt.epoch, "modalities": list(opt.names),
-        "selection": selection(opt),
-        "hyper": {h: getattr(opt, h) for h in config.STRUCTURAL + config.SCALARS},
-        "method_state": {k: v.clone() for k, v in opt._method_state.items()},
-        "skipped_steps": None if opt._skipped is None else opt._skipped.clone(),
-        "scores": None if opt._scores is None else opt._scores.clone(),
-        "coefficients": None if opt._coeffs is None else opt._coeffs.clone(),
+        "step_count": run["step_count"], "seed": run["seed"], "epoch": run["epoch"],
+        "modalities": list(opt.names), "selection": selection(opt),
+        "hyper": {**{h: getattr(opt, h) for h in config.STRUCTURAL},
+                  **{h: run[h] for h in config.SCALARS}},
+        "method_state": run["method_state"], "skipped_steps": run["skipped_steps"],
+        "scores": run["scores"], "coefficients": run["coefficients"],
     }
 
 
@@ -95,18 +97,18 @@ def validated(opt, own: Any) -> dict[str, Any]:
                          f"checkpoint's inner optimizer")
     out = {"step_count": config.integer("step_count", own["step_count"], minimum=0),
            "seed": config.seed(own["seed"]), "epoch": config.integer("epoch", own["epoch"])}
-    out["alpha"], out["beta_max"] = opt._method.check_hyperparameters(hyper["alpha"],
-                                                                      hyper["beta_max"])
+    out["alpha"], out["beta_max"] = opt.method_object.check_hyperparameters(hyper["alpha"],
+                                                                            hyper["beta_max"])
     out["modulation_starts"], out["modulation_ends"] = config.window(
         hyper["modulation_starts"], hyper["modulation_ends"])
     # a method's state may grow (MSLR's accuracy history, InfoReg's traces gain a row per
     # epoch) and gain entries (InfoReg's parameter snapshots): every fresh entry must be there
     # with its dtype, number of dimensions and trailing shape; extra entries are tensors too
-    state, fresh = own["method_state"], opt._method_state
+    state, fresh = own["method_state"], opt.run_state.method_state
     if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
         # parameter-shaped state (InfoReg's snapshots) against this optimizer's (local)
         # tensors, named, before the generic check below
-        opt._method.check_state(state, param_tensors(opt.params), opt.names)
+        opt.method_object.check_state(state, param_tensors(opt.params), opt.names)
     if not isinstance(state, dict) or not set(fresh) <= set(state) or any(
             not isinstance(v, torch.Tensor) for v in state.values()) or any(
             state[k].dtype != v.dtype or state[k].dim() != v.dim()
@@ -147,7 +149,7 @@ def _per_modality(what: str, v: Any, m: int) -> torch.Tensor | None:
 def _check_state_values(opt, state: dict, fresh: dict) -> None:
     """Refuse, by entry, a method state holding NaN/inf or (for the built-in methods' running
     values) a negative value: it would poison every later coefficient silently."""
-    positive = NON_NEGATIVE.get(opt.method, ()) if type(opt._method).__module__.startswith(
+    positive = NON_NEGATIVE.get(opt.method, ()) if type(opt.method_object).__module__.startswith(
         "mmmod.methods.") else ()
     for k in fresh:
         v = state[k]
@@ -159,21 +161,6 @@ def _check_state_values(opt, state: dict, fresh: dict) -> None:
         if k in positive and bool((v < 0).any()):
             raise ValueError(f"state_dict's method state {k!r} of method {opt.method!r} holds a "
                              f"negative value ({float(v.min())})")
-
-
-def restore(opt, values: dict[str, Any]) -> None:
-    for k in ("step_count", "seed", "epoch") + config.SCALARS:
-        setattr(opt, k, values[k])
-    opt._epoch_hooked = values["epoch"]  # its per-epoch work is in the restored method state
-    if opt._step_t is not None:
-        opt._step_t.fill_(opt.step_count)
-    fresh = dict(opt._method_state)
-    opt._method_state.clear()  # the same dict object: entries replaced, grown ones included
-    for k, v in values["method_state"].items():
-        device = fresh[k].device if k in fresh else v.device
-        opt._method_state[k] = v.detach().to(device).clone()
-    opt._skipped, opt._scores, opt._coeffs = (values["skipped_steps"], values["scores"],
-                                              values["coefficients"])
 
 
 def _brief(sel) -> str:
@@ -205,7 +192,7 @@ def load(opt, state_dict: dict[str, Any]) -> None:
                        "ModulatedOptimizer (load it into the inner optimizer instead)")
     values = validated(opt, own)
     opt.optimizer.load_state_dict(sd)
-    restore(opt, values)
+    opt.run_state.load_dict(values)
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
 
@@ -221,7 +208,8 @@ def portable_state(opt) -> dict[str, Any]:
     state = {k: v for k, v in opt.__dict__.items()
              if not (callable(v) and callable(getattr(cls, k, None)))}
     state.pop("_opt_called", None)  # the scheduler wrapper's flag goes with the wrapper
-    state["_run"] = opt._run.portable()
+    state.pop("_plan", None)  # rebuilt on load from the pieces it holds (__setstate__)
+    state["_run"] = opt.run_state.portable()
     return state
 
 
@@ -247,6 +235,7 @@ class Checkpointing:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(upgrade(state))
         self._patch_step_function()
+        self._build_plan()
         self._run.mark = grad_marks(self.params)
 
     def __deepcopy__(self, memo):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def check(opt, grad_scales):
-    """``grad_scales`` if the optimizer can drive it, else a ValueError/TypeError naming why."""
+def check(opt, grad_scales, plan):
+    """``grad_scales`` if the optimizer (its step ``plan``: method traits, device, closure) can
+    drive it, else a ValueError/TypeError naming why."""
     from ..fusion import GradScales  # fusion imports nothing of the optimizer's
 
     if grad_scales is None:
@@ -24,17 +25,16 @@ def check(opt, grad_scales):
     if scales.shape != (len(opt.names),):
         raise ValueError(f"grad_scales holds {scales.shape[0]} scales but the optimizer has "
                          f"{len(opt.names)} modalities {opt.names}")
-    if scales.device != opt._device:
+    if scales.device != plan.device:
         raise ValueError(f"grad_scales lives on {scales.device} but the modalities' parameters on "
-                         f"{opt._device}")
-    m = opt._method
-    if not (m.modulates and m.scales):
+                         f"{plan.device}")
+    if not (plan.traits.modulates and plan.traits.scales):
         raise ValueError(f"method {opt.method!r} computes no coefficients to write into "
                          f"grad_scales")
     if opt.apply_to != "grad":
         raise ValueError(f"grad_scales scales the backward's gradients: it needs apply_to='grad', "
                          f"got {opt.apply_to!r}")
-    if opt._closure_required:
+    if plan.closure_required:
         raise ValueError(f"grad_scales needs the coefficients before the backward; "
                          f"{type(opt.optimizer).__name__} evaluates a closure inside step()")
     return grad_scales

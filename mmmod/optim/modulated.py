@@ -1,8 +1,9 @@
 """``ModulatedOptimizer``: wrap any torch optimizer and modulate each modality's gradients.
 
 Per step: ``zero_grad()`` (also drops the scores whose backward already ran), forward,
-``observe(logits, labels)`` (any number of times), backward, ``step()``: coefficients ->
-modulation -> inner step. Run state lives in a holder shared with framework proxies (``state``).
+``observe(logits, labels)`` (any number of times), backward, ``step()``: the step plan's stages
+(``plan``: checks, coefficients, corrections, modulation, update, record). Run state lives in a
+holder shared with framework proxies (``state``).
 The wrapper owns no parameters: ``param_groups`` and ``state`` are the inner optimizer's live
 objects. Argument checks live in ``config``, parameter selection in ``selection``, data-parallel
 agreement in ``distributed``, ``apply_to="update"`` in ``update``, checkpoints in ``checkpoint``.
@@ -17,10 +18,10 @@ import torch
 from .. import backends, functional
 from ..monitor.history import Recorder
 from ..monitor.signals import Signals, check as check_signals
-from . import (checkpoint, config, distributed, grad_scales, objectives, proxies, selection, sharding,
-               step_checks, update)
+from . import (checkpoint, config, distributed, grad_scales, objectives, proxies, selection, sharding)
 from . import state as run_state
 from . import fused as fused_update
+from . import plan as step_plan
 
 
 class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
@@ -47,6 +48,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         if isinstance(optimizer, ModulatedOptimizer):
             raise TypeError("optimizer is already a ModulatedOptimizer")
         self._method = m = config.method(method)
+        traits = m.traits()  # the flags the step's parts read (mmmod/methods/traits.py)
         self.method = m.name
         self.alpha, self.beta_max = m.check_hyperparameters(
             m.default_alpha if alpha is None else alpha, beta_max)
@@ -64,16 +66,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.params, self.param_names = selection.select(items, keep, self.param_filter, optimized)
         # sharded parameters (FSDP2): refusals, and each shard's place in the noise stream
-        self._shards = sharding.plan(self.names, self.params, self.param_names, m,
+        self._shards = sharding.plan(self.names, self.params, self.param_names, traits,
                                      self.noise_rng)
         # opt.backward(losses): per-objective gradients for a method that combines them
         self._objectives = objectives.ObjectiveGradients(self.names, self.params,
-                                                         self.param_names, m)
+                                                         self.param_names, traits)
         devices = selection.devices(self.params)
         resolved = config.resolve_backends(self.requested_backend, devices, self.capturable)
         self.backend = "+".join(dict.fromkeys(resolved))  # what runs ("auto" resolved)
         self._closure_required = config.closure_required(optimizer)
-        self._offsets = self._shards.offsets  # registration-order stream offsets (local parts)
         self.process_group = process_group
         self.seed = distributed.agree(process_group, seed, resolved)  # one collective, once
         self._devices = devices
@@ -101,14 +102,22 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         # ---- fused=True (mmmod/optim/fused.py): modulation inside the inner update ----------
         self.fused = config.flag("fused", fused)
-        self._fused, self._fused_pending = None, None
+        self._fused = None
         if self.fused:
             if self.capturable or self._closure_required or self.noise_rng != "philox":
                 raise ValueError("fused=True needs capturable=False, noise_rng='philox' and an "
                                  "inner optimizer whose step takes no closure")
             self._fused = fused_update.FusedUpdate(optimizer, self.params, self.param_names,
                                                    self.names)
+        self._build_plan()
         self._patch_step_function()
+
+    def _build_plan(self) -> None:
+        """The step's stages, fixed by the method and the options (mmmod/optim/plan.py): made at
+        construction and after unpickling (a plan is never pickled)."""
+        self._plan = step_plan.StepPlan(
+            self._method, fused=self._fused, objectives=self._objectives, shards=self._shards,
+            signals=self._signals, devices=self._devices, closure_required=self._closure_required)
 
     # ---- run state: one holder that framework proxies share (mmmod/optim/state.py) ----------
     epoch, step_count, seed = (run_state.shared(f) for f in ("epoch", "step_count", "seed"))
@@ -118,8 +127,15 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     _epoch_hooked = run_state.shared("epoch_hooked")
     _score_sum, _observed, _samples = (run_state.shared(f) for f in ("score_sum", "observed", "samples"))
     _scores, _coeffs, _skipped = (run_state.shared(f) for f in ("scores", "coeffs", "skipped"))
-    _fused_pending, _recorder = run_state.shared("fused_pending"), run_state.shared("recorder")
+    _recorder = run_state.shared("recorder")
     _grad_scales, _early = run_state.shared("grad_scales"), run_state.shared("early")
+    _method_state, _step_t = run_state.shared("method_state"), run_state.shared("step_t")
+    # (defined after the lines above, whose class-body name run_state is the module)
+    run_state = property(lambda self: self._run, doc="This run's state holder (a "
+                         "mmmod.optim.state.RunState): position, method state, pending and last "
+                         "scores; checkpoints save its to_dict().")
+    method_object = property(lambda self: self._method, doc="The registered Method instance "
+                             "this optimizer runs (``method`` is its name).")
 
     # ---- the inner optimizer's live state ---------------------------------------------------
     param_groups = property(lambda self: self.optimizer.param_groups,
@@ -145,11 +161,11 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         # per epoch: calling set_epoch again with the same epoch (e.g. every step) only sets
         # the epoch the window is checked against
         if epoch != self._epoch_hooked:
-            if (inputs or self._method.epoch_inputs) and self._world() > 1:
+            if (inputs or self._plan.traits.epoch_inputs) and self._world() > 1:
                 # every rank must feed the method the same values (docs/distributed.md)
                 inputs = distributed.agree_epoch_inputs(self.process_group, epoch, inputs,
                                                         self.names)
-            if self._method.needs_params:
+            if self._plan.traits.needs_params:
                 inputs["params"] = selection.param_tensors(self.params)
             self._method.on_epoch(self._method_state, epoch, names=self.names, **inputs)
             self._epoch_hooked = epoch
@@ -164,7 +180,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         model fuses its modalities' contributions with) in ``observe()``, before the backward its
         hooks act in, instead of scaling the selected gradients in ``step()``; ``None`` detaches.
         One ``observe()`` per step then (docs/semantics.md section 8)."""
-        self._grad_scales = grad_scales.check(self, scales)
+        self._grad_scales = grad_scales.check(self, scales, self._plan)
         self._early = None
 
     def observe(self, logits: Mapping | Sequence[torch.Tensor], labels: torch.Tensor) -> None:
@@ -192,7 +208,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
             for n, z in zip(self.names, zs):
                 if not bool(torch.isfinite(z).all()):
                     raise ValueError(f"logits of modality {n!r} contain NaN or inf")
-        if self._method.score == "prob":  # the fused scores of every backend
+        if self._plan.traits.prob_scores:  # the fused scores of every backend
             s = backends.get(self.requested_backend, labels.device).scores(zs, labels)
         else:
             s = self._method.batch_scores(zs, labels)
@@ -201,7 +217,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         hits = self._signals.hits(zs, labels) if self._signals is not None else None
         self._run.add_scores(s, labels.shape[0], run_state.grad_marks(self.params), aux=hits)
         if self._grad_scales is not None:  # the hooks act in the coming backward: k now
-            self._early = self._step_coefficients()
+            self._early = self._plan.step_coefficients(self)
             grad_scales.write(self._grad_scales, self._early[1], self.in_window())
 
     def backward(self, losses: Mapping[Any, torch.Tensor], *, scaler: Any = None,
@@ -239,68 +255,16 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
     # state the step changes (step counter, scores, history), see docs/distributed.md
     @torch._disable_dynamo  # (lazy: imports dynamo at the first call, as torch.optim does)
     def step(self, closure: Callable[[], Any] | None = None):
-        """Coefficients, modulation (inside the window), inner step. With an inner optimizer
-        that requires a closure, each of its evaluations is modulated. Every check runs before
-        the first write to a gradient, parameter or method state (``step_checks``): a refused
-        step changes nothing and does not count."""
+        """Run the step plan (``plan``): checks, coefficients, corrections, modulation (inside
+        the window), update, record. With an inner optimizer that requires a closure, each of
+        its evaluations is modulated. Every check runs before the first write to a gradient,
+        parameter or method state (``step_checks``): a refused step changes nothing and does
+        not count."""
         if self._closure_required and closure is None:
             raise TypeError(f"{type(self.optimizer).__name__}.step() requires a closure: call "
                             f"step(closure), the closure calling zero_grad(), observe() and "
                             f"backward()")
-        outcome: list = []  # (scores, coefficients, skipped flag) of each modulated evaluation
-        if self._closure_required:
-            def evaluate():
-                with torch.enable_grad():
-                    loss = closure()
-                self._read_signal_gradients()
-                outcome.append(self._modulate_gradients())
-                return loss
-            before = self._snapshot()
-            loss = self.optimizer.step(evaluate)
-        else:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            self._read_signal_gradients()
-            outcome.append(self._modulate_gradients())
-            before = self._snapshot()
-            if self._fused_pending is not None:  # fused=True: modulation inside the update
-                grads, k, stds, plan = self._fused_pending
-                self._fused_pending = None
-                self._fused.step(grads, k, noise=self._method.noise, noise_std=self.noise_std,
-                                 seed=self.seed, step=self.step_count, offsets=self._offsets,
-                                 backend=self.requested_backend, apply_to=self.apply_to, stds=stds,
-                                 plan=plan)
-            else:
-                self.optimizer.step()
-        last = outcome[-1] if outcome else None
-        if before is not None and last is not None:
-            update.scale_updates(self.params, before, last[1])
-        # ---- this step's values are final here: scores, coefficients, skipped flag ----------
-        s = k = bad = None
-        if last is not None and last[0] is not None:
-            s, k, bad = last[0], last[1], torch.stack([o[2] for o in outcome]).amax()
-            self._scores, self._coeffs = s, k
-            self._skipped = bad if self._skipped is None else self._skipped + bad
-        elif not self._method.modulates and self._score_sum is not None:
-            s = self._score_sum  # a baseline run still records what it observed, k = 1
-            k = torch.ones_like(s, dtype=torch.float32)
-        try:  # a failing logger is warned about by the recorder; the bookkeeping always completes
-            if self._recorder is not None and s is not None:
-                self._recorder.record(s, k, bad, self._record_extras(),
-                                      step=self.step_count, epoch=self.epoch,
-                                      samples=self._samples * self._world(),
-                                      modulated=self._method.modulates and self.in_window())
-        finally:
-            self.step_count += 1
-            if self._step_t is not None:
-                self._step_t.add_(1)  # on the device: a captured graph advances it at each replay
-            self._run.clear_pending()  # the early coefficients (grad scales) too
-            self._objectives.clear()
-            if self._signals is not None:
-                self._signals.reset()
-        return loss
+        return self._plan.run(self, closure)
 
     @property
     def scores(self) -> dict:
@@ -352,7 +316,7 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Whether ``state_dict()["mmmod"]`` differs between ranks: a method that keeps a copy
         of the parameters (InfoReg's snapshot) holds this rank's shards of sharded (FSDP2)
         parameters. Save it per rank then (docs/distributed.md); otherwise it is replicated."""
-        return self._method.needs_params and any(
+        return self._plan.traits.needs_params and any(
             selection.sharded_kind(selection.param_of(e)) for ps in self.params for e in ps)
 
     @property
@@ -367,78 +331,3 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     def _world(self) -> int:
         return distributed.world(self.process_group)
-
-    # ---- the step's parts --------------------------------------------------------------------
-    def _modulate_gradients(self):
-        """Run every check of this evaluation (``step_checks.run``), then compute its
-        coefficients, apply the method's gradient correction and modulate (inside the
-        window): (scores, coefficients, skipped flag), or Nones for a method that does not
-        modulate. Nothing below the checks refuses."""
-        m = self._method
-        checked = step_checks.run(self)
-        if checked is None:
-            return None, None, None
-        modulate, grads, fused_plan = checked.modulate, checked.grads, checked.fused_plan
-        if checked.pairs is not None:  # per-objective gradients (objectives.py)
-            fused, summed = checked.pairs
-            m.combine_(fused, summed, self._method_state, alpha=self.alpha, names=self.names,
-                       fused_scale=self._objectives.fused_scale, backend=self.requested_backend)
-        s, k = self._step_coefficients()
-        if m.corrects_grads:
-            # a method reading whole-tensor statistics gets the located shards (FSDP2)
-            extra = {"shards": self._shards} if m.whole_tensor_stats and self._shards.located \
-                else {}
-            # the window gates the correction too; outside it the method only observes
-            fix = m.correct_grads_ if modulate else m.observe_grads_
-            fix(selection.param_tensors(self.params), grads, self._method_state,
-                backend=self.requested_backend, **extra)
-        # shards' whole-tensor stds: one collective per shard group, every rank
-        stds = self._shards.global_stds(grads, self.backend) if modulate and m.noise and \
-            self._shards.needs_stds else None
-        # attached grad scales applied k in the backward: here k = 1 (NaN kept: skip)
-        hooked = self._grad_scales is not None
-        if modulate and fused_plan is not None:
-            self._fused_pending = (grads, k * 0 + 1 if hooked else k, stds, fused_plan)  # fused update
-        elif modulate and ((m.scales and not hooked) or m.noise):  # k = 1 needs no pass
-            noise_only = self.apply_to == "update" or hooked  # k went elsewhere, noise to grads
-            if not noise_only or m.noise:
-                functional.modulate_(
-                    grads, k * 0 + 1 if noise_only else k, noise=m.noise,
-                    noise_std=self.noise_std, noise_rng=self.noise_rng, seed=self.seed,
-                    step=self.step_count if self._step_t is None else self._step_t,
-                    backend=self.requested_backend, offsets=self._offsets, names=self.names,
-                    tensor_names=self.param_names, stds=stds,
-                    _prechecked=True)  # k*0+1 keeps NaN (skip)
-        return s, k, (~torch.isfinite(k).all()).to(torch.int64)
-
-    def _read_signal_gradients(self) -> None:
-        if self._signals is not None and self._recorder is not None:
-            self._signals.read_gradients()  # before the modulation changes them
-
-    def _record_extras(self):
-        """The row's extra columns: the method's log values and the opted-in signals."""
-        extra = self._method.log_values(self._method_state) or {}
-        if self._signals is not None:
-            extra = {**extra, **self._signals.values(self.process_group, self._run.aux_sum,
-                                                        self._samples)}
-        return extra or None
-
-    def _step_coefficients(self):
-        """(scores, coefficients) of this step: made once, in observe() with grad scales."""
-        if self._early is not None:
-            return self._early
-        m = self._method
-        s, per_sample = distributed.global_scores(
-            self._score_sum, self._samples, m.score_reduction == "mean", self.process_group,
-            len(self.names), self._device)
-        k = functional.coefficients(per_sample, self.method, self.alpha, self.beta_max,
-                                    backend=self.requested_backend, state=self._method_state)
-        return s, k
-
-    def _snapshot(self):
-        if self._fused_pending is not None:
-            return None  # the fused update scales the update itself
-        if self.apply_to == "update" and self._method.modulates and self._method.scales \
-                and self.in_window():
-            return update.snapshot(self.params)
-        return None

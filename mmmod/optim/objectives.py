@@ -59,7 +59,8 @@ def _reached_leaves(loss: torch.Tensor) -> tuple[set[int], bool]:
 
 class ObjectiveGradients:
     """The fused objective's gradients of the selected tensors, kept between ``backward`` and
-    ``step`` (one tensor per selected tensor, released at ``step``/``zero_grad``)."""
+    ``step`` (one tensor per selected tensor, released at ``step``/``zero_grad``). ``method``:
+    the method's ``MethodTraits`` (its ``name`` and ``combines_objectives``)."""
 
     def __init__(self, names: Sequence, params: Sequence[Sequence], param_names, method) -> None:
         self.names = list(names)

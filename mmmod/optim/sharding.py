@@ -245,7 +245,8 @@ def merged_std(table: torch.Tensor) -> torch.Tensor:
 
 
 def plan(names, params, param_names, method, noise_rng: str) -> ShardPlan:
-    """Check every selected entry against ``method`` and lay out the noise stream.
+    """Check every selected entry against ``method`` (its ``MethodTraits``: ``name``,
+    ``shard_safe``, ``noise``, ``whole_tensor_stats``) and lay out the noise stream.
 
     Refused, with the modality and parameter named: sharded entries of a method that is not
     ``shard_safe``; for a noise method or one with ``whole_tensor_stats``, an FSDP1

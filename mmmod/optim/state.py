@@ -18,6 +18,9 @@ applies, with accumulation too; the scores of a step that a ``GradScaler`` skipp
 backward ran, no ``step()`` consumed them) are dropped by the next ``zero_grad()``. A backward
 is seen, with no host sync, as a change of the gradient object or of its version counter on
 the first selected tensor of each modality (in-place accumulation and ``zero_()`` bump it).
+
+Checkpoints (mmmod/optim/checkpoint.py) serialise the run's position through
+:meth:`RunState.to_dict` and restore it with :meth:`RunState.load_dict`.
 """
 from __future__ import annotations
 
@@ -27,16 +30,20 @@ from typing import Any
 import torch
 
 from ..slices import ParamSlice
+from .config import SCALARS
 
 
 class RunState:
-    """What changes while training: position, pending and last scores, counters, recorder.
+    """What changes while training: position, method state, pending and last scores,
+    counters, recorder.
 
     ``score_sum`` / ``observed`` / ``samples``: every pending (micro-)batch, ``aux_sum``: the
     sum of a per-batch tensor kept alongside the scores (the accuracy signal's hits, or None); ``fresh_*``: the
     part observed after the last detected backward, set only while an older part exists
     (``fresh_sum is None`` means all pending scores are fresh); ``mark``: the gradients'
-    identity at the last ``observe()`` or ``zero_grad()``.
+    identity at the last ``observe()`` or ``zero_grad()``. ``method_state``: the method's
+    tensors (``Method.init_state``), updated in place; ``step_t``: the capturable noise counter
+    on the device (None unless ``capturable=True``).
     """
 
     def __init__(self) -> None:
@@ -50,7 +57,8 @@ class RunState:
         self.aux_sum = self.fresh_aux = None
         self.mark = None
         self.scores = self.coeffs = self.skipped = None  # skipped: device counter
-        self.fused_pending = None
+        self.method_state: dict[str, torch.Tensor] = {}
+        self.step_t = None
         self.recorder = None
         self.grad_scales = None  # attach_grad_scales: where observe() writes the coefficients
         self.early = None  # (scores, coefficients) fixed in observe() for the grad scales
@@ -92,6 +100,38 @@ class RunState:
             self.fresh_sum, self.fresh_observed, self.fresh_samples = None, 0, 0
             self.fresh_aux = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The run's position as a checkpoint saves it: step count (the device counter under
+        capture, the truth there since replays run no Python: reading it syncs once per
+        checkpoint, never per step), seed, epoch, the scalar hyperparameters, and clones of the
+        method state, skipped count and last scores and coefficients."""
+        out = {"step_count": self.step_count if self.step_t is None else int(self.step_t),
+               "seed": self.seed, "epoch": self.epoch}
+        out.update({h: getattr(self, h) for h in SCALARS})
+        out["method_state"] = {k: v.clone() for k, v in self.method_state.items()}
+        for key, v in (("skipped_steps", self.skipped), ("scores", self.scores),
+                       ("coefficients", self.coeffs)):
+            out[key] = None if v is None else v.clone()
+        return out
+
+    def load_dict(self, values: dict[str, Any]) -> None:
+        """Restore what :meth:`to_dict` saved (validated by the caller). The method state
+        dict stays the same object (the method's entries replaced, grown ones included), each
+        entry on the device of the entry it replaces; the epoch's per-epoch work counts as
+        done (its results are in the restored method state)."""
+        for k in ("step_count", "seed", "epoch") + SCALARS:
+            setattr(self, k, values[k])
+        self.epoch_hooked = values["epoch"]
+        if self.step_t is not None:
+            self.step_t.fill_(self.step_count)
+        fresh = dict(self.method_state)
+        self.method_state.clear()
+        for k, v in values["method_state"].items():
+            device = fresh[k].device if k in fresh else v.device
+            self.method_state[k] = v.detach().to(device).clone()
+        self.skipped, self.scores, self.coeffs = (values["skipped_steps"], values["scores"],
+                                                  values["coefficients"])
+
     def portable(self) -> "RunState":
         """A shallow copy without the recorder (history and loggers belong to this run)."""
         new = RunState.__new__(RunState)
@@ -107,24 +147,31 @@ def _add(total: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | N
     return x if total is None else total + x
 
 
-# instance attributes of ModulatedOptimizer pickled before the holder existed -> holder fields
+# instance attributes of ModulatedOptimizer pickled before the holder held them -> holder
+# fields (None: dropped, the step no longer keeps it)
 _LEGACY = {"epoch": "epoch", "step_count": "step_count", "seed": "seed", "alpha": "alpha",
            "beta_max": "beta_max", "modulation_starts": "modulation_starts",
            "modulation_ends": "modulation_ends", "_epoch_hooked": "epoch_hooked",
            "_score_sum": "score_sum", "_observed": "observed", "_samples": "samples",
            "_scores": "scores", "_coeffs": "coeffs", "_skipped": "skipped",
-           "_fused_pending": "fused_pending", "_recorder": "recorder",
-           "_grad_scales": "grad_scales", "_early": "early"}
+           "_fused_pending": None, "_recorder": "recorder",
+           "_grad_scales": "grad_scales", "_early": "early",
+           "_method_state": "method_state", "_step_t": "step_t"}
 
 
 def upgrade(state: dict) -> dict:
-    """A pickled instance state from before the holder: its run attributes moved into one."""
-    if "_run" in state:
-        return state
-    state, run = dict(state), RunState()
+    """A pickled instance state from before the holder (or before it held the method state
+    and the device step counter): those attributes moved into it."""
+    state = dict(state)
+    run = state.get("_run")
+    if run is None:
+        run = RunState()
+    run.__dict__.pop("fused_pending", None)
     for old, field in _LEGACY.items():
         if old in state:
-            setattr(run, field, state.pop(old))
+            value = state.pop(old)
+            if field is not None:
+                setattr(run, field, value)
     state["_run"] = run
     return state
 

@@ -27,7 +27,7 @@ LAYERS = [
     ["mmmod.optim", "mmmod.monitor.signals"],
     # what a user reaches: evaluation-time diagnostics, framework integrations, the CLIs
     ["mmmod.diagnostics", "mmmod.integrations"],
-    ["mmmod.optimizer", "mmmod.info", "mmmod.demo", "mmmod.monitor.plot", "mmmod._cli", "mmmod",
+    ["mmmod.info", "mmmod.demo", "mmmod.monitor.plot", "mmmod._cli", "mmmod",
      "mmmod.__main__"],
 ]
 

@@ -1,4 +1,0 @@
-"""``mmmod.ModulatedOptimizer`` (its implementation lives in :mod:`mmmod.optim`)."""
-from .optim.modulated import ModulatedOptimizer
-
-__all__ = ["ModulatedOptimizer"]
