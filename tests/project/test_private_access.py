@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: private names of other libraries' objects that have no public equivalent
 ALLOWED_NAMES = {
@@ -26,8 +26,9 @@ ALLOWED_NAMES = {
 
 #: files allowed any private access, with why
 ALLOWED_FILES = {
-    # the Triton backend is the one launcher of mmmod.kernels' private @jit functions
-    "mmmod/backends/triton_backend.py",
+    # the Triton backend package launches mmmod.kernels' private @jit functions (kernels/ is
+    # pure @triton.jit code with no launcher of its own)
+    "mmmod/backends/triton/",
 }
 
 
@@ -83,7 +84,7 @@ def test_no_module_reads_another_modules_private_attributes():
     bad = []
     for path in sorted((ROOT / "mmmod").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
-        if rel not in ALLOWED_FILES:
+        if not rel.startswith(tuple(ALLOWED_FILES)):
             bad += violations(path.read_text(), rel)
     assert not bad, "private attributes of other modules' objects:\n" + "\n".join(bad)
 
