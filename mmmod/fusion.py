@@ -26,11 +26,17 @@ def concat_logits(linear: torch.nn.Linear, features: Sequence[torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def sum_logits(linears: Sequence[torch.nn.Linear], features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum fusion ``out = sum_m (W_m f_m + b_m)``: z_m = W_m f_m + b_m (full bias of that branch)."""
+def sum_logits(linears: Sequence[torch.nn.Linear], features: Sequence[torch.Tensor], *,
+               full_bias: bool = False) -> list[torch.Tensor]:
+    """Sum fusion ``out = sum_m (W_m f_m + b_m)``: z_m = W_m f_m + b_m / M, the split the
+    official OGM-GE code scores (``main.py`` @ 0f64793 lines 82-86: ``fc_x.bias / 2``,
+    ``fc_y.bias / 2``; docs/semantics.md section 1). ``full_bias=True`` gives each branch's
+    own logits W_m f_m + b_m instead (they add up to the fused logits; the authors' do not)."""
     if len(linears) != len(features):
         raise ValueError(f"{len(linears)} linear layers for {len(features)} feature tensors")
-    return [lin(f.detach()) for lin, f in zip(linears, features)]
+    share = 1 if full_bias else len(features)
+    return [F.linear(f.detach(), lin.weight, None if lin.bias is None else lin.bias / share)
+            for lin, f in zip(linears, features)]
 
 
 def concat_slices(linear: torch.nn.Linear, widths: Sequence[int]) -> list[ParamSlice]:

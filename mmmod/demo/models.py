@@ -3,7 +3,8 @@ correct per-modality logits for modulation (docs/semantics.md section 1).
 
 * ``concat``: ``out = W [f_a; f_v] + b``; z_m from ``mmmod.fusion.concat_logits`` (W's column
   block of modality m and b / M), as the official OGM-GE code.
-* ``sum``: ``out = W_a f_a + b_a + W_v f_v + b_v``; z_m = W_m f_m + b_m (``sum_logits``).
+* ``sum``: ``out = W_a f_a + b_a + W_v f_v + b_v``; z_m = W_m f_m + b_m / 2 (``sum_logits``),
+  as the official OGM-GE code.
 * ``film``: FiLM as in the official code (vision produces gamma, beta that modulate the audio
   features), and ``gated``: the official gated fusion (a sigmoid gate from the audio branch on
   the visual branch). Neither has a linear per-modality split -- the official code crashes

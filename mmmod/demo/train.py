@@ -149,7 +149,8 @@ def modulation_window(method: str, cfg: TrainConfig) -> Optional[int]:
 
 def split_logits_with_grad(model: AVClassifier, feats) -> list[torch.Tensor]:
     """The fusion head's per-modality logits (docs/semantics.md section 1) with autograd: the
-    concat head's column blocks with bias / M, or each branch of the sum head."""
+    concat head's column blocks with bias / M, or each branch of the sum head with its bias / M
+    (as mmmod.fusion.sum_logits)."""
     fusion = model.fusion
     if hasattr(fusion, "fc_out") and hasattr(fusion, "widths"):  # concat
         w, b, out, start = fusion.fc_out.weight, fusion.fc_out.bias, [], 0
@@ -157,7 +158,8 @@ def split_logits_with_grad(model: AVClassifier, feats) -> list[torch.Tensor]:
             out.append(F.linear(f, w[:, start:start + width], None if b is None else b / len(feats)))
             start += width
         return out
-    return [fusion.fc_a(feats[0]), fusion.fc_v(feats[1])]  # sum
+    return [F.linear(f, lin.weight, None if lin.bias is None else lin.bias / len(feats))
+            for f, lin in zip(feats, (fusion.fc_a, fusion.fc_v))]  # sum
 
 
 def _make_optimizer(model, method: str, cfg: TrainConfig, seed: int) -> ModulatedOptimizer:
