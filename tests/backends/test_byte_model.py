@@ -27,7 +27,7 @@ from mmmod import reference
 
 import _toolchain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ----------------------------------------------------------------- the CUDA merge order in numpy
 CUDA_THREADS, CUDA_VEC = 256, 8

@@ -15,7 +15,7 @@ import mmmod
 from mmmod.reference import combine
 from _backends import LIVE_BACKENDS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from benchmarks import mmpareto_eager as eager  # noqa: E402

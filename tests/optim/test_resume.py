@@ -18,7 +18,7 @@ import _dist_utils as du
 pytestmark = pytest.mark.filterwarnings("ignore:mmmod. no fused backend")
 
 HOST = [b for b in ("torch", "cpu") if backends.status(b)[0]]
-TESTS_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))  # tests/: _models
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: _models
 ROOT = os.path.dirname(TESTS_DIR)
 
 
