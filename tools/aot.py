@@ -217,6 +217,15 @@ def backend_launches():
             proximal_kernel.proximal_(*prox, one)
         prox = [[buf[1:5001], buf[5001:]] for buf in (torch.empty(1 + 5000 + 7) for _ in range(3))]
         proximal_kernel.proximal_(*prox, one)
+        # MMPareto's combine (kernels/combine_kernel.py, launched by
+        # mmmod/backends/triton_combine.py): every dtype, with and without the fused scale
+        from mmmod.backends import triton_combine
+        for dt in dtypes:
+            pair = [[torch.empty(s, dtype=dt) for s in ((70, 73), (4096,), (3,))] for _ in range(2)]
+            for scale in (None, torch.ones(1, dtype=torch.float64)):
+                triton_combine.pair_moments(pair[0], pair[1], scale)
+                triton_combine.combine_(pair[1], pair[0], torch.ones(3, 2, dtype=torch.float64),
+                                        scale)
     return launches + fused_update_launches()
 
 

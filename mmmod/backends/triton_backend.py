@@ -29,6 +29,7 @@ from ..reference.moments import check_moments_inputs
 from ..reference.modulate import check_sigma
 from ..reference.philox import check_step, seed_int64
 from ..reference.proximal import check_inputs as check_proximal_inputs
+from . import triton_combine
 from .base import Backend
 from .registry import forget_kernels
 
@@ -154,6 +155,8 @@ class TritonBackend(Backend):
             "proximal_": self._op_proximal,
             "fused_sgd_": self._op_fused_sgd,
             "fused_adam_": self._op_fused_adam,
+            "_pair_moments": triton_combine.pair_moments,
+            "combine_": triton_combine.combine_,
         }
 
     def register_op_kernels(self, device_type: str) -> None:
