@@ -14,7 +14,7 @@ namespace mmmod {
 // one device; fused_scale (when given) a one-element float64 tensor on that device.
 void check_pair_inputs(const char* op, at::TensorList fused, at::TensorList summed,
                        const std::optional<at::Tensor>& fused_scale);
-// combine_'s factors: float64 [n, 2] on the gradients' device.
-void check_combine_factors(const char* op, at::TensorList summed, const at::Tensor& factors);
+// combine_'s moments: float64 [n, 3] on the gradients' device.
+void check_combine_moments(const char* op, at::TensorList summed, const at::Tensor& moments);
 
 }  // namespace mmmod

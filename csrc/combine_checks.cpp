@@ -33,15 +33,15 @@ void check_pair_inputs(const char* op, at::TensorList fused, at::TensorList summ
   }
 }
 
-void check_combine_factors(const char* op, at::TensorList summed, const at::Tensor& factors) {
+void check_combine_moments(const char* op, at::TensorList summed, const at::Tensor& moments) {
   const int64_t n = static_cast<int64_t>(summed.size());
-  TORCH_CHECK_TYPE(factors.scalar_type() == at::kDouble, op, ": factors must be float64, got ",
-                   factors.scalar_type());
-  TORCH_CHECK_VALUE(factors.dim() == 2 && factors.size(0) == n && factors.size(1) == 2, op,
-                    ": factors must have shape [", n,
-                    ", 2] (one (c_fused, c_summed) row per tensor), got ", factors.sizes());
-  TORCH_CHECK_VALUE(n == 0 || factors.device() == summed[0].device(), op, ": factors are on ",
-                    factors.device(), ", the gradients on ", summed[0].device());
+  TORCH_CHECK_TYPE(moments.scalar_type() == at::kDouble, op, ": moments must be float64, got ",
+                   moments.scalar_type());
+  TORCH_CHECK_VALUE(moments.dim() == 2 && moments.size(0) == n && moments.size(1) == 3, op,
+                    ": moments must have shape [", n,
+                    ", 3] (one (|a|^2, |b|^2, a.b) row per tensor), got ", moments.sizes());
+  TORCH_CHECK_VALUE(n == 0 || moments.device() == summed[0].device(), op, ": moments are on ",
+                    moments.device(), ", the gradients on ", summed[0].device());
 }
 
 }  // namespace mmmod

@@ -4,8 +4,10 @@
 //
 // _pair_moments: one read of each (fused, summed) gradient pair; per element, in float64,
 // a = double(g_mm) * fused_scale, b = double(g_sum) - a (each one rounding, as the reference),
-// and the rows (|a|^2, |b|^2, a.b) of every tensor. combine_: one more read of the pair and the
-// one write g_sum <- T(float(g_mm) * float(c_fused * fused_scale) + float(g_sum) * float(c_summed))
+// and the rows (|a|^2, |b|^2, a.b) of every tensor. combine_: from those rows the modality's
+// weights and each tensor's factors (mmpareto_weights / mmpareto_factors, the same float64
+// operations in the same order), then one more read of the pair and the one write
+// g_sum <- T(float(g_mm) * float(c_fused * fused_scale) + float(g_sum) * float(c_summed))
 // (float64 arithmetic for float64 gradients; each operation rounded: the build passes
 // -ffp-contract=off, so no FMA), bit-identical to the reference.
 //
@@ -21,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -138,13 +141,46 @@ at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
   return out;
 }
 
-void combine_cpu(at::TensorList summed, at::TensorList fused, const at::Tensor& factors,
-                 const std::optional<at::Tensor>& fused_scale) {
+// mmmod/reference/combine.py: ordered_sum, min_norm_weights, mmpareto_weights and
+// mmpareto_factors, operation for operation (Python's left-to-right evaluation order)
+void weights_and_factors(const double* mom, int64_t n, double gamma, double* weights,
+                         std::vector<double>& factors) {
+  double aa = 0.0, bb = 0.0, ab = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    aa = aa + mom[3 * i];
+    bb = bb + mom[3 * i + 1];
+    ab = ab + mom[3 * i + 2];
+  }
+  const double inner = (bb - ab) / ((aa + bb) - 2.0 * ab);
+  const double c = ab >= aa ? 0.999 : (ab >= bb ? 0.001 : inner);
+  const double w_mm = ab > 0 ? 0.5 : c;
+  const double w_m = ab > 0 ? 0.5 : 1.0 - c;
+  weights[0] = w_mm;
+  weights[1] = w_m;
+  factors.resize(2 * n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double a2 = mom[3 * i], b2 = mom[3 * i + 1], x = mom[3 * i + 2];
+    double new2 = 4.0 * (((w_mm * w_mm) * a2 + (w_m * w_m) * b2) + ((2.0 * w_mm) * w_m) * x);
+    if (new2 < 0.0) new2 = 0.0;  // clamp_min(0): NaN stays NaN
+    const double sum2 = (a2 + b2) + 2.0 * x;
+    const bool grow = (sum2 > new2) && (new2 > 0.0);
+    const double d = (grow ? std::sqrt(sum2 / new2) : 1.0) * gamma;
+    factors[2 * i] = (2.0 * d) * (w_mm - w_m);
+    factors[2 * i + 1] = (2.0 * d) * w_m;
+  }
+}
+
+at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Tensor& moments,
+                       double gamma, const std::optional<at::Tensor>& fused_scale) {
   check_pair_inputs("mmmod.combine_", fused, summed, fused_scale);
-  check_combine_factors("mmmod.combine_", summed, factors);
+  check_combine_moments("mmmod.combine_", summed, moments);
   const double scale = scale_value(fused_scale);
-  const at::Tensor fac = factors.contiguous();
-  const double* fp = fac.const_data_ptr<double>();
+  const at::Tensor mom = moments.contiguous();
+  at::Tensor weights = at::empty({2}, moments.options());
+  std::vector<double> fac;
+  weights_and_factors(mom.const_data_ptr<double>(), static_cast<int64_t>(summed.size()), gamma,
+                      weights.mutable_data_ptr<double>(), fac);
+  const double* fp = fac.data();
   std::vector<at::Tensor> f, s;
   std::vector<Chunk> chunks;
   plan(fused, summed, f, s, chunks);
@@ -168,6 +204,7 @@ void combine_cpu(at::TensorList summed, at::TensorList fused, const at::Tensor& 
   for (size_t t = 0; t < summed.size(); ++t) {
     if (s[t].defined() && !s[t].is_same(summed[t])) summed[t].copy_(s[t]);
   }
+  return weights;
 }
 
 }  // namespace combine_cpu

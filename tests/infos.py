@@ -212,13 +212,24 @@ def _pair_moments_samples(device):
     return out
 
 
+def _moments(n, g, device, conflict):
+    """[n, 3] rows (|a|^2, |b|^2, a.b) of possible vectors; ``conflict``: a.b < 0 in total
+    (the min-norm branch), else > 0 (equal weights)."""
+    aa = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    bb = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    cos = (torch.rand(n, generator=g, dtype=torch.float64) * 0.9) * (-1 if conflict else 1)
+    return torch.stack([aa, bb, cos * (aa * bb).sqrt()], 1).to(device)
+
+
 def _combine_samples(device):
     g, out = _gen(11), []
     for dtype in FLOAT_DTYPES + (torch.float64,):
         fused, summed = _pair_lists(dtype, device, g)
-        factors = torch.randn(len(summed), 2, generator=g, dtype=torch.float64).to(device)
-        out.append(Sample(f"{dtype}", (summed, fused, factors, None), dtype))
-        out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, factors,
+        for conflict in (True, False):
+            moments = _moments(len(summed), g, device, conflict)
+            out.append(Sample(f"{dtype}-conflict{int(conflict)}",
+                              ([x.clone() for x in summed], fused, moments, 1.5, None), dtype))
+        out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, moments, 1.5,
                                               _pair_scale(device)), dtype))
     return out
 
@@ -265,15 +276,15 @@ def _combine_errors(device):
     out = []
     for e in _pair_errors(device):
         fused, summed, scale = e.args
-        out.append(ErrorSample(e.desc, (summed, fused, torch.ones(len(summed), 2, dtype=f64,
-                                                                  device=device), scale),
+        out.append(ErrorSample(e.desc, (summed, fused, torch.ones(len(summed), 3, dtype=f64,
+                                                                  device=device), 1.5, scale),
                                e.error, e.match))
     a = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
     s = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
-    out.append(ErrorSample("factors-shape", (s, a, torch.ones(3, 2, dtype=f64, device=device),
-                                             None), ValueError, r"factors must have shape \[2, 2\]"))
-    out.append(ErrorSample("factors-dtype", (s, a, torch.ones(2, 2, device=device), None),
-                           TypeError, "factors must be float64"))
+    out.append(ErrorSample("moments-shape", (s, a, torch.ones(3, 3, dtype=f64, device=device),
+                                             1.5, None), ValueError, r"moments must have shape \[2, 3\]"))
+    out.append(ErrorSample("moments-dtype", (s, a, torch.ones(2, 3, device=device), 1.5, None),
+                           TypeError, "moments must be float64"))
     return out
 
 

@@ -423,10 +423,10 @@ def test_mmpareto_model_is_the_launchers():
         fused = [torch.empty(n) for n in numels]
         summed = [torch.empty(n) for n in numels]
         scale = torch.ones(1, dtype=torch.float64) if scaled else None
-        factors = torch.ones(len(numels), 2, dtype=torch.float64)
+        moments = torch.ones(len(numels), 3, dtype=torch.float64)
         with aot.record_launches(execute=False) as launches:
             triton_combine.pair_moments(fused, summed, scale)
-            triton_combine.combine_(summed, fused, factors, scale)
+            triton_combine.combine_(summed, fused, moments, 1.5, scale)
         model = bm.mmpareto_combine(numels, 4, scaled)
         assert [launch["kernel"].split(":")[1] for launch in launches] == [t.kernel for t in model]
         chunks = sum(-(-n // bm.TRITON_BLOCK) for n in numels)

@@ -63,13 +63,16 @@ def test_combine_is_the_references_bits(backend, dtype):
     shapes = ((37,), (3, 50), (0,), (20000,))
     fused = [torch.randn(s, generator=g).to(dtype).to(dev) for s in shapes]
     summed = [torch.randn(s, generator=g).to(dtype).to(dev) for s in shapes]
-    factors = torch.randn(4, 2, generator=g, dtype=torch.float64).to(dev)
     for scale in (None, torch.tensor([2.0 ** -10], dtype=torch.float64, device=dev)):
-        got, want = [t.clone() for t in summed], [t.clone() for t in summed]
-        backends.kernel("combine_", backend, dev)(got, fused, factors, scale)
-        combine.combine_(fused, want, factors, scale)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert not torch.equal(got[0], summed[0])  # it wrote
+        for sign in (1, -1):  # equal weights / the min-norm branch
+            moments = ref.pair_moments(fused, [sign * t for t in summed], scale)
+            got, want = [t.clone() for t in summed], [t.clone() for t in summed]
+            w = backends.kernel("combine_", backend, dev)(got, fused, moments, 1.5, scale)
+            w_ref = combine.weights_and_combine_(fused, want, moments, 1.5, scale)
+            assert torch.equal(w.cpu(), w_ref.cpu()), (w, w_ref)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert not torch.equal(got[0], summed[0])  # it wrote
+        assert (w_ref != 0.5).all()
 
 
 @pytest.mark.parametrize("backend", [b for b in LIVE_BACKENDS if b != "torch"])

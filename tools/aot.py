@@ -224,8 +224,8 @@ def backend_launches():
             pair = [[torch.empty(s, dtype=dt) for s in ((70, 73), (4096,), (3,))] for _ in range(2)]
             for scale in (None, torch.ones(1, dtype=torch.float64)):
                 triton_combine.pair_moments(pair[0], pair[1], scale)
-                triton_combine.combine_(pair[1], pair[0], torch.ones(3, 2, dtype=torch.float64),
-                                        scale)
+                triton_combine.combine_(pair[1], pair[0], torch.ones(3, 3, dtype=torch.float64),
+                                        1.5, scale)
     return launches + fused_update_launches()
 
 

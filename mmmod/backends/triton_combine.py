@@ -14,7 +14,8 @@ import importlib
 
 import torch
 
-from ..reference.combine import check_factors, check_pair_inputs
+from ..reference.combine import (check_moments, check_pair_inputs, mmpareto_factors,
+                                 mmpareto_weights, ordered_sum)
 
 #: elements per chunk program, its warps, partials per step of the finishing reduction
 BLOCK = 4096
@@ -98,16 +99,18 @@ def pair_moments(fused, summed, fused_scale=None) -> torch.Tensor:
     return out
 
 
-def combine_(summed, fused, factors, fused_scale=None) -> None:
+def combine_(summed, fused, moments, gamma, fused_scale=None) -> torch.Tensor:
     check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
-    check_factors("mmmod.combine_", summed, factors)
+    check_moments("mmmod.combine_", summed, moments)
+    # the weights and factors: O(tensors) float64 device ops of the reference, no host read
+    weights = mmpareto_weights(ordered_sum(moments))
     groups = _groups(fused, summed)
     if not groups:
-        return
+        return weights
     device = summed[0].device
     K, bucket, utils, launch = _modules()
     cache = _meta_cache(bucket)
-    fac = factors.contiguous()
+    fac = mmpareto_factors(moments, weights, gamma).contiguous()
     scale = fused_scale if fused_scale is not None else fac  # unread when HAS_SCALE is False
     with _device_ctx(device):
         for dtype, items in groups.items():
@@ -122,3 +125,4 @@ def combine_(summed, fused, factors, fused_scale=None) -> None:
             for _, _, sc, s in items:
                 if sc is not s:  # a non-contiguous gradient: its combined copy goes back
                     s.copy_(sc)
+    return weights

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ..reference import combine
 from .base import Method, register
 
 
@@ -51,12 +50,11 @@ class MMPareto(Method):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
             device = s[0].device
-            # the ops' two passes (mmmod/_ops: the backend's kernels), the weights in between
-            # on the device: mmmod.reference.combine.mmpareto_combine_ step by step
+            # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on
+            # the device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls
             moments = backends.kernel("_pair_moments", backend, device)(a, s, fused_scale)
-            w = combine.mmpareto_weights(combine.ordered_sum(moments))
-            factors = combine.mmpareto_factors(moments, w, alpha)
-            backends.kernel("combine_", backend, device)(s, a, factors, fused_scale)
+            w = backends.kernel("combine_", backend, device)(s, a, moments, float(alpha),
+                                                             fused_scale)
             weights[m].copy_(w.to(weights.device))
 
     def log_values(self, state):

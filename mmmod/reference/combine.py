@@ -63,16 +63,16 @@ def check_pair_inputs(op: str, fused, summed, fused_scale=None) -> None:
                              f"{device}")
 
 
-def check_factors(op: str, summed, factors) -> None:
-    """``combine_``'s factors: float64 ``[n, 2]`` on the gradients' device."""
+def check_moments(op: str, summed, moments) -> None:
+    """The combine's moments: float64 ``[n, 3]`` on the gradients' device."""
     n = len(summed)
-    if factors.dtype != torch.float64:
-        raise TypeError(f"{op}: factors must be float64, got {factors.dtype}")
-    if factors.dim() != 2 or factors.shape[0] != n or factors.shape[1] != 2:
-        raise ValueError(f"{op}: factors must have shape [{n}, 2] (one (c_fused, c_summed) row "
-                         f"per tensor), got {tuple(factors.shape)}")
-    if n and factors.device != summed[0].device:
-        raise ValueError(f"{op}: factors are on {factors.device}, the gradients on "
+    if moments.dtype != torch.float64:
+        raise TypeError(f"{op}: moments must be float64, got {moments.dtype}")
+    if moments.dim() != 2 or moments.shape[0] != n or moments.shape[1] != 3:
+        raise ValueError(f"{op}: moments must have shape [{n}, 3] (one (|a|^2, |b|^2, a.b) row "
+                         f"per tensor), got {tuple(moments.shape)}")
+    if n and moments.device != summed[0].device:
+        raise ValueError(f"{op}: moments are on {moments.device}, the gradients on "
                          f"{summed[0].device}")
 
 
@@ -154,6 +154,17 @@ def combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
             ca = ca * fused_scale.reshape(())
         out = a.detach().to(work) * ca.to(work) + s.detach().to(work) * cs.to(work)
         s.copy_(out.to(s.dtype))
+
+
+@torch.no_grad()
+def weights_and_combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
+                         moments: torch.Tensor, gamma: float,
+                         fused_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 2 and 3 from the modality's moments (this rank's, or summed over shards): the
+    weights, each tensor's factors and the write; returns ``(w_mm, w_m)``."""
+    weights = mmpareto_weights(ordered_sum(moments))
+    combine_(fused, summed, mmpareto_factors(moments, weights, gamma), fused_scale)
+    return weights
 
 
 @torch.no_grad()

@@ -69,10 +69,10 @@ def pair_moments(fused, summed, fused_scale=None):
     return out.to(summed[0].device) if len(summed) == 0 else out
 
 
-def combine_(summed, fused, factors, fused_scale=None):
+def combine_(summed, fused, moments, gamma, fused_scale=None):
     combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
-    combine.check_factors("mmmod.combine_", summed, factors)
-    combine.combine_(fused, summed, factors, fused_scale)
+    combine.check_moments("mmmod.combine_", summed, moments)
+    return combine.weights_and_combine_(fused, summed, moments, gamma, fused_scale)
 
 
 def fused_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale, lr,
