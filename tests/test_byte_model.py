@@ -416,7 +416,9 @@ def test_mmpareto_combine_reads_each_pair_twice_and_writes_once():
 def test_mmpareto_model_is_the_launchers():
     """The recorded launches of the combine ops are the model's kernels and grids."""
     from mmmod.backends import triton_combine
+    from mmmod.backends.triton_backend import _load_kernels
     from tools import aot
+    _load_kernels()
     g = torch.Generator().manual_seed(1)
     for scaled in (False, True):
         numels = [int(x) for x in torch.randint(1, 20000, (4,), generator=g)] + [0]

@@ -155,8 +155,8 @@ class TritonBackend(Backend):
             "proximal_": self._op_proximal,
             "fused_sgd_": self._op_fused_sgd,
             "fused_adam_": self._op_fused_adam,
-            "_pair_moments": triton_combine.pair_moments,
-            "combine_": triton_combine.combine_,
+            "_pair_moments": self._op_pair_moments,
+            "combine_": self._op_combine,
         }
 
     def register_op_kernels(self, device_type: str) -> None:
@@ -434,6 +434,14 @@ class TritonBackend(Backend):
         _load_kernels()
         from mmmod.kernels import proximal_kernel
         return proximal_kernel.proximal_(grads, params, snapshots, beta)
+
+    def _op_pair_moments(self, fused, summed, fused_scale=None):
+        _load_kernels()
+        return triton_combine.pair_moments(fused, summed, fused_scale)
+
+    def _op_combine(self, summed, fused, moments, gamma, fused_scale=None):
+        _load_kernels()
+        return triton_combine.combine_(summed, fused, moments, gamma, fused_scale)
 
     def _op_fused_sgd(self, params, grads, momentum_buffers, buffer_ready, offsets, k, sigma,
                       update_scale, lr, weight_decay, momentum, dampening, nesterov, maximize,

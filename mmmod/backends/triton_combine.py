@@ -29,8 +29,8 @@ _orig_tensors: dict = {}
 
 
 def _modules():
-    from .triton_backend import _load_kernels
-    _load_kernels()
+    # mmmod.kernels is importable once the triton backend has loaded it (its _load_kernels,
+    # which maps the checkout's kernels/ when mmmod is not installed)
     imp = importlib.import_module
     return (imp("mmmod.kernels.combine_kernel"), imp("mmmod.kernels.bucket"),
             imp("mmmod.kernels.utils"), imp("mmmod.kernels.launch").launch)
