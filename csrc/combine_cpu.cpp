@@ -35,6 +35,9 @@ namespace combine_cpu {
 namespace {
 
 constexpr int kLanes = 8;  // independent float64 accumulators per chunk and moment
+// chunks per parallel task: a bucket below 16 chunks (256 Ki elements) runs on the calling
+// thread, where waking the pool costs more than the pass (and far more on a loaded host)
+constexpr int64_t kGrainChunks = 16;
 
 struct Chunk {
   int64_t tensor, start, len;
@@ -119,7 +122,7 @@ at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
   std::vector<Chunk> chunks;
   plan(fused, summed, f, s, chunks);
   std::vector<std::array<double, 3>> partial(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -184,7 +187,7 @@ at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Te
   std::vector<at::Tensor> f, s;
   std::vector<Chunk> chunks;
   plan(fused, summed, f, s, chunks);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const double ca = fp[2 * ch.tensor] * scale, cs = fp[2 * ch.tensor + 1];

@@ -40,8 +40,8 @@ def test_moments_are_the_references_bits_where_it_is_exact(backend, dtype):
 @pytest.mark.skipif(not backends.status("cpu")[0], reason="the CPU extension is not built")
 def test_cpu_moments_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(3)
-    fused = [torch.randn(100003, generator=g), torch.randn(70, 9, generator=g)]
-    summed = [torch.randn(100003, generator=g), torch.randn(70, 9, generator=g)]
+    fused = [torch.randn(600003, generator=g), torch.randn(70, 9, generator=g)]
+    summed = [torch.randn(600003, generator=g), torch.randn(70, 9, generator=g)]
     run = backends.kernel("_pair_moments", "cpu", "cpu")
     threads = torch.get_num_threads()
     try:
