@@ -146,7 +146,8 @@ def _extension():
         # sort last (ninja links objects by name): the linker keeps the baseline copy of any
         # inline function shared with the other objects
         sources=rel("checks.cpp", "cpu_kernels.cpp", "fused_update_cpu.cpp", "module.cpp",
-                    "modulate_all_cpu.cpp", "proximal_cpu.cpp",
+                    "modulate_all_cpu.cpp", "proximal_cpu.cpp", "combine_checks.cpp",
+                    "combine_cpu.cpp",
                     "vec_avx2.cpp", "vec_avx512.cpp"),
         include_dirs=include,
         define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
@@ -162,7 +163,7 @@ def _extension():
             "mmmod._C_cuda",
             sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu",
                         "proximal_cuda.cpp", "proximal.cu", "fused_update_cuda.cpp",
-                        "fused_update.cu"),
+                        "fused_update.cu", "combine_checks.cpp", "combine_cuda.cpp", "combine.cu"),
             include_dirs=include,
             define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},

@@ -11,13 +11,18 @@ demo's shapes, SGD (lr 2e-3, momentum 0.9, weight decay 1e-4: the script's defau
   host-side dot products, the summed backward, the ``named_parameters()`` loop with
   ``torch.norm`` per tensor, ``optimizer.step()``;
 * ``mmmod``: forward, ``opt.backward({"multimodal": L, "audio": L_a, "visual": L_v})`` (two
-  backward passes), ``opt.step()`` (the combine's plain-torch reference, then SGD).
+  backward passes), ``opt.step()`` (the combine, then SGD): on ``backend="torch"`` (the
+  combine's plain-torch reference) and on the fused backend of the device (``cpu``: the C++
+  kernels of ``_pair_moments`` / ``combine_``; ``auto`` on a GPU).
 
 Both start from the same parameters and batch; one step of each is compared first (``agrees``:
 parameters within ``RTOL`` of each tensor's largest magnitude, and moved). The whole steps are
-timed alternately (round robin, medians) because the host is shared. The combine row times
-``mmpareto_combine_`` on saved gradient pairs of every encoder tensor (inputs restored between
-calls) against ``torch._foreach_add_(g_sum, g_mm)`` over the same tensors.
+timed alternately (round robin, medians) because the host is shared. The combine rows time
+the method's combine stage (``MMPareto.combine_``: the two ops and the weights between them)
+on saved gradient pairs of every encoder tensor (inputs restored between calls), on the
+reference and on the fused backend, against ``torch._foreach_add_(g_sum, g_mm)`` over the
+same tensors; the fused backend's combined gradients are compared with the reference's first
+(``combine_check``: max difference in float32 ulps of each tensor's largest magnitude).
 
     python -m benchmarks.bench_mmpareto [--quick|--smoke] [--batch N] [--threads 2]
 """
@@ -88,9 +93,16 @@ def run(args):
     import mmmod
     ours = copy.deepcopy(model)
     inner_p = _sgd(model)
+    from mmmod import backends
+    fused_backend = ("cpu" if backends.status("cpu")[0] else "torch") if device.type == "cpu" \
+        else "auto"
+    fused_model = copy.deepcopy(model)
     opt = mmmod.ModulatedOptimizer(_sgd(ours), {"audio": ours.audio_net,
                                                 "visual": ours.visual_net},
                                    method="mmpareto", backend="torch")
+    opt_f = mmmod.ModulatedOptimizer(_sgd(fused_model), {"audio": fused_model.audio_net,
+                                                         "visual": fused_model.visual_net},
+                                     method="mmpareto", backend=fused_backend)
 
     def paper_fn():
         eager.authors_step(model, inner_p, lambda: losses(model, data), list(NAMES))
@@ -101,34 +113,50 @@ def run(args):
         opt.backward(dict(zip(("multimodal",) + NAMES, ls)))
         opt.step()
 
+    def fused_fn():
+        opt_f.zero_grad()
+        ls = losses(fused_model, data)
+        opt_f.backward(dict(zip(("multimodal",) + NAMES, ls)))
+        opt_f.step()
+
     # ---- the outputs first: one step of each from the same state --------------------------
     start = [p.detach().clone() for p in model.parameters()]
     paper_fn()
     mmmod_fn()
+    fused_fn()
     after_p = [p.detach().clone() for p in model.parameters()]
     after_m = [p.detach().clone() for p in ours.parameters()]
+    after_f = [p.detach().clone() for p in fused_model.parameters()]
     diff = _max_rel_diff(after_p, after_m)
+    diff_f = _max_rel_diff(after_p, after_f)
     moved = _max_rel_diff(start, after_p) > 0
-    check = {"max_rel_diff": diff, "rtol": RTOL, "agrees": diff <= RTOL and moved,
-             "weights": opt._method_state["weights"].tolist()}
-    common.log(f"paper vs mmmod max rel diff {diff:.3g} agrees {check['agrees']}")
+    check = {"max_rel_diff": diff, "max_rel_diff_fused": diff_f, "rtol": RTOL,
+             "fused_backend": fused_backend,
+             "agrees": diff <= RTOL and diff_f <= RTOL and moved,
+             "weights": opt._method_state["weights"].tolist(),
+             "weights_fused": opt_f._method_state["weights"].tolist()}
+    common.log(f"paper vs mmmod max rel diff {diff:.3g} (fused {diff_f:.3g}) agrees "
+               f"{check['agrees']}")
 
     # ---- whole steps, round robin --------------------------------------------------------
     reps = 2 if args.smoke else 8 if args.quick else 20
-    samples = {"paper": [], "mmmod": []}
-    for fn in (paper_fn, mmmod_fn):  # warm-up
+    contenders = (("paper", paper_fn), ("mmmod", mmmod_fn), ("mmmod fused", fused_fn))
+    samples = {name: [] for name, _ in contenders}
+    for _, fn in contenders:  # warm-up
         fn()
     for _ in range(reps):
-        for name, fn in (("paper", paper_fn), ("mmmod", mmmod_fn)):
+        for name, fn in contenders:
             common.sync(device)
             t0 = time.perf_counter()
             fn()
             common.sync(device)
             samples[name].append(time.perf_counter() - t0)
     steps = {k: {"median_s": statistics.median(v), "reps": len(v)} for k, v in samples.items()}
-    steps["mmmod"]["ratio_vs_paper"] = steps["mmmod"]["median_s"] / steps["paper"]["median_s"]
+    for name in ("mmmod", "mmmod fused"):
+        steps[name]["ratio_vs_paper"] = steps[name]["median_s"] / steps["paper"]["median_s"]
     common.log(f"whole step: paper {common.fmt_time(steps['paper']['median_s'])}, mmmod "
-               f"{common.fmt_time(steps['mmmod']['median_s'])}")
+               f"{common.fmt_time(steps['mmmod']['median_s'])}, fused "
+               f"{common.fmt_time(steps['mmmod fused']['median_s'])}")
 
     # ---- the combine alone ------------------------------------------------------------------
     opt.zero_grad()
@@ -144,18 +172,36 @@ def run(args):
     def reset():
         torch._foreach_copy_(flat_s, flat_saved)
 
-    from mmmod.reference.combine import mmpareto_combine_
+    method = mmmod.methods.get("mmpareto")
+    state = method.init_state(len(NAMES))
 
-    def combine_fn():
-        for a, s in zip(fused, summed):
-            mmpareto_combine_(a, s, 1.5)
+    def combine_on(backend):
+        def fn():
+            method.combine_(fused, summed, state, alpha=1.5, names=NAMES, backend=backend)
+        return fn
+
+    combine_fn, combine_fused_fn = combine_on("torch"), combine_on(fused_backend)
+    # the outputs first: the fused backend's combined gradients against the reference's
+    reset()
+    combine_fn()
+    want = [g.clone() for g in flat_s]
+    reset()
+    combine_fused_fn()
+    ulps = max(((x - y).abs().max() / (torch.finfo(torch.float32).eps
+                                         * y.abs().max().clamp_min(1e-30))).item()
+               for x, y in zip(flat_s, want))
+    combine_check = {"backend": fused_backend, "max_ulps_of_max": ulps,
+                     "bitwise": all(torch.equal(x, y) for x, y in zip(flat_s, want))}
+    common.log(f"combine on {fused_backend} vs reference: {ulps:.3g} ulps of each tensor's max")
 
     def add_fn():
         torch._foreach_add_(flat_s, flat_a)
 
     mt = common.min_time(args, full=1.0)
     comb = {}
-    for name, fn in (("mmmod combine (reference)", combine_fn), ("torch._foreach_add_", add_fn)):
+    fused_name = f"mmmod combine ({fused_backend})"
+    for name, fn in (("mmmod combine (reference)", combine_fn), (fused_name, combine_fused_fn),
+                     ("torch._foreach_add_", add_fn)):
         comb[name] = common.time_fn(fn, device, reset=reset, min_time=mt,
                                     min_reps=1 if args.smoke else 5)
         comb[name].update(common.count_syncs(fn, device))
@@ -163,8 +209,12 @@ def run(args):
     opt.zero_grad()
     comb["ratio"] = (comb["mmmod combine (reference)"]["median_s"]
                      / comb["torch._foreach_add_"]["median_s"])
+    comb["ratio_fused"] = comb[fused_name]["median_s"] / comb["torch._foreach_add_"]["median_s"]
+    comb["fused_name"] = fused_name
     results = {"batch": batch, "width": width, "spatial": spatial, "encoder_elements": numel,
-               "encoder_tensors": len(flat_s), "check": check, "steps": steps, "combine": comb}
+               "encoder_tensors": len(flat_s), "check": check, "steps": steps, "combine": comb,
+               "combine_check": combine_check,
+               "targets": {"combine_vs_foreach_add": 1.2, "step_vs_paper": 0.6}}
     tab = render(results)
     print(tab)
     common.write_results("bench_mmpareto", device, args, results, tab)
@@ -176,17 +226,26 @@ def render(r) -> str:
     head = (f"demo-sized model (width {r['width']}, {r['spatial']}x{r['spatial']} images), "
             f"batch {r['batch']}; {r['encoder_tensors']} encoder tensors, "
             f"{r['encoder_elements']} elements; one step agrees: max rel diff "
-            f"{r['check']['max_rel_diff']:.2g} ({'yes' if r['check']['agrees'] else 'NO'})\n\n")
+            f"{r['check']['max_rel_diff']:.2g}, fused {r['check']['max_rel_diff_fused']:.2g} "
+            f"({'yes' if r['check']['agrees'] else 'NO'}); the fused combine against the "
+            f"reference: {r['combine_check']['max_ulps_of_max']:.2g} float32 ulps of each "
+            f"tensor's max (bitwise: {r['combine_check']['bitwise']})\n\n")
     rows = [["whole step (forward, backward passes, combine, SGD)", "paper (4 backward passes)",
              common.fmt_time(s["paper"]["median_s"]), ""],
-            ["", "mmmod (2 backward passes)", common.fmt_time(s["mmmod"]["median_s"]),
-             f"{s['mmmod']['ratio_vs_paper']:.2f}x paper"],
+            ["", "mmmod (2 backward passes), backend torch",
+             common.fmt_time(s["mmmod"]["median_s"]), f"{s['mmmod']['ratio_vs_paper']:.2f}x paper"],
+            ["", f"mmmod (2 backward passes), backend {r['check']['fused_backend']}",
+             common.fmt_time(s["mmmod fused"]["median_s"]),
+             f"{s['mmmod fused']['ratio_vs_paper']:.2f}x paper (target <= 0.6)"],
             ["combine alone", "torch._foreach_add_", common.fmt_time(c["torch._foreach_add_"]
                                                                       ["median_s"]), ""],
             ["", "mmmod combine (reference)",
              common.fmt_time(c["mmmod combine (reference)"]["median_s"]),
              f"{c['ratio']:.2f}x _foreach_add_, "
-             f"{c['mmmod combine (reference)']['syncs']} host syncs"]]
+             f"{c['mmmod combine (reference)']['syncs']} host syncs"],
+            ["", c["fused_name"], common.fmt_time(c[c["fused_name"]]["median_s"]),
+             f"{c['ratio_fused']:.2f}x _foreach_add_ (target <= 1.2), "
+             f"{c[c['fused_name']]['syncs']} host syncs"]]
     return head + common.table(["what", "contender", "median", "ratio"], rows)
 
 

@@ -39,7 +39,9 @@ DEVICES = {
              "graph_launch_s": 1e-6},
 }
 
-FLOOR_BYTES_PER_ELEM = {"ogm_ge": 12, "ogm": 8}  # float32: read (stats) + read + write; r + w
+FLOOR_BYTES_PER_ELEM = {"ogm_ge": 12, "ogm": 8,  # float32: read (stats) + read + write; r + w
+                        # two reads of the (g_mm, g_sum) pair and one write of g_sum
+                        "mmpareto": 20}
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,43 @@ def triton_modulation(numels, es: int, noise: bool, flat: bool = False, offsets=
 
 
 # -------------------------------------------------------------------------------- CUDA kernels
+def triton_pair_moments(numels, es: int, scaled: bool = False, block: int = TRITON_BLOCK):
+    """``_pair_moments_kernel`` (MMPareto, kernels/combine_kernel.py): the pair (g_mm, g_sum)
+    read once; per program the stats_map entry and four table words (8 + 32 B), the scale
+    (8 B when given) and the chunk's three float64 partials written (24 B)."""
+    chunks = sum(_cdiv(x, block) for x in numels)
+    return Traffic("triton", "_pair_moments_kernel", 1, 2 * sum(numels) * es, 0,
+                   chunks * (8 + 32 + 24 + (8 if scaled else 0)))
+
+
+def triton_pair_moments_finish(numels, block: int = TRITON_BLOCK):
+    """``_pair_moments_finish_kernel``: one program per tensor, two table words and its row
+    index (24 B), its chunks' partials read (24 B each), its row written (24 B)."""
+    chunks = sum(_cdiv(x, block) for x in numels)
+    return Traffic("triton", "_pair_moments_finish_kernel", 1, 0, 0,
+                   len(numels) * 48 + chunks * 24)
+
+
+def triton_combine(numels, es: int, scaled: bool = False, block: int = TRITON_BLOCK):
+    """``_combine_kernel``: the pair read again and g_sum written once; per program the
+    stats_map entry, four table words, the row index and the tensor's two float64 factors
+    (8 + 32 + 8 + 16 B), the scale (8 B when given)."""
+    n = sum(numels)
+    chunks = sum(_cdiv(x, block) for x in numels)
+    return Traffic("triton", "_combine_kernel", 1, 2 * n * es, n * es,
+                   chunks * (64 + (8 if scaled else 0)))
+
+
+def mmpareto_combine(numels, es: int, scaled: bool = False):
+    """MMPareto's combine of one modality bucket on the Triton backend (ops ``_pair_moments``
+    and ``combine_``): 5 ``es`` bytes of gradient traffic per element (two reads of each pair,
+    one write), 20 B per float32 element; the weights between the passes are O(tensors)
+    float64 scalars on the device (not counted: no gradient bytes)."""
+    numels = [x for x in numels if x > 0]
+    return [triton_pair_moments(numels, es, scaled), triton_pair_moments_finish(numels),
+            triton_combine(numels, es, scaled)]
+
+
 def cuda_chunks(numels, chunk: int = CUDA_CHUNK) -> int:
     return sum(_cdiv(x, chunk) for x in numels)
 

@@ -189,6 +189,51 @@ def _fused_adam_samples(device):
     return out
 
 
+def _pair_lists(dtype, device, g):
+    shapes = ((37,), (0,), (5, 4), (4100,))
+    fused = [_t(s, dtype, device, g) for s in shapes[:2]] + [
+        _t((5, 4), dtype, device, g, noncontig=True), _t(shapes[3], dtype, device, g)]
+    summed = [_t(s, dtype, device, g) for s in shapes[:2]] + [
+        _t((5, 4), dtype, device, g, noncontig=True), _t(shapes[3], dtype, device, g)]
+    return fused, summed
+
+
+def _pair_scale(device):
+    return torch.tensor([2.0 ** -7], dtype=torch.float64, device=device)  # a GradScaler's 1/scale
+
+
+def _pair_moments_samples(device):
+    g, out = _gen(10), []
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        fused, summed = _pair_lists(dtype, device, g)
+        # float64 rows: kernel and reference (torch's dot) differ in summation order only
+        out.append(Sample(f"{dtype}", (fused, summed, None), torch.float64))
+        out.append(Sample(f"{dtype}-scaled", (fused, summed, _pair_scale(device)), torch.float64))
+    return out
+
+
+def _moments(n, g, device, conflict):
+    """[n, 3] rows (|a|^2, |b|^2, a.b) of possible vectors; ``conflict``: a.b < 0 in total
+    (the min-norm branch), else > 0 (equal weights)."""
+    aa = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    bb = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    cos = (torch.rand(n, generator=g, dtype=torch.float64) * 0.9) * (-1 if conflict else 1)
+    return torch.stack([aa, bb, cos * (aa * bb).sqrt()], 1).to(device)
+
+
+def _combine_samples(device):
+    g, out = _gen(11), []
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        fused, summed = _pair_lists(dtype, device, g)
+        for conflict in (True, False):
+            moments = _moments(len(summed), g, device, conflict)
+            out.append(Sample(f"{dtype}-conflict{int(conflict)}",
+                              ([x.clone() for x in summed], fused, moments, 1.5, None), dtype))
+        out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, moments, 1.5,
+                                              _pair_scale(device)), dtype))
+    return out
+
+
 # ---- error inputs (each raises before anything is written) ----------------------------------
 def _modulate_sigma_errors(device):
     ts = [torch.randn(5, device=device), torch.randn(3, device=device)]
@@ -214,6 +259,35 @@ def _proximal_errors(device):
                         "tensor 1: grad")]
 
 
+def _pair_errors(device):
+    a = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    s = [torch.randn(4, 3, device=device), torch.randn(6, device=device)]
+    h = [torch.randn(4, 3, device=device), torch.randn(5, device=device, dtype=torch.float16)]
+    s2 = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    scale32 = torch.tensor([0.5], device=device)
+    return [ErrorSample("shape", (a, s, None), ValueError, "tensor 1: fused gradient"),
+            ErrorSample("dtype", (h, s2, None), TypeError, "tensor 1: fused gradient"),
+            ErrorSample("count", (a[:1], s2, None), ValueError, "1 fused gradients for 2"),
+            ErrorSample("scale-dtype", (a, s2, scale32), TypeError, "fused_scale must be")]
+
+
+def _combine_errors(device):
+    f64 = torch.float64
+    out = []
+    for e in _pair_errors(device):
+        fused, summed, scale = e.args
+        out.append(ErrorSample(e.desc, (summed, fused, torch.ones(len(summed), 3, dtype=f64,
+                                                                  device=device), 1.5, scale),
+                               e.error, e.match))
+    a = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    s = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    out.append(ErrorSample("moments-shape", (s, a, torch.ones(3, 3, dtype=f64, device=device),
+                                             1.5, None), ValueError, r"moments must have shape \[2, 3\]"))
+    out.append(ErrorSample("moments-dtype", (s, a, torch.ones(2, 3, device=device), 1.5, None),
+                           TypeError, "moments must be float64"))
+    return out
+
+
 OP_INFOS = [
     OpInfo("scores", _scores_samples),
     OpInfo("coefficients", _coefficients_samples),
@@ -226,6 +300,8 @@ OP_INFOS = [
     OpInfo("proximal_", _proximal_samples, _proximal_errors, mutated=(0,)),
     OpInfo("fused_sgd_", _fused_sgd_samples, mutated=(0, 2)),
     OpInfo("fused_adam_", _fused_adam_samples, mutated=(0, 2, 3)),
+    OpInfo("_pair_moments", _pair_moments_samples, _pair_errors),
+    OpInfo("combine_", _combine_samples, _combine_errors, mutated=(0,)),
 ]
 #: ops with a reference (``bucket_table`` is a CUDA kernel's device metadata: tests/backends/test_ext_cuda.py)
 assert {o.name for o in OP_INFOS} == set(REFERENCES), set(REFERENCES) ^ {o.name for o in OP_INFOS}

@@ -133,7 +133,7 @@ def backend_launches():
     Nothing is executed, so this works on CPU without the interpreter; the arguments the
     launchers build (dtypes, alignments, constexprs, options) are the ones a GPU run gets.
     """
-    from mmmod.backends.triton import TritonBackend, proximal
+    from mmmod.backends.triton import TritonBackend, combine, proximal
     from mmmod.backends.triton.table import make_flat_grads
 
     be = TritonBackend()
@@ -216,6 +216,14 @@ def backend_launches():
             proximal.proximal_(be, *prox, one)
         prox = [[buf[1:5001], buf[5001:]] for buf in (torch.empty(1 + 5000 + 7) for _ in range(3))]
         proximal.proximal_(be, *prox, one)
+        # MMPareto's combine (kernels/combine_kernel.py, launched by
+        # mmmod/backends/triton/combine.py): every dtype, with and without the fused scale
+        for dt in dtypes:
+            pair = [[torch.empty(s, dtype=dt) for s in ((70, 73), (4096,), (3,))] for _ in range(2)]
+            for scale in (None, torch.ones(1, dtype=torch.float64)):
+                combine.pair_moments(be, pair[0], pair[1], scale)
+                combine.combine_(be, pair[1], pair[0], torch.ones(3, 3, dtype=torch.float64),
+                                 1.5, scale)
     return launches + fused_update_launches()
 
 

@@ -90,6 +90,21 @@ define("proximal_",
        "proximal_(Tensor(a!)[] grads, Tensor[] params, Tensor[] snapshots, Tensor beta) -> Tensor",
        ref.proximal_, FAKES["proximal_"])
 
+# MMPareto's combine (mmmod/reference/combine.py, docs/semantics.md section 11), two passes
+# over each (fused, summed) gradient pair of a modality. _pair_moments: float64 [T, 3] rows
+# (|a|^2, |b|^2, a.b) of a = fused_scale g_mm, b = g_sum - a, summed in a fixed order (thread
+# and GPU independent; sharded runs all-reduce these rows). combine_: from those rows (in
+# registration order) the modality's weights (w_mm, w_m) (returned, float64 [2]) and each
+# tensor's factors, then in place g_sum <- c_fused (fused_scale g_mm) + c_summed g_sum; gamma
+# is MMPareto's alpha
+define("_pair_moments",
+       "_pair_moments(Tensor[] fused, Tensor[] summed, Tensor? fused_scale=None) -> Tensor",
+       ref.pair_moments, FAKES["_pair_moments"])
+define("combine_",
+       "combine_(Tensor(a!)[] summed, Tensor[] fused, Tensor moments, float gamma, "
+       "Tensor? fused_scale=None) -> Tensor",
+       ref.combine_, FAKES["combine_"])
+
 
 #: op name -> schema, every op of the namespace
 SCHEMAS = {name: op.schema for name, op in OPS.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import moments
+from ..reference import combine, moments
 
 #: elements per chunk of the CUDA kernels' bucket table (MMMOD_CUDA_CHUNK in csrc/cuda_api.h);
 #: the fake of bucket_table sizes its output with it
@@ -73,6 +73,18 @@ def _proximal_fake(grads, params, snapshots, beta):
     return beta.new_empty((), dtype=torch.float64)
 
 
+def _pair_moments_fake(fused, summed, fused_scale=None):
+    combine.check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale)
+    return torch.empty((len(summed), 3), dtype=torch.float64,
+                       device=summed[0].device if summed else "cpu")
+
+
+def _combine_fake(summed, fused, moments, gamma, fused_scale=None):
+    combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
+    combine.check_moments("mmmod.combine_", summed, moments)
+    return moments.new_empty((2,), dtype=torch.float64)
+
+
 def _no_output(*args):
     return None
 
@@ -88,6 +100,8 @@ FAKES = {
     "_bucket_moments": _bucket_moments_fake,
     "_philox_normal_": _philox_normal_fake,
     "proximal_": _proximal_fake,
+    "_pair_moments": _pair_moments_fake,
+    "combine_": _combine_fake,
     "fused_sgd_": _no_output,
     "fused_adam_": _no_output,
 }

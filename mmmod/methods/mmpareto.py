@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import combine
+from .. import backends
 from .base import Method, register
 
 
@@ -45,8 +45,16 @@ class MMPareto(Method):
         if weights.shape[0] != len(summed):
             raise ValueError(f"MMPareto state holds {weights.shape[0]} modalities, the "
                              f"gradients {len(summed)}")
+        backend = backend or "auto"
         for m, (a, s) in enumerate(zip(fused, summed)):
-            w = combine.mmpareto_combine_(a, s, alpha, fused_scale)
+            if not s:
+                raise ValueError(f"modality {names[m]!r}: no tensor to combine")
+            device = s[0].device
+            # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on
+            # the device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls
+            moments = backends.kernel("_pair_moments", backend, device)(a, s, fused_scale)
+            w = backends.kernel("combine_", backend, device)(s, a, moments, float(alpha),
+                                                             fused_scale)
             weights[m].copy_(w.to(weights.device))
 
     def log_values(self, state):

@@ -32,10 +32,54 @@ EQUAL_WEIGHT = 0.5
 CLAMP_HIGH, CLAMP_LOW = 0.999, 0.001
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_pair_inputs(op: str, fused, summed, fused_scale=None) -> None:
+    """The metadata checks of ``_pair_moments`` and ``combine_`` (every kernel makes them
+    before anything is read or written): one fused gradient per summed one, each pair of one
+    shape, one floating dtype (float32/16, bfloat16, float64) and one device; ``fused_scale``
+    a one-element float64 tensor on that device."""
+    if len(fused) != len(summed):
+        raise ValueError(f"{op}: {len(fused)} fused gradients for {len(summed)} summed ones")
+    device = summed[0].device if len(summed) else None
+    for i, (a, s) in enumerate(zip(fused, summed)):
+        if a.shape != s.shape:
+            raise ValueError(f"{op}: tensor {i}: fused gradient {tuple(a.shape)} vs "
+                             f"summed gradient {tuple(s.shape)}")
+        if a.dtype != s.dtype or s.dtype not in _FLOATS:
+            raise TypeError(f"{op}: tensor {i}: fused gradient {a.dtype}, summed gradient "
+                            f"{s.dtype}; expected one dtype among float32, float16, bfloat16, "
+                            f"float64")
+        if a.device != device or s.device != device:
+            raise ValueError(f"{op}: tensor {i}: fused gradient on {a.device}, summed gradient "
+                             f"on {s.device}; expected one device ({device})")
+    if fused_scale is not None:
+        if fused_scale.numel() != 1 or fused_scale.dtype != torch.float64:
+            raise TypeError(f"{op}: fused_scale must be a one-element float64 tensor, got "
+                            f"{fused_scale.dtype} {tuple(fused_scale.shape)}")
+        if device is not None and fused_scale.device != device:
+            raise ValueError(f"{op}: fused_scale is on {fused_scale.device}, the gradients on "
+                             f"{device}")
+
+
+def check_moments(op: str, summed, moments) -> None:
+    """The combine's moments: float64 ``[n, 3]`` on the gradients' device."""
+    n = len(summed)
+    if moments.dtype != torch.float64:
+        raise TypeError(f"{op}: moments must be float64, got {moments.dtype}")
+    if moments.dim() != 2 or moments.shape[0] != n or moments.shape[1] != 3:
+        raise ValueError(f"{op}: moments must have shape [{n}, 3] (one (|a|^2, |b|^2, a.b) row "
+                         f"per tensor), got {tuple(moments.shape)}")
+    if n and moments.device != summed[0].device:
+        raise ValueError(f"{op}: moments are on {moments.device}, the gradients on "
+                         f"{summed[0].device}")
+
+
 def _pair64(a: torch.Tensor, s: torch.Tensor, scale: torch.Tensor | None):
     a64 = a.detach().reshape(-1).double()
     if scale is not None:
-        a64 = a64 * scale
+        a64 = a64 * scale.reshape(())
     return a64, s.detach().reshape(-1).double() - a64
 
 
@@ -107,9 +151,20 @@ def combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
         work = torch.float64 if s.dtype == torch.float64 else torch.float32
         ca, cs = factors[i, 0], factors[i, 1]
         if fused_scale is not None:
-            ca = ca * fused_scale
+            ca = ca * fused_scale.reshape(())
         out = a.detach().to(work) * ca.to(work) + s.detach().to(work) * cs.to(work)
         s.copy_(out.to(s.dtype))
+
+
+@torch.no_grad()
+def weights_and_combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
+                         moments: torch.Tensor, gamma: float,
+                         fused_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 2 and 3 from the modality's moments (this rank's, or summed over shards): the
+    weights, each tensor's factors and the write; returns ``(w_mm, w_m)``."""
+    weights = mmpareto_weights(ordered_sum(moments))
+    combine_(fused, summed, mmpareto_factors(moments, weights, gamma), fused_scale)
+    return weights
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fused, moments, proximal
+from . import combine, fused, moments, proximal
 from .coefficients import coefficients as _coefficients
 from .modulate import modulate_bucket_, modulate_sigma_bucket_, tensor_std
 from .philox import philox_normal
@@ -63,6 +63,18 @@ def proximal_(grads, params, snapshots, beta):
     return proximal.proximal_(grads, params, snapshots, beta)
 
 
+def pair_moments(fused, summed, fused_scale=None):
+    combine.check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale)
+    out = combine.pair_moments(fused, summed, fused_scale)
+    return out.to(summed[0].device) if len(summed) == 0 else out
+
+
+def combine_(summed, fused, moments, gamma, fused_scale=None):
+    combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
+    combine.check_moments("mmmod.combine_", summed, moments)
+    return combine.weights_and_combine_(fused, summed, moments, gamma, fused_scale)
+
+
 def fused_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale, lr,
                weight_decay, momentum, dampening, nesterov, maximize, seed, step, modality):
     fused.reference_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma,
@@ -91,6 +103,8 @@ REFERENCES = {
     "_bucket_moments": bucket_moments,
     "_philox_normal_": philox_normal_,
     "proximal_": proximal_,
+    "_pair_moments": pair_moments,
+    "combine_": combine_,
     "fused_sgd_": fused_sgd_,
     "fused_adam_": fused_adam_,
 }

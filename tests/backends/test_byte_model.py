@@ -397,3 +397,41 @@ def test_triton_aligned_variant_matches_scalar_variant_and_reference(dtype):
                 tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3,
                        torch.bfloat16: 1.6e-2}[dtype]
                 torch.testing.assert_close(a.double(), r.double(), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------- MMPareto's combine
+def test_mmpareto_combine_reads_each_pair_twice_and_writes_once():
+    numels = [7, 5000, 0, 65537, 3]
+    n = sum(numels)
+    for es in (2, 4, 8):
+        t = bm.mmpareto_combine(numels, es)
+        # grad_reads_per_elem counts reads of one tensor: two passes over two tensors
+        assert bm.grad_reads_per_elem(t, n, es) == 4
+        assert sum(x.grad_written for x in t) == n * es
+        assert [x.launches for x in t] == [1, 1, 1]
+    big = [1 << 22, 1 << 20]
+    b = bm.bytes_per_elem(bm.mmpareto_combine(big, 4), sum(big))
+    assert bm.FLOOR_BYTES_PER_ELEM["mmpareto"] <= b < bm.FLOOR_BYTES_PER_ELEM["mmpareto"] + 0.1
+
+
+def test_mmpareto_model_is_the_launchers():
+    """The recorded launches of the combine ops are the model's kernels and grids."""
+    pytest.importorskip("triton")
+    from mmmod.backends.triton import TritonBackend, combine
+    from tools import aot
+    be = TritonBackend()
+    g = torch.Generator().manual_seed(1)
+    for scaled in (False, True):
+        numels = [int(x) for x in torch.randint(1, 20000, (4,), generator=g)] + [0]
+        fused = [torch.empty(n) for n in numels]
+        summed = [torch.empty(n) for n in numels]
+        scale = torch.ones(1, dtype=torch.float64) if scaled else None
+        moments = torch.ones(len(numels), 3, dtype=torch.float64)
+        with aot.record_launches(execute=False) as launches:
+            combine.pair_moments(be, fused, summed, scale)
+            combine.combine_(be, summed, fused, moments, 1.5, scale)
+        model = bm.mmpareto_combine(numels, 4, scaled)
+        assert [launch["kernel"].split(":")[1] for launch in launches] == [t.kernel for t in model]
+        chunks = sum(-(-n // bm.TRITON_BLOCK) for n in numels)
+        assert [launch["grid"] for launch in launches] == [[chunks], [4], [chunks]]
+        assert combine.BLOCK == bm.TRITON_BLOCK

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 MODULATION = ("_modulate_noise_kernel", "_scale_kernel")
 STATISTICS = ("_stats_partial_kernel", "_sigma_kernel", "_moments_kernel")
+COMBINE = ("_pair_moments_kernel", "_pair_moments_finish_kernel", "_combine_kernel")
 PARTIALS_ONLY = ("_sigma_kernel", "_moments_kernel")  # read the chunk partials, no gradient
 GRADIENT_OR_LOGIT_READERS = MODULATION + ("_stats_partial_kernel", "_scores_partial_kernel")
 
@@ -62,6 +63,7 @@ def test_every_launch_compiles_for_every_target(report):
                        "_sigma_kernel", "_moments_kernel", "_modulate_noise_kernel",
                        "_scale_kernel",
                        "_proximal_kernel", "_proximal_finish_kernel",
+                       "_pair_moments_kernel", "_pair_moments_finish_kernel", "_combine_kernel",
                        "_fused_sgd_kernel", "_fused_adam_kernel"}
     for cc in (80, 90, 100, 120):
         assert {r["kernel"] for r in report["results"] if r["cc"] == cc} == kernels, cc
@@ -102,7 +104,7 @@ def test_launch_matrix_covers_what_the_launchers_produce(report):
 
 
 def test_no_register_spills_in_modulation_and_statistics(report):
-    rows = [r for r in _ok(report) if r["kernel"] in MODULATION + STATISTICS]
+    rows = [r for r in _ok(report) if r["kernel"] in MODULATION + STATISTICS + COMBINE]
     assert rows
     spills = [f"{r['kernel']} sm_{r['cc']} [{r['label']}]: {r['spill_stores']} B stores, "
               f"{r['spill_loads']} B loads\n{r['ptxas_log']}" for r in rows

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import mmmod
 import _dist_utils as du
-from test_mmpareto import NAMES2, AVNet, losses_of, sgd
+from _mmpareto_models import NAMES2, AVNet, losses_of, sgd
 
 LOCAL_B, STEPS, ACC_STEP = 4, 6, 3  # step ACC_STEP accumulates two micro-batches
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mmmod
-from test_mmpareto import NAMES2, AVNet, data, losses_of, make_opt, max_diff, sgd
+from _mmpareto_models import NAMES2, AVNet, data, losses_of, make_opt, max_diff, sgd
 
 
 def _snapshot(model, opt):

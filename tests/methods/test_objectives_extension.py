@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmmod
-from test_mmpareto import NAMES2, AVNet, data, losses_of, max_diff, sgd
+from _mmpareto_models import NAMES2, AVNet, data, losses_of, max_diff, sgd
 
 
 class BlockPCGrad(mmmod.methods.Method):

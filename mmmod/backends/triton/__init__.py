@@ -12,6 +12,7 @@ calling the @triton.jit code of kernels/:
 ``moments.py``      op ``_bucket_moments`` (sharded OGM-GE's statistics)
 ``proximal.py``     op ``proximal_`` (InfoReg)
 ``fused_update.py`` ops ``fused_sgd_`` / ``fused_adam_``
+``combine.py``      ops ``_pair_moments`` / ``combine_`` (MMPareto's combine)
 ``table.py``        the one multi-tensor table builder and its cache (owned by the backend)
 ``launch.py``       the one launch point (FMA contraction off, the hook tools/aot.py records)
 ``kernels.py``      imports ``mmmod.kernels`` on first use (importing this never needs Triton)
@@ -30,7 +31,7 @@ import torch
 from ... import _ops
 from ..base import Backend
 from ..registry import forget_kernels
-from . import coefficients, fused_update, moments, modulate, proximal, scores
+from . import coefficients, combine, fused_update, moments, modulate, proximal, scores
 from .modulate import step_args
 
 
@@ -86,6 +87,8 @@ class TritonBackend(Backend):
             "proximal_": bind(proximal.proximal_, self),
             "fused_sgd_": bind(fused_update.fused_sgd_, self),
             "fused_adam_": bind(fused_update.fused_adam_, self),
+            "_pair_moments": bind(combine.pair_moments, self),
+            "combine_": bind(combine.combine_, self),
         }
 
     def register_op_kernels(self, device_type: str) -> None:

@@ -46,4 +46,5 @@ class Kernels:
         self.modulate = imp("mmmod.kernels.modulate_kernel")
         self.proximal = imp("mmmod.kernels.proximal_kernel")
         self.fused_update = imp("mmmod.kernels.fused_update_kernel")
+        self.combine = imp("mmmod.kernels.combine_kernel")
         self.utils = imp("mmmod.kernels.utils")

@@ -1,0 +1,235 @@
+// CUDA kernels of MMPareto's combine ops (mmmod::_pair_moments, mmmod::combine_; glue:
+// combine_cuda.cpp, interface: combine_cuda_api.h; reference: mmmod/reference/combine.py).
+// CUDA headers, combine_cuda_api.h and cuda_dtypes.cuh only, no torch.
+//
+// 1. moments_kernel: one block per chunk of MMMOD_COMB_CHUNK elements of one tensor; thread i
+//    takes elements i, i + 256, ... (coalesced), forms a = g_mm * scale and b = g_sum - a in
+//    float64 with explicitly rounded intrinsics, accumulates a*a, b*b, a*b; a fixed shared-memory
+//    tree merges the threads into partial[3 chunk + k].
+// 2. moments_finish_kernel: one block per tensor sums its chunks' partials (thread t: chunks
+//    t, t + 256, ... in order, then the same tree) into its row.
+// 3. factors_kernel: one thread: the rows added in order, the sign rule and min-norm weights,
+//    each tensor's factors: the reference's float64 operations in its order.
+// 4. combine_kernel: one block per chunk: g_sum <- T(g_mm * c_fused + g_sum * c_summed) in
+//    float32 (float64 for float64 gradients), each operation rounded (never an FMA).
+// No atomics and a chunking independent of the GPU: deterministic. Gradient bytes per fp32
+// element: 8 read (moments) + 8 read + 4 written (combine).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "combine_cuda_api.h"
+#include "cuda_dtypes.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+using mmmod::Cvt;
+
+__device__ double block_sum(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) {
+      sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
+    }
+    __syncthreads();
+  }
+  const double out = sh[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename T>
+__device__ void chunk_moments(const T* f, const T* s, int64_t len, double scale, double* acc) {
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    const double a = __dmul_rn(Cvt<T>::to_d(f[i]), scale);
+    const double b = __dsub_rn(Cvt<T>::to_d(s[i]), a);
+    acc[0] = __dadd_rn(acc[0], __dmul_rn(a, a));
+    acc[1] = __dadd_rn(acc[1], __dmul_rn(b, b));
+    acc[2] = __dadd_rn(acc[2], __dmul_rn(a, b));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) moments_kernel(const int64_t* table, int64_t ntensors,
+                                                           const double* scale_ptr,
+                                                           double* partial) {
+  __shared__ double sh[kThreads];
+  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
+  const auto* chunks = reinterpret_cast<const MmmodCombChunk*>(table + 2 + 6 * ntensors);
+  const int64_t c = blockIdx.x;
+  const MmmodCombChunk ch = chunks[c];
+  const MmmodCombTensor te = tensors[ch.tensor];
+  const int64_t rest = te.numel - ch.start;
+  const int64_t len = rest < MMMOD_COMB_CHUNK ? rest : MMMOD_COMB_CHUNK;
+  const double scale = scale_ptr ? *scale_ptr : 1.0;
+  double acc[3] = {0.0, 0.0, 0.0};
+  switch (te.dtype) {
+    case MMMOD_COMB_F32:
+      chunk_moments(reinterpret_cast<const float*>(te.fused) + ch.start,
+                    reinterpret_cast<const float*>(te.summed) + ch.start, len, scale, acc);
+      break;
+    case MMMOD_COMB_F16:
+      chunk_moments(reinterpret_cast<const __half*>(te.fused) + ch.start,
+                    reinterpret_cast<const __half*>(te.summed) + ch.start, len, scale, acc);
+      break;
+    case MMMOD_COMB_BF16:
+      chunk_moments(reinterpret_cast<const __nv_bfloat16*>(te.fused) + ch.start,
+                    reinterpret_cast<const __nv_bfloat16*>(te.summed) + ch.start, len, scale, acc);
+      break;
+    default:
+      chunk_moments(reinterpret_cast<const double*>(te.fused) + ch.start,
+                    reinterpret_cast<const double*>(te.summed) + ch.start, len, scale, acc);
+      break;
+  }
+  for (int k = 0; k < 3; ++k) {
+    const double s = block_sum(acc[k], sh);
+    if (threadIdx.x == 0) partial[3 * c + k] = s;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) moments_finish_kernel(const int64_t* table,
+                                                                  const double* partial,
+                                                                  double* moments) {
+  __shared__ double sh[kThreads];
+  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
+  const int64_t t = blockIdx.x;
+  const MmmodCombTensor te = tensors[t];
+  for (int k = 0; k < 3; ++k) {
+    double s = 0.0;
+    for (int64_t j = threadIdx.x; j < te.chunk_count; j += kThreads) {
+      s = __dadd_rn(s, partial[3 * (te.first_chunk + j) + k]);
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) moments[3 * t + k] = s;
+  }
+}
+
+__global__ void factors_kernel(int64_t ntensors, const double* mom, double gamma,
+                               double* factors, double* weights) {
+  double aa = 0.0, bb = 0.0, ab = 0.0;
+  for (int64_t i = 0; i < ntensors; ++i) {
+    aa = __dadd_rn(aa, mom[3 * i]);
+    bb = __dadd_rn(bb, mom[3 * i + 1]);
+    ab = __dadd_rn(ab, mom[3 * i + 2]);
+  }
+  const double inner =
+      __ddiv_rn(__dsub_rn(bb, ab), __dsub_rn(__dadd_rn(aa, bb), __dmul_rn(2.0, ab)));
+  const double c = ab >= aa ? 0.999 : (ab >= bb ? 0.001 : inner);
+  const double w_mm = ab > 0 ? 0.5 : c;
+  const double w_m = ab > 0 ? 0.5 : __dsub_rn(1.0, c);
+  weights[0] = w_mm;
+  weights[1] = w_m;
+  for (int64_t i = 0; i < ntensors; ++i) {
+    const double a2 = mom[3 * i], b2 = mom[3 * i + 1], x = mom[3 * i + 2];
+    const double t1 = __dmul_rn(__dmul_rn(w_mm, w_mm), a2);
+    const double t2 = __dmul_rn(__dmul_rn(w_m, w_m), b2);
+    const double t3 = __dmul_rn(__dmul_rn(__dmul_rn(2.0, w_mm), w_m), x);
+    double new2 = __dmul_rn(4.0, __dadd_rn(__dadd_rn(t1, t2), t3));
+    if (new2 < 0.0) new2 = 0.0;  // clamp_min(0): NaN stays NaN
+    const double sum2 = __dadd_rn(__dadd_rn(a2, b2), __dmul_rn(2.0, x));
+    const bool grow = (sum2 > new2) && (new2 > 0.0);
+    const double d = __dmul_rn(grow ? __dsqrt_rn(__ddiv_rn(sum2, new2)) : 1.0, gamma);
+    factors[2 * i] = __dmul_rn(__dmul_rn(2.0, d), __dsub_rn(w_mm, w_m));
+    factors[2 * i + 1] = __dmul_rn(__dmul_rn(2.0, d), w_m);
+  }
+}
+
+template <typename T>
+__device__ void chunk_combine(const T* f, T* s, int64_t len, float ca, float cs) {
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    s[i] = Cvt<T>::from_f(__fadd_rn(__fmul_rn(Cvt<T>::to_f(f[i]), ca),
+                                    __fmul_rn(Cvt<T>::to_f(s[i]), cs)));
+  }
+}
+
+__device__ void chunk_combine64(const double* f, double* s, int64_t len, double ca, double cs) {
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    s[i] = __dadd_rn(__dmul_rn(f[i], ca), __dmul_rn(s[i], cs));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) combine_kernel(const int64_t* table, int64_t ntensors,
+                                                           const double* factors,
+                                                           const double* scale_ptr) {
+  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
+  const auto* chunks = reinterpret_cast<const MmmodCombChunk*>(table + 2 + 6 * ntensors);
+  const MmmodCombChunk ch = chunks[blockIdx.x];
+  const MmmodCombTensor te = tensors[ch.tensor];
+  const int64_t rest = te.numel - ch.start;
+  const int64_t len = rest < MMMOD_COMB_CHUNK ? rest : MMMOD_COMB_CHUNK;
+  const double ca = scale_ptr ? __dmul_rn(factors[2 * ch.tensor], *scale_ptr)
+                              : factors[2 * ch.tensor];
+  const double cs = factors[2 * ch.tensor + 1];
+  const float caf = __double2float_rn(ca), csf = __double2float_rn(cs);
+  switch (te.dtype) {
+    case MMMOD_COMB_F32:
+      chunk_combine(reinterpret_cast<const float*>(te.fused) + ch.start,
+                    reinterpret_cast<float*>(te.summed) + ch.start, len, caf, csf);
+      break;
+    case MMMOD_COMB_F16:
+      chunk_combine(reinterpret_cast<const __half*>(te.fused) + ch.start,
+                    reinterpret_cast<__half*>(te.summed) + ch.start, len, caf, csf);
+      break;
+    case MMMOD_COMB_BF16:
+      chunk_combine(reinterpret_cast<const __nv_bfloat16*>(te.fused) + ch.start,
+                    reinterpret_cast<__nv_bfloat16*>(te.summed) + ch.start, len, caf, csf);
+      break;
+    default:
+      chunk_combine64(reinterpret_cast<const double*>(te.fused) + ch.start,
+                      reinterpret_cast<double*>(te.summed) + ch.start, len, ca, cs);
+      break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t mmmod_comb_table_words(int64_t ntensors, int64_t nchunks) {
+  return 2 + 6 * ntensors + 2 * nchunks;
+}
+
+int mmmod_comb_stream_is_capturing(void* stream, int* capturing) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
+  *capturing = status != cudaStreamCaptureStatusNone;
+  return static_cast<int>(rc);
+}
+
+int mmmod_cuda_pair_moments(const void* table, int64_t ntensors, int64_t nchunks,
+                            const double* scale, double* partial, double* moments, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const auto* words = static_cast<const int64_t*>(table);
+  if (nchunks > 0) {
+    moments_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(words, ntensors, scale,
+                                                                       partial);
+    const cudaError_t rc = cudaGetLastError();
+    if (rc != cudaSuccess) return static_cast<int>(rc);
+  }
+  if (ntensors > 0) {
+    moments_finish_kernel<<<static_cast<unsigned>(ntensors), kThreads, 0, s>>>(words, partial,
+                                                                               moments);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int mmmod_cuda_combine(const void* table, int64_t ntensors, int64_t nchunks, const double* moments,
+                       double gamma, const double* scale, double* factors, double* weights,
+                       void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  factors_kernel<<<1, 1, 0, s>>>(ntensors, moments, gamma, factors, weights);
+  cudaError_t rc = cudaGetLastError();
+  if (rc != cudaSuccess || nchunks == 0) return static_cast<int>(rc);
+  combine_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(
+      static_cast<const int64_t*>(table), ntensors, factors, scale);
+  return static_cast<int>(cudaGetLastError());
+}
+
+const char* mmmod_comb_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // extern "C"

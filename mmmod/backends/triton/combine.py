@@ -1,0 +1,93 @@
+"""Launchers of MMPareto's combine (ops ``_pair_moments`` and ``combine_``, signatures of
+mmmod/_ops; kernels/combine_kernel.py; reference mmmod/reference/combine.py).
+
+Per call and dtype group: one bucket table per operand list from the backend's cache (equal
+sizes, so equal chunks), then two launches for the moments (chunk partials, per-tensor
+fixed-order finish) and one for the combine. Nothing reads a device value on the host: the
+factors and the scale stay device tensors the kernels read. Empty tensors get a zero row and are
+never launched over; a non-contiguous gradient is combined in a contiguous copy written back.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...reference.combine import (check_moments, check_pair_inputs, mmpareto_factors,
+                                  mmpareto_weights, ordered_sum)
+from .launch import launch, on, tl_dtype
+from .table import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
+
+#: elements per chunk program, its warps, partials per step of the finishing reduction
+BLOCK = 4096
+WARPS = 8
+BLOCK_P = 256
+#: the bucket tables' noise chunks are unused here: one per tensor keeps the tables small
+_NOISE_BLOCK = 1 << 30
+#: the table's field positions, compile-time arguments of the kernels
+_FIELDS = dict(META_FIELDS=META_FIELDS, F_NUMEL=F_NUMEL, F_SCHUNK=F_SCHUNK)
+
+
+def _rows(be, items, device) -> torch.Tensor:
+    """int32 [T] device tensor of each table tensor's row in the op's arrays (the layout's
+    only dependency): built once per device and pattern, kept by the backend's cache."""
+    return be.meta_cache.flags([x[0] for x in items], device)
+
+
+def _groups(fused, summed):
+    """dtype -> [(row, fused, contiguous summed, summed)] of the non-empty tensors."""
+    out: dict = {}
+    for i, (a, s) in enumerate(zip(fused, summed)):
+        if s.numel() > 0:
+            out.setdefault(s.dtype, []).append(
+                (i, a.detach().contiguous(), s if s.is_contiguous() else s.contiguous(), s))
+    return out
+
+
+def pair_moments(be, fused, summed, fused_scale=None) -> torch.Tensor:
+    check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale)
+    device = summed[0].device if len(summed) else torch.device("cpu")
+    out = torch.zeros((len(summed), 3), dtype=torch.float64, device=device)
+    groups = _groups(fused, summed)
+    if not groups:
+        return out
+    K, cache = be.modules.combine, be.meta_cache
+    scale = fused_scale if fused_scale is not None else out  # unread when HAS_SCALE is False
+    with on(device):
+        for dtype, items in groups.items():
+            fs, ss = [x[1] for x in items], [x[2] for x in items]
+            zeros = [0] * len(fs)
+            fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
+            sm = cache.get(ss, zeros, BLOCK, _NOISE_BLOCK)
+            partial = torch.empty(3 * sm.n_stats_chunks, dtype=torch.float64, device=device)
+            launch(K._pair_moments_kernel, (sm.n_stats_chunks,), fm.meta, sm.meta, sm.stats_map,
+                   scale, partial, HAS_SCALE=fused_scale is not None, BLOCK=BLOCK,
+                   DT=tl_dtype(dtype), F_PTR=F_PTR, num_warps=WARPS, **_FIELDS)
+            launch(K._pair_moments_finish_kernel, (len(ss),), sm.meta, partial,
+                   _rows(be, items, device), out, BLOCK=BLOCK, BLOCK_P=BLOCK_P, **_FIELDS)
+    return out
+
+
+def combine_(be, summed, fused, moments, gamma, fused_scale=None) -> torch.Tensor:
+    check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
+    check_moments("mmmod.combine_", summed, moments)
+    # the weights and factors: O(tensors) float64 device ops of the reference, no host read
+    weights = mmpareto_weights(ordered_sum(moments))
+    groups = _groups(fused, summed)
+    if not groups:
+        return weights
+    device = summed[0].device
+    K, cache = be.modules.combine, be.meta_cache
+    fac = mmpareto_factors(moments, weights, gamma).contiguous()
+    scale = fused_scale if fused_scale is not None else fac  # unread when HAS_SCALE is False
+    with on(device):
+        for dtype, items in groups.items():
+            fs, ss = [x[1] for x in items], [x[2] for x in items]
+            zeros = [0] * len(fs)
+            fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
+            sm = cache.get(ss, zeros, BLOCK, _NOISE_BLOCK)
+            launch(K._combine_kernel, (sm.n_stats_chunks,), fm.meta, sm.meta, sm.stats_map,
+                   _rows(be, items, device), fac, scale, HAS_SCALE=fused_scale is not None,
+                   BLOCK=BLOCK, DT=tl_dtype(dtype), F_PTR=F_PTR, num_warps=WARPS, **_FIELDS)
+            for _, _, sc, s in items:
+                if sc is not s:  # a non-contiguous gradient: its combined copy goes back
+                    s.copy_(sc)
+    return weights

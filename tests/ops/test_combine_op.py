@@ -1,0 +1,96 @@
+"""MMPareto's combine ops (``mmmod::_pair_moments``, ``mmmod::combine_``; docs/semantics.md
+section 11) beyond the generic op tests of tests/ops/test_op_infos.py: the moments bit-identical to
+the reference where its float64 sums are exact, independent of the CPU thread count, the
+combine bit-identical, and a whole MMPareto step on each live backend bit-identical to the
+reference backend's."""
+import pytest
+import torch
+
+from mmmod import backends
+from mmmod.reference import combine, ops as ref
+from _backends import LIVE_BACKENDS, device_for
+
+import _mmpareto_models as tm
+
+
+def _pairs(dtype, seed, shapes=((37,), (3, 50), (0,), (40000,))):
+    """Small integers: every product and partial sum is an integer below 2^53, so the float64
+    moments are exact in any summation order."""
+    g = torch.Generator().manual_seed(seed)
+    fused = [torch.randint(-4, 5, s, generator=g).to(dtype) for s in shapes]
+    summed = [torch.randint(-8, 9, s, generator=g).to(dtype) for s in shapes]
+    return fused, summed
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_moments_are_the_references_bits_where_it_is_exact(backend, dtype):
+    dev = device_for(backend)
+    fused, summed = _pairs(dtype, 0)
+    fused, summed = [t.to(dev) for t in fused], [t.to(dev) for t in summed]
+    scale = torch.tensor([0.25], dtype=torch.float64, device=dev)
+    run = backends.kernel("_pair_moments", backend, dev)
+    for s in (None, scale):
+        got, want = run(fused, summed, s), ref.pair_moments(fused, summed, s)
+        assert got.dtype == torch.float64 and got.shape == (4, 3)
+        assert torch.equal(got.cpu(), want.cpu()), (got, want)
+    assert torch.equal(got[2].cpu(), torch.zeros(3, dtype=torch.float64))  # the empty tensor
+
+
+@pytest.mark.skipif(not backends.status("cpu")[0], reason="the CPU extension is not built")
+def test_cpu_moments_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(3)
+    fused = [torch.randn(600003, generator=g), torch.randn(70, 9, generator=g)]
+    summed = [torch.randn(600003, generator=g), torch.randn(70, 9, generator=g)]
+    run = backends.kernel("_pair_moments", "cpu", "cpu")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(run(fused, summed, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    torch.testing.assert_close(outs[0], ref.pair_moments(fused, summed), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_combine_is_the_references_bits(backend, dtype):
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    shapes = ((37,), (3, 50), (0,), (20000,))
+    fused = [torch.randn(s, generator=g).to(dtype).to(dev) for s in shapes]
+    summed = [torch.randn(s, generator=g).to(dtype).to(dev) for s in shapes]
+    for scale in (None, torch.tensor([2.0 ** -10], dtype=torch.float64, device=dev)):
+        for sign in (1, -1):  # equal weights / the min-norm branch
+            moments = ref.pair_moments(fused, [sign * t for t in summed], scale)
+            got, want = [t.clone() for t in summed], [t.clone() for t in summed]
+            w = backends.kernel("combine_", backend, dev)(got, fused, moments, 1.5, scale)
+            w_ref = combine.weights_and_combine_(fused, want, moments, 1.5, scale)
+            assert torch.equal(w.cpu(), w_ref.cpu()), (w, w_ref)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert not torch.equal(got[0], summed[0])  # it wrote
+        assert (w_ref != 0.5).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in LIVE_BACKENDS if b != "torch"])
+def test_a_training_run_on_the_fused_kernels_is_the_reference_runs(backend):
+    """Four steps with conflicting gradients (the min-norm branch): parameters and logged
+    weights of ``backend`` equal those of ``backend="torch"`` up to the moments' summation
+    order (a few float64 ulps; the combine itself is the reference's bits)."""
+    runs = {}
+    for b in ("torch", backend):
+        torch.manual_seed(0)
+        model = tm.AVNet()
+        opt = tm.make_opt(model, tm.NAMES2, backend=b)
+        for xs, y in tm.data(tm.NAMES2, 4, 1):
+            tm.mmmod_step(model, opt, xs, y, tm.NAMES2)
+        runs[b] = ([p.detach().clone() for p in model.parameters()],
+                   opt._method_state["weights"].clone())
+    (pt, wt), (pb, wb) = runs["torch"], runs[backend]
+    for a, c in zip(pt, pb):
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(wb, wt, rtol=1e-9, atol=1e-12)
+    assert (wt[0] != 0.5).any()  # the min-norm branch ran
