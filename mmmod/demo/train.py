@@ -54,6 +54,8 @@ def objective(method: str) -> str:
         return "CE(fused) + CE(head_a) + CE(head_v)"
     if method in SPLIT_LOSSES:
         return "CE(fused) + CE(z_a) + CE(z_v)"
+    if method in registry.names() and registry.get(method).combines_objectives:
+        return "CE(fused), CE(head_a), CE(head_v) per objective"  # opt.backward(losses)
     return "CE(fused)"
 
 
