@@ -401,7 +401,7 @@ class TritonBackend(Backend):
         return self._scores_kernel(list(logits), labels)
 
     def _op_coefficients(self, scores, method, alpha, beta_max):
-        return self._coefficients_kernel(scores, method, alpha, beta_max)
+        return self._coefficients_kernel(scores, _ops.rule_of(method).label, alpha, beta_max)
 
     def _op_modulate(self, tensors, offsets, k, gate, noise, scaled, seed, step, modality):
         self._modulate_kernels(tensors, offsets, k, gate, noise, "scaled" if scaled else "raw",
