@@ -262,13 +262,14 @@ def test_opcheck_fake_implementations_on_meta(cuda_ext):
     from torch.library import opcheck
     import mmmod  # noqa: F401  (registers the fakes through the loader)
     from mmmod import _ext
+    from mmmod.reference.native_rules import NativeRule
     _ext._register_fakes()
     ops = torch.ops.mmmod
     d = "meta"
     ts, offs, k, gate = _meta_bucket()
     opcheck(ops.scores.default, ([torch.empty(6, 4, device=d)] * 2,
                                  torch.empty(6, dtype=torch.long, device=d)))
-    opcheck(ops.coefficients.default, (torch.empty(3, device=d), "ogm", 0.8, 2.0))
+    opcheck(ops.coefficients.default, (torch.empty(3, device=d), int(NativeRule.OGM), 0.8, 2.0))
     opcheck(ops.modulate_.default, (ts, offs, k, gate, True, False, 7, 3, 1))
     opcheck(ops.modulate_.capturable,
             (ts, offs, k, gate, True, False, 7, 0, 1,
@@ -285,6 +286,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
     """Under FakeTensorMode CUDA tensors need no GPU: the fakes give device/dtype/shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from mmmod import _ext
+    from mmmod.reference.native_rules import NativeRule
     _ext._register_fakes()
     ops = torch.ops.mmmod
     with FakeTensorMode(allow_non_fake_inputs=False):
@@ -292,7 +294,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
         y = torch.empty(6, dtype=torch.long, device="cuda")
         s = ops.scores([z, z, z], y)
         assert s.device.type == "cuda" and s.dtype == torch.float32 and s.shape == (3,)
-        k = ops.coefficients(s, "mlb", 0.5, 2.0)
+        k = ops.coefficients(s, int(NativeRule.MLB), 0.5, 2.0)
         assert k.device.type == "cuda" and k.shape == (3,)
         ts = [torch.empty(70000, device="cuda"), torch.empty(0, device="cuda"),
               torch.empty(3, 5, device="cuda")]
