@@ -140,15 +140,18 @@ def _extension():
     omp = (["-fopenmp"] if sys.platform.startswith("linux")
            and "OpenMP" in torch.__config__.parallel_info() else [])
     include = [csrc, gen]
+    # csrc/ by layer: common/ (shared by both binaries), cpu/, cuda/, and module.cpp (the Python
+    # module of each); includes are written from csrc/ ("common/philox.h")
     exts = [ce.CppExtension(
         "mmmod._C",
-        # vec_avx2.cpp and vec_avx512.cpp (their ISA switched on per file with a target pragma)
-        # sort last (ninja links objects by name): the linker keeps the baseline copy of any
-        # inline function shared with the other objects
-        sources=rel("checks.cpp", "cpu_kernels.cpp", "fused_update_cpu.cpp", "module.cpp",
-                    "modulate_all_cpu.cpp", "proximal_cpu.cpp", "combine_checks.cpp",
-                    "combine_cpu.cpp",
-                    "vec_avx2.cpp", "vec_avx512.cpp"),
+        # cpu/vec_avx2.cpp and cpu/vec_avx512.cpp switch their ISA on per file with a target
+        # pragma; the linker keeps the first copy of an inline function several objects define,
+        # and objects link in name order (module.o after them), so those two files must define
+        # no inline function another object defines (tests/backends/test_cpu_link.py checks with nm)
+        sources=rel("common/checks.cpp", "module.cpp", "cpu/isa.cpp", "cpu/cpu_kernels.cpp",
+                    "cpu/fused_update_cpu.cpp", "cpu/modulate_all_cpu.cpp", "cpu/proximal_cpu.cpp",
+                    "common/combine_checks.cpp", "cpu/combine_cpu.cpp",
+                    "cpu/vec_avx2.cpp", "cpu/vec_avx512.cpp"),
         include_dirs=include,
         define_macros=defines + [("MMMOD_MODULE_NAME", "_C"), ("MMMOD_BACKEND_NAME", "cpu"),
                                  ("MMMOD_CPU_KERNELS_API", None)],
@@ -161,9 +164,10 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(ce.CUDAExtension(
             "mmmod._C_cuda",
-            sources=rel("checks.cpp", "cuda_ops.cpp", "module.cpp", "kernels.cu",
-                        "proximal_cuda.cpp", "proximal.cu", "fused_update_cuda.cpp",
-                        "fused_update.cu", "combine_checks.cpp", "combine_cuda.cpp", "combine.cu"),
+            sources=rel("common/checks.cpp", "module.cpp", "cuda/cuda_ops.cpp", "cuda/kernels.cu",
+                        "cuda/proximal_cuda.cpp", "cuda/proximal.cu", "cuda/fused_update_cuda.cpp",
+                        "cuda/fused_update.cu", "common/combine_checks.cpp",
+                        "cuda/combine_cuda.cpp", "cuda/combine.cu"),
             include_dirs=include,
             define_macros=[("MMMOD_MODULE_NAME", "_C_cuda"), ("MMMOD_BACKEND_NAME", "cuda")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/*.cu with `nvcc -c -arch=sm_90 -Werror all-warnings` (no GPU needed).
-# Also syntax-checks the host-compiled CUDA glue (csrc/cuda_ops.cpp) against torch's headers
+# Compile-check every csrc/**/*.cu with `nvcc -c -arch=sm_90 -Werror all-warnings` (no GPU needed).
+# Also syntax-checks the host-compiled CUDA glue (csrc/cuda/*.cpp) against torch's headers
 # when torch is importable, unless --cu-only is given. Exits nonzero on the first failure.
 # NVCC overrides the compiler (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc).
 set -euo pipefail
@@ -15,9 +15,9 @@ fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 shopt -s nullglob
-files=(csrc/*.cu)
+files=(csrc/*.cu csrc/*/*.cu)
 if [ ${#files[@]} -eq 0 ]; then
-    echo "nvcc_check: no csrc/*.cu files" >&2
+    echo "nvcc_check: no .cu files under csrc/" >&2
     exit 1
 fi
 "$NVCC" --version | tail -1
@@ -32,7 +32,7 @@ if [ "$CU_ONLY" = 0 ]; then
     [ -x .venv/bin/python ] && DEFAULT_PY=.venv/bin/python
     PY=${PYTHON:-$DEFAULT_PY}
     if TI=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
-        for f in csrc/cuda_ops.cpp csrc/*_cuda.cpp; do
+        for f in csrc/cuda/*.cpp; do
             echo "nvcc_check: $f (host compiler, torch headers, syntax only)"
             "${CXX:-g++}" -std=c++20 -fsyntax-only -Wall -Werror -Wno-psabi -Icsrc -I"$TI" \
                 -I"$TI/torch/csrc/api/include" "$f"

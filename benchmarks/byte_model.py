@@ -2,7 +2,7 @@
 
 No GPU is needed: this is the design count the first GPU run is compared against. Each
 function below models one kernel (the same formula is stated in a comment next to the kernel
-in kernels/*.py or csrc/kernels.cu) as a :class:`Traffic`: launches, gradient bytes read and
+in kernels/*.py or csrc/cuda/kernels.cu) as a :class:`Traffic`: launches, gradient bytes read and
 written (DRAM: a gradient is far larger than L2), and the small side traffic (metadata table,
 chunk partials, sigma, k; counted as DRAM bytes too, an upper bound). Summed per modality
 bucket and step they give the ``B/elem`` of a backend; ``expected_seconds`` turns bytes and
@@ -23,7 +23,7 @@ from typing import Sequence
 #: Triton backend block sizes (mmmod/backends/triton/__init__.py TritonBackend)
 TRITON_BLOCK = 4096
 TRITON_BLOCK_C = 256  # Philox counters per noise program (4 * 256 elements)
-#: CUDA extension chunk (csrc/cuda_api.h MMMOD_CUDA_CHUNK)
+#: CUDA extension chunk (csrc/cuda/cuda_api.h MMMOD_CUDA_CHUNK)
 CUDA_CHUNK = 65536
 
 #: Assumed device numbers for the expected times (replace with measured ones: the copy
@@ -209,7 +209,7 @@ def cuda_scale(numels, es: int, chunk: int = CUDA_CHUNK):
 
 
 #: Rows per block of the CUDA ``scores_kernel`` (one warp per row: kThreads / 32) and
-#: modalities per call (csrc/cuda_api.h MMMOD_CUDA_SCORES_MAX_M)
+#: modalities per call (csrc/cuda/cuda_api.h MMMOD_CUDA_SCORES_MAX_M)
 CUDA_SCORE_ROWS = 8
 CUDA_SCORES_MAX_M = 16
 
@@ -292,7 +292,7 @@ def inner_update(numels, es: int, kind: str):
 #: FUSED_FIELDS (int64 words per table row) of kernels/fused_update_kernel.py
 FUSED_BLOCK_C = 256
 FUSED_FIELDS = 8
-#: csrc/fused_update_api.h: elements per chunk (MMMOD_FUSED_CHUNK), bytes of a tensor entry
+#: csrc/cuda/fused_update_api.h: elements per chunk (MMMOD_FUSED_CHUNK), bytes of a tensor entry
 #: (MmmodFusedTensor: 7 int64 + 2 float64) and of a chunk entry (MmmodFusedChunk)
 FUSED_CUDA_CHUNK = 16384
 FUSED_CUDA_TENSOR_ENTRY = 72
@@ -301,7 +301,7 @@ FUSED_CUDA_CHUNK_ENTRY = 16
 
 def fused_update(backend: str, numels, es: int, kind: str, offsets=None):
     """The fused update kernel of one bucket (Triton: kernels/fused_update_kernel.py; CUDA:
-    csrc/fused_update.cu; the CPU kernel is csrc/fused_update_cpu.cpp): the gradient read once,
+    csrc/cuda/fused_update.cu; the CPU kernel is csrc/cpu/fused_update_cpu.cpp): the gradient read once,
     the modulated gradient ``k g + sigma n`` formed in registers and never stored, the parameter
     and each state tensor read and written once. Side traffic per program (Triton) or block
     (CUDA): Triton its map entry (8 B), its tensor's table row (8 int64 words), k, sigma and the

@@ -1,5 +1,5 @@
 // Python modules mmmod._C and mmmod._C_cuda: importing one registers its kernels for the mmmod ops
-// (static initialisers in cpu_kernels.cpp / cuda_ops.cpp; the ops are defined by mmmod/ops.py)
+// (static initialisers in cpu/*.cpp / cuda/*.cpp; the ops are defined by mmmod/_ops/__init__.py)
 // and exposes the build record compiled into the binary.
 #include <Python.h>
 
@@ -30,18 +30,21 @@
 #include <exception>
 #include <vector>
 
-#include "cpu_kernels.h"
-#include "grad_checks.h"
-#include "ops.h"
+#include "common/grad_checks.h"
+#include "common/ops.h"
+#include "cpu/chunks.h"
+#include "cpu/cpu_kernels.h"
 namespace mmmod {
 namespace cpu {
-// csrc/modulate_all_cpu.cpp
+// csrc/cpu/modulate_all_cpu.cpp
 PyObject* modulate_all_cpu(PyObject*, PyObject* args);
 }  // namespace cpu
 }  // namespace mmmod
 #else
-#include "cuda_api.h"
+#include "cuda/cuda_api.h"
 #endif
+
+#include "common/native_rules.h"
 
 #define MMMOD_STR2(x) #x
 #define MMMOD_STR(x) MMMOD_STR2(x)
@@ -74,6 +77,23 @@ PyObject* build_info(PyObject*, PyObject*) {
                        MMMOD_SOURCE_HASH, "avx2_kernels", cpu_avx2_tu(), "chunk", kernel_chunk());
 }
 
+// {label: code} of the natively fused coefficient rules this binary's kernels take
+// (common/native_rules.h), for the test that ties them to mmmod.reference.native_rules.
+PyObject* native_rules(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  for (int r = 0; r < mmmod::kNativeRuleCount; ++r) {
+    PyObject* code = PyLong_FromLong(r);
+    const int rc = code == nullptr ? -1 : PyDict_SetItemString(out, mmmod::kNativeRuleLabels[r], code);
+    Py_XDECREF(code);
+    if (rc < 0) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+  }
+  return out;
+}
+
 #if defined(MMMOD_CPU_KERNELS_API)
 // Which CPU kernel table the ops use now ("avx512", "avx2" or "scalar"; MMMOD_CPU_KERNELS caps
 // it, MMMOD_CPU_SCALAR=1 forces "scalar") and whether the AVX2 / AVX-512 ones could be used here.
@@ -83,7 +103,7 @@ PyObject* cpu_kernels(PyObject*, PyObject*) {
                        mmmod::cpu::avx512_supported() ? Py_True : Py_False);
 }
 
-// mmmod._C.check_grads(grads): the fast path of mmmod.functional.check_grads (csrc/checks.cpp).
+// mmmod._C.check_grads(grads): the fast path of mmmod.functional.check_grads (csrc/common/checks.cpp).
 // A plain CPython function, not a torch op: it reads metadata only, so it needs none of the
 // dispatcher's machinery, and the dispatcher's boxing of a Tensor[] list (a refcount and an
 // IValue per tensor) would cost more than the checks themselves. `grads` is a list (one per
@@ -143,6 +163,8 @@ PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "The build record compiled into this binary: backend, torch and CUDA versions, source hash, "
      "elements per kernel chunk."},
+    {"native_rules", native_rules, METH_NOARGS,
+     "{label: code} of the coefficient rules the kernels evaluate (mmmod.reference.native_rules)."},
 #if defined(MMMOD_CPU_KERNELS_API)
     {"cpu_kernels", cpu_kernels, METH_NOARGS,
      "The CPU kernel table in use ('avx512', 'avx2' or 'scalar') and whether the AVX2 and "

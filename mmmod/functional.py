@@ -188,7 +188,7 @@ def _overlap_error(who, a, b) -> ValueError:
                       f"be modulated once only (pass each tensor once, and disjoint views)")
 
 
-#: ``mmmod._C.check_grads`` (csrc/checks.cpp) once looked up; False when the extension is not
+#: ``mmmod._C.check_grads`` (csrc/common/checks.cpp) once looked up; False when the extension is not
 #: loaded (then every check runs in Python)
 _fast_check_grads = None
 #: False switches the backends' whole-call fast paths off
@@ -357,7 +357,7 @@ def modulate_(grads: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor, *, 
             raise ValueError("stds must give one std (or None) per tensor of grads")
         if (stds is None and not isinstance(step, torch.Tensor) and coeffs.device.type == "cpu"
                 and not torch.compiler.is_compiling()):
-            # the usual CPU call in one C++ call (csrc/modulate_all_cpu.cpp): the same kernels
+            # the usual CPU call in one C++ call (csrc/cpu/modulate_all_cpu.cpp): the same kernels
             # and results, without a few tiny torch ops and one dispatch per modality; it
             # declines (writing nothing) whatever it does not handle, which then runs below
             fast = _fast_modulator(backend)

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 
 from mmmod import backends, methods
+from mmmod.reference.native_rules import METHODS as RULE_METHODS
+from mmmod.reference.native_rules import NativeRule, rule_of
 from mmmod.reference.ops import REFERENCES
 
 #: (rtol, atol) of a backend's kernel against the reference, per dtype of the data it writes;
@@ -81,7 +83,15 @@ def _scores_samples(device):
 
 def _coefficients_samples(device):
     s = torch.tensor([3.0, 1.5, 2.0], device=device)
-    return [Sample(f"{m}", (s.clone(), m, 0.5, 2.0)) for m in ("ogm", "ogm_ge", "mlb", "none")]
+    return [Sample(f"{m}", (s.clone(), int(rule_of(m)), 0.5, 2.0)) for m in RULE_METHODS]
+
+
+def _coefficients_errors(device):
+    s = torch.tensor([3.0, 1.5, 2.0], device=device)
+    bad = max(NativeRule) + 1
+    return [ErrorSample("unknown-rule", (s, bad, 0.5, 2.0), ValueError,
+                        f"unknown native rule code {bad}; expected one of 0 \\(none\\)"),
+            ErrorSample("negative-rule", (s, -1, 0.5, 2.0), ValueError, "unknown native rule code -1")]
 
 
 def _bucket(dtype, device, g, sizes=((37,), (3, 5), (0,), (1,))):
@@ -290,7 +300,7 @@ def _combine_errors(device):
 
 OP_INFOS = [
     OpInfo("scores", _scores_samples),
-    OpInfo("coefficients", _coefficients_samples),
+    OpInfo("coefficients", _coefficients_samples, _coefficients_errors),
     OpInfo("modulate_", _modulate_samples, mutated=(0,)),
     OpInfo("modulate_.capturable", _modulate_capturable_samples, mutated=(0,)),
     OpInfo("modulate_sigma_", _modulate_sigma_samples, _modulate_sigma_errors, mutated=(0,)),

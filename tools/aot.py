@@ -135,6 +135,7 @@ def backend_launches():
     """
     from mmmod.backends.triton import TritonBackend, combine, proximal
     from mmmod.backends.triton.table import make_flat_grads
+    from mmmod.reference.native_rules import NativeRule
 
     be = TritonBackend()
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -149,7 +150,7 @@ def backend_launches():
                 zs = [torch.empty(32, 10, dtype=dtypes[(first + i) % 4]) for i in range(m)]
                 be.scores(zs, y)
             zs = [torch.empty(32, 10) for _ in range(m)]
-            for method in ("ogm", "mlb", "none"):
+            for method in (rule.label for rule in NativeRule):
                 be.scores_and_coefficients(zs, y, method, 0.5, 2.0)
                 be.coefficients(torch.ones(m), method, 0.5, 2.0)
         # other tile shapes, strides and label dtypes

@@ -15,6 +15,7 @@ for the test suite and tools, ``_bucket_moments`` for sharded OGM-GE's statistic
 from __future__ import annotations
 
 from ..reference import ops as ref
+from ..reference.native_rules import NativeRule, rule_of
 from .fakes import CUDA_CHUNK, FAKES, table_words
 from .library import (LIB, NAMESPACE, OPS, OpDef, define, has_kernel, overload, register_kernel,
                       register_kernels)
@@ -23,9 +24,10 @@ from .library import (LIB, NAMESPACE, OPS, OpDef, define, has_kernel, overload, 
 define('scores',
        'scores(Tensor[] logits, Tensor labels) -> Tensor',
        ref.scores, FAKES['scores'])
-# k [M] float32 from scores [M] (method: ogm, ogm_ge, mlb, none); NaN if any score is NaN
+# k [M] float32 from scores [M] by a native rule, given as its code (int(NativeRule.OGM), the
+# values csrc/common/native_rules.h mirrors); NaN if any score is NaN
 define('coefficients',
-       'coefficients(Tensor scores, str method, float alpha, float beta_max) -> Tensor',
+       'coefficients(Tensor scores, int rule, float alpha, float beta_max) -> Tensor',
        ref.coefficients, FAKES['coefficients'])
 # in place: g <- k g (+ gate sigma n) for one modality's bucket (mmmod.reference.modulate)
 define('modulate_',
@@ -109,5 +111,5 @@ define("combine_",
 #: op name -> schema, every op of the namespace
 SCHEMAS = {name: op.schema for name, op in OPS.items()}
 
-__all__ = ["CUDA_CHUNK", "LIB", "NAMESPACE", "OPS", "OpDef", "SCHEMAS", "define", "has_kernel",
-           "overload", "register_kernel", "register_kernels", "table_words"]
+__all__ = ["CUDA_CHUNK", "LIB", "NAMESPACE", "NativeRule", "OPS", "OpDef", "SCHEMAS", "define",
+           "has_kernel", "overload", "register_kernel", "register_kernels", "rule_of", "table_words"]

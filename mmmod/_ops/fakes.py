@@ -6,13 +6,13 @@ import torch
 
 from ..reference import combine, moments
 
-#: elements per chunk of the CUDA kernels' bucket table (MMMOD_CUDA_CHUNK in csrc/cuda_api.h);
+#: elements per chunk of the CUDA kernels' bucket table (MMMOD_CUDA_CHUNK in csrc/cuda/cuda_api.h);
 #: the fake of bucket_table sizes its output with it
 CUDA_CHUNK = 1 << 16
 
 
 def table_words(ntensors: int, nchunks: int) -> int:
-    """int64 words of a bucket table (csrc/cuda_api.h: 2-word header, 5 per tensor, 2 per chunk)."""
+    """int64 words of a bucket table (csrc/cuda/cuda_api.h: 2-word header, 5 per tensor, 2 per chunk)."""
     return 2 + 5 * ntensors + 2 * nchunks
 
 
@@ -20,7 +20,7 @@ def _scores_fake(logits, labels):
     return labels.new_empty((len(logits),), dtype=torch.float32)
 
 
-def _coefficients_fake(scores, method, alpha, beta_max):
+def _coefficients_fake(scores, rule, alpha, beta_max):
     torch._check(scores.dim() == 1, lambda: "scores must be 1-D")
     return scores.new_empty(scores.shape, dtype=torch.float32)
 

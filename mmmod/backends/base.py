@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..reference.modulate import noise_sigma
+from ..reference.native_rules import MODULATING, rule_of
 from ..reference.philox import seed_int64
 from .registry import kernel
 
@@ -42,7 +43,7 @@ class Backend:
     device_step = True
     #: coefficient rules (``Method.native``) this backend evaluates in its own kernels; every
     #: other method's torch rule runs on the device instead (``functional.coefficients``)
-    native_rules: frozenset = frozenset({"ogm", "mlb"})
+    native_rules: frozenset = frozenset(r.label for r in MODULATING)
     #: op name -> kernel (a function with the op's signature), for backends made of Python
     #: kernels; :meth:`op_kernel` may compute the answer instead
     kernels: dict = {}
@@ -72,7 +73,7 @@ class Backend:
     def coefficients(self, scores: torch.Tensor, rule: str, alpha: float,
                      beta_max: float) -> torch.Tensor:
         """Evaluate the native ``rule`` (one of :attr:`native_rules`) on the device."""
-        return self._kernel("coefficients", scores.device)(scores, rule, float(alpha),
+        return self._kernel("coefficients", scores.device)(scores, int(rule_of(rule)), float(alpha),
                                                            float(beta_max))
 
     def modulate_bucket_(self, tensors: Sequence[torch.Tensor], offsets: Sequence[int],

@@ -21,8 +21,8 @@ from collections import OrderedDict
 import torch
 
 from .. import _ext, _ops
-from ..reference.coefficients import METHODS
 from ..reference.modulate import check_sigma
+from ..reference.native_rules import rule_of
 from ..reference.philox import check_step, seed_int64
 from .base import Backend
 
@@ -84,9 +84,8 @@ class _ExtensionBackend(Backend):
         if scores.dim() != 1 or scores.shape[0] < 2:
             raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape "
                              f"{tuple(scores.shape)}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        return self._kernel("coefficients", scores.device)(scores, method, float(alpha),
+        rule = rule_of(method)  # ValueError naming an unknown method
+        return self._kernel("coefficients", scores.device)(scores, int(rule), float(alpha),
                                                            float(beta_max))
 
     def modulate_bucket_(self, tensors, offsets, k, gate, *, noise, noise_std, seed, step, modality):
@@ -127,7 +126,7 @@ class CpuBackend(_ExtensionBackend):
 
     @property
     def modulate_all(self):
-        """``mmmod._C.modulate_all_cpu`` (csrc/modulate_all_cpu.cpp), when the binary has it."""
+        """``mmmod._C.modulate_all_cpu`` (csrc/cpu/modulate_all_cpu.cpp), when the binary has it."""
         return getattr(_ext.load("cpu")[0], "modulate_all_cpu", None)
 
 

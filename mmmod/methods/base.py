@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..reference.native_rules import MODULATING
 from .traits import MethodTraits
 
 
@@ -45,7 +46,8 @@ class Method:
     #: ``mmmod.optim.sharding.ShardPlan``) whose ``sum_over_shards`` adds per-shard partial sums
     whole_tensor_stats: bool = False
     #: a rule the fused backends may evaluate in their scores epilogue instead of
-    #: :meth:`coefficients` (``"ogm"`` or ``"mlb"``); ``None`` runs the torch rule
+    #: :meth:`coefficients`: the label of a ``mmmod.reference.native_rules.MODULATING`` rule
+    #: (``"ogm"`` or ``"mlb"``); ``None`` runs the torch rule
     native: str | None = None
     #: the hyperparameters the rule reads (documentation and ``repr``)
     hyperparameters: tuple[str, ...] = ("alpha",)
@@ -214,8 +216,9 @@ def register(method: Method, *, replace: bool = False) -> Method:
     if method.default_filter not in ("conv", "matrix", "all"):
         raise ValueError(f"method {name!r}: default_filter must be 'conv', 'matrix' or 'all', "
                          f"got {method.default_filter!r}")
-    if method.native not in (None, "ogm", "mlb"):
-        raise ValueError(f"method {name!r}: native must be None, 'ogm' or 'mlb', got "
+    natives = sorted(r.label for r in MODULATING)
+    if method.native is not None and method.native not in natives:
+        raise ValueError(f"method {name!r}: native must be None or one of {natives}, got "
                          f"{method.native!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"a method named {name!r} is already registered "

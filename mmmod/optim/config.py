@@ -152,7 +152,7 @@ def closure_required(optimizer) -> bool:
     return p is not None and p.default is inspect.Parameter.empty
 
 
-#: values of MMMOD_CPU_KERNELS the compiled CPU kernels accept (csrc/cpu_kernels.cpp)
+#: values of MMMOD_CPU_KERNELS the compiled CPU kernels accept (csrc/cpu/cpu_kernels.cpp)
 CPU_KERNELS = ("", "auto", "scalar", "avx2", "avx512")
 
 

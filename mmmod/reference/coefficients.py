@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("ogm", "ogm_ge", "mlb", "none")
+from .native_rules import METHODS, NativeRule, rule_of
+
+__all__ = ["METHODS", "coefficients", "ogm_coefficients", "mlb_coefficients"]
 
 
 def _others_mean(s: torch.Tensor) -> torch.Tensor:
@@ -47,13 +49,13 @@ def mlb_coefficients(s: torch.Tensor, alpha: float, beta_max: float) -> torch.Te
     return torch.where(torch.isnan(s).any(), torch.full_like(k, float("nan")), k)
 
 
-def coefficients(s: torch.Tensor, method: str, alpha: float, beta_max: float = 2.0) -> torch.Tensor:
+def coefficients(s: torch.Tensor, method: str | int, alpha: float, beta_max: float = 2.0) -> torch.Tensor:
+    """k [M] by a native rule: a method name (``"ogm_ge"``), a :class:`NativeRule` or its code."""
+    rule = rule_of(method)
     if s.dim() != 1 or s.shape[0] < 2:
         raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape {tuple(s.shape)}")
-    if method in ("ogm", "ogm_ge"):
+    if rule is NativeRule.OGM:
         return ogm_coefficients(s, alpha)
-    if method == "mlb":
+    if rule is NativeRule.MLB:
         return mlb_coefficients(s, alpha, beta_max)
-    if method == "none":
-        return torch.ones_like(s, dtype=torch.float32)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return torch.ones_like(s, dtype=torch.float32)  # NativeRule.NONE

@@ -21,8 +21,8 @@ def scores(logits, labels):
     return out.to(labels.device) if len(logits) == 0 else out
 
 
-def coefficients(scores, method, alpha, beta_max):
-    return _coefficients(scores, method, alpha, beta_max)
+def coefficients(scores, rule, alpha, beta_max):
+    return _coefficients(scores, rule, alpha, beta_max)
 
 
 def modulate_(tensors, offsets, k, gate, noise, scaled, seed, step, modality):

@@ -3,7 +3,7 @@ float64 merge order replayed in numpy (no GPU needed).
 
 - The model's launches, programs and per-element gradient traffic are those of the real
   launchers (recorded Triton launches, real bucket tables) and of the compiled CUDA kernels
-  (16-byte / 4-element vector accesses counted in the sm_90 SASS of csrc/kernels.cu);
+  (16-byte / 4-element vector accesses counted in the sm_90 SASS of csrc/cuda/kernels.cu);
   OGM-GE reads each gradient element twice and writes it once on both backends: 12 B/element
   in float32 plus under 0.1 B/element of side traffic on the benchmark workloads.
 - ``cuda_moments`` is the exact float64 operation order of the CUDA ``stats_kernel`` +
@@ -35,7 +35,7 @@ CUDA_TILE = CUDA_THREADS * CUDA_VEC
 
 
 def _merge(a, b):
-    """mmmod::moments_merge (csrc/philox.h), elementwise over arrays of (n, mean, m2)."""
+    """mmmod::moments_merge (csrc/common/philox.h), elementwise over arrays of (n, mean, m2)."""
     an, am, aq = a
     bn, bm_, bq = b
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -195,9 +195,9 @@ def test_workload_bytes_per_element_at_the_floor(workload):
 def test_model_constants_are_the_code():
     from mmmod.backends.triton import TritonBackend
     assert (bm.TRITON_BLOCK, bm.TRITON_BLOCK_C) == (TritonBackend.block, TritonBackend.block_c)
-    header = open(os.path.join(ROOT, "csrc", "cuda_api.h")).read()
+    header = open(os.path.join(ROOT, "csrc", "cuda", "cuda_api.h")).read()
     assert int(re.search(r"#define MMMOD_CUDA_CHUNK (\d+)", header).group(1)) == bm.CUDA_CHUNK
-    src = open(os.path.join(ROOT, "csrc", "kernels.cu")).read()
+    src = open(os.path.join(ROOT, "csrc", "cuda", "kernels.cu")).read()
     assert int(re.search(r"constexpr int kThreads = (\d+);", src).group(1)) == CUDA_THREADS
     assert int(re.search(r"constexpr int kVec = (\d+);", src).group(1)) == CUDA_VEC
 
@@ -242,7 +242,7 @@ def sass(tmp_path_factory):
     d = tmp_path_factory.mktemp("cubin")
     cubin = d / "kernels.cubin"
     subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-std=c++17", "-O3", "-fmad=false",
-                    "-I" + os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "kernels.cu"),
+                    "-I" + os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda", "kernels.cu"),
                     "-o", str(cubin)], check=True, capture_output=True, timeout=600)
     out = subprocess.run([dump, "-sass", str(cubin)], check=True, capture_output=True,
                          text=True).stdout
@@ -308,9 +308,9 @@ def test_cuda_scores_model_is_the_launcher():
     """The scores model's rows per block, modalities per call and launches per call are the
     code's: kScoreRows warps of one row each, MMMOD_CUDA_SCORES_MAX_M descriptors per launch,
     two launches in mmmod_cuda_scores, and the glue calls it once per group of that many."""
-    kernels = open(os.path.join(ROOT, "csrc", "kernels.cu")).read()
-    header = open(os.path.join(ROOT, "csrc", "cuda_api.h")).read()
-    glue = open(os.path.join(ROOT, "csrc", "cuda_ops.cpp")).read()
+    kernels = open(os.path.join(ROOT, "csrc", "cuda", "kernels.cu")).read()
+    header = open(os.path.join(ROOT, "csrc", "cuda", "cuda_api.h")).read()
+    glue = open(os.path.join(ROOT, "csrc", "cuda", "cuda_ops.cpp")).read()
     assert re.search(r"constexpr int kScoreRows = kThreads / 32;", kernels)
     assert bm.CUDA_SCORE_ROWS == CUDA_THREADS // 32
     assert int(re.search(r"#define MMMOD_CUDA_SCORES_MAX_M (\d+)", header).group(1)) == \

@@ -18,6 +18,7 @@ import torch
 
 from mmmod import _ext, backends, reference
 from mmmod.reference import philox
+from mmmod.reference.native_rules import NativeRule
 
 LIVE, WHY = backends.status("cpu")
 pytestmark = pytest.mark.skipif(not LIVE, reason=f"C++ extension (backend 'cpu') not available: {WHY}")
@@ -129,8 +130,10 @@ def test_coefficients_nan_and_errors(cpu):
         cpu.coefficients(torch.ones(1), "ogm", 0.5, 2.0)
     with pytest.raises(ValueError):
         cpu.coefficients(torch.ones(2), "bogus", 0.5, 2.0)
-    with pytest.raises(ValueError):
-        ops().coefficients(torch.ones(2), "bogus", 0.5, 2.0)
+    with pytest.raises(ValueError, match="unknown native rule code 9"):
+        ops().coefficients(torch.ones(2), 9, 0.5, 2.0)
+    with pytest.raises(RuntimeError):  # the op takes the rule's int code (NativeRule), not a name
+        ops().coefficients(torch.ones(2), "ogm", 0.5, 2.0)
 
 
 # ---- modulation without noise: bit-identical ------------------------------------------------
@@ -247,8 +250,8 @@ def test_opcheck_every_op(seed):
     logits = [torch.randn(6, 4), torch.randn(6, 4, dtype=torch.float64)]
     labels = torch.randint(0, 4, (6,))
     opcheck(ops().scores.default, (logits, labels))
-    opcheck(ops().coefficients.default, (torch.rand(3) + 0.1, "ogm", 0.8, 2.0))
-    opcheck(ops().coefficients.default, (torch.rand(2) + 0.1, "mlb", 0.5, 10.0))
+    opcheck(ops().coefficients.default, (torch.rand(3) + 0.1, int(NativeRule.OGM), 0.8, 2.0))
+    opcheck(ops().coefficients.default, (torch.rand(2) + 0.1, int(NativeRule.MLB), 0.5, 10.0))
     ts = [torch.randn(5), torch.randn(3, 4)]
     opcheck(ops().modulate_.default,
             (ts, [0, 5], torch.tensor(0.5), torch.tensor(1.0), True, False, seed, 3, 1))
@@ -315,7 +318,7 @@ def test_op_input_errors():
 def test_torch_compile_fullgraph(seed):
     def step(z0, z1, y, g, gate):
         s = ops().scores([z0, z1], y)
-        k = ops().coefficients(s, "ogm", 0.8, 2.0)
+        k = ops().coefficients(s, int(NativeRule.OGM), 0.8, 2.0)
         ops().modulate_([g], [0], k[0], gate, True, False, seed, 1, 0)
         return k
 

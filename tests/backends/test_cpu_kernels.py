@@ -21,8 +21,8 @@ from mmmod.reference import philox
 LIVE, WHY = backends.status("cpu")
 pytestmark = pytest.mark.skipif(not LIVE, reason=f"C++ extension (backend 'cpu') not available: {WHY}")
 
-CHUNK = 1 << 14  # kChunkCpu in csrc/ops.h
-BLOCK = 4 * 128  # normals per noise block (kBlockGroups in csrc/cpu_kernels.h)
+CHUNK = 1 << 14  # kChunkCpu in csrc/cpu/chunks.h
+BLOCK = 4 * 128  # normals per noise block (kBlockGroups in csrc/cpu/cpu_kernels.h)
 ENV = ("MMMOD_CPU_SCALAR", "MMMOD_CPU_KERNELS")
 
 

@@ -118,7 +118,7 @@ def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
         assert cubins, entries
 
 
-# -- the fused update's kernels (csrc/fused_update.cu) in the fat binary ---------------------------
+# -- the fused update's kernels (csrc/cuda/fused_update.cu) in the fat binary ---------------------------
 # every instantiation: kernel x dtype (Itanium template-argument code, element size) x noise
 FUSED_KERNELS = ("fused_sgd_kernel", "fused_adam_kernel")
 FUSED_TYPES = {"f": 4, "d": 8, "6__half": 2, "13__nv_bfloat16": 2}
@@ -186,7 +186,7 @@ def test_fat_binary_holds_every_fused_kernel(cuda_ext, fused_resources):
 
 @needs_cuda_torch
 def test_fused_kernels_have_no_register_spills(cuda_ext, fused_resources, tmp_path):
-    """ptxas -v on csrc/fused_update.cu with the extension's nvcc flags, for each architecture of
+    """ptxas -v on csrc/cuda/fused_update.cu with the extension's nvcc flags, for each architecture of
     the binary: no spill stores or loads in any instantiation, and the same registers and stack
     frame as the shipped cubins (so the report is about the code that ships). The noise variants'
     32-byte stack frame is sincosf's argument-reduction array (Payne-Hanek, for |x| > 105615:
@@ -196,7 +196,7 @@ def test_fused_kernels_have_no_register_spills(cuda_ext, fused_resources, tmp_pa
     sms = sorted({key[0] for key in fused_resources})
     flags = [f for f in ce.COMMON_NVCC_FLAGS if f.startswith(("-D", "--expt"))]
     cmd = [nvcc, "-c", "-std=c++20", "-O3", "-lineinfo", "-fmad=false", "-Xptxas", "-v",
-           *flags, "-I" + str(ROOT / "csrc"), str(ROOT / "csrc" / "fused_update.cu"),
+           *flags, "-I" + str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda" / "fused_update.cu"),
            "-o", str(tmp_path / "fused_update.o")]
     for sm in sms:
         cmd[1:1] = ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
@@ -262,13 +262,14 @@ def test_opcheck_fake_implementations_on_meta(cuda_ext):
     from torch.library import opcheck
     import mmmod  # noqa: F401  (registers the fakes through the loader)
     from mmmod import _ext
+    from mmmod.reference.native_rules import NativeRule
     _ext._register_fakes()
     ops = torch.ops.mmmod
     d = "meta"
     ts, offs, k, gate = _meta_bucket()
     opcheck(ops.scores.default, ([torch.empty(6, 4, device=d)] * 2,
                                  torch.empty(6, dtype=torch.long, device=d)))
-    opcheck(ops.coefficients.default, (torch.empty(3, device=d), "ogm", 0.8, 2.0))
+    opcheck(ops.coefficients.default, (torch.empty(3, device=d), int(NativeRule.OGM), 0.8, 2.0))
     opcheck(ops.modulate_.default, (ts, offs, k, gate, True, False, 7, 3, 1))
     opcheck(ops.modulate_.capturable,
             (ts, offs, k, gate, True, False, 7, 0, 1,
@@ -285,6 +286,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
     """Under FakeTensorMode CUDA tensors need no GPU: the fakes give device/dtype/shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from mmmod import _ext
+    from mmmod.reference.native_rules import NativeRule
     _ext._register_fakes()
     ops = torch.ops.mmmod
     with FakeTensorMode(allow_non_fake_inputs=False):
@@ -292,7 +294,7 @@ def test_fake_cuda_tensors_get_the_right_outputs(cuda_ext):
         y = torch.empty(6, dtype=torch.long, device="cuda")
         s = ops.scores([z, z, z], y)
         assert s.device.type == "cuda" and s.dtype == torch.float32 and s.shape == (3,)
-        k = ops.coefficients(s, "mlb", 0.5, 2.0)
+        k = ops.coefficients(s, int(NativeRule.MLB), 0.5, 2.0)
         assert k.device.type == "cuda" and k.shape == (3,)
         ts = [torch.empty(70000, device="cuda"), torch.empty(0, device="cuda"),
               torch.empty(3, 5, device="cuda")]

@@ -11,6 +11,7 @@ import torch
 
 from mmmod import backends, reference
 from mmmod.reference import philox
+from mmmod.reference.native_rules import NativeRule
 
 LIVE, WHY = backends.status("cuda")
 pytestmark = [pytest.mark.gpu,
@@ -238,7 +239,7 @@ def test_opcheck_cuda(seed):
     from torch.library import opcheck
     d = "cuda"
     opcheck(torch.ops.mmmod.scores.default, ([torch.randn(6, 4, device=d)] * 2, torch.randint(0, 4, (6,), device=d)))
-    opcheck(torch.ops.mmmod.coefficients.default, (torch.rand(3, device=d) + 0.1, "ogm", 0.8, 2.0))
+    opcheck(torch.ops.mmmod.coefficients.default, (torch.rand(3, device=d) + 0.1, int(NativeRule.OGM), 0.8, 2.0))
     opcheck(torch.ops.mmmod.modulate_.default,
             ([torch.randn(5, device=d), torch.randn(3, 4, device=d)], [0, 5], torch.tensor(0.5, device=d),
              torch.tensor(1.0, device=d), True, False, seed, 3, 1))

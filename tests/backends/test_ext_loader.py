@@ -30,6 +30,33 @@ def test_changed_sources_are_refused(tmp_path, monkeypatch):
     assert _ext._stale_reason(info) == ""
 
 
+def test_source_hash_covers_the_layer_folders(tmp_path):
+    """csrc/ is split into common/, cpu/, cuda/: an edit, a move between folders or a new file in
+    any of them makes the build stale."""
+    for rel in ("module.cpp", "common/philox.h", "cpu/chunks.h", "cuda/kernels.cu"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"// {rel}\n")
+    h = _ext.source_hash(str(tmp_path))
+    (tmp_path / "cuda" / "kernels.cu").write_text("// edited\n")
+    edited = _ext.source_hash(str(tmp_path))
+    assert edited != h
+    (tmp_path / "cuda" / "kernels.cu").rename(tmp_path / "common" / "kernels.cu")
+    moved = _ext.source_hash(str(tmp_path))
+    assert moved not in (h, edited)
+    (tmp_path / "cpu" / "new.cpp").write_text("")
+    assert _ext.source_hash(str(tmp_path)) not in (h, edited, moved)
+
+
+def test_setup_py_builds_every_source_file():
+    """Every .cpp / .cu under csrc/ is in one of setup.py's source lists (a file left out would
+    still be hashed, but its kernels would never be registered)."""
+    text = (ROOT / "setup.py").read_text()
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in (".cpp", ".cu"):
+            rel = path.relative_to(ROOT / "csrc").as_posix()
+            assert f'"{rel}"' in text, f"csrc/{rel} is in no source list of setup.py"
+
+
 def test_source_hash_matches_setup_py():
     """setup.py loads mmmod/_ext.py as a file: the same function hashes the same tree."""
     assert _ext.source_hash(str(ROOT / "csrc")) == _ext.source_hash(str(ROOT / "csrc"))

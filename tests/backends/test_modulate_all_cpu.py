@@ -1,5 +1,5 @@
 """``mmmod._C.modulate_all_cpu``: the one-call CPU path of ``functional.modulate_``
-(csrc/modulate_all_cpu.cpp). It must give exactly what the general path gives (the ops per
+(csrc/cpu/modulate_all_cpu.cpp). It must give exactly what the general path gives (the ops per
 bucket, bit for bit: same kernels, same k, gate, offsets, seed and step), decline whatever it
 does not handle with nothing written (the general path then runs and raises its own errors),
 move the gradients' versions on like the in-place op, and raise a bad ``MMMOD_CPU_KERNELS``

@@ -1,4 +1,4 @@
-"""The CUDA kernels of the fused modulated update (csrc/fused_update.cu, ops
+"""The CUDA kernels of the fused modulated update (csrc/cuda/fused_update.cu, ops
 ``torch.ops.mmmod.fused_sgd_`` / ``fused_adam_`` on CUDA tensors; docs/fused.md).
 
 On a GPU (marker ``gpu``; run by scripts/gpu_check.sh's ``pytest -m gpu``, collected and skipped
@@ -55,7 +55,7 @@ def on_gpu(test):
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-CHUNK = 16384  # MMMOD_FUSED_CHUNK (csrc/fused_update_api.h)
+CHUNK = 16384  # MMMOD_FUSED_CHUNK (csrc/cuda/fused_update_api.h)
 # normwise ulps of the dtype (module docstring): expected 0 everywhere
 OP_ULPS = {torch.float32: 2, torch.float64: 2, torch.float16: 2, torch.bfloat16: 2}  # 3 steps
 STEP_ULPS = {torch.float32: 4, torch.float64: 4, torch.float16: 4, torch.bfloat16: 4}  # 20 steps
@@ -416,8 +416,8 @@ def test_fused_apply_to_update(kind, method):
 
 # ---- without a GPU: the kernels' chunk code compiled for the host ---------------------------------
 _HARNESS = r'''
-// The fused-update kernels' chunk code (csrc/fused_update.cu, __host__ __device__) run on the host.
-#include "fused_update.cu"
+// The fused-update kernels' chunk code (csrc/cuda/fused_update.cu, __host__ __device__) run on the host.
+#include "cuda/fused_update.cu"
 
 template <typename T, bool NOISE, bool ADAM, typename S>
 static void run(const int64_t* table, const float* k, const float* sigma, const float* u,

@@ -1,9 +1,9 @@
 """InfoReg's fused proximal op (``torch.ops.mmmod.proximal_``, docs/semantics.md section 10)
 against the plain-torch reference (``proximal_`` of mmmod/methods/inforeg.py).
 
-Implementations: the CPU kernel (csrc/proximal_cpu.cpp, when the extension is built), the Triton
+Implementations: the CPU kernel (csrc/cpu/proximal_cpu.cpp, when the extension is built), the Triton
 kernels (kernels/proximal_kernel.py; under the interpreter without a GPU) and the CUDA kernels
-(csrc/proximal.cu, gpu-marked: first GPU, CUDA build).
+(csrc/cuda/proximal.cu, gpu-marked: first GPU, CUDA build).
 
 Tolerances:
 

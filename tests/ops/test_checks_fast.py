@@ -1,4 +1,4 @@
-"""The C++ fast path of ``functional.check_grads`` (``mmmod._C.check_grads``, csrc/checks.cpp)
+"""The C++ fast path of ``functional.check_grads`` (``mmmod._C.check_grads``, csrc/common/checks.cpp)
 against its Python definition: the same verdict on random views, every refusal raised with
 the same message whether the fast path runs or not, the Python checks used whenever the fast
 path is unavailable (no extension, compiling) or unsure (a tensor subclass, a pair of views

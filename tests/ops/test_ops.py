@@ -51,8 +51,9 @@ zs = [torch.randn(7, 4, generator=g), torch.randn(7, 6, generator=g)]
 y = torch.randint(0, 4, (7,), generator=g)
 assert torch.equal(ops.scores(zs, y), reference.scores(zs, y))
 s = torch.tensor([3.0, 1.5, 2.0])
-for method in ('ogm', 'ogm_ge', 'mlb', 'none'):
-    assert torch.equal(ops.coefficients(s, method, 0.5, 2.0), reference.coefficients(s, method, 0.5, 2.0))
+from mmmod.reference.native_rules import NativeRule
+for rule in map(int, NativeRule):
+    assert torch.equal(ops.coefficients(s, rule, 0.5, 2.0), reference.coefficients(s, rule, 0.5, 2.0))
 ts = [torch.randn(5, generator=g), torch.randn(3, 4, generator=g)]
 a, b = [t.clone() for t in ts], [t.clone() for t in ts]
 k, gate = torch.tensor(0.7), torch.tensor(1.0)
@@ -68,7 +69,7 @@ assert torch.equal(out, reference.philox_normal(11, 2, 1, 6, 9))
 std = ops._bucket_std([torch.ones(1), ts[1]])
 assert std.dtype == torch.float64 and std[0] == 0 and std[1] == reference.tensor_std(ts[1])
 opcheck(ops.scores.default, (zs, y))
-opcheck(ops.coefficients.default, (s, 'mlb', 0.5, 10.0))
+opcheck(ops.coefficients.default, (s, int(NativeRule.MLB), 0.5, 10.0))
 opcheck(ops.modulate_.default, ([t.clone() for t in ts], [0, 5], k, gate, True, False, 7, 3, 1))
 opcheck(ops._bucket_std.default, (ts,))
 opcheck(ops._philox_normal_.default, (torch.empty(11), 7, 2, 0, 3))

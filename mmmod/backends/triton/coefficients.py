@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...reference.native_rules import rule_of
 from .launch import launch, next_pow2, on
 from .scores import METHOD_CODE, launch_scores
 
@@ -17,8 +18,10 @@ def check_args(M, method):
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def coefficients(be, scores, method, alpha, beta_max):
-    """The op ``coefficients(Tensor scores, str method, float alpha, float beta_max) -> Tensor``."""
+def coefficients(be, scores, rule, alpha, beta_max):
+    """The op ``coefficients(Tensor scores, int rule, float alpha, float beta_max) -> Tensor``
+    (``rule``: a NativeRule code; a method name is accepted too)."""
+    method = rule_of(rule).label
     if scores.dim() != 1:
         raise ValueError(f"scores must be a 1-D tensor of M >= 2 modalities, got shape "
                          f"{tuple(scores.shape)}")

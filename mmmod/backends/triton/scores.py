@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from ...reference.native_rules import METHODS, rule_of
 from .launch import launch, next_pow2, on
 
-#: ``_finish_kernel``'s METHOD code of each native coefficient rule (0: scores only)
-METHOD_CODE = {"ogm": 1, "ogm_ge": 1, "mlb": 2, "none": 0}
+#: ``_finish_kernel``'s METHOD code of each native coefficient rule name: its NativeRule code
+#: (0, NONE: scores only)
+METHOD_CODE = {name: int(rule_of(name)) for name in METHODS}
 
 
 def launch_scores(be, logits, labels, method_code, alpha, beta_max, want_k):

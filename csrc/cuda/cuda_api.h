@@ -100,8 +100,8 @@ size_t mmmod_cuda_scores_workspace_bytes(int64_t B, int64_t M);
 int mmmod_cuda_scores(const MmmodScoresModality* mods, int64_t M, int64_t B, const int64_t* labels,
                       float* out, void* workspace, void* stream);
 
-// k[M] from scores s[M] (method: 0 none, 1 ogm, 2 mlb), on the device.
-int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,
+// k[M] from scores s[M] by rule (a NativeRule code, common/native_rules.h), on the device.
+int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int rule, float alpha,
                             float beta_max, void* stream);
 
 // out[i] = normal of stream element offset + i, i < n.

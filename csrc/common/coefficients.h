@@ -5,11 +5,10 @@
 
 #include <stdint.h>
 
-#include "philox.h"
+#include "common/native_rules.h"
+#include "common/philox.h"
 
 namespace mmmod {
-
-enum CoefMethod : int { kMethodNone = 0, kMethodOgm = 1, kMethodMlb = 2 };
 
 MMMOD_HD float quiet_nanf() {
 #if defined(__CUDA_ARCH__)
@@ -42,9 +41,9 @@ MMMOD_HD float others_mean(const float* s, int64_t M, int64_t m) {
 // The rules are split around tanh so a backend can evaluate tanh with the exact implementation
 // the reference uses on that device (the CPU op calls at::tanh, the CUDA kernel tanhf, as torch
 // does): phase 1 gives the tanh arguments, phase 2 the coefficients from s and tanh(args).
-MMMOD_HD void coefficient_tanh_args(const float* s, float* x, int64_t M, int method, float alpha) {
+MMMOD_HD void coefficient_tanh_args(const float* s, float* x, int64_t M, int rule, float alpha) {
   for (int64_t m = 0; m < M; ++m) x[m] = 0.0f;
-  if (method == kMethodOgm) {
+  if (rule == kRuleOgm) {
     if (M == 2) {
       const float rho1 = s[1] / s[0];
       const float rho0 = 1.0f / rho1;
@@ -53,16 +52,16 @@ MMMOD_HD void coefficient_tanh_args(const float* s, float* x, int64_t M, int met
       return;
     }
     for (int64_t m = 0; m < M; ++m) x[m] = alpha * (s[m] / others_mean(s, M, m));
-  } else if (method == kMethodMlb) {
+  } else if (rule == kRuleMlb) {
     for (int64_t m = 0; m < M; ++m) x[m] = alpha * (others_mean(s, M, m) / s[m] - 1.0f);
   }
 }
 
-MMMOD_HD void coefficient_finish(const float* s, const float* t, float* k, int64_t M, int method,
+MMMOD_HD void coefficient_finish(const float* s, const float* t, float* k, int64_t M, int rule,
                                  float beta_max) {
   bool any_nan = false;
   for (int64_t m = 0; m < M; ++m) any_nan = any_nan || (s[m] != s[m]);
-  if (method == kMethodNone) {
+  if (rule == kRuleNone) {
     for (int64_t m = 0; m < M; ++m) k[m] = 1.0f;
     return;
   }
@@ -71,7 +70,7 @@ MMMOD_HD void coefficient_finish(const float* s, const float* t, float* k, int64
     for (int64_t m = 0; m < M; ++m) k[m] = nan;
     return;
   }
-  if (method == kMethodOgm) {
+  if (rule == kRuleOgm) {
     if (M == 2) {  // the official rule: rho_1 > 1 damps modality 1, else (ties too) modality 0
       const float rho1 = s[1] / s[0];
       k[0] = rho1 > 1.0f ? 1.0f : 1.0f - t[0];
@@ -94,11 +93,11 @@ MMMOD_HD void coefficient_finish(const float* s, const float* t, float* k, int64
 #if defined(__CUDACC__)
 // Both phases with tanhf in between (device code; M <= 64 per call of the CUDA op).
 __device__ __forceinline__ void compute_coefficients(const float* s, float* k, int64_t M,
-                                                     int method, float alpha, float beta_max) {
+                                                     int rule, float alpha, float beta_max) {
   float x[64];
-  coefficient_tanh_args(s, x, M, method, alpha);
+  coefficient_tanh_args(s, x, M, rule, alpha);
   for (int64_t m = 0; m < M; ++m) x[m] = coef_tanhf(x[m]);
-  coefficient_finish(s, x, k, M, method, beta_max);
+  coefficient_finish(s, x, k, M, rule, beta_max);
 }
 #endif
 

@@ -1,5 +1,5 @@
 // CUDA implementation of InfoReg's proximal op (mmmod::proximal_, defined in
-// mmmod/ops_proximal.py): torch glue compiled by the host compiler with c10/ATen headers only;
+// mmmod/_ops/__init__.py): torch glue compiled by the host compiler with c10/ATen headers only;
 // the kernels are behind the plain launcher of proximal_api.h (proximal.cu).
 //
 // No host sync: the table (three data pointers, size, chunks, dtype and Fisher flag per tensor)
@@ -14,8 +14,8 @@
 #include <cstring>
 #include <vector>
 
-#include "ops.h"
-#include "proximal_api.h"
+#include "common/ops.h"
+#include "cuda/proximal_api.h"
 
 namespace mmmod {
 namespace proximal_cuda {

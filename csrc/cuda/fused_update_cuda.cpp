@@ -1,5 +1,5 @@
 // CUDA implementation of the fused modulated update (ops mmmod::fused_sgd_ / fused_adam_,
-// defined in mmmod/ops_fused.py; the definition is mmmod/optim/fused.py's reference): torch glue
+// defined in mmmod/_ops/__init__.py; the definition is mmmod/reference/fused.py): torch glue
 // compiled by the host compiler with c10/ATen headers only; the kernels are behind the plain
 // launchers of fused_update_api.h (fused_update.cu).
 //
@@ -20,10 +20,10 @@
 #include <optional>
 #include <vector>
 
-#include "cuda_api.h"
-#include "cuda_glue.h"
-#include "fused_update_api.h"
-#include "ops.h"
+#include "cuda/cuda_api.h"
+#include "cuda/cuda_glue.h"
+#include "cuda/fused_update_api.h"
+#include "common/ops.h"
 
 namespace mmmod {
 namespace fused_cuda {

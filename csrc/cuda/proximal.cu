@@ -18,14 +18,14 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "cuda_dtypes.cuh"
-#include "proximal_api.h"
+#include "cuda/cuda_dtypes.cuh"
+#include "cuda/proximal_api.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-using mmmod::Cvt;  // stored value <-> float / double (csrc/cuda_dtypes.cuh)
+using mmmod::Cvt;  // stored value <-> float / double (csrc/cuda/cuda_dtypes.cuh)
 
 // this thread's float64 sum of squares over its elements of one chunk
 template <typename T>

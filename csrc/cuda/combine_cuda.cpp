@@ -15,8 +15,8 @@
 #include <optional>
 #include <vector>
 
-#include "combine_api.h"
-#include "combine_cuda_api.h"
+#include "common/combine_api.h"
+#include "cuda/combine_cuda_api.h"
 
 namespace mmmod {
 namespace combine_cuda {

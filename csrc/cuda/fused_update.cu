@@ -1,5 +1,5 @@
 // CUDA kernels of the fused modulated optimizer update (ops mmmod::fused_sgd_ / fused_adam_,
-// defined in mmmod/ops_fused.py; glue: fused_update_cuda.cpp; interface: fused_update_api.h).
+// defined in mmmod/_ops/__init__.py; glue: fused_update_cuda.cpp; interface: fused_update_api.h).
 // CUDA headers and mmmod's own headers only, no torch.
 //
 // One launch per bucket (multi-tensor apply): a device table lists the bucket's tensors (param,
@@ -42,11 +42,11 @@
 #include <cmath>
 #include <type_traits>
 
-#include "cuda_access.cuh"
-#include "cuda_api.h"
-#include "cuda_dtypes.cuh"
-#include "fused_update_api.h"
-#include "philox.h"
+#include "cuda/cuda_access.cuh"
+#include "cuda/cuda_api.h"
+#include "cuda/cuda_dtypes.cuh"
+#include "cuda/fused_update_api.h"
+#include "common/philox.h"
 
 // Everything below but the __global__ entry points is __host__ __device__ (FU_HD): the chunk code
 // also compiles for the host, where tests/test_fused_update_cuda.py runs it on CPU tensors (one
@@ -127,7 +127,7 @@ FU_HD float fma_rn(float a, float b, float c) { FU_RN(__fmaf_rn(a, b, c), std::f
 FU_HD double fma_rn(double a, double b, double c) { FU_RN(__fma_rn(a, b, c), std::fma(a, b, c)); }
 #undef FU_RN
 
-// ---- global memory (csrc/cuda_access.cuh): ld.global.cg / st.global.cg on the device, plain
+// ---- global memory (csrc/cuda/cuda_access.cuh): ld.global.cg / st.global.cg on the device, plain
 // accesses on the host; Vec4: one vector access per array for a 4-element group -------------------
 using mmmod::access::group_aligned;
 using mmmod::access::load;

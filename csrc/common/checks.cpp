@@ -7,17 +7,21 @@
 #include <exception>
 #include <string>
 
-#include "grad_checks.h"
-#include "ops.h"
+#include "common/grad_checks.h"
+#include "common/native_rules.h"
+#include "common/ops.h"
 
 namespace mmmod {
 
-int method_code(const std::string& method) {
-  if (method == "none") return 0;
-  if (method == "ogm" || method == "ogm_ge") return 1;
-  if (method == "mlb") return 2;
-  TORCH_CHECK_VALUE(false, "mmmod: unknown method '", method,
-                    "'; expected one of ogm, ogm_ge, mlb, none");
+int checked_rule(int64_t rule) {
+  if (rule >= 0 && rule < kNativeRuleCount) return static_cast<int>(rule);
+  // the wording of mmmod.reference.native_rules.rule_of, codes listed from the one table
+  std::string codes;
+  for (int r = 0; r < kNativeRuleCount; ++r) {
+    codes += (r > 0 ? ", " : "") + std::to_string(r) + " (" + kNativeRuleLabels[r] + ")";
+  }
+  TORCH_CHECK_VALUE(false, "mmmod.coefficients: unknown native rule code ", rule,
+                    "; expected one of ", codes);
 }
 
 void check_scores_inputs(at::TensorList logits, const at::Tensor& labels) {
@@ -73,7 +77,7 @@ void check_step_tensor(const at::Tensor& step, const at::Device& device) {
                     " but the bucket is on ", device);
 }
 
-// mmmod::modulate_sigma_ (csrc/cpu_kernels.cpp, csrc/cuda_ops.cpp); mirrored by
+// mmmod::modulate_sigma_ (csrc/cpu/cpu_kernels.cpp, csrc/cuda/cuda_ops.cpp); mirrored by
 // mmmod.reference.check_sigma
 void check_sigma(at::TensorList tensors, const at::Tensor& sigma) {
   TORCH_CHECK_TYPE(sigma.scalar_type() == at::kFloat,
@@ -87,7 +91,7 @@ void check_sigma(at::TensorList tensors, const at::Tensor& sigma) {
                     tensors[0].device());
 }
 
-// mmmod::_bucket_moments (csrc/cpu_kernels.cpp, csrc/cuda_ops.cpp)
+// mmmod::_bucket_moments (csrc/cpu/cpu_kernels.cpp, csrc/cuda/cuda_ops.cpp)
 void check_moments_inputs(at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::ScalarType st = tensors[i].scalar_type();
@@ -101,7 +105,7 @@ void check_moments_inputs(at::TensorList tensors) {
   }
 }
 
-// mmmod::fused_sgd_ / fused_adam_ (csrc/fused_update_cpu.cpp, csrc/fused_update_cuda.cpp)
+// mmmod::fused_sgd_ / fused_adam_ (csrc/cpu/fused_update_cpu.cpp, csrc/cuda/fused_update_cuda.cpp)
 namespace {
 
 // xs[i] must be a contiguous tensor like params[i] (device, dtype, shape)
@@ -200,7 +204,7 @@ void check_fused_adam_inputs(at::TensorList params, at::TensorList grads, at::Te
   }
 }
 
-// mmmod::proximal_ (csrc/proximal_cpu.cpp, csrc/proximal_cuda.cpp); mirrored by mmmod/ops_proximal.py
+// mmmod::proximal_ (csrc/cpu/proximal_cpu.cpp, csrc/cuda/proximal_cuda.cpp); mirrored by mmmod/_ops/__init__.py
 void check_proximal_inputs(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
                   const at::Tensor& beta) {
   TORCH_CHECK_VALUE(grads.size() == params.size() && params.size() == snapshots.size(),

@@ -1,5 +1,5 @@
 // CPU kernels of the fused modulated optimizer update (ops fused_sgd_ / fused_adam_, defined
-// in mmmod/ops_fused.py; the reference is mmmod/optim/fused.py).
+// in mmmod/_ops/__init__.py; the reference is mmmod/reference/fused.py).
 //
 // One pass per bucket: per element the modulated gradient k g + sigma n (or k g) is formed in
 // registers, rounded to the gradient's dtype as the unfused modulation stores it, and fed into
@@ -43,9 +43,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernels.h"
-#include "ops.h"
-#include "philox.h"
+#include "common/ops.h"
+#include "common/philox.h"
+#include "cpu/chunks.h"
+#include "cpu/cpu_kernels.h"
 
 namespace mmmod {
 namespace fused_cpu {
@@ -63,20 +64,8 @@ inline __attribute__((always_inline)) A R(A x) {
   return static_cast<A>(static_cast<T>(x));
 }
 
-struct Chunk {
-  int64_t tensor, start, len;
-};
-
-std::vector<Chunk> make_chunks(at::TensorList tensors) {
-  std::vector<Chunk> out;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t n = tensors[t].numel();
-    for (int64_t s = 0; s < n; s += kChunkCpu) {
-      out.push_back({static_cast<int64_t>(t), s, std::min(kChunkCpu, n - s)});
-    }
-  }
-  return out;
-}
+using cpu::Chunk;
+using cpu::make_chunks;
 
 struct NoiseArgs {
   bool on;

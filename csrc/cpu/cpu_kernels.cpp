@@ -2,7 +2,8 @@
 //
 // The per-chunk work goes through a KernelTable (cpu_kernels.h): AVX-512 (vec_avx512.cpp) or
 // AVX2 + FMA (vec_avx2.cpp) when the CPU and OS support it, else the portable scalar one below;
-// MMMOD_CPU_KERNELS=scalar|avx2|avx512 caps the choice, MMMOD_CPU_SCALAR=1 forces the portable one.
+// MMMOD_CPU_KERNELS=scalar|avx2|avx512 caps the choice, MMMOD_CPU_SCALAR=1 forces the portable one
+// (the choice is isa.cpp's). The chunks are chunks.h's.
 //
 // Determinism: work is split into fixed chunks of kChunkCpu elements of one tensor (never by
 // thread count); threads claim chunks dynamically, per-chunk statistics are stored in their own
@@ -31,14 +32,11 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
-
-#include "coefficients.h"
-#include "cpu_kernels.h"
-#include "ops.h"
-#include "philox.h"
+#include "common/coefficients.h"
+#include "common/ops.h"
+#include "common/philox.h"
+#include "cpu/chunks.h"
+#include "cpu/cpu_kernels.h"
 
 namespace mmmod {
 namespace cpu {
@@ -127,62 +125,6 @@ double row_lse_f32_scalar(const float* row, int64_t C) {
 const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, scale_f32_scalar,
                              lanes_shifted_f32_scalar, lanes_sqdev_f32_scalar, row_lse_f32_scalar};
 
-struct CpuFeatures {
-  bool avx2 = false;    // AVX2 + FMA, ymm state enabled by the OS
-  bool avx512 = false;  // and avx512f/bw/dq/vl, opmask + zmm state enabled by the OS
-};
-
-CpuFeatures detect_features() {
-  CpuFeatures f;
-#if defined(MMMOD_X86_SIMD_TABLES)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
-  if (!osxsave || !avx || __get_cpuid_max(0, nullptr) < 7) return f;
-  // XCR0: which register state the OS saves on a context switch. A CPU can report AVX-512 while
-  // the OS (or hypervisor) leaves the zmm state off; using it then faults.
-  unsigned xlo = 0, xhi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
-  const uint64_t xcr0 = (static_cast<uint64_t>(xhi) << 32) | xlo;
-  const bool ymm_state = (xcr0 & 0x6) == 0x6;    // SSE + AVX
-  const bool zmm_state = (xcr0 & 0xE6) == 0xE6;  // and opmask, ZMM_Hi256, Hi16_ZMM
-  __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = b & (1u << 5), f512 = b & (1u << 16), dq = b & (1u << 17),
-             bw = b & (1u << 30), vl = b & (1u << 31);
-  f.avx2 = ymm_state && avx2 && fma;
-  f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
-#endif
-  return f;
-}
-
-const CpuFeatures& features() {
-  static const CpuFeatures f = detect_features();
-  return f;
-}
-
-// The ISA cap of the environment: 0 scalar, 1 AVX2, 2 AVX-512 (2 also for unset / auto); -1 for
-// an unrecognised MMMOD_CPU_KERNELS value, returned in *value.
-int kernels_cap(const char** value) {
-  const char* s = std::getenv("MMMOD_CPU_SCALAR");
-  if (s != nullptr && s[0] != '\0' && std::strcmp(s, "0") != 0) return 0;
-  const char* e = std::getenv("MMMOD_CPU_KERNELS");
-  if (e == nullptr || e[0] == '\0' || std::strcmp(e, "auto") == 0) return 2;
-  if (std::strcmp(e, "scalar") == 0) return 0;
-  if (std::strcmp(e, "avx2") == 0) return 1;
-  if (std::strcmp(e, "avx512") == 0) return 2;
-  *value = e;
-  return -1;
-}
-
-const KernelTable& table_for_cap(int cap) {
-#if defined(MMMOD_X86_SIMD_TABLES)
-  if (cap >= 2 && features().avx512) return avx512_kernels();
-  if (cap >= 1 && features().avx2) return avx2_kernels();
-#endif
-  (void)cap;
-  return kScalar;
-}
-
 // Elements per window of the OGM-GE pass (statistics, then modulation while cached): 8 MiB of
 // fp32, well inside a 32 MiB L3. MMMOD_CPU_WINDOW overrides it (0: the whole bucket at once). Only
 // a plain decimal integer is accepted (atoll would read "1e6" as 1 and "abc" as 0, silently);
@@ -203,22 +145,10 @@ int64_t window_elements() {
 
 const KernelTable& scalar_kernels() { return kScalar; }
 
-bool avx2_supported() { return features().avx2; }
-bool avx512_supported() { return features().avx512; }
-
-const KernelTable& active_kernels() {
-  const char* bad = nullptr;
-  const int cap = kernels_cap(&bad);
-  return table_for_cap(cap < 0 ? 2 : cap);
-}
-
 const KernelTable& kernels_for_op() {
-  const char* bad = nullptr;
-  const int cap = kernels_cap(&bad);
-  TORCH_CHECK_VALUE(cap >= 0, "MMMOD_CPU_KERNELS=", bad,
-                    " is not a CPU kernel table: expected auto, scalar, avx2 or avx512");
+  const KernelTable& K = kernels_from_env();  // may raise (a bad MMMOD_CPU_KERNELS)
   (void)window_elements();  // may raise (a malformed MMMOD_CPU_WINDOW), as above
-  return table_for_cap(cap);
+  return K;
 }
 
 namespace {
@@ -271,23 +201,6 @@ void for_each_noise_run(const KernelTable& K, uint64_t seed, uint32_t step, uint
     q += static_cast<uint64_t>(ng);
     lead = 0;
   }
-}
-
-struct Chunk {
-  int64_t tensor;
-  int64_t start;
-  int64_t len;
-};
-
-std::vector<Chunk> make_chunks(at::TensorList tensors) {
-  std::vector<Chunk> chunks;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t n = tensors[t].numel();
-    for (int64_t s = 0; s < n; s += kChunkCpu) {
-      chunks.push_back({static_cast<int64_t>(t), s, std::min(kChunkCpu, n - s)});
-    }
-  }
-  return chunks;
 }
 
 // The statistics pass of one chunk, (n, mean, M2) in float64, in one read of the chunk: the sums
@@ -610,9 +523,9 @@ at::Tensor scores_cpu(at::TensorList logits, const at::Tensor& labels) {
   return out;
 }
 
-at::Tensor coefficients_cpu(const at::Tensor& scores, c10::string_view method, double alpha,
+at::Tensor coefficients_cpu(const at::Tensor& scores, int64_t rule, double alpha,
                             double beta_max) {
-  const int code = method_code(std::string(method));
+  const int code = checked_rule(rule);
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) >= 2,
                     "mmmod.coefficients: scores must be 1-D with M >= 2, got ", scores.sizes());
   const at::Tensor s = scores.to(at::kFloat).contiguous();
@@ -750,16 +663,14 @@ void philox_normal_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous(),
                     "mmmod.philox_normal_: out must be a contiguous float32 tensor");
   TORCH_CHECK_VALUE(offset >= 0, "mmmod.philox_normal_: negative offset");
-  const int64_t n = out.numel();
   float* p = out.mutable_data_ptr<float>();
   const KernelTable& K = kernels_for_op();
-  const int64_t nchunks = (n + kChunkCpu - 1) / kChunkCpu;
-  for_each_index(nchunks, [&](int64_t c) {
-    const int64_t start = c * kChunkCpu;
-    const int64_t len = std::min(kChunkCpu, n - start);
+  const std::vector<Chunk> chunks = make_chunks(out);
+  for_each_index(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const int64_t start = chunks[c].start;
     for_each_noise_run(K, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
                        static_cast<uint32_t>(modality),
-                       static_cast<uint64_t>(offset) + static_cast<uint64_t>(start), len,
+                       static_cast<uint64_t>(offset) + static_cast<uint64_t>(start), chunks[c].len,
                        [&](int64_t i, int64_t m, const float* z) {
                          std::copy(z, z + m, p + start + i);
                        });

@@ -19,8 +19,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "combine_cuda_api.h"
-#include "cuda_dtypes.cuh"
+#include "cuda/combine_cuda_api.h"
+#include "cuda/cuda_dtypes.cuh"
 
 namespace {
 

@@ -6,7 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
-#include "cuda_api.h"
+#include "cuda/cuda_api.h"
 
 namespace mmmod {
 

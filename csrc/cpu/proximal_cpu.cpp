@@ -1,5 +1,5 @@
-// CPU kernel of InfoReg's proximal correction (op proximal_, defined in mmmod/ops_proximal.py;
-// the reference is proximal_ in mmmod/methods/inforeg.py).
+// CPU kernel of InfoReg's proximal correction (op proximal_, defined in mmmod/_ops/__init__.py;
+// the reference is proximal_ in mmmod/reference/proximal.py).
 //
 // One pass over the modality's bucket: per element g <- T(float(g) + beta (float(p) - float(p0)))
 // (float32 arithmetic, each operation rounded: the build passes -ffp-contract=off, so no FMA),
@@ -22,7 +22,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "ops.h"
+#include "common/ops.h"
+#include "cpu/chunks.h"
 
 namespace mmmod {
 namespace proximal_cpu {
@@ -30,9 +31,7 @@ namespace {
 
 constexpr int kLanes = 8;  // independent float64 accumulators per chunk (fixed pattern)
 
-struct Chunk {
-  int64_t tensor, start, len;
-};
+using cpu::Chunk;
 
 template <typename T>
 inline double as_double(T v) {
@@ -92,17 +91,13 @@ at::Tensor proximal_cpu(at::TensorList grads, at::TensorList params, at::TensorL
   const size_t nt = grads.size();
   // contiguous views of every operand (copies only for non-contiguous tensors, written back below)
   std::vector<at::Tensor> g(nt), p(nt), p0(nt);
-  std::vector<Chunk> chunks;
   for (size_t t = 0; t < nt; ++t) {
-    const int64_t n = grads[t].numel();
-    if (n == 0) continue;
+    if (grads[t].numel() == 0) continue;
     g[t] = grads[t].contiguous();
     p[t] = params[t].contiguous();
     p0[t] = snapshots[t].contiguous();
-    for (int64_t s = 0; s < n; s += kChunkCpu) {
-      chunks.push_back({static_cast<int64_t>(t), s, std::min(kChunkCpu, n - s)});
-    }
   }
+  const std::vector<Chunk> chunks = cpu::make_chunks(grads);
   std::vector<double> partial(chunks.size(), 0.0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {

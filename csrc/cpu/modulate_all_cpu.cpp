@@ -28,8 +28,8 @@
 #include <exception>
 #include <vector>
 
-#include "cpu_kernels.h"
-#include "ops.h"
+#include "cpu/cpu_kernels.h"
+#include "common/ops.h"
 
 namespace mmmod {
 namespace cpu {

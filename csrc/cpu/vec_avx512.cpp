@@ -24,7 +24,7 @@
 // so no inline function of a shared header is emitted with AVX-512 instructions (the file sorts
 // after the baseline objects too, so the linker would keep their copies first anyway). The
 // extension is compiled with -ffp-contract=off: only the explicit FMAs below fuse.
-#include "cpu_kernels.h"
+#include "cpu/cpu_kernels.h"
 
 #if defined(MMMOD_X86_SIMD_TABLES)
 #pragma GCC push_options

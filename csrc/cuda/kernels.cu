@@ -18,7 +18,7 @@
 //              the step either an argument or read from a device counter (CUDA graphs).
 // modulate_sigma_ (each tensor's sigma given, e.g. gathered across the shards of a tensor) is
 // launch 3 alone, finishing the given sigma (non-finite -> 0, times the gate) per chunk.
-// Vector accesses (csrc/cuda_access.cuh, shared with fused_update.cu): a chunk whose tensor's
+// Vector accesses (csrc/cuda/cuda_access.cuh, shared with fused_update.cu): a chunk whose tensor's
 // data pointer is 16-byte aligned (checked per chunk on the device, so a table built once
 // serves both cases) reads and writes whole 16-byte vectors (float4, 8 halves / bfloat16 as
 // uint4, double2; the noise kernel 4 elements of its Philox group: float4, 2 x half2 /
@@ -38,11 +38,11 @@
 
 #include <type_traits>
 
-#include "coefficients.h"
-#include "cuda_access.cuh"
-#include "cuda_api.h"
-#include "cuda_dtypes.cuh"
-#include "philox.h"
+#include "common/coefficients.h"
+#include "cuda/cuda_access.cuh"
+#include "cuda/cuda_api.h"
+#include "cuda/cuda_dtypes.cuh"
+#include "common/philox.h"
 
 namespace {
 
@@ -50,9 +50,9 @@ namespace access = mmmod::access;
 
 constexpr int kThreads = 256;
 
-// Gradient accesses (csrc/cuda_access.cuh: ld.global.cg / st.global.cg, the vector widths) and
+// Gradient accesses (csrc/cuda/cuda_access.cuh: ld.global.cg / st.global.cg, the vector widths) and
 // the conversions between a stored value and the float / double the kernels compute in
-// (csrc/cuda_dtypes.cuh).
+// (csrc/cuda/cuda_dtypes.cuh).
 using mmmod::Cvt;
 
 // One element: read as float (load) or double (load_d), written from a float.
@@ -490,9 +490,9 @@ __global__ void __launch_bounds__(kThreads) scores_finish_kernel(const double* p
   if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(total);
 }
 
-__global__ void coefficients_kernel(const float* s, float* k, int64_t M, int method, float alpha,
+__global__ void coefficients_kernel(const float* s, float* k, int64_t M, int rule, float alpha,
                                     float beta_max) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) mmmod::compute_coefficients(s, k, M, method, alpha, beta_max);
+  if (blockIdx.x == 0 && threadIdx.x == 0) mmmod::compute_coefficients(s, k, M, rule, alpha, beta_max);
 }
 
 // The error of the launch just made (cudaSuccess = 0), checked after every single launch.
@@ -627,9 +627,9 @@ int mmmod_cuda_scores(const MmmodScoresModality* mods, int64_t M, int64_t B, con
   return launch_status();
 }
 
-int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int method, float alpha,
+int mmmod_cuda_coefficients(const float* s, float* k, int64_t M, int rule, float alpha,
                             float beta_max, void* stream) {
-  coefficients_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(s, k, M, method, alpha, beta_max);
+  coefficients_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(s, k, M, rule, alpha, beta_max);
   return launch_status();
 }
 

@@ -1,10 +1,10 @@
 // Shared declarations of the mmmod torch ops (C++ side only; never included by .cu files).
 //
-// The mmmod operators are defined in Python (mmmod/ops.py: schemas, fake implementations and the
-// plain-torch reference as the default implementation), so they exist whether or not this
-// extension is built. The binaries only add device kernels with TORCH_LIBRARY_IMPL(mmmod, ...)
-// (cpu_kernels.cpp, cuda_ops.cpp) and must never define an op again: mmmod._ext imports
-// mmmod.ops before it loads a binary, and refuses a stale one without loading it.
+// The mmmod operators are defined in Python (mmmod/_ops/__init__.py: schemas, fake
+// implementations and the plain-torch reference as the default implementation), so they exist
+// whether or not this extension is built. The binaries only add device kernels with
+// TORCH_LIBRARY_IMPL(mmmod, ...) (cpu/*.cpp, cuda/*.cpp) and must never define an op again:
+// mmmod._ext defines the ops before it loads a binary, and refuses a stale one without loading it.
 //
 // Conventions every kernel follows: no op reads a device value on the host (k and gate arrive
 // as 0-d device tensors, seed/step/modality as integers, or the step as a 0-d device counter
@@ -19,21 +19,17 @@
 
 namespace mmmod {
 
-// Elements per chunk of the statistics and modulation passes. Fixed (never derived from the
-// number of threads or SMs), so per-tensor statistics are combined in the same order
-// everywhere and results do not depend on the thread count.
-// (The CUDA kernels' chunk is MMMOD_CUDA_CHUNK in cuda_api.h.) Reported by build_info().
-constexpr int64_t kChunkCpu = 1 << 14;
-
-int method_code(const std::string& method);
+// The coefficients op's `rule` as a NativeRule code (common/native_rules.h); a ValueError
+// listing the codes for any other value.
+int checked_rule(int64_t rule);
 
 // Metadata checks shared by every device implementation of modulate_.
 void check_bucket(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
                   const at::Tensor& gate);
 void check_scores_inputs(at::TensorList logits, const at::Tensor& labels);
-// The CPU kernel of modulate_ (csrc/cpu_kernels.cpp) on one checked bucket (one dtype,
+// The CPU kernel of modulate_ (csrc/cpu/cpu_kernels.cpp) on one checked bucket (one dtype,
 // contiguous CPU tensors, offsets >= 0) with k and the gate as values; also run by
-// mmmod._C.modulate_all_cpu (csrc/modulate_all_cpu.cpp).
+// mmmod._C.modulate_all_cpu (csrc/cpu/modulate_all_cpu.cpp).
 namespace cpu {
 void modulate_values_cpu(at::TensorList tensors, at::IntArrayRef offsets, float k, float gate,
                          bool noise, bool scaled, int64_t seed, int64_t step, int64_t modality);

@@ -1,7 +1,7 @@
 // Metadata checks of MMPareto's combine ops (declared in combine_api.h).
 #include <ATen/ATen.h>
 
-#include "combine_api.h"
+#include "common/combine_api.h"
 
 namespace mmmod {
 

@@ -1,9 +1,10 @@
 // CPU kernels shared by the default (portable scalar), the AVX2 and the AVX-512 translation units.
 //
-// cpu_kernels.cpp owns the ops, the chunking and the threading; the per-chunk work goes through
-// a KernelTable: the portable one (scalar Philox, libm Box-Muller, compiled for the baseline
-// ISA), the AVX2 + FMA one from vec_avx2.cpp or the AVX-512 one from vec_avx512.cpp, picked at
-// run time from cpuid (CPU features) and xgetbv (the OS saves the ymm / zmm and opmask state).
+// cpu_kernels.cpp owns the ops and the threading (the chunking is chunks.h's); the per-chunk work
+// goes through a KernelTable: the portable one (scalar Philox, libm Box-Muller, compiled for the
+// baseline ISA), the AVX2 + FMA one from vec_avx2.cpp or the AVX-512 one from vec_avx512.cpp,
+// picked at run time (isa.cpp) from cpuid (CPU features) and xgetbv (the OS saves the ymm / zmm
+// and opmask state).
 // The environment (read on every op call) caps the choice: MMMOD_CPU_KERNELS=scalar|avx2|avx512
 // uses at most that table (the best one the CPU has at or below it; auto or unset: the best),
 // MMMOD_CPU_SCALAR=1 forces the portable table whatever MMMOD_CPU_KERNELS says.
@@ -23,7 +24,7 @@
 
 #include <stdint.h>
 
-#include "philox.h"
+#include "common/philox.h"
 
 namespace mmmod {
 namespace cpu {
@@ -75,7 +76,11 @@ const KernelTable& avx512_kernels();
 // MMMOD_CPU_SCALAR. Never throws: an unrecognised MMMOD_CPU_KERNELS value counts as unset here
 // (for reporting); the ops call kernels_for_op(), which rejects it.
 const KernelTable& active_kernels();
-// active_kernels(), but an unrecognised MMMOD_CPU_KERNELS value raises a ValueError naming it.
+// active_kernels(), but an unrecognised MMMOD_CPU_KERNELS value raises a ValueError naming it
+// (isa.cpp, with the capability checks below).
+const KernelTable& kernels_from_env();
+// kernels_from_env(), and a malformed MMMOD_CPU_WINDOW raises too (cpu_kernels.cpp): what every
+// op calls at its entry, before anything is written.
 const KernelTable& kernels_for_op();
 // Whether the AVX2 table is compiled in and the CPU (and OS) support it (independent of the env).
 bool avx2_supported();

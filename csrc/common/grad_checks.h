@@ -1,4 +1,4 @@
-// The gradient checks of mmmod.functional.check_grads, in C++ (csrc/checks.cpp), bound as
+// The gradient checks of mmmod.functional.check_grads, in C++ (csrc/common/checks.cpp), bound as
 // mmmod._C.check_grads (csrc/module.cpp). Python's check_grads stays the definition: this fast
 // path only answers "all clear", "these byte ranges overlap" or "run the full check", so every
 // refusal is raised by the Python code with its exact message.

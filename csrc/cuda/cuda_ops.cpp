@@ -20,9 +20,9 @@
 #include <optional>
 #include <vector>
 
-#include "cuda_api.h"
-#include "cuda_glue.h"
-#include "ops.h"
+#include "cuda/cuda_api.h"
+#include "cuda/cuda_glue.h"
+#include "common/ops.h"
 
 namespace mmmod {
 namespace cuda {
@@ -134,9 +134,9 @@ at::Tensor scores_cuda(at::TensorList logits, const at::Tensor& labels) {
   return out;
 }
 
-at::Tensor coefficients_cuda(const at::Tensor& scores, c10::string_view method, double alpha,
+at::Tensor coefficients_cuda(const at::Tensor& scores, int64_t rule, double alpha,
                              double beta_max) {
-  const int code = method_code(std::string(method));
+  const int code = checked_rule(rule);
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) >= 2,
                     "mmmod.coefficients: scores must be 1-D with M >= 2, got ", scores.sizes());
   TORCH_CHECK_VALUE(scores.size(0) <= 64, "mmmod.coefficients: at most 64 modalities on CUDA, got ",

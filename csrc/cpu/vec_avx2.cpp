@@ -21,7 +21,7 @@
 // after the baseline objects' so the linker keeps the baseline copy of any shared inline function; the
 // whole extension is compiled with -ffp-contract=off, so only the explicit _mm256_fmadd_ps below
 // fuse (the reference's separately rounded products are kept elsewhere).
-#include "cpu_kernels.h"  // before the pragma: its inline functions stay baseline code
+#include "cpu/cpu_kernels.h"  // before the pragma: its inline functions stay baseline code
 
 #if defined(MMMOD_X86_SIMD_TABLES)
 #pragma GCC push_options

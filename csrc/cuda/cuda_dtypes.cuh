@@ -7,7 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda_api.h"
+#include "cuda/cuda_api.h"
 
 namespace mmmod {
 

@@ -27,8 +27,9 @@
 #include <optional>
 #include <vector>
 
-#include "combine_api.h"
-#include "ops.h"
+#include "common/combine_api.h"
+#include "common/ops.h"
+#include "cpu/chunks.h"
 
 namespace mmmod {
 namespace combine_cpu {
@@ -39,9 +40,7 @@ constexpr int kLanes = 8;  // independent float64 accumulators per chunk and mom
 // thread, where waking the pool costs more than the pass (and far more on a loaded host)
 constexpr int64_t kGrainChunks = 16;
 
-struct Chunk {
-  int64_t tensor, start, len;
-};
+using cpu::Chunk;
 
 template <typename T>
 inline double as_double(T v) {
@@ -106,10 +105,8 @@ void plan(at::TensorList fused, at::TensorList summed, std::vector<at::Tensor>& 
     if (n == 0) continue;
     f[t] = fused[t].contiguous();
     s[t] = summed[t].contiguous();
-    for (int64_t c = 0; c < n; c += kChunkCpu) {
-      chunks.push_back({static_cast<int64_t>(t), c, std::min(kChunkCpu, n - c)});
-    }
   }
+  chunks = cpu::make_chunks(summed);
 }
 
 }  // namespace
