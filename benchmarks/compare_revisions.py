@@ -160,12 +160,15 @@ def markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     lines = [f"# {meta.get('title', 'Revision comparison')}", "",
              f"A = `{a.get('commit', '?')}` ({a.get('path', '?')}), B = `{b.get('commit', '?')}` "
              f"({b.get('path', '?')}); suite `{meta.get('suite', '?')}`, {meta.get('rounds', '?')} "
-             f"rounds alternating A, B; {meta.get('date', '?')}; host {meta.get('host', '?')} "
+             f"rounds alternating A, B (completed: {meta.get('rounds_done', meta.get('rounds', '?'))}); "
+             f"{meta.get('date', '?')} to {meta.get('finished', '?')}; host {meta.get('host', '?')} "
              f"({meta.get('cpu', '?')}, nproc {meta.get('nproc', '?')}), torch {meta.get('torch', '?')}, "
              f"{meta.get('threads', '?')} threads.", ""]
     loads = meta.get("loadavg")
     if loads:
         lines += [f"Load average (1 min) before/after each run: {loads}.", ""]
+    if meta.get("wall"):
+        lines += [f"{meta['wall']}.", ""]
     if meta.get("note"):
         lines += [str(meta["note"]), ""]
     if meta.get("agreement"):
@@ -327,7 +330,7 @@ def main(argv=None) -> dict[str, Any]:
     import torch  # the parent's torch: the version both subprocesses run (same interpreter)
     date = _dt.datetime.now(_dt.timezone.utc)
     meta: dict[str, Any] = {
-        "title": "Quick suite: B against A, same host, alternating rounds",
+        "title": f"{' '.join(['run_all', *suite])}: B against A, same host, alternating rounds",
         "date": date.isoformat(timespec="seconds"), "host": platform.node(), "cpu": _cpu_name(),
         "nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "rounds": args.rounds, "suite": " ".join(["run_all", *suite]),
@@ -355,26 +358,36 @@ def main(argv=None) -> dict[str, Any]:
                 os.makedirs(out_dir)
                 print(f"round {i + 1}/{args.rounds}: {s.upper()}", file=sys.stderr, flush=True)
                 runs[s].append(run_suite(trees[s], out_dir, args.threads, suite))
+            doc = write(args.out, name, meta, agree, runs)  # after every round: a cut-short run keeps its rounds
+    print(os.path.join(args.out, name + ".md"))
+    return doc
+
+
+def write(out: str, name: str, meta: dict[str, Any], agree: Any, runs: Mapping[str, list]) -> dict[str, Any]:
+    """``<out>/<name>.json`` and ``.md`` from the rounds both sides have completed."""
+    n = min(len(runs["a"]), len(runs["b"]))
+    runs = {s: runs[s][:n] for s in runs}
     summary = summarize([r["times"] for r in runs["a"]], [r["times"] for r in runs["b"]])
-    meta["loadavg"] = ", ".join(f"{s.upper()}{i + 1} {r['load_before']}/{r['load_after']}"
-                                for i in range(args.rounds) for s in ("a", "b")
-                                for r in [runs[s][i]])
+    meta = dict(meta, rounds_done=n,
+                finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    meta["loadavg"] = ", ".join(f"{s.upper()}{i + 1} {runs[s][i]['load_before']}/{runs[s][i]['load_after']}"
+                                for i in range(n) for s in ("a", "b"))
+    wall = {s: [r["wall_s"] for r in runs[s]] for s in runs}
+    meta["wall"] = (f"run_all wall time, median over rounds: A {statistics.median(wall['a']):.0f} s, "
+                    f"B {statistics.median(wall['b']):.0f} s")
     bad = {s: sorted({p for r in runs[s] for p in r["disagreements"]}) for s in runs}
     if bad["a"] or bad["b"]:
         meta["note"] = (meta["note"] + " " if meta["note"] else "") + (
             f"The suite's own output checks failed: A {bad['a']}, B {bad['b']}.")
-    os.makedirs(args.out, exist_ok=True)
-    doc = {"meta": meta, "agreement": agree, "suite_disagreements": bad,
-           "wall_s": {s: [r["wall_s"] for r in runs[s]] for s in runs},
+    os.makedirs(out, exist_ok=True)
+    doc = {"meta": meta, "agreement": agree, "suite_disagreements": bad, "wall_s": wall,
            "rounds": {s: [r["times"] for r in runs[s]] for s in runs}, "summary": summary}
-    base = os.path.join(args.out, name)
+    base = os.path.join(out, name)
     with open(base + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(markdown(summary, meta))
-    print(base + ".md")
     return doc
-
 
 if __name__ == "__main__":
     main()
