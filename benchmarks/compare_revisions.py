@@ -22,7 +22,7 @@ also checks its contenders' outputs itself (the ``agrees`` fields): any ``false`
 Writes ``<out>/<name>.json`` (environment, both commits, every round's times, the probe's
 comparison, the summary) and ``<out>/<name>.md`` (the table). The table logic
 (:func:`summarize`, :func:`markdown`) takes plain per-round dictionaries and is tested on
-synthetic timings (tests/test_compare_revisions.py).
+synthetic timings (tests/project/test_compare_revisions.py).
 """
 from __future__ import annotations
 
