@@ -1,6 +1,7 @@
 """MMPareto under FSDP2 (``fully_shard``, DTensor parameters) on CPU: 2 gloo ranks sharding
-both encoders (uneven shards: a 3-row conv weight splits 2 + 1) and the heads, trained with
-``opt.backward(losses)``, against one process trained unsharded on the global batch.
+both encoders (uneven shards: a 3-row conv weight splits 2 + 1; a 1-row gain leaves rank 1 an
+empty shard) and the heads, trained with ``opt.backward(losses)`` (plain, and with a
+GradScaler), against one process trained unsharded on the global batch.
 
 Under FSDP2 both passes of ``opt.backward`` are real backward calls (FSDP2 reduce-scatters
 each), and each tensor's ``(|a|^2, |b|^2, a.b)`` moments are summed over its shards (one
@@ -16,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import mmmod
 import _dist_utils as du
@@ -36,6 +38,44 @@ def global_data(t, seed, world):
     return xs, torch.randint(0, 4, (LOCAL_B * world,), generator=g)
 
 
+CONFIGS = {"plain": dict(scaler=False), "scaler": dict(scaler=True)}
+
+
+class Gain(nn.Module):
+    """A [1, width] tensor: FSDP2 gives rank 0 its row and rank 1 an empty shard."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width)[None])
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def model_for(seed):
+    torch.manual_seed(seed)
+    model = AVNet()
+    for n in NAMES2:
+        getattr(model, f"{n}_net").append(Gain())
+    return model
+
+
+def scaler_for(cfg):
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if cfg["scaler"] else None
+
+
+def backward(opt, losses, scaler):
+    opt.backward(losses, scaler=scaler)
+
+
+def step(opt, scaler):
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+
+
 def opt_for(model):
     return mmmod.ModulatedOptimizer(sgd(model), {n: getattr(model, f"{n}_net") for n in NAMES2},
                                     method="mmpareto", backend="torch")
@@ -43,8 +83,7 @@ def opt_for(model):
 
 def sharded_model(seed):
     from torch.distributed.fsdp import fully_shard
-    torch.manual_seed(seed)
-    model = AVNet()
+    model = model_for(seed)
     init = [p.detach().clone() for p in model.parameters()]
     for n in NAMES2:
         fully_shard(getattr(model, f"{n}_net"))
@@ -63,29 +102,36 @@ def grads_of(model):
 def worker(rank, world, port, out_dir, seed):
     du.init(rank, world, port)
     try:
-        model, init = sharded_model(seed)
-        opt = opt_for(model)
-        weights, collectives = [], []
-        for t in range(STEPS):
-            xs, y = global_data(t, seed, world)
-            opt.zero_grad()
-            if t == ACC_STEP:  # two micro-batches, each reduce-scattered
-                half = LOCAL_B // 2
-                for j in range(2):
-                    mine = slice(rank * LOCAL_B + j * half, rank * LOCAL_B + (j + 1) * half)
-                    opt.backward(losses_of(model, [x[mine] for x in xs], y[mine], NAMES2,
-                                           scale=0.5))
-            else:
-                mine = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-                opt.backward(losses_of(model, [x[mine] for x in xs], y[mine], NAMES2))
-            collectives.append(du.count_all_gathers(lambda: opt.step()))
-            weights.append(opt._method_state["weights"].clone())
-        refusal = no_sync_refusal(model, opt, seed, rank)
-        torch.save({"params": full(model), "init": init, "weights": torch.stack(weights),
-                    "collectives": collectives, "refusal": refusal},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        for name, cfg in CONFIGS.items():
+            run = sharded_run(rank, world, seed, cfg)
+            torch.save(run, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def sharded_run(rank, world, seed, cfg):
+    model, init = sharded_model(seed)
+    opt = opt_for(model)
+    scaler = scaler_for(cfg)
+    weights, collectives = [], []
+    for t in range(STEPS):
+        xs, y = global_data(t, seed, world)
+        opt.zero_grad()
+        if t == ACC_STEP:  # two micro-batches, each reduce-scattered
+            half = LOCAL_B // 2
+            for j in range(2):
+                mine = slice(rank * LOCAL_B + j * half, rank * LOCAL_B + (j + 1) * half)
+                backward(opt, losses_of(model, [x[mine] for x in xs], y[mine], NAMES2,
+                                        scale=0.5), scaler)
+        else:
+            mine = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+            backward(opt, losses_of(model, [x[mine] for x in xs], y[mine], NAMES2), scaler)
+        collectives.append(du.count_all_gathers(lambda: step(opt, scaler)))
+        weights.append(opt._method_state["weights"].clone())
+    empty = [p.to_local().numel() == 0 for p in model.parameters()]
+    refusal = no_sync_refusal(model, opt, seed, rank) if not cfg["scaler"] else None
+    return {"params": full(model), "init": init, "weights": torch.stack(weights),
+            "collectives": collectives, "refusal": refusal, "empty": empty}
 
 
 def no_sync_refusal(model, opt, seed, rank):
@@ -116,57 +162,65 @@ def results(tmp_path_factory):
     seed = int.from_bytes(os.urandom(3), "little")
     print(f"seed={seed}")
     du.spawn(worker, 2, str(out), seed)
-    return seed, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return seed, {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)]
+                  for name in CONFIGS}
 
 
-def unsharded_run(seed, init, world=2):
+def unsharded_run(seed, init, cfg, world=2):
     """One process, the global batch, the same initial parameters; the weights per step."""
     with du.one_thread():
-        model = AVNet()
+        model = model_for(seed)
         with torch.no_grad():
             for p, q in zip(model.parameters(), init):
                 p.copy_(q)
         opt = opt_for(model)
+        scaler = scaler_for(cfg)
         weights = []
         for t in range(STEPS):
             xs, y = global_data(t, seed, world)
             opt.zero_grad()
-            opt.backward(losses_of(model, xs, y, NAMES2))
-            opt.step()
+            backward(opt, losses_of(model, xs, y, NAMES2), scaler)
+            step(opt, scaler)
             weights.append(opt._method_state["weights"].clone())
     return model, torch.stack(weights)
 
 
-def test_ranks_stay_bit_identical(results):
-    _, (r0, r1) = results
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ranks_stay_bit_identical(results, name):
+    _, res = results
+    r0, r1 = res[name]
     for p, q in zip(r0["params"], r1["params"]):
         assert torch.equal(p, q)
     assert torch.equal(r0["weights"], r1["weights"])
     assert (r0["weights"] != 0.5).any()  # the min-norm branch ran
+    assert any(r1["empty"]) and not any(r0["empty"])  # rank 1 holds empty shards
 
 
-def test_sharded_run_equals_unsharded_run(results):
-    seed, (r0, _) = results
-    model, weights = unsharded_run(seed, r0["init"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_sharded_run_equals_unsharded_run(results, name):
+    seed, res = results
+    r0 = res[name][0]
+    model, weights = unsharded_run(seed, r0["init"], CONFIGS[name])
     dparams = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), r0["params"]))
-    print(f"weights max |diff| {(r0['weights'] - weights).abs().max().item():.3g}, "
+    print(f"{name}: weights max |diff| {(r0['weights'] - weights).abs().max().item():.3g}, "
           f"parameters max |diff| {dparams:.3g}")
-    # measured here: ~2e-8 (weights) and ~3e-8 (parameters) after 6 steps
+    # measured here: a few 1e-8 (weights and parameters) after 6 steps
     torch.testing.assert_close(r0["weights"], weights, rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), r0["params"]):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
 
 
-def test_moments_summed_over_shards_once_per_step(results):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_moments_summed_over_shards_once_per_step(results, name):
     """One all-gather of the moments per step (both modalities' tensors share the group)."""
     _, res = results
-    for r in res:
+    for r in res[name]:
         assert r["collectives"] == [1] * STEPS
 
 
 def test_no_sync_accumulation_is_refused_untouched(results):
     _, res = results
-    for r in res:
+    for r in res["plain"]:
         assert "reaches no selected tensor" in r["refusal"]["msg"]
         assert "set_requires_gradient_sync" in r["refusal"]["msg"]
         assert r["refusal"]["grads_unchanged"]
