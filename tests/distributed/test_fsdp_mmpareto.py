@@ -1,7 +1,8 @@
 """MMPareto under FSDP2 (``fully_shard``, DTensor parameters) on CPU: 2 gloo ranks sharding
 both encoders (uneven shards: a 3-row conv weight splits 2 + 1; a 1-row gain leaves rank 1 an
 empty shard) and the heads, trained with ``opt.backward(losses)`` (plain, and with a
-GradScaler), against one process trained unsharded on the global batch.
+GradScaler), and 4 ranks on a 2x2 replicate x shard mesh (hybrid sharding: the moments are
+summed over the shard dim only), against one process trained unsharded on the global batch.
 
 Under FSDP2 both passes of ``opt.backward`` are real backward calls (FSDP2 reduce-scatters
 each), and each tensor's ``(|a|^2, |b|^2, a.b)`` moments are summed over its shards (one
@@ -81,13 +82,13 @@ def opt_for(model):
                                     method="mmpareto", backend="torch")
 
 
-def sharded_model(seed):
+def sharded_model(seed, mesh=None):
     from torch.distributed.fsdp import fully_shard
     model = model_for(seed)
     init = [p.detach().clone() for p in model.parameters()]
     for n in NAMES2:
-        fully_shard(getattr(model, f"{n}_net"))
-    fully_shard(model)
+        fully_shard(getattr(model, f"{n}_net"), mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, init
 
 
@@ -99,18 +100,22 @@ def grads_of(model):
     return [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]
 
 
-def worker(rank, world, port, out_dir, seed):
+def worker(rank, world, port, out_dir, seed, configs, mesh_shape):
+    from torch.distributed.device_mesh import init_device_mesh
     du.init(rank, world, port)
     try:
-        for name, cfg in CONFIGS.items():
-            run = sharded_run(rank, world, seed, cfg)
+        names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=names)
+        for name in configs:
+            run = sharded_run(rank, world, seed, CONFIGS[name], mesh)
             torch.save(run, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def sharded_run(rank, world, seed, cfg):
-    model, init = sharded_model(seed)
+def sharded_run(rank, world, seed, cfg, mesh):
+    model, init = sharded_model(seed, mesh)
     opt = opt_for(model)
     scaler = scaler_for(cfg)
     weights, collectives = [], []
@@ -129,15 +134,15 @@ def sharded_run(rank, world, seed, cfg):
         collectives.append(du.count_all_gathers(lambda: step(opt, scaler)))
         weights.append(opt._method_state["weights"].clone())
     empty = [p.to_local().numel() == 0 for p in model.parameters()]
-    refusal = no_sync_refusal(model, opt, seed, rank) if not cfg["scaler"] else None
+    refusal = no_sync_refusal(model, opt, seed, rank, world) if not cfg["scaler"] else None
     return {"params": full(model), "init": init, "weights": torch.stack(weights),
             "collectives": collectives, "refusal": refusal, "empty": empty}
 
 
-def no_sync_refusal(model, opt, seed, rank):
+def no_sync_refusal(model, opt, seed, rank, world):
     """FSDP2's no-sync accumulation leaves no reduce-scattered gradient after the first pass:
     refused with a clear error, every gradient as it was."""
-    xs, y = global_data(STEPS, seed, 2)
+    xs, y = global_data(STEPS, seed, world)
     mine = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
     opt.zero_grad()
     opt.backward(losses_of(model, [x[mine] for x in xs], y[mine], NAMES2))
@@ -161,9 +166,18 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_mmpareto")
     seed = int.from_bytes(os.urandom(3), "little")
     print(f"seed={seed}")
-    du.spawn(worker, 2, str(out), seed)
+    du.spawn(worker, 2, str(out), seed, list(CONFIGS), (2,))
     return seed, {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)]
                   for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def hybrid_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hsdp_mmpareto")
+    seed = int.from_bytes(os.urandom(3), "little")
+    print(f"seed={seed}")
+    du.spawn(worker, 4, str(out), seed, ["plain"], (2, 2))
+    return seed, [torch.load(out / f"plain.rank{r}.pt") for r in range(4)]
 
 
 def unsharded_run(seed, init, cfg, world=2):
@@ -216,6 +230,23 @@ def test_moments_summed_over_shards_once_per_step(results, name):
     _, res = results
     for r in res[name]:
         assert r["collectives"] == [1] * STEPS
+
+
+def test_hybrid_mesh_equals_unsharded_run(hybrid_results):
+    """2x2 mesh: the replicas hold the same shards, and the moments are summed over the shard
+    dim's group only. (Summing over all 4 ranks would double every moment alike, which the
+    weights and factors, ratios of moments, do not see: this checks HSDP's two-level gradient
+    reduction under both passes, not the group choice.)"""
+    seed, res = hybrid_results
+    for r in res[1:]:
+        assert torch.equal(r["weights"], res[0]["weights"])
+        for p, q in zip(r["params"], res[0]["params"]):
+            assert torch.equal(p, q)
+        assert r["collectives"] == [1] * STEPS
+    model, weights = unsharded_run(seed, res[0]["init"], CONFIGS["plain"], world=4)
+    torch.testing.assert_close(res[0]["weights"], weights, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), res[0]["params"]):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
 
 
 def test_no_sync_accumulation_is_refused_untouched(results):
