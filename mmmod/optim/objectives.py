@@ -23,8 +23,9 @@ reduce-scattered shards are kept, then the unimodal losses' sum accumulated onto
 
 Every check (keys, scalar losses, devices, each unimodal objective's reach from a walk of the
 graph) runs before the first pass, the fused objective's reach (from its gradients) between the
-two; the kept gradients are updated only once both passes succeeded, so a failing call leaves
-every gradient and kept gradient as it was.
+two (on the sharded path every gradient is set aside for the first pass and put back on a
+refusal); the kept gradients are updated only once both passes succeeded, so a failing call
+leaves every gradient and kept gradient as it was.
 """
 from __future__ import annotations
 
