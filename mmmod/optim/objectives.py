@@ -221,8 +221,9 @@ class ObjectiveGradients:
         objective is backpropagated (FSDP2 reduce-scatters its shards into the fresh
         ``.grad``), each modality's reach is checked (a refusal puts every gradient back), then
         every ``.grad`` becomes ``held + g_mm``: a selected tensor's ``g_mm`` is kept and
-        ``.grad`` gets a copy (one clone per selected shard: with the kept ``g_mm`` this is the
-        method's snapshot memory, as ``autograd.grad``'s result is unsharded). Last the
+        ``.grad`` gets a copy (one clone per selected local shard, where the second pass would
+        otherwise allocate ``.grad``; the kept ``g_mm`` shards are the method's snapshot
+        memory, as the kept ``autograd.grad`` results are unsharded). Last the
         unimodal losses' sum is backpropagated, accumulating onto ``.grad``: ``g_sum = held +
         g_mm + g_uni``, each term reduce-scattered (averaged over the ranks) by FSDP2.
 
