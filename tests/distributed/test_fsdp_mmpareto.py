@@ -25,6 +25,7 @@ import _dist_utils as du
 from _mmpareto_models import NAMES2, AVNet, losses_of, sgd
 
 pytestmark = [
+    pytest.mark.filterwarnings("ignore:mmmod. no fused backend"),
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with gloo is not available"),
     pytest.mark.skipif(sys.platform == "win32", reason="gloo over tcp on 127.0.0.1"),
@@ -39,7 +40,10 @@ def global_data(t, seed, world):
     return xs, torch.randint(0, 4, (LOCAL_B * world,), generator=g)
 
 
-CONFIGS = {"plain": dict(scaler=False), "scaler": dict(scaler=True)}
+# backend "torch": the reference ops; "auto": the CPU extension's _pair_moments and combine_
+# on the local shards when it is built (else the reference again)
+CONFIGS = {"plain": dict(scaler=False, backend="torch"), "scaler": dict(scaler=True, backend="torch"),
+           "kernels": dict(scaler=False, backend="auto")}
 
 
 class Gain(nn.Module):
@@ -77,9 +81,9 @@ def step(opt, scaler):
         scaler.update()
 
 
-def opt_for(model):
+def opt_for(model, cfg):
     return mmmod.ModulatedOptimizer(sgd(model), {n: getattr(model, f"{n}_net") for n in NAMES2},
-                                    method="mmpareto", backend="torch")
+                                    method="mmpareto", backend=cfg["backend"])
 
 
 def sharded_model(seed, mesh=None):
@@ -116,7 +120,7 @@ def worker(rank, world, port, out_dir, seed, configs, mesh_shape):
 
 def sharded_run(rank, world, seed, cfg, mesh):
     model, init = sharded_model(seed, mesh)
-    opt = opt_for(model)
+    opt = opt_for(model, cfg)
     scaler = scaler_for(cfg)
     weights, collectives = [], []
     for t in range(STEPS):
@@ -134,7 +138,7 @@ def sharded_run(rank, world, seed, cfg, mesh):
         collectives.append(du.count_all_gathers(lambda: step(opt, scaler)))
         weights.append(opt._method_state["weights"].clone())
     empty = [p.to_local().numel() == 0 for p in model.parameters()]
-    refusal = no_sync_refusal(model, opt, seed, rank, world) if not cfg["scaler"] else None
+    refusal = no_sync_refusal(model, opt, seed, rank, world)
     return {"params": full(model), "init": init, "weights": torch.stack(weights),
             "collectives": collectives, "refusal": refusal, "empty": empty}
 
@@ -187,7 +191,7 @@ def unsharded_run(seed, init, cfg, world=2):
         with torch.no_grad():
             for p, q in zip(model.parameters(), init):
                 p.copy_(q)
-        opt = opt_for(model)
+        opt = opt_for(model, cfg)
         scaler = scaler_for(cfg)
         weights = []
         for t in range(STEPS):
