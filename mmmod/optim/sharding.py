@@ -1,7 +1,7 @@
 """Sharded parameters (FSDP2 ``fully_shard``, DTensor): what each rank modulates, and the
 whole-tensor statistics (OGM-GE's std, InfoReg's Fisher trace) across shards.
 
-Every method scales gradients element-wise, which is exact on each rank's shard. Three things
+Every method scales gradients element-wise, which is exact on each rank's shard. Four things
 are per whole tensor and need more than the shard:
 
 - **The noise position.** Element ``e`` of a modality's selected tensors (unsharded, in
@@ -23,6 +23,9 @@ are per whole tensor and need more than the shard:
   a mean of squared gradients over each whole tensor): the method computes a float64 partial
   sum per local shard and :meth:`ShardPlan.sum_over_shards` adds the shards' partial sums, one
   all-gather per shard group per step, in rank order (the same bits on every rank).
+- **MMPareto's pair moments** (``|a|^2, |b|^2, a.b`` per tensor, float64): each rank's rows
+  from its shards, summed by :meth:`ShardPlan.sum_rows_over_shards` (one all-gather of the
+  ``[T, 3]`` rows per shard group per step, added in rank order) before the weights.
 """
 from __future__ import annotations
 
