@@ -131,13 +131,15 @@ class Method:
     def combine_(self, fused: Sequence[Sequence[torch.Tensor]],
                  summed: Sequence[Sequence[torch.Tensor]], state: dict[str, torch.Tensor], *,
                  alpha: float, names: Sequence[str], fused_scale: torch.Tensor | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, **kwargs: Any) -> None:
         """Write each modality's combined gradient into ``summed`` (a method with
         :attr:`combines_objectives`). ``summed[m][i]`` is the ``.grad`` of tensor i of modality
         m: the gradient of the summed loss. ``fused[m][i]`` is its gradient of the fused
         objective, in the units of ``summed`` once multiplied by ``fused_scale`` (a 0-d
         float64 tensor, the GradScaler's inverse scale, or ``None``); modality m's own
-        objective's gradient is ``summed - fused_scale * fused``. Sync-free, in place."""
+        objective's gradient is ``summed - fused_scale * fused``. Sync-free, in place. A method
+        with ``whole_tensor_stats`` also receives ``shards=`` (a ``ShardPlan``) and ``kept=``
+        (per modality, the entry indices of the given tensors) when some tensor is a shard."""
         raise NotImplementedError(f"method {self.name!r} declares combines_objectives but "
                                   f"defines no combine_")
 

@@ -28,8 +28,10 @@ class MMPareto(Method):
     scales = False  # the combine is the whole method: no scaling pass
     needs_scores = False  # no scores: step() needs no observe()
     combines_objectives = True
-    # a tensor's norm and the modality's inner products are over whole tensors
-    shard_safe = False
+    # a tensor's norm and the modality's inner products are over whole tensors: on shards
+    # (FSDP2) the per-shard moments are summed over the shard group before the weights
+    shard_safe = True
+    whole_tensor_stats = True
 
     def init_state(self, num_modalities, device=None):
         # the last step's (w_mm, w_m) per modality, for logging; 1/2 before the first step
@@ -40,21 +42,28 @@ class MMPareto(Method):
         return torch.ones_like(scores, dtype=torch.float32)
 
     @torch.no_grad()
-    def combine_(self, fused, summed, state, *, alpha, names, fused_scale=None, backend=None):
+    def combine_(self, fused, summed, state, *, alpha, names, fused_scale=None, backend=None,
+                 shards=None, kept=None):
+        """``shards`` (a ``ShardPlan``, with ``kept``: each modality's entry indices of the
+        given tensors) when some tensor is a shard: every modality's moments are summed over
+        the shards (one collective per shard group) before any weight."""
         weights = state["weights"]
         if weights.shape[0] != len(summed):
             raise ValueError(f"MMPareto state holds {weights.shape[0]} modalities, the "
                              f"gradients {len(summed)}")
         backend = backend or "auto"
-        for m, (a, s) in enumerate(zip(fused, summed)):
+        for m, s in enumerate(summed):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
-            device = s[0].device
-            # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on
-            # the device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls
-            moments = backends.kernel("_pair_moments", backend, device)(a, s, fused_scale)
-            w = backends.kernel("combine_", backend, device)(s, a, moments, float(alpha),
-                                                             fused_scale)
+        # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on the
+        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls
+        moments = [backends.kernel("_pair_moments", backend, s[0].device)(a, s, fused_scale)
+                   for a, s in zip(fused, summed)]
+        if shards is not None:
+            moments = shards.sum_rows_over_shards(moments, kept)
+        for m, (a, s) in enumerate(zip(fused, summed)):
+            w = backends.kernel("combine_", backend, s[0].device)(s, a, moments[m], float(alpha),
+                                                                  fused_scale)
             weights[m].copy_(w.to(weights.device))
 
     def log_values(self, state):

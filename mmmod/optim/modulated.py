@@ -231,7 +231,8 @@ class ModulatedOptimizer(checkpoint.Checkpointing, torch.optim.Optimizer):
         See docs/multi_objective.md."""
         real = proxies.unwrap(self)
         real._objectives.backward(losses, real._device, scaler=scaler,
-                                  retain_graph=config.flag("retain_graph", retain_graph))
+                                  retain_graph=config.flag("retain_graph", retain_graph),
+                                  others=[p for g in real.optimizer.param_groups for p in g["params"]])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the inner optimizer's gradients and drop the scores whose backward already

@@ -16,10 +16,16 @@ encoders, checked here from the autograd graph), so the authors' three retained 
 the summed one become two. ``step()`` then hands ``(g_mm, g_sum)`` to the method's
 ``combine_``. Any other method gets one backward of the summed loss.
 
+Sharded parameters (FSDP2, DTensor leaves): ``autograd.grad`` would reach FSDP2's unsharded
+parameters, whose gradient nothing reduce-scatters, so both passes are real ``.backward()``
+calls (:meth:`ObjectiveGradients._backward_sharded`): the fused objective first, whose
+reduce-scattered shards are kept, then the unimodal losses' sum accumulated onto them.
+
 Every check (keys, scalar losses, devices, each unimodal objective's reach from a walk of the
 graph) runs before the first pass, the fused objective's reach (from its gradients) between the
-two; the kept gradients are updated only once both passes succeeded, so a failing call leaves
-every gradient and kept gradient as it was.
+two (on the sharded path every gradient is set aside for the first pass and put back on a
+refusal); the kept gradients are updated only once both passes succeeded, so a failing call
+leaves every gradient and kept gradient as it was.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..slices import ParamSlice
-from . import distributed
+from . import distributed, selection
 
 
 #: autograd nodes that stand for a whole compiled graph (torch.compile's AOTAutograd): every
@@ -75,6 +81,12 @@ class ObjectiveGradients:
                                          f"gradients of whole tensors; parameter {n!r} of "
                                          f"modality {names[m]!r} is a ParamSlice")
         self.leaves = [[e for e in ps] for ps in params]  # the autograd leaves themselves
+        # FSDP2 / DTensor leaves: the two passes are real backward calls (their gradients are
+        # reduce-scattered shards, already averaged over the ranks)
+        self.sharded = any(selection.sharded_kind(e) for ps in params for e in ps
+                           if not isinstance(e, ParamSlice))
+        #: per modality, the indices of the tensors the last ``pairs`` kept (those with a .grad)
+        self.kept: list[list[int]] = []
         self.fused: list[list[torch.Tensor | None]] | None = None
         self.fused_scale: torch.Tensor | None = None
         self.scaler = None
@@ -143,7 +155,9 @@ class ObjectiveGradients:
 
     # ---- the passes ---------------------------------------------------------------------------
     def backward(self, losses: Mapping, device: torch.device, *, scaler=None,
-                 retain_graph: bool = False) -> None:
+                 retain_graph: bool = False, others: Sequence = ()) -> None:
+        """``others``: the optimizer's other parameters; the sharded path sets their gradients
+        aside during the first pass so that a refusal after it leaves them as they were."""
         fused_key = self._split(losses, device)
         if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "unscale_")):
             raise TypeError(f"backward(): scaler must be a torch.amp.GradScaler, got "
@@ -153,7 +167,7 @@ class ObjectiveGradients:
         if self.combines and self.fused is not None and scaler is not self.scaler:
             raise ValueError("backward(): every call of one step must pass the same scaler "
                              "(or none)")
-        if self.combines:
+        if self.combines and not self.sharded:
             self._check_graph(losses, fused_key)
         scaled = {k: (scaler.scale(v) if scaler is not None else v).reshape(())
                   for k, v in losses.items()}
@@ -162,6 +176,10 @@ class ObjectiveGradients:
             total = total + scaled[name]
         if not self.combines:
             total.backward(retain_graph=retain_graph)
+            return
+        if self.sharded:
+            new = self._backward_sharded(scaled, fused_key, others, retain_graph)
+            self._keep(new, scaler)
             return
         leaves = [t for ts in self.leaves for t in ts]
         wants = [t.requires_grad for t in leaves]
@@ -178,7 +196,11 @@ class ObjectiveGradients:
                 raise ValueError(f"backward(): the fused objective {fused_key!r} reaches no "
                                  f"selected tensor of modality {self.names[m]!r}")
         total.backward(retain_graph=retain_graph)
-        # both passes done: keep the fused objective's gradients (summed over the step's calls)
+        self._keep(new, scaler)
+
+    def _keep(self, new, scaler) -> None:
+        """Both passes done: keep the fused objective's gradients (summed over the step's
+        calls)."""
         if self.fused is None:
             self.fused = [[None if g is None else g.detach() for g in row] for row in new]
         else:
@@ -190,6 +212,61 @@ class ObjectiveGradients:
             self.scaler = scaler
             # the scale is a device tensor: no sync (a power of two, so 1/scale is exact)
             self.fused_scale = scaler._scale.double().reciprocal()
+
+    def _backward_sharded(self, scaled, fused_key, others, retain_graph: bool):
+        """The two passes as ``.backward()`` calls, for sharded (FSDP2) leaves; returns the
+        fused objective's local gradient shards per modality (``None`` where it gave none).
+
+        Every gradient the optimizer holds is set aside (a reference, no copy), the fused
+        objective is backpropagated (FSDP2 reduce-scatters its shards into the fresh
+        ``.grad``), each modality's reach is checked (a refusal puts every gradient back), then
+        every ``.grad`` becomes ``held + g_mm``: a selected tensor's ``g_mm`` is kept and
+        ``.grad`` gets a copy (one clone per selected local shard, where the second pass would
+        otherwise allocate ``.grad``; the kept ``g_mm`` shards are the method's snapshot
+        memory, as the kept ``autograd.grad`` results are unsharded). Last the
+        unimodal losses' sum is backpropagated, accumulating onto ``.grad``: ``g_sum = held +
+        g_mm + g_uni``, each term reduce-scattered (averaged over the ranks) by FSDP2.
+
+        Not checked here, unlike the unsharded path: that each unimodal objective reaches its
+        own encoder only (FSDP2's graph holds its unsharded parameters, not the selected
+        DTensor leaves)."""
+        selected = [t for ts in self.leaves for t in ts]
+        ids = {id(t) for t in selected}
+        everything = selected + [p for p in dict.fromkeys(others) if id(p) not in ids]
+        held = [t.grad for t in everything]
+        for t in everything:
+            t.grad = None
+        try:
+            scaled[fused_key].backward(retain_graph=True)
+            fresh = [t.grad for t in everything]
+            for m, ts in enumerate(self.leaves):
+                if all(t.grad is None for t in ts):
+                    raise ValueError(f"backward(): the fused objective {fused_key!r} reaches no "
+                                     f"selected tensor of modality {self.names[m]!r} (no "
+                                     f"reduce-scattered gradient after its backward; under "
+                                     f"FSDP2, set_requires_gradient_sync(False) defers it: "
+                                     f"keep gradient sync on for opt.backward)")
+        except BaseException:
+            for t, h in zip(everything, held):
+                t.grad = h
+            raise
+        new, k = [], 0
+        for ts in self.leaves:
+            new.append([None if g is None else selection.local(g).detach()
+                        for g in fresh[k:k + len(ts)]])
+            k += len(ts)
+        for j, (t, h, g) in enumerate(zip(everything, held, fresh)):
+            if g is None:
+                t.grad = h
+            elif j < len(selected):
+                t.grad = g.clone() if h is None else h.add_(g)
+            else:
+                t.grad = g if h is None else h.add_(g)
+        unimodal = scaled[self.names[0]]
+        for name in self.names[1:]:
+            unimodal = unimodal + scaled[name]
+        unimodal.backward(retain_graph=retain_graph)
+        return new
 
     # ---- at step --------------------------------------------------------------------------------
     def pairs(self, grads, process_group, optimizer_id: int):
@@ -204,9 +281,9 @@ class ObjectiveGradients:
                                f"before step()")
         if self.scaler is not None:
             self._check_unscaled(optimizer_id)
-        fused, summed = [], []
+        fused, summed, self.kept = [], [], []
         for m, (row, gs) in enumerate(zip(self.fused, grads)):
-            a_row, s_row = [], []
+            a_row, s_row, kept = [], [], []
             for i, (a, g) in enumerate(zip(row, gs)):
                 if g is None:
                     continue
@@ -214,6 +291,8 @@ class ObjectiveGradients:
                     a = row[i] = torch.zeros_like(g)
                 a_row.append(a)
                 s_row.append(g)
+                kept.append(i)
+            self.kept.append(kept)
             if not s_row:
                 raise RuntimeError(f"modality {self.names[m]!r}: no selected tensor has a "
                                    f"gradient to combine")
@@ -224,8 +303,8 @@ class ObjectiveGradients:
 
     def _average(self, process_group) -> None:
         g = distributed.group(process_group)
-        if g is None or dist.get_world_size(g) == 1:
-            return
+        if g is None or dist.get_world_size(g) == 1 or self.sharded:
+            return  # sharded: FSDP2's reduce-scatter averaged them
         world = dist.get_world_size(g)
         by_dtype: dict = {}
         for row in self.fused:

@@ -117,9 +117,11 @@ class StepPlan:
         """A correction merging per-objective gradients (MMPareto) into the ``.grad`` tensors."""
         if ev.pairs is not None:
             fused, summed = ev.pairs
+            extra = {"shards": self.shards, "kept": self.objectives.kept} \
+                if self.traits.whole_tensor_stats and self.shards.located else {}
             self.method.combine_(fused, summed, opt.run_state.method_state, alpha=opt.alpha,
                                  names=opt.names, fused_scale=self.objectives.fused_scale,
-                                 backend=opt.requested_backend)
+                                 backend=opt.requested_backend, **extra)
 
     def coefficients(self, opt, ev: Evaluation) -> None:
         ev.scores, ev.coeffs = self.step_coefficients(opt)

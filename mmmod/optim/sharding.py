@@ -1,7 +1,7 @@
 """Sharded parameters (FSDP2 ``fully_shard``, DTensor): what each rank modulates, and the
 whole-tensor statistics (OGM-GE's std, InfoReg's Fisher trace) across shards.
 
-Every method scales gradients element-wise, which is exact on each rank's shard. Three things
+Every method scales gradients element-wise, which is exact on each rank's shard. Four things
 are per whole tensor and need more than the shard:
 
 - **The noise position.** Element ``e`` of a modality's selected tensors (unsharded, in
@@ -23,6 +23,9 @@ are per whole tensor and need more than the shard:
   a mean of squared gradients over each whole tensor): the method computes a float64 partial
   sum per local shard and :meth:`ShardPlan.sum_over_shards` adds the shards' partial sums, one
   all-gather per shard group per step, in rank order (the same bits on every rank).
+- **MMPareto's pair moments** (``|a|^2, |b|^2, a.b`` per tensor, float64): each rank's rows
+  from its shards, summed by :meth:`ShardPlan.sum_rows_over_shards` (one all-gather of the
+  ``[T, 3]`` rows per shard group per step, added in rank order) before the weights.
 """
 from __future__ import annotations
 
@@ -165,6 +168,34 @@ class ShardPlan:
             for t, (m, i) in enumerate(members):
                 p = partial[m][i]
                 out[m][i] = total[t].to(dev if p is None else p.device, non_blocking=True)
+        return out
+
+    @torch.no_grad()
+    def sum_rows_over_shards(self, rows: Sequence[torch.Tensor], index: Sequence[Sequence[int]]
+                             ) -> list[torch.Tensor]:
+        """Per modality, the whole tensors' rows (MMPareto's float64 ``(|a|^2, |b|^2, a.b)``
+        moments) from each shard's row.
+
+        ``rows[m]``: ``[k, c]`` float64, one row per tensor of modality m in ``index[m]`` (the
+        entry indices, in order; an entry left out counts as a zero row). Rows of located
+        shards are replaced by their sum over the shard group: one all-gather of a ``[T, c]``
+        table per shard group, added in rank order (the same bits on every rank); rows of
+        entries every rank holds whole stay as they are. Returns new tensors."""
+        out = [r.clone() for r in rows]
+        pos = [{i: j for j, i in enumerate(idx)} for idx in index]
+        width = next((r.shape[1] for r in rows if r.dim() == 2), 3)
+        for group, members in self.groups:
+            dev = distributed.collective_device(group)
+            zero = torch.zeros(width, dtype=torch.float64, device=dev)
+            mine = torch.stack([rows[m][pos[m][i]].to(dev) if i in pos[m] else zero
+                                for m, i in members])
+            table = distributed.all_gather_rows(mine, group)
+            total = table[0].clone()
+            for r in range(1, table.shape[0]):
+                total += table[r]
+            for t, (m, i) in enumerate(members):
+                if i in pos[m]:
+                    out[m][pos[m][i]] = total[t].to(out[m].device, non_blocking=True)
         return out
 
     @torch.no_grad()
