@@ -42,6 +42,17 @@ constexpr int64_t kGrainChunks = 16;
 
 using cpu::Chunk;
 
+// The two per-chunk loops are compiled once per ISA (AVX-512, AVX2, baseline) and the loader
+// picks the widest the CPU has (GCC/Clang function multiversioning). The results do not depend on
+// the pick: each lane's operations and their order are fixed by the source, and FMA contraction
+// is off for the whole extension (-ffp-contract=off), so a wider vector only computes more lanes
+// at once. These loops are outside the MMMOD_CPU_KERNELS table (nothing to cap: same bits).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MMMOD_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMMOD_PER_ISA
+#endif
+
 template <typename T>
 inline double as_double(T v) {
   return static_cast<double>(static_cast<float>(v));
@@ -58,7 +69,7 @@ inline double lanes_sum(const double* acc) {
 // (|a|^2, |b|^2, a.b) of one chunk: lane j takes elements j, j + kLanes, ..., then the lanes
 // are added in a fixed tree.
 template <typename T>
-std::array<double, 3> chunk_moments(const T* f, const T* s, int64_t n, double scale) {
+MMMOD_PER_ISA std::array<double, 3> chunk_moments(const T* f, const T* s, int64_t n, double scale) {
   double aa[kLanes] = {0}, bb[kLanes] = {0}, ab[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -81,7 +92,7 @@ std::array<double, 3> chunk_moments(const T* f, const T* s, int64_t n, double sc
 }
 
 template <typename T, typename W>
-void chunk_combine(T* s, const T* f, int64_t n, W ca, W cs) {
+MMMOD_PER_ISA void chunk_combine(T* s, const T* f, int64_t n, W ca, W cs) {
   for (int64_t i = 0; i < n; ++i) {
     const W x = static_cast<W>(f[i]) * ca;
     const W y = static_cast<W>(s[i]) * cs;
