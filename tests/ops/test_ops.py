@@ -32,7 +32,7 @@ def test_every_op_is_defined_with_its_schema():
 
 def test_test_only_ops_are_private():
     public = [n for n in ops.SCHEMAS if not n.startswith("_")]
-    assert sorted(public) == ["bucket_table", "coefficients", "fused_adam_", "fused_sgd_",
+    assert sorted(public) == ["bucket_table", "coefficients", "combine_", "fused_adam_", "fused_sgd_",
                               "modulate_", "modulate_.capturable", "modulate_sigma_", "proximal_",
                               "scores"]
 
