@@ -164,7 +164,8 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         exts.append(ce.CUDAExtension(
             "mmmod._C_cuda",
-            sources=rel("common/checks.cpp", "module.cpp", "cuda/cuda_ops.cpp", "cuda/kernels.cu",
+            sources=rel("common/checks.cpp", "module.cpp", "cuda/multi_tensor_table.cpp",
+                        "cuda/cuda_ops.cpp", "cuda/kernels.cu",
                         "cuda/proximal_cuda.cpp", "cuda/proximal.cu", "cuda/fused_update_cuda.cpp",
                         "cuda/fused_update.cu", "common/combine_checks.cpp",
                         "cuda/combine_cuda.cpp", "cuda/combine.cu"),

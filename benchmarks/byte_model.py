@@ -293,9 +293,10 @@ def inner_update(numels, es: int, kind: str):
 FUSED_BLOCK_C = 256
 FUSED_FIELDS = 8
 #: csrc/cuda/fused_update_api.h: elements per chunk (MMMOD_FUSED_CHUNK), bytes of a tensor entry
-#: (MmmodFusedTensor: 7 int64 + 2 float64) and of a chunk entry (MmmodFusedChunk)
+#: (csrc/cuda/multi_tensor.h TensorListEntry<4, 4>: 4 pointers, numel, 4 extra words, first_chunk,
+#: chunk_count) and of a chunk entry (ChunkEntry)
 FUSED_CUDA_CHUNK = 16384
-FUSED_CUDA_TENSOR_ENTRY = 72
+FUSED_CUDA_TENSOR_ENTRY = 88
 FUSED_CUDA_CHUNK_ENTRY = 16
 
 
@@ -306,7 +307,7 @@ def fused_update(backend: str, numels, es: int, kind: str, offsets=None):
     and each state tensor read and written once. Side traffic per program (Triton) or block
     (CUDA): Triton its map entry (8 B), its tensor's table row (8 int64 words), k, sigma and the
     update scale (12 B), the scalars (9 float64) and, for Adam, the tensor's two bias
-    corrections; CUDA its chunk entry (16 B), its tensor's entry (72 B, bias corrections
+    corrections; CUDA its chunk entry (16 B), its tensor's entry (88 B, bias corrections
     included), k, sigma and the update scale (12 B); the CUDA kernel's scalars are kernel
     arguments (constant bank, no DRAM traffic)."""
     numels = [x for x in numels if x > 0]

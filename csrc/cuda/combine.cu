@@ -1,17 +1,19 @@
 // CUDA kernels of MMPareto's combine ops (mmmod::_pair_moments, mmmod::combine_; glue:
 // combine_cuda.cpp, interface: combine_cuda_api.h; reference: mmmod/reference/combine.py).
-// CUDA headers, combine_cuda_api.h and cuda_dtypes.cuh only, no torch.
+// CUDA headers and the project's CUDA headers only, no torch.
 //
-// 1. moments_kernel: one block per chunk of MMMOD_COMB_CHUNK elements of one tensor; thread i
-//    takes elements i, i + 256, ... (coalesced), forms a = g_mm * scale and b = g_sum - a in
+// 1. MomentsChunk, applied over the common table (multi_tensor.cuh): one block per chunk of
+//    MMMOD_COMB_CHUNK elements of one tensor; thread i takes elements i, i + 256, ...
+//    (coalesced), forms a = g_mm * scale and b = g_sum - a in
 //    float64 with explicitly rounded intrinsics, accumulates a*a, b*b, a*b; a fixed shared-memory
 //    tree merges the threads into partial[3 chunk + k].
 // 2. moments_finish_kernel: one block per tensor sums its chunks' partials (thread t: chunks
 //    t, t + 256, ... in order, then the same tree) into its row.
 // 3. factors_kernel: one thread: the rows added in order, the sign rule and min-norm weights,
 //    each tensor's factors: the reference's float64 operations in its order.
-// 4. combine_kernel: one block per chunk: g_sum <- T(g_mm * c_fused + g_sum * c_summed) in
-//    float32 (float64 for float64 gradients), each operation rounded (never an FMA).
+// 4. CombineChunk, applied over the common table: one block per chunk:
+//    g_sum <- T(g_mm * c_fused + g_sum * c_summed) in float32 (float64 for float64 gradients),
+//    each operation rounded (never an FMA).
 // No atomics and a chunking independent of the GPU: deterministic. Gradient bytes per fp32
 // element: 8 read (moments) + 8 read + 4 written (combine).
 #include <cuda_bf16.h>
@@ -20,7 +22,9 @@
 #include <stdint.h>
 
 #include "cuda/combine_cuda_api.h"
+#include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
+#include "cuda/multi_tensor.cuh"
 
 namespace {
 
@@ -53,50 +57,49 @@ __device__ void chunk_moments(const T* f, const T* s, int64_t len, double scale,
   }
 }
 
-__global__ void __launch_bounds__(kThreads) moments_kernel(const int64_t* table, int64_t ntensors,
-                                                           const double* scale_ptr,
-                                                           double* partial) {
-  __shared__ double sh[kThreads];
-  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
-  const auto* chunks = reinterpret_cast<const MmmodCombChunk*>(table + 2 + 6 * ntensors);
-  const int64_t c = blockIdx.x;
-  const MmmodCombChunk ch = chunks[c];
-  const MmmodCombTensor te = tensors[ch.tensor];
-  const int64_t rest = te.numel - ch.start;
-  const int64_t len = rest < MMMOD_COMB_CHUNK ? rest : MMMOD_COMB_CHUNK;
-  const double scale = scale_ptr ? *scale_ptr : 1.0;
-  double acc[3] = {0.0, 0.0, 0.0};
-  switch (te.dtype) {
-    case MMMOD_COMB_F32:
-      chunk_moments(reinterpret_cast<const float*>(te.fused) + ch.start,
-                    reinterpret_cast<const float*>(te.summed) + ch.start, len, scale, acc);
-      break;
-    case MMMOD_COMB_F16:
-      chunk_moments(reinterpret_cast<const __half*>(te.fused) + ch.start,
-                    reinterpret_cast<const __half*>(te.summed) + ch.start, len, scale, acc);
-      break;
-    case MMMOD_COMB_BF16:
-      chunk_moments(reinterpret_cast<const __nv_bfloat16*>(te.fused) + ch.start,
-                    reinterpret_cast<const __nv_bfloat16*>(te.summed) + ch.start, len, scale, acc);
-      break;
-    default:
-      chunk_moments(reinterpret_cast<const double*>(te.fused) + ch.start,
-                    reinterpret_cast<const double*>(te.summed) + ch.start, len, scale, acc);
-      break;
+// one chunk: this block's three sums into partial[3 chunk + k]
+struct MomentsChunk {
+  __device__ void operator()(const mmmod::comb::Table& tb, int64_t c, const double* scale_ptr,
+                             double* partial) const {
+    using namespace mmmod::comb;
+    __shared__ double sh[kThreads];
+    const mmmod::mt::ChunkEntry ch = tb.chunks[c];
+    const auto te = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(te, ch, MMMOD_COMB_CHUNK);
+    const double scale = scale_ptr ? *scale_ptr : 1.0;
+    double acc[3] = {0.0, 0.0, 0.0};
+    switch (te.extra[kDtype]) {
+      case MMMOD_F32:
+        chunk_moments(reinterpret_cast<const float*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<const float*>(te.ptr[kSummed]) + ch.start, len, scale, acc);
+        break;
+      case MMMOD_F16:
+        chunk_moments(reinterpret_cast<const __half*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<const __half*>(te.ptr[kSummed]) + ch.start, len, scale, acc);
+        break;
+      case MMMOD_BF16:
+        chunk_moments(reinterpret_cast<const __nv_bfloat16*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<const __nv_bfloat16*>(te.ptr[kSummed]) + ch.start, len,
+                      scale, acc);
+        break;
+      default:
+        chunk_moments(reinterpret_cast<const double*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<const double*>(te.ptr[kSummed]) + ch.start, len, scale, acc);
+        break;
+    }
+    for (int k = 0; k < 3; ++k) {
+      const double s = block_sum(acc[k], sh);
+      if (threadIdx.x == 0) partial[3 * c + k] = s;
+    }
   }
-  for (int k = 0; k < 3; ++k) {
-    const double s = block_sum(acc[k], sh);
-    if (threadIdx.x == 0) partial[3 * c + k] = s;
-  }
-}
+};
 
-__global__ void __launch_bounds__(kThreads) moments_finish_kernel(const int64_t* table,
+__global__ void __launch_bounds__(kThreads) moments_finish_kernel(mmmod::comb::Table tb,
                                                                   const double* partial,
                                                                   double* moments) {
   __shared__ double sh[kThreads];
-  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
   const int64_t t = blockIdx.x;
-  const MmmodCombTensor te = tensors[t];
+  const auto te = tb.tensors[t];
   for (int k = 0; k < 3; ++k) {
     double s = 0.0;
     for (int64_t j = threadIdx.x; j < te.chunk_count; j += kThreads) {
@@ -151,66 +154,51 @@ __device__ void chunk_combine64(const double* f, double* s, int64_t len, double 
   }
 }
 
-__global__ void __launch_bounds__(kThreads) combine_kernel(const int64_t* table, int64_t ntensors,
-                                                           const double* factors,
-                                                           const double* scale_ptr) {
-  const auto* tensors = reinterpret_cast<const MmmodCombTensor*>(table + 2);
-  const auto* chunks = reinterpret_cast<const MmmodCombChunk*>(table + 2 + 6 * ntensors);
-  const MmmodCombChunk ch = chunks[blockIdx.x];
-  const MmmodCombTensor te = tensors[ch.tensor];
-  const int64_t rest = te.numel - ch.start;
-  const int64_t len = rest < MMMOD_COMB_CHUNK ? rest : MMMOD_COMB_CHUNK;
-  const double ca = scale_ptr ? __dmul_rn(factors[2 * ch.tensor], *scale_ptr)
-                              : factors[2 * ch.tensor];
-  const double cs = factors[2 * ch.tensor + 1];
-  const float caf = __double2float_rn(ca), csf = __double2float_rn(cs);
-  switch (te.dtype) {
-    case MMMOD_COMB_F32:
-      chunk_combine(reinterpret_cast<const float*>(te.fused) + ch.start,
-                    reinterpret_cast<float*>(te.summed) + ch.start, len, caf, csf);
-      break;
-    case MMMOD_COMB_F16:
-      chunk_combine(reinterpret_cast<const __half*>(te.fused) + ch.start,
-                    reinterpret_cast<__half*>(te.summed) + ch.start, len, caf, csf);
-      break;
-    case MMMOD_COMB_BF16:
-      chunk_combine(reinterpret_cast<const __nv_bfloat16*>(te.fused) + ch.start,
-                    reinterpret_cast<__nv_bfloat16*>(te.summed) + ch.start, len, caf, csf);
-      break;
-    default:
-      chunk_combine64(reinterpret_cast<const double*>(te.fused) + ch.start,
-                      reinterpret_cast<double*>(te.summed) + ch.start, len, ca, cs);
-      break;
+// one chunk: g_sum <- c_fused (scale g_mm) + c_summed g_sum with its tensor's factors
+struct CombineChunk {
+  __device__ void operator()(const mmmod::comb::Table& tb, int64_t c, const double* factors,
+                             const double* scale_ptr) const {
+    using namespace mmmod::comb;
+    const mmmod::mt::ChunkEntry ch = tb.chunks[c];
+    const auto te = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(te, ch, MMMOD_COMB_CHUNK);
+    const double ca = scale_ptr ? __dmul_rn(factors[2 * ch.tensor], *scale_ptr)
+                                : factors[2 * ch.tensor];
+    const double cs = factors[2 * ch.tensor + 1];
+    const float caf = __double2float_rn(ca), csf = __double2float_rn(cs);
+    switch (te.extra[kDtype]) {
+      case MMMOD_F32:
+        chunk_combine(reinterpret_cast<const float*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<float*>(te.ptr[kSummed]) + ch.start, len, caf, csf);
+        break;
+      case MMMOD_F16:
+        chunk_combine(reinterpret_cast<const __half*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<__half*>(te.ptr[kSummed]) + ch.start, len, caf, csf);
+        break;
+      case MMMOD_BF16:
+        chunk_combine(reinterpret_cast<const __nv_bfloat16*>(te.ptr[kFused]) + ch.start,
+                      reinterpret_cast<__nv_bfloat16*>(te.ptr[kSummed]) + ch.start, len, caf, csf);
+        break;
+      default:
+        chunk_combine64(reinterpret_cast<const double*>(te.ptr[kFused]) + ch.start,
+                        reinterpret_cast<double*>(te.ptr[kSummed]) + ch.start, len, ca, cs);
+        break;
+    }
   }
-}
+};
 
 }  // namespace
 
 extern "C" {
 
-int64_t mmmod_comb_table_words(int64_t ntensors, int64_t nchunks) {
-  return 2 + 6 * ntensors + 2 * nchunks;
-}
-
-int mmmod_comb_stream_is_capturing(void* stream, int* capturing) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
-  *capturing = status != cudaStreamCaptureStatusNone;
-  return static_cast<int>(rc);
-}
-
 int mmmod_cuda_pair_moments(const void* table, int64_t ntensors, int64_t nchunks,
                             const double* scale, double* partial, double* moments, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const auto* words = static_cast<const int64_t*>(table);
-  if (nchunks > 0) {
-    moments_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(words, ntensors, scale,
-                                                                       partial);
-    const cudaError_t rc = cudaGetLastError();
-    if (rc != cudaSuccess) return static_cast<int>(rc);
-  }
+  const auto tb = mmmod::comb::Table::view(table, ntensors, nchunks);
+  const int rc = mmmod::mt::multi_tensor_apply<kThreads>(tb, s, MomentsChunk{}, scale, partial);
+  if (rc != 0) return rc;
   if (ntensors > 0) {
-    moments_finish_kernel<<<static_cast<unsigned>(ntensors), kThreads, 0, s>>>(words, partial,
+    moments_finish_kernel<<<static_cast<unsigned>(ntensors), kThreads, 0, s>>>(tb, partial,
                                                                                moments);
   }
   return static_cast<int>(cudaGetLastError());
@@ -221,15 +209,10 @@ int mmmod_cuda_combine(const void* table, int64_t ntensors, int64_t nchunks, con
                        void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   factors_kernel<<<1, 1, 0, s>>>(ntensors, moments, gamma, factors, weights);
-  cudaError_t rc = cudaGetLastError();
-  if (rc != cudaSuccess || nchunks == 0) return static_cast<int>(rc);
-  combine_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(
-      static_cast<const int64_t*>(table), ntensors, factors, scale);
-  return static_cast<int>(cudaGetLastError());
-}
-
-const char* mmmod_comb_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
+  const cudaError_t rc = cudaGetLastError();
+  if (rc != cudaSuccess) return static_cast<int>(rc);
+  const auto tb = mmmod::comb::Table::view(table, ntensors, nchunks);
+  return mmmod::mt::multi_tensor_apply<kThreads>(tb, s, CombineChunk{}, factors, scale);
 }
 
 }  // extern "C"

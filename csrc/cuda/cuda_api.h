@@ -1,10 +1,12 @@
 // Plain C interface between the torch glue (cuda_ops.cpp, compiled by the host compiler) and the
 // CUDA kernels (kernels.cu, compiled by nvcc). Only fixed-width integers and raw pointers cross
-// it; streams travel as void* (cudaStream_t). Nothing here includes a CUDA or torch header.
+// the launchers; streams travel as void* (cudaStream_t). Nothing here includes a CUDA or torch header.
 #pragma once
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "cuda/multi_tensor.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -16,33 +18,33 @@ enum { MMMOD_F32 = 0, MMMOD_F16 = 1, MMMOD_BF16 = 2, MMMOD_F64 = 3 };
 // statistics are combined in the same order on every GPU.
 #define MMMOD_CUDA_CHUNK 65536
 
-// The metadata table of one bucket on the device: a header, then ntensors MmmodTensorMeta, then
-// nchunks MmmodChunkMeta (every entry 8-byte aligned). It describes only where the data lives
-// (pointers, sizes, stream offsets), never seed/step/modality, so one table can be built once per
-// bucket, kept on the device and reused by every step and by CUDA-graph replays.
-typedef struct {
-  int64_t ntensors;
-  int64_t nchunks;
-} MmmodHeader;
+#ifdef __cplusplus
+}
+#endif
 
-typedef struct {
-  int64_t ptr;          // data pointer of the (contiguous) tensor
-  int64_t numel;        // may be 0: an empty tensor owns no chunks
-  int64_t offset;       // first element of the tensor in the modality's Philox stream
-  int64_t first_chunk;  // its chunks are first_chunk .. first_chunk + chunk_count - 1
-  int64_t chunk_count;
-} MmmodTensorMeta;
+// The metadata table of one bucket on the device is the common one (multi_tensor.h) with one
+// pointer per entry (the gradient) and one extra word, the first element of the tensor in the
+// modality's Philox stream: {ptr, numel, offset, first_chunk, chunk_count}, chunks of
+// MMMOD_CUDA_CHUNK elements (an empty tensor owns none). It describes only where the data lives
+// (pointers, sizes, stream offsets), never seed/step/modality, so one table can be built once
+// per bucket, kept on the device and reused by every step and by CUDA-graph replays
+// (mmmod::bucket_table; its size is mmmod._ops.table_words: 2 + 5 T + 2 C words).
+namespace mmmod {
+namespace bucket {
+enum { kGrad = 0, kDepth = 1 };
+enum { kOffset = 0, kExtra = 1 };
+using Table = mt::TensorListTable<kDepth, kExtra>;
+static_assert(mt::table_words<kDepth, kExtra>(1, 1) == 2 + 5 + 2,
+              "the bucket table's word count is mmmod._ops.table_words'");
+}  // namespace bucket
+}  // namespace mmmod
 
-typedef struct {
-  int64_t tensor;  // index into the tensor table
-  int64_t start;   // first element of the chunk in that tensor (64-bit: > 2^31 elements)
-} MmmodChunkMeta;
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 // Bytes of device workspace the launchers below need for a table of this size.
 size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks);
-
-// int64 words of the table of a bucket with ntensors tensors and nchunks chunks.
-int64_t mmmod_cuda_table_words(int64_t ntensors, int64_t nchunks);
 
 // Whether work is being captured into a CUDA graph on this stream (*capturing = 0 or 1).
 int mmmod_cuda_stream_is_capturing(void* stream, int* capturing);

@@ -2,9 +2,10 @@
 // compiler with c10/ATen headers only (no CUDA headers); the kernels are behind the plain
 // launchers of cuda_api.h (kernels.cu).
 //
-// No host sync: the metadata table is staged in pinned host memory and copied with
-// non_blocking=true on the current stream (the caching host allocator keeps the staging buffer
-// alive until the copy has run); k and gate stay device tensors read by the kernels.
+// No host sync: the metadata table (the common one, multi_tensor_table.h) is staged in pinned
+// host memory and copied with non_blocking=true on the current stream (the caching host
+// allocator keeps the staging buffer alive until the copy has run), or found in the uploader's
+// cache of device tables; k and gate stay device tensors read by the kernels.
 //
 // CUDA graphs: a captured copy from a pinned staging buffer would be replayed from a buffer the
 // host allocator has since reused, so every upload refuses to run while the stream is being
@@ -16,12 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <optional>
 #include <vector>
 
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_glue.h"
+#include "cuda/multi_tensor_table.h"
 #include "common/ops.h"
 
 namespace mmmod {
@@ -40,58 +41,29 @@ int dtype_code(at::ScalarType t) {
   return code;
 }
 
-struct DeviceTable {
-  at::Tensor table;  // int64 words on the device
-  int64_t ntensors = 0;
-  int64_t nchunks = 0;
-};
-
-int64_t chunks_of(int64_t numel) { return (numel + MMMOD_CUDA_CHUNK - 1) / MMMOD_CUDA_CHUNK; }
+using mt::DeviceTable;
+using BucketBuilder = mt::TableBuilder<bucket::kDepth, bucket::kExtra>;
 
 int64_t total_chunks(at::TensorList tensors) {
   int64_t n = 0;
-  for (const auto& t : tensors) n += chunks_of(t.numel());
+  for (const auto& t : tensors) n += mt::chunks_of(t.numel(), MMMOD_CUDA_CHUNK);
   return n;
 }
 
-void refuse_capture(const at::Device& device, const char* what) {
-  int capturing = 0;
-  check(mmmod_cuda_stream_is_capturing(current_stream(device), &capturing), "cudaStreamIsCapturing");
-  TORCH_CHECK(!capturing, "mmmod.", what, ": this call uploads its metadata table from pinned host "
-              "memory, which cannot be captured in a CUDA graph; use modulate_.capturable with a "
-              "table from mmmod::bucket_table built before capture and a device step_tensor (what "
-              "backend 'cuda' does with capturable=True)");
-}
+constexpr const char* kCaptureHint =
+    "; use modulate_.capturable with a table from mmmod::bucket_table built before capture and a "
+    "device step_tensor (what backend 'cuda' does with capturable=True)";
 
-// Header, tensor entries and chunk entries (an empty tensor has no chunks, so no kernel touches
-// it), uploaded without a sync; refused during stream capture.
+// The bucket's table (common layout, multi_tensor.h: pointer, size, stream offset, chunks; an
+// empty tensor has no chunks, so no kernel touches it), uploaded without a sync; refused during
+// stream capture. Reuse::kFresh for bucket_table, whose result the caller keeps.
 DeviceTable upload_table(at::TensorList tensors, at::IntArrayRef offsets, const at::Device& device,
-                         const char* what) {
-  refuse_capture(device, what);
-  std::vector<MmmodTensorMeta> metas;
-  std::vector<MmmodChunkMeta> chunks;
+                         const char* what, mt::Reuse reuse = mt::Reuse::kCached) {
+  BucketBuilder builder(MMMOD_CUDA_CHUNK);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t n = tensors[i].numel();
-    const int64_t count = chunks_of(n);
-    const int64_t idx = static_cast<int64_t>(metas.size());
-    metas.push_back({reinterpret_cast<int64_t>(tensors[i].data_ptr()), n, offsets.empty() ? 0 : offsets[i],
-                     static_cast<int64_t>(chunks.size()), count});
-    for (int64_t c = 0; c < count; ++c) chunks.push_back({idx, c * MMMOD_CUDA_CHUNK});
+    builder.add({tensors[i].data_ptr()}, tensors[i].numel(), {offsets.empty() ? 0 : offsets[i]});
   }
-  DeviceTable out;
-  out.ntensors = static_cast<int64_t>(metas.size());
-  out.nchunks = static_cast<int64_t>(chunks.size());
-  const MmmodHeader header{out.ntensors, out.nchunks};
-  at::Tensor host = at::zeros({mmmod_cuda_table_words(out.ntensors, out.nchunks)},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  char* p = static_cast<char*>(host.data_ptr());
-  std::memcpy(p, &header, sizeof(header));
-  p += sizeof(header);
-  if (!metas.empty()) std::memcpy(p, metas.data(), metas.size() * sizeof(MmmodTensorMeta));
-  p += metas.size() * sizeof(MmmodTensorMeta);
-  if (!chunks.empty()) std::memcpy(p, chunks.data(), chunks.size() * sizeof(MmmodChunkMeta));
-  out.table = host.to(device, /*non_blocking=*/true);
-  return out;
+  return mt::upload(builder, device, what, kCaptureHint, reuse);
 }
 
 at::Tensor workspace(const DeviceTable& t, const at::Device& device) {
@@ -157,7 +129,7 @@ void launch_modulate(at::TensorList tensors, const DeviceTable& t, const at::Ten
                      const at::Device& device) {
   if (t.nchunks == 0) return;
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_modulate(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+  check(mmmod_cuda_modulate(t.words.const_data_ptr(), t.ntensors, t.nchunks,
                             dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
                             gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
                             static_cast<uint64_t>(seed), step_ptr, static_cast<uint32_t>(step),
@@ -190,7 +162,7 @@ at::Tensor bucket_table_cuda(at::TensorList tensors, at::IntArrayRef offsets) {
     TORCH_CHECK_VALUE(offsets[i] >= 0, "mmmod.bucket_table: negative stream offset ", offsets[i]);
   }
   c10::DeviceGuard guard(device);
-  return upload_table(tensors, offsets, device, "bucket_table").table;
+  return upload_table(tensors, offsets, device, "bucket_table", mt::Reuse::kFresh).words;
 }
 
 // The bucket's table: `table` when given (checked as far as possible without reading it), else
@@ -204,14 +176,14 @@ DeviceTable given_or_uploaded_table(at::TensorList tensors, at::IntArrayRef offs
   DeviceTable t;
   t.ntensors = static_cast<int64_t>(tensors.size());
   t.nchunks = total_chunks(tensors);
-  const int64_t words = mmmod_cuda_table_words(t.ntensors, t.nchunks);
+  const int64_t words = mt::table_words<bucket::kDepth, bucket::kExtra>(t.ntensors, t.nchunks);
   TORCH_CHECK_VALUE(table->scalar_type() == at::kLong && table->dim() == 1 &&
                         table->is_contiguous() && table->device() == device &&
                         table->numel() == words,
                     "mmmod.", what, ": table must be the contiguous int64 [", words,
                     "] table of these tensors on ", device, " (from mmmod::bucket_table), got ",
                     table->scalar_type(), " ", table->sizes(), " on ", table->device());
-  t.table = *table;
+  t.words = *table;
   return t;
 }
 
@@ -255,7 +227,7 @@ void modulate_sigma_cuda(at::TensorList tensors, at::IntArrayRef offsets, const 
   const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_sigma_");
   if (t.nchunks == 0) return;
   const at::Tensor s = sigma.contiguous();  // a device copy at most, never a sync
-  check(mmmod_cuda_modulate_sigma(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+  check(mmmod_cuda_modulate_sigma(t.words.const_data_ptr(), t.ntensors, t.nchunks,
                                   dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
                                   gate.const_data_ptr<float>(), s.const_data_ptr<float>(),
                                   static_cast<uint64_t>(seed),
@@ -278,7 +250,7 @@ at::Tensor bucket_std_cuda(at::TensorList tensors) {
   const DeviceTable t = upload_table(flat, {}, device, "bucket_std");
   at::Tensor out = at::empty({t.ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_bucket_std(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+  check(mmmod_cuda_bucket_std(t.words.const_data_ptr(), t.ntensors, t.nchunks,
                               dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
                               out.mutable_data_ptr<double>(), current_stream(device)),
         "bucket_std");
@@ -300,7 +272,7 @@ at::Tensor bucket_moments_cuda(at::TensorList tensors) {
   const DeviceTable t = upload_table(flat, {}, device, "_bucket_moments");
   at::Tensor out = at::empty({T, 3}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_bucket_moments(t.table.const_data_ptr(), t.ntensors, t.nchunks,
+  check(mmmod_cuda_bucket_moments(t.words.const_data_ptr(), t.ntensors, t.nchunks,
                                   dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
                                   out.mutable_data_ptr<double>(), current_stream(device)),
         "_bucket_moments");

@@ -2,11 +2,12 @@
 // defined in mmmod/_ops/__init__.py; glue: fused_update_cuda.cpp; interface: fused_update_api.h).
 // CUDA headers and mmmod's own headers only, no torch.
 //
-// One launch per bucket (multi-tensor apply): a device table lists the bucket's tensors (param,
-// grad, state pointers, size, stream offset, per-tensor flags and Adam's bias corrections) and
-// its chunks of MMMOD_FUSED_CHUNK elements of one tensor; block b takes chunks b, b + grid, ...
+// One launch per bucket (multi_tensor_apply, multi_tensor.cuh, of the functors SgdChunk /
+// AdamChunk): the common device table (multi_tensor.h) lists the bucket's tensors (param, grad,
+// state pointers, size, stream offset, per-tensor flags and Adam's bias corrections) and its
+// chunks of MMMOD_FUSED_CHUNK elements of one tensor; block b takes chunks b, b + grid, ...
 // Each thread takes one Philox counter group at a time: 4 consecutive stream elements, whose 4
-// normals philox_normal4 draws in registers exactly as the unfused noise_kernel (kernels.cu)
+// normals philox_normal4 draws in registers exactly as the unfused NoiseChunk (kernels.cu)
 // does. Per element:
 //   1. x = k g + sigma n (or k g): philox.h's modulate_value / scale_value (explicitly rounded,
 //      never contracted), rounded to the tensor's dtype as the unfused modulation stores it, and
@@ -33,7 +34,7 @@
 // data out of L1. Bytes per element (benchmarks/byte_model.py fused_update, CUDA): the gradient
 // read once, the parameter and every state tensor read and written once: SGD with momentum
 // 5 x 4 = 20 B in float32 (a first step does not read the buffer), Adam/AdamW 7 x 4 = 28 B; plus
-// per chunk 16 B of chunk entry, 72 B of tensor entry, k, sigma and u (12 B).
+// per chunk 16 B of chunk entry, 88 B of tensor entry, k, sigma and u (12 B).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,6 +47,7 @@
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
 #include "cuda/fused_update_api.h"
+#include "cuda/multi_tensor.cuh"
 #include "common/philox.h"
 
 // Everything below but the __global__ entry points is __host__ __device__ (FU_HD): the chunk code
@@ -135,15 +137,11 @@ using mmmod::access::store;
 using mmmod::access::Vec4;
 
 // ---- the table ----------------------------------------------------------------------------------
-struct FusedTable {
-  const MmmodFusedTensor* tensors;
-  const MmmodFusedChunk* chunks;
-};
-
-FU_HD FusedTable table_view(const int64_t* table, int64_t ntensors) {
-  const auto* tensors = reinterpret_cast<const MmmodFusedTensor*>(table + 2);
-  return FusedTable{tensors, reinterpret_cast<const MmmodFusedChunk*>(tensors + ntensors)};
-}
+// the common table (multi_tensor.h); entry fields by fused_update_api.h's indices
+using FusedTable = mmmod::fused::Table;
+using FusedEntry = FusedTable::Entry;
+using mmmod::mt::ChunkEntry;
+namespace fu = mmmod::fused;
 
 // Where one chunk lives in its tensor and in the Philox stream. Without noise the groups start
 // at the chunk's first element (lead 0); with noise at the Philox group of its stream position.
@@ -155,12 +153,12 @@ struct ChunkView {
   uint64_t q0;     // Philox counter group of the first group
 };
 
-FU_HD ChunkView chunk_view(const MmmodFusedChunk& ch, const MmmodFusedTensor& te, bool noise) {
+FU_HD ChunkView chunk_view(const ChunkEntry& ch, const FusedEntry& te, bool noise) {
   ChunkView v;
   v.start = ch.start;
   const int64_t rest = te.numel - ch.start;
   v.len = static_cast<int>(rest < MMMOD_FUSED_CHUNK ? rest : MMMOD_FUSED_CHUNK);
-  const uint64_t pos = static_cast<uint64_t>(te.offset) + static_cast<uint64_t>(ch.start);
+  const uint64_t pos = static_cast<uint64_t>(te.extra[fu::kOffset]) + static_cast<uint64_t>(ch.start);
   v.lead = noise ? static_cast<int>(pos & 3u) : 0;
   v.groups = (v.lead + v.len + 3) >> 2;
   v.q0 = pos >> 2;
@@ -249,13 +247,13 @@ FU_HD void sgd_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
                      uint32_t step, uint32_t modality) {
   using N = Num<T>;
   using A = typename N::A;
-  const MmmodFusedChunk ch = tb.chunks[ci];
-  const MmmodFusedTensor te = tb.tensors[ch.tensor];
+  const ChunkEntry ch = tb.chunks[ci];
+  const FusedEntry te = tb.tensors[ch.tensor];
   const ChunkView cv = chunk_view(ch, te, NOISE);
-  T* p = reinterpret_cast<T*>(te.param) + cv.start;
-  const T* g = reinterpret_cast<const T*>(te.grad) + cv.start;
-  T* buf = c.use_momentum ? reinterpret_cast<T*>(te.state1) + cv.start : nullptr;
-  const bool ready = c.use_momentum && te.flag != 0;
+  T* p = reinterpret_cast<T*>(te.ptr[fu::kParam]) + cv.start;
+  const T* g = reinterpret_cast<const T*>(te.ptr[fu::kGrad]) + cv.start;
+  T* buf = c.use_momentum ? reinterpret_cast<T*>(te.ptr[fu::kState1]) + cv.start : nullptr;
+  const bool ready = c.use_momentum && te.extra[fu::kFlag] != 0;
   const float sg = NOISE ? sigma[ch.tensor] : 0.0f;
   const bool vec = cv.lead == 0 && group_aligned<T>(p) && group_aligned<T>(g) &&
                    group_aligned<T>(buf);
@@ -363,15 +361,15 @@ FU_HD void adam_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
                       uint32_t step, uint32_t modality) {
   using N = Num<T>;
   using A = typename N::A;
-  const MmmodFusedChunk ch = tb.chunks[ci];
-  const MmmodFusedTensor te = tb.tensors[ch.tensor];
+  const ChunkEntry ch = tb.chunks[ci];
+  const FusedEntry te = tb.tensors[ch.tensor];
   const ChunkView cv = chunk_view(ch, te, NOISE);
-  T* p = reinterpret_cast<T*>(te.param) + cv.start;
-  const T* g = reinterpret_cast<const T*>(te.grad) + cv.start;
-  T* ea = reinterpret_cast<T*>(te.state1) + cv.start;
-  T* es = reinterpret_cast<T*>(te.state2) + cv.start;
-  const A neg_step = static_cast<A>(te.neg_step_size);
-  const A bc2s = static_cast<A>(te.bc2_sqrt);
+  T* p = reinterpret_cast<T*>(te.ptr[fu::kParam]) + cv.start;
+  const T* g = reinterpret_cast<const T*>(te.ptr[fu::kGrad]) + cv.start;
+  T* ea = reinterpret_cast<T*>(te.ptr[fu::kState1]) + cv.start;
+  T* es = reinterpret_cast<T*>(te.ptr[fu::kState2]) + cv.start;
+  const A neg_step = static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kNegStepSize]));
+  const A bc2s = static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kBc2Sqrt]));
   const float sg = NOISE ? sigma[ch.tensor] : 0.0f;
   const bool vec = cv.lead == 0 && group_aligned<T>(p) && group_aligned<T>(g) &&
                    group_aligned<T>(ea) && group_aligned<T>(es);
@@ -413,66 +411,37 @@ FU_HD void adam_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
   }
 }
 
-// ---- the kernels: block b takes chunks b, b + gridDim.x, ... ------------------------------------
+// ---- the functors, applied over the table by multi_tensor_apply (block b takes chunks b,
+// b + gridDim.x, ...) --------------------------------------------------------------------------
 template <typename T, bool NOISE>
-__global__ void __launch_bounds__(kThreads) fused_sgd_kernel(const int64_t* __restrict__ table,
-                                                             int64_t ntensors, int64_t nchunks,
-                                                             const float* __restrict__ k_ptr,
-                                                             const float* __restrict__ sigma,
-                                                             const float* __restrict__ u_ptr,
-                                                             MmmodSgdScalars s, uint64_t seed,
-                                                             uint32_t step, uint32_t modality) {
-  const FusedTable tb = table_view(table, ntensors);
-  const auto c = sgd_consts<T>(s, k_ptr, u_ptr);
-  for (int64_t ci = blockIdx.x; ci < nchunks; ci += gridDim.x) {
-    sgd_chunk<T, NOISE>(tb, ci, threadIdx.x, kThreads, c, sigma, seed, step, modality);
+struct SgdChunk {
+  __device__ void operator()(const FusedTable& tb, int64_t ci, const float* k_ptr,
+                             const float* sigma, const float* u_ptr, MmmodSgdScalars s,
+                             uint64_t seed, uint32_t step, uint32_t modality) const {
+    sgd_chunk<T, NOISE>(tb, ci, threadIdx.x, kThreads, sgd_consts<T>(s, k_ptr, u_ptr), sigma,
+                        seed, step, modality);
   }
-}
+};
 
 template <typename T, bool NOISE>
-__global__ void __launch_bounds__(kThreads) fused_adam_kernel(const int64_t* __restrict__ table,
-                                                              int64_t ntensors, int64_t nchunks,
-                                                              const float* __restrict__ k_ptr,
-                                                              const float* __restrict__ sigma,
-                                                              const float* __restrict__ u_ptr,
-                                                              MmmodAdamScalars s, uint64_t seed,
-                                                              uint32_t step, uint32_t modality) {
-  const FusedTable tb = table_view(table, ntensors);
-  const auto c = adam_consts<T>(s, k_ptr, u_ptr);
-  for (int64_t ci = blockIdx.x; ci < nchunks; ci += gridDim.x) {
-    adam_chunk<T, NOISE>(tb, ci, threadIdx.x, kThreads, c, sigma, seed, step, modality);
+struct AdamChunk {
+  __device__ void operator()(const FusedTable& tb, int64_t ci, const float* k_ptr,
+                             const float* sigma, const float* u_ptr, MmmodAdamScalars s,
+                             uint64_t seed, uint32_t step, uint32_t modality) const {
+    adam_chunk<T, NOISE>(tb, ci, threadIdx.x, kThreads, adam_consts<T>(s, k_ptr, u_ptr), sigma,
+                         seed, step, modality);
   }
-}
+};
 
-unsigned grid_for(int64_t nchunks) {
-  const int64_t cap = 0x7fffffff;
-  return static_cast<unsigned>(nchunks > cap ? cap : nchunks);
-}
-
-template <typename T>
-void launch_sgd(const int64_t* table, int64_t ntensors, int64_t nchunks, const float* k,
-                const float* sigma, const float* u, const MmmodSgdScalars& s, uint64_t seed,
-                uint32_t step, uint32_t modality, cudaStream_t st) {
+template <template <typename, bool> class Functor, typename T, typename S>
+int launch(const FusedTable& tb, const float* k, const float* sigma, const float* u, const S& s,
+           uint64_t seed, uint32_t step, uint32_t modality, cudaStream_t st) {
   if (sigma != nullptr) {
-    fused_sgd_kernel<T, true><<<grid_for(nchunks), kThreads, 0, st>>>(
-        table, ntensors, nchunks, k, sigma, u, s, seed, step, modality);
-  } else {
-    fused_sgd_kernel<T, false><<<grid_for(nchunks), kThreads, 0, st>>>(
-        table, ntensors, nchunks, k, sigma, u, s, seed, step, modality);
+    return mmmod::mt::multi_tensor_apply<kThreads>(tb, st, Functor<T, true>{}, k, sigma, u, s,
+                                                   seed, step, modality);
   }
-}
-
-template <typename T>
-void launch_adam(const int64_t* table, int64_t ntensors, int64_t nchunks, const float* k,
-                 const float* sigma, const float* u, const MmmodAdamScalars& s, uint64_t seed,
-                 uint32_t step, uint32_t modality, cudaStream_t st) {
-  if (sigma != nullptr) {
-    fused_adam_kernel<T, true><<<grid_for(nchunks), kThreads, 0, st>>>(
-        table, ntensors, nchunks, k, sigma, u, s, seed, step, modality);
-  } else {
-    fused_adam_kernel<T, false><<<grid_for(nchunks), kThreads, 0, st>>>(
-        table, ntensors, nchunks, k, sigma, u, s, seed, step, modality);
-  }
+  return mmmod::mt::multi_tensor_apply<kThreads>(tb, st, Functor<T, false>{}, k, sigma, u, s, seed,
+                                                 step, modality);
 }
 
 }  // namespace
@@ -480,8 +449,7 @@ void launch_adam(const int64_t* table, int64_t ntensors, int64_t nchunks, const 
 extern "C" {
 
 int64_t mmmod_fused_table_words(int64_t ntensors, int64_t nchunks) {
-  return 2 + ntensors * static_cast<int64_t>(sizeof(MmmodFusedTensor) / 8) +
-         nchunks * static_cast<int64_t>(sizeof(MmmodFusedChunk) / 8);
+  return mmmod::mt::table_words<fu::kDepth, fu::kExtra>(ntensors, nchunks);
 }
 
 int mmmod_cuda_fused_sgd(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -489,13 +457,14 @@ int mmmod_cuda_fused_sgd(const void* table, int64_t ntensors, int64_t nchunks, i
                          MmmodSgdScalars scalars, uint64_t seed, uint32_t step,
                          uint32_t modality, void* stream) {
   if (nchunks <= 0) return 0;
-  const int64_t* t = static_cast<const int64_t*>(table);
+  const FusedTable tb = FusedTable::view(table, ntensors, nchunks);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int launched = 0;
   const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    launch_sgd<T>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
+    launched = launch<SgdChunk, T>(tb, k, sigma, update_scale, scalars, seed, step, modality, st);
   });
-  return rc ? rc : static_cast<int>(cudaGetLastError());
+  return rc ? rc : launched;
 }
 
 int mmmod_cuda_fused_adam(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -503,13 +472,14 @@ int mmmod_cuda_fused_adam(const void* table, int64_t ntensors, int64_t nchunks, 
                           MmmodAdamScalars scalars, uint64_t seed, uint32_t step,
                           uint32_t modality, void* stream) {
   if (nchunks <= 0) return 0;
-  const int64_t* t = static_cast<const int64_t*>(table);
+  const FusedTable tb = FusedTable::view(table, ntensors, nchunks);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int launched = 0;
   const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    launch_adam<T>(t, ntensors, nchunks, k, sigma, update_scale, scalars, seed, step, modality, st);
+    launched = launch<AdamChunk, T>(tb, k, sigma, update_scale, scalars, seed, step, modality, st);
   });
-  return rc ? rc : static_cast<int>(cudaGetLastError());
+  return rc ? rc : launched;
 }
 
 }  // extern "C"

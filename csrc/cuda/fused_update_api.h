@@ -1,10 +1,12 @@
 // Plain C interface between the torch glue of the fused modulated update (fused_update_cuda.cpp,
 // host compiler) and its CUDA kernels (fused_update.cu, nvcc). Only fixed-width integers, doubles
-// and raw pointers cross it; streams travel as void* (cudaStream_t). No CUDA or torch header.
+// and raw pointers cross the launchers; streams travel as void* (cudaStream_t). No CUDA or torch header.
 // dtype codes are cuda_api.h's (MMMOD_F32, MMMOD_F16, MMMOD_BF16, MMMOD_F64).
 #pragma once
 
 #include <stdint.h>
+
+#include "cuda/multi_tensor.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -16,25 +18,31 @@ extern "C" {
 // blocks keep every SM busy (22 M elements are ~1,400 blocks, not ~340).
 #define MMMOD_FUSED_CHUNK 16384
 
-// The device table of one call: a header {ntensors, nchunks}, then ntensors MmmodFusedTensor,
-// then nchunks MmmodFusedChunk (all 8-byte words). An empty tensor keeps its entry (so sigma[t]
-// is entry t's) and owns no chunk, so nothing dereferences its pointers.
-typedef struct {
-  int64_t param;   // data pointers of contiguous tensors of one dtype
-  int64_t grad;    // read only: the raw gradient (the modulated one is never stored)
-  int64_t state1;  // SGD: momentum buffer (0 without momentum); Adam: exp_avg
-  int64_t state2;  // Adam: exp_avg_sq; SGD: 0
-  int64_t numel;
-  int64_t offset;  // first element of the tensor in the modality's Philox stream
-  int64_t flag;    // SGD: 1 when the momentum buffer holds a value (else it starts as the grad)
-  double neg_step_size;  // Adam: -(lr / (1 - beta1^t)), the Python float of torch's step
-  double bc2_sqrt;       // Adam: (1 - beta2^t) ** 0.5, idem
-} MmmodFusedTensor;
+#ifdef __cplusplus
+}
+#endif
 
-typedef struct {
-  int64_t tensor;  // index into the tensor entries
-  int64_t start;   // first element of the chunk in that tensor (64-bit: > 2^31 elements)
-} MmmodFusedChunk;
+// The op's table is the common one (multi_tensor.h) with four pointers per entry and four extra
+// words. An empty tensor keeps its entry (so sigma[t] is entry t's) and owns no chunk, so
+// nothing dereferences its pointers.
+//   ptr:   param, grad (read only: the raw gradient; the modulated one is never stored), state1
+//          (SGD: momentum buffer, 0 without momentum; Adam: exp_avg), state2 (Adam: exp_avg_sq;
+//          SGD: 0): data pointers of contiguous tensors of one dtype
+//   extra: offset (first element of the tensor in the modality's Philox stream), flag (SGD: 1
+//          when the momentum buffer holds a value, else it starts as the grad), and the bits of
+//          two doubles: neg_step_size (Adam: -(lr / (1 - beta1^t)), the Python float of torch's
+//          step) and bc2_sqrt (Adam: (1 - beta2^t) ** 0.5, idem)
+namespace mmmod {
+namespace fused {
+enum { kParam = 0, kGrad = 1, kState1 = 2, kState2 = 3, kDepth = 4 };
+enum { kOffset = 0, kFlag = 1, kNegStepSize = 2, kBc2Sqrt = 3, kExtra = 4 };
+using Table = mt::TensorListTable<kDepth, kExtra>;
+}  // namespace fused
+}  // namespace mmmod
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 // The hyperparameters of one call, as the Python floats of torch's step (double); the kernels
 // round them to the arithmetic type (float32, or float64 for float64 tensors) as torch's CUDA

@@ -6,8 +6,9 @@
 // Every argument is checked (list lengths, device, dtype, shape, contiguity, k / sigma /
 // update_scale, Adam's step counts) before the table is built or anything is launched, so a bad
 // call writes nothing. No host sync: the table (pointers, sizes, stream offsets, flags, and
-// Adam's per-tensor bias corrections, from the host-side step counts) is staged in pinned host
-// memory and copied with non_blocking=true on the current stream; k, sigma and update_scale stay
+// Adam's per-tensor bias corrections, from the host-side step counts; the common table,
+// multi_tensor_table.h) is staged in pinned host memory and copied with non_blocking=true on the
+// current stream, or found in the uploader's cache; k, sigma and update_scale stay
 // device tensors read by the kernel. The upload cannot be captured in a CUDA graph (the pinned
 // staging block is recycled once the copy ran), so a call under capture is refused.
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_glue.h"
 #include "cuda/fused_update_api.h"
+#include "cuda/multi_tensor_table.h"
 #include "common/ops.h"
 
 namespace mmmod {
@@ -40,59 +42,23 @@ bool has_elements(at::TensorList params) {
   return false;
 }
 
-int64_t chunks_of(int64_t numel) { return (numel + MMMOD_FUSED_CHUNK - 1) / MMMOD_FUSED_CHUNK; }
+using FusedBuilder = mt::TableBuilder<fused::kDepth, fused::kExtra>;
 
-struct Table {
-  at::Tensor words;  // on the device
-  int64_t ntensors = 0, nchunks = 0;
-};
-
-// Header, tensor entries and chunk entries, uploaded without a sync (refused under capture).
-Table upload(const char* op, const std::vector<MmmodFusedTensor>& metas, const at::Device& device) {
-  int capturing = 0;
-  check_rc(mmmod_cuda_stream_is_capturing(cuda_current_stream(device), &capturing), op,
-           "cudaStreamIsCapturing");
-  TORCH_CHECK(!capturing, "mmmod.", op, ": this call uploads its metadata table from pinned host "
-              "memory, which cannot be captured in a CUDA graph");
-  std::vector<MmmodFusedChunk> chunks;
-  for (size_t t = 0; t < metas.size(); ++t) {
-    for (int64_t c = 0; c < chunks_of(metas[t].numel); ++c) {
-      chunks.push_back({static_cast<int64_t>(t), c * MMMOD_FUSED_CHUNK});
-    }
-  }
-  Table out;
-  out.ntensors = static_cast<int64_t>(metas.size());
-  out.nchunks = static_cast<int64_t>(chunks.size());
-  at::Tensor host = at::empty({mmmod_fused_table_words(out.ntensors, out.nchunks)},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  char* w = static_cast<char*>(host.data_ptr());
-  const int64_t header[2] = {out.ntensors, out.nchunks};
-  std::memcpy(w, header, sizeof(header));
-  w += sizeof(header);
-  std::memcpy(w, metas.data(), metas.size() * sizeof(MmmodFusedTensor));
-  w += metas.size() * sizeof(MmmodFusedTensor);
-  if (!chunks.empty()) std::memcpy(w, chunks.data(), chunks.size() * sizeof(MmmodFusedChunk));
-  out.words = host.to(device, /*non_blocking=*/true);
-  return out;
-}
-
-MmmodFusedTensor entry(const at::Tensor& p, const at::Tensor& g, const at::Tensor* s1,
-                       const at::Tensor* s2, int64_t offset) {
-  MmmodFusedTensor e;
-  std::memset(&e, 0, sizeof(e));
-  e.param = reinterpret_cast<int64_t>(p.data_ptr());
-  e.grad = reinterpret_cast<int64_t>(g.const_data_ptr());
-  e.state1 = s1 != nullptr ? reinterpret_cast<int64_t>(s1->data_ptr()) : 0;
-  e.state2 = s2 != nullptr ? reinterpret_cast<int64_t>(s2->data_ptr()) : 0;
-  e.numel = p.numel();
-  e.offset = offset;
-  return e;
+// One tensor position's entry: its pointers (0 for a state the step has none of), size, stream
+// offset, flag and Adam's two doubles (bit for bit).
+void add_entry(FusedBuilder& b, const at::Tensor& p, const at::Tensor& g, const at::Tensor* s1,
+               const at::Tensor* s2, int64_t offset, int64_t flag, double neg_step_size,
+               double bc2_sqrt) {
+  b.add({p.data_ptr(), g.const_data_ptr(), s1 != nullptr ? s1->data_ptr() : nullptr,
+         s2 != nullptr ? s2->data_ptr() : nullptr},
+        p.numel(),
+        {offset, flag, mt::double_as_word(neg_step_size), mt::double_as_word(bc2_sqrt)});
 }
 
 // What both launchers take besides their scalars: the uploaded table and the device pointers of
 // k, sigma and update_scale (sigma's contiguous copy held here), seed, step, modality, stream.
 struct Launch {
-  Table table;
+  mt::DeviceTable table;
   at::Tensor sigma;
   int dtype = 0;
   const float* k = nullptr;
@@ -103,12 +69,12 @@ struct Launch {
   void* stream = nullptr;
 };
 
-Launch prepare(const char* op, const std::vector<MmmodFusedTensor>& metas, at::TensorList params,
+Launch prepare(const char* op, const FusedBuilder& builder, at::TensorList params,
                const at::Tensor& k, const std::optional<at::Tensor>& sigma,
                const std::optional<at::Tensor>& update_scale, int64_t seed, int64_t step,
                int64_t modality, const at::Device& device) {
   Launch l;
-  l.table = upload(op, metas, device);
+  l.table = mt::upload(builder, device, op);
   l.sigma = sigma.has_value() ? sigma->contiguous() : at::Tensor();  // a device copy at most
   l.dtype = cuda_dtype_code(params[0].scalar_type());
   l.k = k.const_data_ptr<float>();
@@ -136,14 +102,13 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
-  std::vector<MmmodFusedTensor> metas;
+  FusedBuilder builder(MMMOD_FUSED_CHUNK);
   for (size_t i = 0; i < params.size(); ++i) {
-    metas.push_back(entry(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr,
-                          nullptr, offsets[i]));
-    metas.back().flag = use_momentum && buffer_ready.get(i) ? 1 : 0;
+    add_entry(builder, params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr,
+              nullptr, offsets[i], use_momentum && buffer_ready.get(i) ? 1 : 0, 0.0, 0.0);
   }
   if (!has_elements(params)) return;
-  const Launch l = prepare(op, metas, params, k, sigma, update_scale, seed, step, modality, device);
+  const Launch l = prepare(op, builder, params, k, sigma, update_scale, seed, step, modality, device);
   MmmodSgdScalars s;
   std::memset(&s, 0, sizeof(s));
   // the Python floats torch's _multi_tensor_sgd passes its foreach ops
@@ -174,17 +139,16 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::DeviceGuard guard(device);
-  std::vector<MmmodFusedTensor> metas;
+  FusedBuilder builder(MMMOD_FUSED_CHUNK);
   for (size_t i = 0; i < params.size(); ++i) {
-    metas.push_back(entry(params[i], grads[i], &exp_avgs[i], &exp_avg_sqs[i], offsets[i]));
     // _multi_tensor_adam's Python float arithmetic (beta ** t is C's pow, as here)
     const double bc1 = 1.0 - std::pow(beta1, steps[i]);
     const double bc2 = 1.0 - std::pow(beta2, steps[i]);
-    metas.back().neg_step_size = (lr / bc1) * -1.0;
-    metas.back().bc2_sqrt = std::pow(bc2, 0.5);
+    add_entry(builder, params[i], grads[i], &exp_avgs[i], &exp_avg_sqs[i], offsets[i], 0,
+              (lr / bc1) * -1.0, std::pow(bc2, 0.5));
   }
   if (!has_elements(params)) return;
-  const Launch l = prepare(op, metas, params, k, sigma, update_scale, seed, step, modality, device);
+  const Launch l = prepare(op, builder, params, k, sigma, update_scale, seed, step, modality, device);
   MmmodAdamScalars s;
   std::memset(&s, 0, sizeof(s));
   s.weight_decay = weight_decay;

@@ -1,9 +1,12 @@
 // CUDA kernels of mmmod. Includes CUDA headers and mmmod's own headers only (no torch), and
 // exposes the plain launchers of cuda_api.h; the torch glue is cuda_ops.cpp.
 //
-// Multi-tensor apply: one launch covers a whole bucket through a device-side metadata table
-// (header, tensors, chunks of MMMOD_CUDA_CHUNK elements with 64-bit starts; an empty tensor owns
-// no chunk, so nothing touches it). OGM-GE takes three launches and no host sync:
+// Multi-tensor apply (multi_tensor.cuh): one launch covers a whole bucket through the common
+// device-side metadata table (multi_tensor.h: header, tensors, chunks of MMMOD_CUDA_CHUNK
+// elements with 64-bit starts; an empty tensor owns no chunk, so nothing touches it); the
+// per-chunk kernels are functors (StatsChunk, ScaleChunk, NoiseChunk) applied over it, the
+// per-tensor merges plain kernels over the same table. OGM-GE takes three launches and no host
+// sync:
 //   1. stats:  one block per chunk -> (n, mean, M2) in float64, in ONE pass over the chunk:
 //              each thread holds kVec elements per tile in registers, takes their exact
 //              two-pass moments there and merges them into its own running moments (Chan et
@@ -42,6 +45,7 @@
 #include "cuda/cuda_access.cuh"
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
+#include "cuda/multi_tensor.cuh"
 #include "common/philox.h"
 
 namespace {
@@ -63,24 +67,10 @@ struct Io {
   static __device__ __forceinline__ void store(T* p, float v) { access::store(p, Cvt<T>::from_f(v)); }
 };
 
-struct Table {
-  const MmmodHeader* header;
-  const MmmodTensorMeta* tensors;
-  const MmmodChunkMeta* chunks;
-};
-
-__host__ __device__ __forceinline__ Table table_view(const void* base) {
-  const char* p = static_cast<const char*>(base);
-  const MmmodHeader* h = reinterpret_cast<const MmmodHeader*>(p);
-  const MmmodTensorMeta* t = reinterpret_cast<const MmmodTensorMeta*>(p + sizeof(MmmodHeader));
-  return Table{h, t, nullptr};
-}
-
-__device__ __forceinline__ Table device_table(const void* base, int64_t ntensors) {
-  Table tb = table_view(base);
-  tb.chunks = reinterpret_cast<const MmmodChunkMeta*>(tb.tensors + ntensors);
-  return tb;
-}
+using mmmod::bucket::Table;  // the common table (multi_tensor.h), one pointer + stream offset
+using mmmod::bucket::kGrad;
+using mmmod::bucket::kOffset;
+using mmmod::mt::ChunkEntry;
 
 // Sum over the block in a fixed reduction tree (deterministic for a fixed blockDim).
 __device__ double block_sum(double v, double* shared) {
@@ -179,16 +169,13 @@ __device__ mmmod::Moments block_merge(mmmod::Moments m, mmmod::Moments* shared) 
 // Bytes: reads the chunk once (n * sizeof(T)), 16 + 40 B of table per chunk, writes 24 B of
 // moments per chunk (benchmarks/byte_model.py cuda_stats).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) stats_kernel(const void* table, int64_t ntensors,
-                                                         int64_t nchunks, mmmod::Moments* part) {
-  __shared__ mmmod::Moments shared[kThreads / 32];
-  const Table tb = device_table(table, ntensors);
-  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-    const MmmodChunkMeta ch = tb.chunks[c];
-    const MmmodTensorMeta tm = tb.tensors[ch.tensor];
-    const int64_t rest = tm.numel - ch.start;
-    const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
-    const T* x = reinterpret_cast<const T*>(tm.ptr) + ch.start;
+struct StatsChunk {
+  __device__ void operator()(const Table& tb, int64_t c, mmmod::Moments* part) const {
+    __shared__ mmmod::Moments shared[kThreads / 32];
+    const ChunkEntry ch = tb.chunks[c];
+    const auto tm = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(tm, ch, MMMOD_CUDA_CHUNK);
+    const T* x = reinterpret_cast<const T*>(tm.ptr[kGrad]) + ch.start;
     const bool vec = aligned16(x);
     mmmod::Moments acc{0.0, 0.0, 0.0};
 #pragma unroll 1
@@ -209,11 +196,11 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const void* table, int6
     const mmmod::Moments m = block_merge(acc, shared);
     if (threadIdx.x == 0) part[c] = m;
   }
-}
+};
 
 // One block per tensor: thread t merges the tensor's chunks t, t + blockDim, ... in order, then
 // the block tree (block_merge). The result is in thread 0.
-__device__ mmmod::Moments tensor_moments(const MmmodTensorMeta& tm, const mmmod::Moments* part,
+__device__ mmmod::Moments tensor_moments(const Table::Entry& tm, const mmmod::Moments* part,
                                          mmmod::Moments* shared) {
   mmmod::Moments m{0.0, 0.0, 0.0};
   for (int64_t c = threadIdx.x; c < tm.chunk_count; c += blockDim.x) {
@@ -223,24 +210,21 @@ __device__ mmmod::Moments tensor_moments(const MmmodTensorMeta& tm, const mmmod:
 }
 
 // Bytes: per tensor its 40 B entry, k and gate, 24 B of moments per chunk; writes sigma (4 B).
-__global__ void __launch_bounds__(kThreads) sigma_kernel(const void* table, int64_t ntensors,
-                                                         const mmmod::Moments* part, const float* k,
-                                                         const float* gate, int scaled,
-                                                         float* sigma) {
+__global__ void __launch_bounds__(kThreads) sigma_kernel(Table tb, const mmmod::Moments* part,
+                                                         const float* k, const float* gate,
+                                                         int scaled, float* sigma) {
   __shared__ mmmod::Moments shared[kThreads / 32];
-  const Table tb = table_view(table);
-  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < tb.ntensors; t += gridDim.x) {
     const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
     if (threadIdx.x == 0) sigma[t] = mmmod::sigma_from_moments(m, scaled != 0, *k, *gate);
   }
 }
 
 // Bytes: as sigma_kernel, writes the float64 std (8 B).
-__global__ void __launch_bounds__(kThreads) std_kernel(const void* table, int64_t ntensors,
-                                                       const mmmod::Moments* part, double* out) {
+__global__ void __launch_bounds__(kThreads) std_kernel(Table tb, const mmmod::Moments* part,
+                                                       double* out) {
   __shared__ mmmod::Moments shared[kThreads / 32];
-  const Table tb = table_view(table);
-  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < tb.ntensors; t += gridDim.x) {
     const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
     if (threadIdx.x == 0) out[t] = m.n >= 2 ? sqrt(m.m2 / (m.n - 1.0)) : 0.0;
   }
@@ -248,11 +232,10 @@ __global__ void __launch_bounds__(kThreads) std_kernel(const void* table, int64_
 
 // Bytes: as std_kernel, writes the float64 (count, mean, M2) row (24 B). An empty tensor owns
 // no chunk: tensor_moments leaves it at (0, 0, 0).
-__global__ void __launch_bounds__(kThreads) moments_kernel(const void* table, int64_t ntensors,
-                                                           const mmmod::Moments* part, double* out) {
+__global__ void __launch_bounds__(kThreads) moments_kernel(Table tb, const mmmod::Moments* part,
+                                                           double* out) {
   __shared__ mmmod::Moments shared[kThreads / 32];
-  const Table tb = table_view(table);
-  for (int64_t t = blockIdx.x; t < ntensors; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < tb.ntensors; t += gridDim.x) {
     const mmmod::Moments m = tensor_moments(tb.tensors[t], part, shared);
     if (threadIdx.x == 0) {
       out[3 * t] = m.n;
@@ -264,16 +247,13 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const void* table, in
 
 // Bytes: reads and writes the chunk once, 56 B of table and k per chunk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int64_t ntensors,
-                                                         int64_t nchunks, const float* k) {
-  const Table tb = device_table(table, ntensors);
-  const float kv = *k;
-  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-    const MmmodChunkMeta ch = tb.chunks[c];
-    const MmmodTensorMeta tm = tb.tensors[ch.tensor];
-    const int64_t rest = tm.numel - ch.start;
-    const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
-    T* x = reinterpret_cast<T*>(tm.ptr) + ch.start;
+struct ScaleChunk {
+  __device__ void operator()(const Table& tb, int64_t c, const float* k) const {
+    const float kv = *k;
+    const ChunkEntry ch = tb.chunks[c];
+    const auto tm = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(tm, ch, MMMOD_CUDA_CHUNK);
+    T* x = reinterpret_cast<T*>(tm.ptr[kGrad]) + ch.start;
     if (aligned16(x)) {
       // 4 elements per access: 16 B for float, 8 B (2 x half2) for 16-bit types, 2 x 16 B
       // for double; the tail (len % 4) scalar
@@ -295,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const void* table, int6
       }
     }
   }
-}
+};
 
 // A given sigma (modulate_sigma_) finished as sigma_from_moments finishes its own: not finite
 // -> 0 (no noise), then one float32 multiply by the gate.
@@ -309,24 +289,20 @@ __device__ __forceinline__ float gated_sigma(float sigma, float gate) {
 // gate null: sigma is final (sigma_kernel's output, gated there); gate given: sigma is the
 // caller's per-tensor scale before the gate (modulate_sigma_), finished per chunk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int64_t ntensors,
-                                                         int64_t nchunks, const float* k,
-                                                         const float* sigma, const float* gate,
-                                                         uint64_t seed, const int64_t* step_ptr,
-                                                         uint32_t step_value, uint32_t modality) {
-  const Table tb = device_table(table, ntensors);
-  // the counter is read at run time, so each replay of a captured graph draws fresh noise
-  const uint32_t step = step_ptr ? static_cast<uint32_t>(static_cast<uint64_t>(*step_ptr)) : step_value;
-  const float kv = *k;
-  const float gv = gate ? *gate : 1.0f;
-  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-    const MmmodChunkMeta ch = tb.chunks[c];
-    const MmmodTensorMeta tm = tb.tensors[ch.tensor];
-    const int64_t rest = tm.numel - ch.start;
-    const int64_t len = rest < MMMOD_CUDA_CHUNK ? rest : MMMOD_CUDA_CHUNK;
-    T* x = reinterpret_cast<T*>(tm.ptr) + ch.start;
+struct NoiseChunk {
+  __device__ void operator()(const Table& tb, int64_t c, const float* k, const float* sigma,
+                             const float* gate, uint64_t seed, const int64_t* step_ptr,
+                             uint32_t step_value, uint32_t modality) const {
+    // the counter is read at run time, so each replay of a captured graph draws fresh noise
+    const uint32_t step = step_ptr ? static_cast<uint32_t>(static_cast<uint64_t>(*step_ptr)) : step_value;
+    const float kv = *k;
+    const float gv = gate ? *gate : 1.0f;
+    const ChunkEntry ch = tb.chunks[c];
+    const auto tm = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(tm, ch, MMMOD_CUDA_CHUNK);
+    T* x = reinterpret_cast<T*>(tm.ptr[kGrad]) + ch.start;
     const float sg = gate ? gated_sigma(sigma[ch.tensor], gv) : sigma[ch.tensor];
-    const uint64_t p0 = static_cast<uint64_t>(tm.offset) + static_cast<uint64_t>(ch.start);
+    const uint64_t p0 = static_cast<uint64_t>(tm.extra[kOffset]) + static_cast<uint64_t>(ch.start);
     const uint64_t q0 = p0 >> 2;
     const uint64_t groups = ((p0 + static_cast<uint64_t>(len) - 1) >> 2) - q0 + 1;
     // a Philox group is 4 consecutive elements in memory when the chunk starts on a group
@@ -354,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(const void* table, int6
       }
     }
   }
-}
+};
 
 __global__ void philox_kernel(float* out, int64_t n, uint64_t seed, uint32_t step,
                               uint32_t modality, uint64_t offset) {
@@ -502,11 +478,6 @@ int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
 extern "C" {
 
-int64_t mmmod_cuda_table_words(int64_t ntensors, int64_t nchunks) {
-  return static_cast<int64_t>((sizeof(MmmodHeader) + ntensors * sizeof(MmmodTensorMeta) +
-                               nchunks * sizeof(MmmodChunkMeta) + 7) / 8);
-}
-
 int mmmod_cuda_stream_is_capturing(void* stream, int* capturing) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
@@ -521,26 +492,27 @@ size_t mmmod_cuda_workspace_bytes(int64_t ntensors, int64_t nchunks) {
 
 // Each launcher below returns the first error: a bad dtype code, or the launch error checked
 // right after the launch that caused it.
-static int stats(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
-                 mmmod::Moments* part, cudaStream_t st) {
+static int stats(const Table& tb, int dtype, mmmod::Moments* part, cudaStream_t st) {
+  int launched = 0;
   const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    stats_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, part);
+    launched = mmmod::mt::multi_tensor_apply<kThreads>(tb, st, StatsChunk<T>{}, part);
   });
-  return rc ? rc : launch_status();
+  return rc ? rc : launched;
 }
 
 // The statistics launch, then `merge` (one block per tensor) turning each tensor's chunk moments
 // in `workspace` into its row(s) of `out` (std_kernel, moments_kernel).
-using MergeKernel = void (*)(const void*, int64_t, const mmmod::Moments*, double*);
+using MergeKernel = void (*)(Table, const mmmod::Moments*, double*);
 static int stats_then_merge(MergeKernel merge, const void* table, int64_t ntensors, int64_t nchunks,
                             int dtype, void* workspace, double* out, void* stream) {
   if (ntensors == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Table tb = Table::view(table, ntensors, nchunks);
   mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
-  const int rc = nchunks ? stats(table, ntensors, nchunks, dtype, part, st) : 0;
+  const int rc = nchunks ? stats(tb, dtype, part, st) : 0;
   if (rc) return rc;
-  merge<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, out);
+  merge<<<grid_for(ntensors), kThreads, 0, st>>>(tb, part, out);
   return launch_status();
 }
 
@@ -550,28 +522,31 @@ int mmmod_cuda_modulate(const void* table, int64_t ntensors, int64_t nchunks, in
                         void* workspace, void* stream) {
   if (ntensors == 0 || nchunks == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Table tb = Table::view(table, ntensors, nchunks);
   mmmod::Moments* part = static_cast<mmmod::Moments*>(workspace);
   float* sigma = reinterpret_cast<float*>(part + nchunks);
+  int launched = 0;
   int rc = 0;
   if (!noise) {
     rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
       using T = typename std::remove_pointer<decltype(tag)>::type;
-      scale_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k);
+      launched = mmmod::mt::multi_tensor_apply<kThreads>(tb, st, ScaleChunk<T>{}, k);
     });
-    return rc ? rc : launch_status();
+    return rc ? rc : launched;
   }
-  rc = stats(table, ntensors, nchunks, dtype, part, st);
+  rc = stats(tb, dtype, part, st);
   if (rc) return rc;
-  sigma_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(table, ntensors, part, k, gate, scaled,
-                                                         sigma);
+  sigma_kernel<<<grid_for(ntensors), kThreads, 0, st>>>(tb, part, k, gate, scaled, sigma);
   rc = launch_status();
   if (rc) return rc;
   rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
-                                                             nullptr, seed, step_ptr, step, modality);
+    launched = mmmod::mt::multi_tensor_apply<kThreads>(tb, st, NoiseChunk<T>{}, k,
+                                                       static_cast<const float*>(sigma),
+                                                       static_cast<const float*>(nullptr), seed,
+                                                       step_ptr, step, modality);
   });
-  return rc ? rc : launch_status();
+  return rc ? rc : launched;
 }
 
 int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchunks, int dtype,
@@ -580,12 +555,14 @@ int mmmod_cuda_modulate_sigma(const void* table, int64_t ntensors, int64_t nchun
                               void* stream) {
   if (ntensors == 0 || nchunks == 0) return 0;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const Table tb = Table::view(table, ntensors, nchunks);
+  int launched = 0;
   const int rc = mmmod::dispatch_dtype(dtype, [&](auto* tag) {
     using T = typename std::remove_pointer<decltype(tag)>::type;
-    noise_kernel<T><<<grid_for(nchunks), kThreads, 0, st>>>(table, ntensors, nchunks, k, sigma,
-                                                             gate, seed, step_ptr, step, modality);
+    launched = mmmod::mt::multi_tensor_apply<kThreads>(tb, st, NoiseChunk<T>{}, k, sigma, gate, seed,
+                                                       step_ptr, step, modality);
   });
-  return rc ? rc : launch_status();
+  return rc ? rc : launched;
 }
 
 int mmmod_cuda_bucket_std(const void* table, int64_t ntensors, int64_t nchunks, int dtype,

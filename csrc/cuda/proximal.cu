@@ -1,8 +1,9 @@
 // CUDA kernels of InfoReg's proximal op (mmmod::proximal_; glue: proximal_cuda.cpp, interface:
-// proximal_api.h). CUDA headers, proximal_api.h and cuda_dtypes.cuh only, no torch.
+// proximal_api.h). CUDA headers and the project's CUDA headers only, no torch.
 //
-// 1. proximal_kernel: one block per chunk of MMMOD_PROX_CHUNK elements of one tensor. Thread i
-//    takes elements i, i + 256, ... (coalesced), forms g + beta (p - p0) in float32 with
+// 1. ProximalChunk, applied over the common table (multi_tensor.cuh): one block per chunk of
+//    MMMOD_PROX_CHUNK elements of one tensor. Thread i takes elements i, i + 256, ...
+//    (coalesced), forms g + beta (p - p0) in float32 with
 //    explicitly rounded intrinsics (never contracted to an FMA, whatever -fmad says), stores it
 //    rounded to the tensor's dtype, and accumulates the square of the stored value in float64;
 //    the block's threads are then merged in a fixed shared-memory tree into partial[chunk].
@@ -18,7 +19,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
+#include "cuda/multi_tensor.cuh"
 #include "cuda/proximal_api.h"
 
 namespace {
@@ -61,54 +64,53 @@ __device__ double block_sum(double v, double* sh) {
   return out;
 }
 
-__global__ void __launch_bounds__(kThreads) proximal_kernel(const int64_t* table, int64_t ntensors,
-                                                            const float* beta, double* partial) {
-  __shared__ double sh[kThreads];
-  const auto* tensors = reinterpret_cast<const MmmodProxTensor*>(table + 2);
-  const auto* chunks = reinterpret_cast<const MmmodProxChunk*>(table + 2 + 8 * ntensors);
-  const int64_t c = blockIdx.x;
-  const MmmodProxChunk ch = chunks[c];
-  const MmmodProxTensor te = tensors[ch.tensor];
-  const int64_t rest = te.numel - ch.start;
-  const int64_t len = rest < MMMOD_PROX_CHUNK ? rest : MMMOD_PROX_CHUNK;
-  const float b = *beta;
-  double acc = 0.0;
-  switch (te.dtype) {
-    case MMMOD_PROX_F32:
-      acc = chunk_pass(reinterpret_cast<float*>(te.grad) + ch.start,
-                       reinterpret_cast<const float*>(te.param) + ch.start,
-                       reinterpret_cast<const float*>(te.snapshot) + ch.start, len, b);
-      break;
-    case MMMOD_PROX_F16:
-      acc = chunk_pass(reinterpret_cast<__half*>(te.grad) + ch.start,
-                       reinterpret_cast<const __half*>(te.param) + ch.start,
-                       reinterpret_cast<const __half*>(te.snapshot) + ch.start, len, b);
-      break;
-    case MMMOD_PROX_BF16:
-      acc = chunk_pass(reinterpret_cast<__nv_bfloat16*>(te.grad) + ch.start,
-                       reinterpret_cast<const __nv_bfloat16*>(te.param) + ch.start,
-                       reinterpret_cast<const __nv_bfloat16*>(te.snapshot) + ch.start, len, b);
-      break;
-    default:
-      acc = chunk_pass(reinterpret_cast<double*>(te.grad) + ch.start,
-                       reinterpret_cast<const double*>(te.param) + ch.start,
-                       reinterpret_cast<const double*>(te.snapshot) + ch.start, len, b);
-      break;
+// one chunk of the table: its elements' pass, then the block's sum into partial[chunk]
+struct ProximalChunk {
+  __device__ void operator()(const mmmod::prox::Table& tb, int64_t c, const float* beta,
+                             double* partial) const {
+    using namespace mmmod::prox;
+    __shared__ double sh[kThreads];
+    const mmmod::mt::ChunkEntry ch = tb.chunks[c];
+    const auto te = tb.tensors[ch.tensor];
+    const int64_t len = mmmod::mt::chunk_len(te, ch, MMMOD_PROX_CHUNK);
+    const float b = *beta;
+    double acc = 0.0;
+    switch (te.extra[kDtype]) {
+      case MMMOD_F32:
+        acc = chunk_pass(reinterpret_cast<float*>(te.ptr[kGrad]) + ch.start,
+                         reinterpret_cast<const float*>(te.ptr[kParam]) + ch.start,
+                         reinterpret_cast<const float*>(te.ptr[kSnapshot]) + ch.start, len, b);
+        break;
+      case MMMOD_F16:
+        acc = chunk_pass(reinterpret_cast<__half*>(te.ptr[kGrad]) + ch.start,
+                         reinterpret_cast<const __half*>(te.ptr[kParam]) + ch.start,
+                         reinterpret_cast<const __half*>(te.ptr[kSnapshot]) + ch.start, len, b);
+        break;
+      case MMMOD_BF16:
+        acc = chunk_pass(reinterpret_cast<__nv_bfloat16*>(te.ptr[kGrad]) + ch.start,
+                         reinterpret_cast<const __nv_bfloat16*>(te.ptr[kParam]) + ch.start,
+                         reinterpret_cast<const __nv_bfloat16*>(te.ptr[kSnapshot]) + ch.start, len,
+                         b);
+        break;
+      default:
+        acc = chunk_pass(reinterpret_cast<double*>(te.ptr[kGrad]) + ch.start,
+                         reinterpret_cast<const double*>(te.ptr[kParam]) + ch.start,
+                         reinterpret_cast<const double*>(te.ptr[kSnapshot]) + ch.start, len, b);
+        break;
+    }
+    const double s = block_sum(acc, sh);
+    if (threadIdx.x == 0) partial[c] = s;
   }
-  const double s = block_sum(acc, sh);
-  if (threadIdx.x == 0) partial[c] = s;
-}
+};
 
-__global__ void __launch_bounds__(kThreads) proximal_finish_kernel(const int64_t* table,
-                                                                   int64_t ntensors,
+__global__ void __launch_bounds__(kThreads) proximal_finish_kernel(mmmod::prox::Table tb,
                                                                    const double* partial,
                                                                    double* out) {
   __shared__ double sh[kThreads];
-  const auto* tensors = reinterpret_cast<const MmmodProxTensor*>(table + 2);
   double total = 0.0;  // meaningful in thread 0
-  for (int64_t t = 0; t < ntensors; ++t) {
-    const MmmodProxTensor te = tensors[t];
-    if (!te.fisher) continue;  // the same branch for every thread of the block
+  for (int64_t t = 0; t < tb.ntensors; ++t) {
+    const auto te = tb.tensors[t];
+    if (!te.extra[mmmod::prox::kFisher]) continue;  // the same branch for every thread of the block
     double s = 0.0;
     for (int64_t k = threadIdx.x; k < te.chunk_count; k += kThreads) {
       s = __dadd_rn(s, partial[te.first_chunk + k]);
@@ -123,33 +125,14 @@ __global__ void __launch_bounds__(kThreads) proximal_finish_kernel(const int64_t
 
 extern "C" {
 
-int64_t mmmod_prox_table_words(int64_t ntensors, int64_t nchunks) {
-  return 2 + 8 * ntensors + 2 * nchunks;
-}
-
-int mmmod_prox_stream_is_capturing(void* stream, int* capturing) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaError_t rc = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
-  *capturing = status != cudaStreamCaptureStatusNone;
-  return static_cast<int>(rc);
-}
-
 int mmmod_cuda_proximal(const void* table, int64_t ntensors, int64_t nchunks, const float* beta,
                         double* partial, double* out, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const auto* words = static_cast<const int64_t*>(table);
-  if (nchunks > 0) {
-    proximal_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, s>>>(words, ntensors, beta,
-                                                                        partial);
-    const cudaError_t rc = cudaGetLastError();
-    if (rc != cudaSuccess) return static_cast<int>(rc);
-  }
-  proximal_finish_kernel<<<1, kThreads, 0, s>>>(words, ntensors, partial, out);
+  const auto tb = mmmod::prox::Table::view(table, ntensors, nchunks);
+  const int rc = mmmod::mt::multi_tensor_apply<kThreads>(tb, s, ProximalChunk{}, beta, partial);
+  if (rc != 0) return rc;
+  proximal_finish_kernel<<<1, kThreads, 0, s>>>(tb, partial, out);
   return static_cast<int>(cudaGetLastError());
-}
-
-const char* mmmod_prox_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
 }  // extern "C"

@@ -6,7 +6,7 @@ float64 merge order replayed in numpy (no GPU needed).
   (16-byte / 4-element vector accesses counted in the sm_90 SASS of csrc/cuda/kernels.cu);
   OGM-GE reads each gradient element twice and writes it once on both backends: 12 B/element
   in float32 plus under 0.1 B/element of side traffic on the benchmark workloads.
-- ``cuda_moments`` is the exact float64 operation order of the CUDA ``stats_kernel`` +
+- ``cuda_moments`` is the exact float64 operation order of the CUDA ``StatsChunk`` +
   ``sigma_kernel`` / ``std_kernel`` (per-thread register tiles, Chan merges, warp-shuffle tree,
   block per tensor). Its float32 sigma must equal the reference's (two-pass float64 over the
   whole tensor, then ``float32(std + 1e-8)``); tests/backends/test_ext_cuda.py checks on a GPU that the
@@ -65,7 +65,7 @@ def _block_merge(m):
 
 
 def _chunk_moments(x):
-    """stats_kernel on one chunk (float64 values): thread t's tiles are elements
+    """StatsChunk on one chunk (float64 values): thread t's tiles are elements
     base + 8t .. base + 8t + 7, each reduced by the exact two-pass formula, then merged."""
     n = x.size
     tiles = -(-n // CUDA_TILE)
@@ -263,7 +263,8 @@ _MANGLED = {"f": "IfE", "h": "I6__halfE", "b": "I13__nv_bfloat16E", "d": "IdE"}
 
 
 def _grad_accesses(sass, kernel, t):
-    name = next(n for n in sass if kernel in n and _MANGLED[t] in n)
+    """Gradient accesses of the multi_tensor_kernel instance applying functor `kernel` to type t."""
+    name = next(n for n in sass if "multi_tensor_kernel" in n and kernel + _MANGLED[t] in n)
     acc = {"LDG": {}, "STG": {}}
     for op, w in _CG.findall(sass[name]):
         acc[op][_WIDTH[w]] = acc[op].get(_WIDTH[w], 0) + 1
@@ -271,21 +272,21 @@ def _grad_accesses(sass, kernel, t):
 
 
 def test_cuda_kernels_use_vector_accesses(sass):
-    """stats_kernel reads a thread's 8 elements per tile with 16-byte loads, exactly once; the
+    """StatsChunk reads a thread's 8 elements per tile with 16-byte loads, exactly once; the
     scale and noise kernels read and write a 4-element group with one access of 4 elements'
     width (16 B float, 8 B half2/bfloat162 pairs, 2 x 16 B double); plus the scalar accesses of
     unaligned chunks and partial tails. Gradient reads of OGM-GE: stats + noise = 2."""
     for t, (_, es) in _TYPES.items():
-        st = _grad_accesses(sass, "stats_kernel", t)
+        st = _grad_accesses(sass, "StatsChunk", t)
         assert st["LDG"].get(16, 0) * 16 == CUDA_VEC * es, (t, st)
         assert not st["STG"]
         assert st["LDG"].get(es, 0) > 0  # the scalar fallback exists too
-        for kernel in ("scale_kernel", "noise_kernel"):
+        for kernel in ("ScaleChunk", "NoiseChunk"):
             acc = _grad_accesses(sass, kernel, t)
             width = min(4 * es, 16)
             assert acc["LDG"].get(width, 0) * width == 4 * es, (kernel, t, acc)
             assert acc["STG"].get(width, 0) * width == 4 * es, (kernel, t, acc)
-        noise = _grad_accesses(sass, "noise_kernel", t)
+        noise = _grad_accesses(sass, "NoiseChunk", t)
         reads = (st["LDG"].get(16, 0) * 16 / (CUDA_VEC * es)
                  + noise["LDG"].get(min(4 * es, 16), 0) * min(4 * es, 16) / (4 * es))
         assert reads == 2

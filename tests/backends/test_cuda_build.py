@@ -119,11 +119,12 @@ def test_cuda_binary_holds_sm80_and_sm90_code(cuda_ext):
 
 
 # -- the fused update's kernels (csrc/cuda/fused_update.cu) in the fat binary ---------------------------
-# every instantiation: kernel x dtype (Itanium template-argument code, element size) x noise
-FUSED_KERNELS = ("fused_sgd_kernel", "fused_adam_kernel")
+# every instantiation: functor (applied by mmmod::mt::multi_tensor_kernel, csrc/cuda/multi_tensor.cuh)
+# x dtype (Itanium template-argument code, element size) x noise
+FUSED_KERNELS = ("SgdChunk", "AdamChunk")
 FUSED_TYPES = {"f": 4, "d": 8, "6__half": 2, "13__nv_bfloat16": 2}
 # arrays each kernel reads / writes per element: SGD g, p, buf / p, buf; Adam g, p, m, v / p, m, v
-FUSED_ARRAYS = {"fused_sgd_kernel": (3, 2), "fused_adam_kernel": (4, 3)}
+FUSED_ARRAYS = {"SgdChunk": (3, 2), "AdamChunk": (4, 3)}
 
 
 def _fused_instances():
@@ -131,9 +132,10 @@ def _fused_instances():
 
 
 def _instance_of(function: str):
-    """(kernel, type code, noise) of a mangled fused-update kernel name, or None."""
-    m = re.search(r"\d+(fused_(?:sgd|adam)_kernel)I(f|d|6__half|13__nv_bfloat16)Lb([01])E",
-                  function)
+    """(functor, type code, noise) of a mangled fused-update kernel name, or None."""
+    if "multi_tensor_kernel" not in function:
+        return None
+    m = re.search(r"\d+((?:Sgd|Adam)Chunk)I(f|d|6__half|13__nv_bfloat16)Lb([01])E", function)
     return (m.group(1), m.group(2), int(m.group(3))) if m else None
 
 

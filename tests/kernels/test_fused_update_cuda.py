@@ -422,7 +422,7 @@ _HARNESS = r'''
 template <typename T, bool NOISE, bool ADAM, typename S>
 static void run(const int64_t* table, const float* k, const float* sigma, const float* u,
                 const S& s, uint64_t seed, uint32_t step, uint32_t modality, int nthreads) {
-  const FusedTable tb = table_view(table, table[0]);
+  const FusedTable tb = FusedTable::view(table, table[0], table[1]);
   for (int64_t ci = 0; ci < table[1]; ++ci) {      // block after block ...
     for (int tid = 0; tid < nthreads; ++tid) {     // ... thread after thread
       if constexpr (ADAM) {
@@ -479,7 +479,7 @@ extern "C" void host_normals(float* out, int64_t n, uint64_t seed, uint32_t step
 
 extern "C" int64_t host_sizes(int which) {
   return which == 0 ? sizeof(MmmodSgdScalars) : which == 1 ? sizeof(MmmodAdamScalars)
-                                                           : sizeof(MmmodFusedTensor);
+                                                           : sizeof(FusedEntry);
 }
 '''
 
@@ -518,7 +518,7 @@ def host(tmp_path_factory):
     h.mmmod_fused_table_words.restype = ctypes.c_int64
     assert h.host_sizes(0) == ctypes.sizeof(_SgdScalars)
     assert h.host_sizes(1) == ctypes.sizeof(_AdamScalars)
-    assert h.host_sizes(2) == 72  # benchmarks/byte_model.py FUSED_CUDA_TENSOR_ENTRY
+    assert h.host_sizes(2) == 88  # benchmarks/byte_model.py FUSED_CUDA_TENSOR_ENTRY
     return h
 
 
@@ -531,14 +531,16 @@ def _u64(x):
 
 
 def _host_table(h, params, grads, s1, s2, offsets, flags, neg_steps, bc2s):
-    """The table fused_update_cuda.cpp uploads (fused_update_api.h layout), on the CPU."""
+    """The table fused_update_cuda.cpp uploads (multi_tensor.h's layout with fused_update_api.h's
+    pointers and extra words), on the CPU."""
     def bits(x):
         return struct.unpack("<q", struct.pack("<d", float(x)))[0]
     rows, chunks = [], []
     for t, (p, g) in enumerate(zip(params, grads)):
+        first, count = len(chunks) // 2, -(-p.numel() // CHUNK)
         rows += [p.data_ptr(), g.data_ptr(), 0 if s1 is None else s1[t].data_ptr(),
                  0 if s2 is None else s2[t].data_ptr(), p.numel(), int(offsets[t]), int(flags[t]),
-                 bits(neg_steps[t]), bits(bc2s[t])]
+                 bits(neg_steps[t]), bits(bc2s[t]), first, count]
         chunks += [w for c in range(0, p.numel(), CHUNK) for w in (t, c)]
     words = [len(params), len(chunks) // 2] + rows + chunks
     assert len(words) == h.mmmod_fused_table_words(ctypes.c_int64(len(params)),
