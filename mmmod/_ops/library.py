@@ -88,6 +88,10 @@ def register_kernels(dispatch_key: str, kernels: dict) -> None:
         LIB.impl(name, fn, dispatch_key)
 
 
+# a constant while a graph is traced: torch.compile calls it once at trace time instead of
+# breaking the graph on a torch._C query that returns a bool (the first kernel resolution of a
+# backend can happen inside a compiled region)
+@torch.compiler.assume_constant_result
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """Whether a kernel for ``dispatch_key`` is registered for op ``name`` (not counting the
     reference default): a binary built before an op existed has none."""
