@@ -21,19 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to(x, DT: tl.constexpr):
-    """float32 ``x`` rounded to ``DT`` to nearest even (bf16 by hand on the bits: the
-    interpreter's own cast rounds ties away)."""
-    if DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bias = ((bits >> 16) & 1) + 0x7FFF
-        rb = ((bits + bias) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        rb = tl.where(x != x, x, rb)
-        return rb.to(tl.bfloat16)
-    else:
-        return x.to(DT)
+from .utils import round_to
 
 
 @triton.jit
@@ -110,4 +98,4 @@ def _combine_kernel(f_meta, s_meta, stats_map, orig, factors, scale_ptr, HAS_SCA
         tl.store(sp + idx, a * ca + s * cs, mask=msk)
     else:
         new = a.to(tl.float32) * ca.to(tl.float32) + s.to(tl.float32) * cs.to(tl.float32)
-        tl.store(sp + idx, _round_to(new, DT), mask=msk)
+        tl.store(sp + idx, round_to(new, DT), mask=msk)
