@@ -3,19 +3,23 @@
 // section 11).
 //
 // _pair_moments: one read of each (fused, summed) gradient pair; per element, in float64,
-// a = double(g_mm) * fused_scale, b = double(g_sum) - a (each one rounding, as the reference),
-// and the rows (|a|^2, |b|^2, a.b) of every tensor. combine_: from those rows the modality's
-// weights and each tensor's factors (mmpareto_weights / mmpareto_factors, the same float64
-// operations in the same order), then one more read of the pair and the one write
+// a = double(g_mm) * fused_scale, b = double(g_sum) - a (each one rounding, as the reference;
+// no multiplication when fused_scale is 1: the same bits), and the rows (|a|^2, |b|^2, a.b) of
+// every tensor, each product added with one fused multiply-add (the kernel table's
+// pair_lanes_*, cpu_kernels.h: the same bits in every table). combine_: from those rows the
+// modality's weights and each tensor's factors (mmpareto_weights / mmpareto_factors, the same
+// float64 operations in the same order), then one more read of the pair and the one write
 // g_sum <- T(float(g_mm) * float(c_fused * fused_scale) + float(g_sum) * float(c_summed))
 // (float64 arithmetic for float64 gradients; each operation rounded: the build passes
-// -ffp-contract=off, so no FMA), bit-identical to the reference.
+// -ffp-contract=off, so no FMA here), bit-identical to the reference.
 //
 // Determinism: work is cut into fixed chunks of kChunkCpu elements of one tensor (never derived
-// from the thread count); a chunk's sums are taken in a fixed lane pattern and the chunk sums
-// merged per tensor in chunk order after the parallel region, so the moments are bit-identical
-// for any number of threads. factors and fused_scale are CPU tensors here: reading them is a
-// memory read, not a device sync.
+// from the thread count); element i of a chunk goes to float64 lane i % 16, the lanes are added
+// in a fixed tree and the chunk sums merged per tensor in chunk order after the parallel region,
+// so the moments are bit-identical for any number of threads and any kernel table. Where every
+// product and partial sum is exact in float64 they are the reference's bits (any order gives
+// them). factors and fused_scale are CPU tensors here: reading them is a memory read, not a
+// device sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,29 +30,33 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
 #include "common/combine_api.h"
 #include "common/ops.h"
 #include "cpu/chunks.h"
+#include "cpu/cpu_kernels.h"
 
 namespace mmmod {
 namespace combine_cpu {
 namespace {
 
-constexpr int kLanes = 8;  // independent float64 accumulators per chunk and moment
 // chunks per parallel task: a bucket below 16 chunks (256 Ki elements) runs on the calling
 // thread, where waking the pool costs more than the pass (and far more on a loaded host)
 constexpr int64_t kGrainChunks = 16;
+// float16/bfloat16 elements converted to float32 at a time for the kernel table's float32 pass
+// (a multiple of the 16 lanes, so every element keeps its lane)
+constexpr int64_t kConvertBlock = 1024;
+static_assert(kConvertBlock % cpu::kMomentLanes == 0, "blocks keep the lanes");
 
 using cpu::Chunk;
 
-// The two per-chunk loops are compiled once per ISA (AVX-512, AVX2, baseline) and the loader
-// picks the widest the CPU has (GCC/Clang function multiversioning). The results do not depend on
-// the pick: each lane's operations and their order are fixed by the source, and FMA contraction
-// is off for the whole extension (-ffp-contract=off), so a wider vector only computes more lanes
-// at once. These loops are outside the MMMOD_CPU_KERNELS table (nothing to cap: same bits).
+// The combine's per-chunk loop is compiled once per ISA (AVX-512, AVX2, baseline) and the loader
+// picks the widest the CPU has (GCC function multiversioning). The results do not depend on the
+// pick: each element's operations are fixed by the source, and FMA contraction is off for the
+// whole extension (-ffp-contract=off), so a wider vector only computes more elements at once.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define MMMOD_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -64,78 +72,39 @@ inline double as_double<double>(double v) {
   return v;
 }
 
-inline double lanes_sum(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-// (|a|^2, |b|^2, a.b) of one chunk: lane j takes elements j, j + kLanes, ..., then the lanes
-// are added in a fixed tree.
+// (|a|^2, |b|^2, a.b) of one chunk: the kernel table over the first n - n % 16 elements (float16
+// and bfloat16 through float32 blocks: exact), the last few on the same lanes with std::fma (one
+// rounding, as the table's FMA), then the 16 lanes in the statistics' fixed tree.
 template <typename T>
-std::array<double, 3> chunk_moments(const T* f, const T* s, int64_t n, double scale) {
-  double aa[kLanes] = {0}, bb[kLanes] = {0}, ab[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double a = as_double(f[i + j]) * scale;
-      const double b = as_double(s[i + j]) - a;
-      aa[j] += a * a;
-      bb[j] += b * b;
-      ab[j] += a * b;
+std::array<double, 3> chunk_moments(const cpu::KernelTable& K, const T* f, const T* s, int64_t n,
+                                    double scale) {
+  double aa[cpu::kMomentLanes] = {0}, bb[cpu::kMomentLanes] = {0}, ab[cpu::kMomentLanes] = {0};
+  const int64_t n16 = n - n % cpu::kMomentLanes;
+  if constexpr (std::is_same_v<T, float>) {
+    K.pair_lanes_f32(f, s, n16, scale, aa, bb, ab);
+  } else if constexpr (std::is_same_v<T, double>) {
+    K.pair_lanes_f64(f, s, n16, scale, aa, bb, ab);
+  } else {
+    float fb[kConvertBlock], sb[kConvertBlock];
+    for (int64_t off = 0; off < n16; off += kConvertBlock) {
+      const int64_t m = std::min(kConvertBlock, n16 - off);
+      for (int64_t i = 0; i < m; ++i) {
+        fb[i] = static_cast<float>(f[off + i]);
+        sb[i] = static_cast<float>(s[off + i]);
+      }
+      K.pair_lanes_f32(fb, sb, m, scale, aa, bb, ab);
     }
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    const double a = as_double(f[i]) * scale;
+  for (int64_t i = n16; i < n; ++i) {
+    const int64_t j = i - n16;
+    double a = as_double(f[i]);
+    if (scale != 1.0) a = a * scale;
     const double b = as_double(s[i]) - a;
-    aa[j] += a * a;
-    bb[j] += b * b;
-    ab[j] += a * b;
+    aa[j] = std::fma(a, a, aa[j]);
+    bb[j] = std::fma(b, b, bb[j]);
+    ab[j] = std::fma(a, b, ab[j]);
   }
-  return {lanes_sum(aa), lanes_sum(bb), lanes_sum(ab)};
-}
-
-// The same for float32 and float64 with the kLanes lanes as one vector of 8 doubles (GCC/Clang
-// vector extensions: lane j of each operation is the scalar loop's lane j, in the same order, so
-// the bits are the scalar loop's; the compiler picks the registers per ISA clone).
-typedef double Lanes __attribute__((vector_size(8 * sizeof(double))));
-typedef float LanesF32 __attribute__((vector_size(8 * sizeof(float))));
-static_assert(kLanes == 8, "the vector lanes are the scalar loop's kLanes");
-
-template <typename T>
-inline Lanes load_lanes(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    LanesF32 v;
-    std::memcpy(&v, p, sizeof(v));
-    return __builtin_convertvector(v, Lanes);  // exact
-  } else {
-    Lanes v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-}
-
-template <typename T>
-MMMOD_PER_ISA std::array<double, 3> chunk_moments_vec(const T* f, const T* s, int64_t n, double scale) {
-  Lanes aa = {0}, bb = {0}, ab = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const Lanes a = load_lanes(f + i) * scale;
-    const Lanes b = load_lanes(s + i) - a;
-    aa += a * a;
-    bb += b * b;
-    ab += a * b;
-  }
-  double ra[kLanes], rb[kLanes], rab[kLanes];
-  std::memcpy(ra, &aa, sizeof(ra));
-  std::memcpy(rb, &bb, sizeof(rb));
-  std::memcpy(rab, &ab, sizeof(rab));
-  for (int j = 0; i < n; ++i, ++j) {
-    const double a = static_cast<double>(f[i]) * scale;
-    const double b = static_cast<double>(s[i]) - a;
-    ra[j] += a * a;
-    rb[j] += b * b;
-    rab[j] += a * b;
-  }
-  return {lanes_sum(ra), lanes_sum(rb), lanes_sum(rab)};
+  return {cpu::moment_lanes_sum(aa), cpu::moment_lanes_sum(bb), cpu::moment_lanes_sum(ab)};
 }
 
 template <typename T, typename W>
@@ -152,19 +121,35 @@ double scale_value(const std::optional<at::Tensor>& fused_scale) {
   return fused_scale.has_value() ? fused_scale->to(at::kDouble).reshape({}).item<double>() : 1.0;
 }
 
-// the chunks of every non-empty tensor, with contiguous operands (copies of non-contiguous ones)
-void plan(at::TensorList fused, at::TensorList summed, std::vector<at::Tensor>& f,
-          std::vector<at::Tensor>& s, std::vector<Chunk>& chunks) {
+// The contiguous data of every pair: the tensors' own (no handle copied: this runs once per
+// modality and step over every encoder tensor), or contiguous copies of non-contiguous operands,
+// kept alive here; `written` lists the summed tensors whose copy combine_ writes back.
+struct Operands {
+  std::vector<const void*> f;
+  std::vector<void*> s;
+  std::vector<at::Tensor> copies;
+  std::vector<std::pair<size_t, at::Tensor>> written;
+};
+
+void operands(at::TensorList fused, at::TensorList summed, Operands& op) {
   const size_t nt = summed.size();
-  f.resize(nt);
-  s.resize(nt);
+  op.f.assign(nt, nullptr);
+  op.s.assign(nt, nullptr);
   for (size_t t = 0; t < nt; ++t) {
-    const int64_t n = summed[t].numel();
-    if (n == 0) continue;
-    f[t] = fused[t].contiguous();
-    s[t] = summed[t].contiguous();
+    if (summed[t].numel() == 0) continue;
+    if (fused[t].is_contiguous()) {
+      op.f[t] = fused[t].const_data_ptr();
+    } else {
+      op.copies.push_back(fused[t].contiguous());
+      op.f[t] = op.copies.back().const_data_ptr();
+    }
+    if (summed[t].is_contiguous()) {
+      op.s[t] = summed[t].data_ptr();
+    } else {
+      op.written.emplace_back(t, summed[t].contiguous());
+      op.s[t] = op.written.back().second.data_ptr();
+    }
   }
-  chunks = cpu::make_chunks(summed);
 }
 
 }  // namespace
@@ -172,23 +157,20 @@ void plan(at::TensorList fused, at::TensorList summed, std::vector<at::Tensor>& 
 at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
                             const std::optional<at::Tensor>& fused_scale) {
   check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale);
+  const cpu::KernelTable& K = cpu::kernels_for_op();  // may raise: before anything is read
   const double scale = scale_value(fused_scale);
-  std::vector<at::Tensor> f, s;
-  std::vector<Chunk> chunks;
-  plan(fused, summed, f, s, chunks);
+  Operands op;
+  operands(fused, summed, op);
+  const std::vector<Chunk> chunks = cpu::make_chunks(summed);
   std::vector<std::array<double, 3>> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, s[ch.tensor].scalar_type(), "mmmod_pair_moments_cpu", [&] {
-            const scalar_t* fp = f[ch.tensor].const_data_ptr<scalar_t>() + ch.start;
-            const scalar_t* sp = s[ch.tensor].const_data_ptr<scalar_t>() + ch.start;
-            if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-              partial[c] = chunk_moments_vec<scalar_t>(fp, sp, ch.len, scale);
-            } else {
-              partial[c] = chunk_moments<scalar_t>(fp, sp, ch.len, scale);
-            }
+          at::kHalf, at::kBFloat16, summed[ch.tensor].scalar_type(), "mmmod_pair_moments_cpu", [&] {
+            const scalar_t* fp = static_cast<const scalar_t*>(op.f[ch.tensor]) + ch.start;
+            const scalar_t* sp = static_cast<const scalar_t*>(op.s[ch.tensor]) + ch.start;
+            partial[c] = chunk_moments<scalar_t>(K, fp, sp, ch.len, scale);
           });
     }
   });
@@ -243,17 +225,17 @@ at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Te
   weights_and_factors(mom.const_data_ptr<double>(), static_cast<int64_t>(summed.size()), gamma,
                       weights.mutable_data_ptr<double>(), fac);
   const double* fp = fac.data();
-  std::vector<at::Tensor> f, s;
-  std::vector<Chunk> chunks;
-  plan(fused, summed, f, s, chunks);
+  Operands op;
+  operands(fused, summed, op);
+  const std::vector<Chunk> chunks = cpu::make_chunks(summed);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
       const double ca = fp[2 * ch.tensor] * scale, cs = fp[2 * ch.tensor + 1];
       AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, s[ch.tensor].scalar_type(), "mmmod_combine_cpu", [&] {
-            scalar_t* sp = s[ch.tensor].mutable_data_ptr<scalar_t>() + ch.start;
-            const scalar_t* fptr = f[ch.tensor].const_data_ptr<scalar_t>() + ch.start;
+          at::kHalf, at::kBFloat16, summed[ch.tensor].scalar_type(), "mmmod_combine_cpu", [&] {
+            scalar_t* sp = static_cast<scalar_t*>(op.s[ch.tensor]) + ch.start;
+            const scalar_t* fptr = static_cast<const scalar_t*>(op.f[ch.tensor]) + ch.start;
             if constexpr (std::is_same_v<scalar_t, double>) {
               chunk_combine<scalar_t, double>(sp, fptr, ch.len, ca, cs);
             } else {
@@ -263,9 +245,7 @@ at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Te
           });
     }
   });
-  for (size_t t = 0; t < summed.size(); ++t) {
-    if (s[t].defined() && !s[t].is_same(summed[t])) summed[t].copy_(s[t]);
-  }
+  for (auto& [t, copy] : op.written) summed[t].copy_(copy);
   return weights;
 }
 

