@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import sys
 import socket
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_then_exit(rank: int, fn, *args) -> None:
+def _run_then_exit(rank: int, dump_after: float, fn, *args) -> None:
     """A worker's body, then an immediate exit once it has succeeded.
 
     With torch 2.13's gloo a worker that has finished (results written, process group
@@ -50,26 +52,47 @@ def _run_then_exit(rank: int, fn, *args) -> None:
     tests/distributed/test_distributed_methods.py here, the same with mmmod's extension disabled and at
     older commits): gloo's threads outlive the interpreter's teardown. Nothing of the test
     happens then, so a finished worker leaves with os._exit(0) and skips the teardown; a
-    failing worker raises as before (its error reaches the parent through spawn)."""
+    failing worker raises as before (its error reaches the parent through spawn).
+
+    A worker still running ``dump_after`` seconds in prints every thread's Python stack to
+    stderr, so a hang that ``spawn`` gives up on says where each rank stood."""
+    faulthandler.dump_traceback_later(dump_after, exit=False)
     fn(rank, *args)
+    faulthandler.cancel_dump_traceback_later()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-def spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; raise on any failure."""
-    port = free_port()
+def spawn(fn, world: int, *args, timeout: float = SPAWN_TIMEOUT_S, attempts: int = 2) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; raise on any failure.
+
+    A run that does not finish in ``timeout`` seconds is killed and started again on a fresh
+    port, ``attempts`` times in all: on a loaded shared host a gloo run of this suite has hung
+    with no error on either rank, and the same run started again passed in seconds. A worker
+    that fails raises at once, without a retry, and a real deadlock fails every attempt."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.start_processes(_run_then_exit, args=(fn, world, port) + args, nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"distributed workers did not finish in {timeout} s")
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        ctx = mp.start_processes(_run_then_exit,
+                                 args=(max(timeout - 15.0, 1.0), fn, world, port) + args,
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join(5.0)
+                break
+        else:
+            return
+        if attempt < attempts:
+            warnings.warn(f"distributed workers did not finish in {timeout} s (attempt {attempt} "
+                          f"of {attempts}; their stacks are in the captured stderr); starting "
+                          f"again")
+    raise TimeoutError(f"distributed workers did not finish in {timeout} s, {attempts} times")
 
 
 def init(rank: int, world: int, port: int) -> None:
@@ -699,3 +722,9 @@ def ddp_methods_worker(rank: int, world: int, port: int, out_dir: str, seed: int
                        os.path.join(out_dir, f"{method}.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+
+def hang_worker(rank: int, world: int, port: int) -> None:
+    """A worker that never finishes (the spawn helper's own test)."""
+    time.sleep(600)
