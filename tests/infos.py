@@ -238,9 +238,14 @@ def _combine_samples(device):
         for conflict in (True, False):
             moments = _moments(len(summed), g, device, conflict)
             out.append(Sample(f"{dtype}-conflict{int(conflict)}",
-                              ([x.clone() for x in summed], fused, moments, 1.5, None), dtype))
-        out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, moments, 1.5,
-                                              _pair_scale(device)), dtype))
+                              ([x.clone() for x in summed], fused, moments, [len(summed)], 1.5,
+                               None), dtype))
+        out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, moments,
+                                              [len(summed)], 1.5, _pair_scale(device)), dtype))
+        if len(summed) > 1:
+            out.append(Sample(f"{dtype}-two-modalities",
+                              ([x.clone() for x in summed], fused, moments,
+                               [1, len(summed) - 1], 1.5, None), dtype))
     return out
 
 
@@ -287,14 +292,21 @@ def _combine_errors(device):
     for e in _pair_errors(device):
         fused, summed, scale = e.args
         out.append(ErrorSample(e.desc, (summed, fused, torch.ones(len(summed), 3, dtype=f64,
-                                                                  device=device), 1.5, scale),
+                                                                  device=device),
+                                        [len(summed)], 1.5, scale),
                                e.error, e.match))
     a = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
     s = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    mom = torch.ones(2, 3, dtype=f64, device=device)
     out.append(ErrorSample("moments-shape", (s, a, torch.ones(3, 3, dtype=f64, device=device),
-                                             1.5, None), ValueError, r"moments must have shape \[2, 3\]"))
-    out.append(ErrorSample("moments-dtype", (s, a, torch.ones(2, 3, device=device), 1.5, None),
-                           TypeError, "moments must be float64"))
+                                             [2], 1.5, None), ValueError,
+                           r"moments must have shape \[2, 3\]"))
+    out.append(ErrorSample("moments-dtype", (s, a, torch.ones(2, 3, device=device), [2], 1.5,
+                                             None), TypeError, "moments must be float64"))
+    out.append(ErrorSample("groups-sum", (s, a, mom, [1, 2], 1.5, None), ValueError,
+                           "add up to 3 tensors"))
+    out.append(ErrorSample("groups-empty-modality", (s, a, mom, [2, 0], 1.5, None), ValueError,
+                           "each at least 1"))
     return out
 
 

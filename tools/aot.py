@@ -224,7 +224,7 @@ def backend_launches():
             for scale in (None, torch.ones(1, dtype=torch.float64)):
                 combine.pair_moments(be, pair[0], pair[1], scale)
                 combine.combine_(be, pair[1], pair[0], torch.ones(3, 3, dtype=torch.float64),
-                                 1.5, scale)
+                                 [3], 1.5, scale)
     return launches + fused_update_launches()
 
 

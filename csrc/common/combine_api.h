@@ -1,6 +1,6 @@
 // Metadata checks of MMPareto's combine ops (_pair_moments, combine_), shared by their device
 // kernels (combine_cpu.cpp) and defined in combine_checks.cpp; they mirror
-// check_pair_inputs / check_factors in mmmod/reference/combine.py, messages included.
+// check_pair_inputs / check_moments / check_groups in mmmod/reference/combine.py, messages included.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,5 +16,7 @@ void check_pair_inputs(const char* op, at::TensorList fused, at::TensorList summ
                        const std::optional<at::Tensor>& fused_scale);
 // combine_'s moments: float64 [n, 3] on the gradients' device.
 void check_combine_moments(const char* op, at::TensorList summed, const at::Tensor& moments);
+// combine_'s groups: each modality's number of consecutive tensors (each >= 1), adding up to n.
+void check_combine_groups(const char* op, at::TensorList summed, at::IntArrayRef groups);
 
 }  // namespace mmmod

@@ -44,4 +44,18 @@ void check_combine_moments(const char* op, at::TensorList summed, const at::Tens
                     moments.device(), ", the gradients on ", summed[0].device());
 }
 
+void check_combine_groups(const char* op, at::TensorList summed, at::IntArrayRef groups) {
+  int64_t total = 0;
+  bool positive = !groups.empty();
+  for (const int64_t g : groups) {
+    positive = positive && g >= 1;
+    total += g;
+  }
+  TORCH_CHECK_VALUE(positive, op,
+                    ": groups must list each modality's number of tensors (each at least 1), got ",
+                    groups);
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(summed.size()), op, ": groups ", groups,
+                    " add up to ", total, " tensors, the gradients are ", summed.size());
+}
+
 }  // namespace mmmod

@@ -215,15 +215,24 @@ void weights_and_factors(const double* mom, int64_t n, double gamma, double* wei
 }
 
 at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Tensor& moments,
-                       double gamma, const std::optional<at::Tensor>& fused_scale) {
+                       at::IntArrayRef groups, double gamma,
+                       const std::optional<at::Tensor>& fused_scale) {
   check_pair_inputs("mmmod.combine_", fused, summed, fused_scale);
   check_combine_moments("mmmod.combine_", summed, moments);
+  check_combine_groups("mmmod.combine_", summed, groups);
   const double scale = scale_value(fused_scale);
   const at::Tensor mom = moments.contiguous();
-  at::Tensor weights = at::empty({2}, moments.options());
-  std::vector<double> fac;
-  weights_and_factors(mom.const_data_ptr<double>(), static_cast<int64_t>(summed.size()), gamma,
-                      weights.mutable_data_ptr<double>(), fac);
+  const int64_t ngroups = static_cast<int64_t>(groups.size());
+  at::Tensor weights = at::empty({ngroups, 2}, moments.options());
+  // per modality its weights and its tensors' factors, from its own rows
+  std::vector<double> fac(2 * summed.size()), group_fac;
+  int64_t start = 0;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    weights_and_factors(mom.const_data_ptr<double>() + 3 * start, groups[g], gamma,
+                        weights.mutable_data_ptr<double>() + 2 * g, group_fac);
+    std::copy(group_fac.begin(), group_fac.end(), fac.begin() + 2 * start);
+    start += groups[g];
+  }
   const double* fp = fac.data();
   Operands op;
   operands(fused, summed, op);

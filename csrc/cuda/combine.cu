@@ -9,8 +9,8 @@
 //    tree merges the threads into partial[3 chunk + k].
 // 2. moments_finish_kernel: one block per tensor sums its chunks' partials (thread t: chunks
 //    t, t + 256, ... in order, then the same tree) into its row.
-// 3. factors_kernel: one thread: the rows added in order, the sign rule and min-norm weights,
-//    each tensor's factors: the reference's float64 operations in its order.
+// 3. factors_kernel, once per modality: one thread: its rows added in order, the sign rule and
+//    min-norm weights, each tensor's factors: the reference's float64 operations in its order.
 // 4. CombineChunk, applied over the common table: one block per chunk:
 //    g_sum <- T(g_mm * c_fused + g_sum * c_summed) in float32 (float64 for float64 gradients),
 //    each operation rounded (never an FMA).
@@ -205,10 +205,15 @@ int mmmod_cuda_pair_moments(const void* table, int64_t ntensors, int64_t nchunks
 }
 
 int mmmod_cuda_combine(const void* table, int64_t ntensors, int64_t nchunks, const double* moments,
-                       double gamma, const double* scale, double* factors, double* weights,
-                       void* stream) {
+                       const int64_t* groups, int64_t ngroups, double gamma, const double* scale,
+                       double* factors, double* weights, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  factors_kernel<<<1, 1, 0, s>>>(ntensors, moments, gamma, factors, weights);
+  int64_t start = 0;
+  for (int64_t g = 0; g < ngroups; ++g) {  // one modality per launch: a few, each tiny
+    factors_kernel<<<1, 1, 0, s>>>(groups[g], moments + 3 * start, gamma, factors + 2 * start,
+                                   weights + 2 * g);
+    start += groups[g];
+  }
   const cudaError_t rc = cudaGetLastError();
   if (rc != cudaSuccess) return static_cast<int>(rc);
   const auto tb = mmmod::comb::Table::view(table, ntensors, nchunks);

@@ -85,20 +85,23 @@ at::Tensor pair_moments_cuda(at::TensorList fused, at::TensorList summed,
 }
 
 at::Tensor combine_cuda(at::TensorList summed, at::TensorList fused, const at::Tensor& moments,
-                        double gamma, const std::optional<at::Tensor>& fused_scale) {
+                        at::IntArrayRef groups, double gamma,
+                        const std::optional<at::Tensor>& fused_scale) {
   const char* op = "mmmod.combine_";
   check_pair_inputs(op, fused, summed, fused_scale);
   check_combine_moments(op, summed, moments);
+  check_combine_groups(op, summed, groups);
   const at::Device device = moments.device();
   c10::DeviceGuard guard(device);
-  at::Tensor weights = at::empty({2}, moments.options());
+  at::Tensor weights = at::empty({static_cast<int64_t>(groups.size()), 2}, moments.options());
   const at::Tensor mom = moments.contiguous();
   Plan p = make_plan("combine_", fused, summed, device);
   at::Tensor keep;
   const double* sc = scale_ptr(fused_scale, keep);
   at::Tensor factors = at::empty({2 * p.table.ntensors + 1}, moments.options());
   check(mmmod_cuda_combine(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks,
-                           mom.const_data_ptr<double>(), gamma, sc,
+                           mom.const_data_ptr<double>(), groups.data(),
+                           static_cast<int64_t>(groups.size()), gamma, sc,
                            factors.mutable_data_ptr<double>(), weights.mutable_data_ptr<double>(),
                            p.stream),
         op, "launch");

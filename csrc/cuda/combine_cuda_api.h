@@ -41,12 +41,13 @@ extern "C" {
 int mmmod_cuda_pair_moments(const void* table, int64_t ntensors, int64_t nchunks,
                             const double* scale, double* partial, double* moments, void* stream);
 
-// From moments [ntensors, 3]: weights [2] and factors [ntensors, 2] (workspace) as
-// mmmod/reference/combine.py computes them, then g_sum <- c_fused (scale g_mm) + c_summed g_sum.
-// Two launches.
+// From moments [ntensors, 3]: per modality (groups[g] consecutive tensors, a host array of
+// ngroups counts adding up to ntensors) its weights [ngroups, 2] and its tensors' factors
+// [ntensors, 2] (workspace) as mmmod/reference/combine.py computes them, then
+// g_sum <- c_fused (scale g_mm) + c_summed g_sum. ngroups + 1 launches.
 int mmmod_cuda_combine(const void* table, int64_t ntensors, int64_t nchunks, const double* moments,
-                       double gamma, const double* scale, double* factors, double* weights,
-                       void* stream);
+                       const int64_t* groups, int64_t ngroups, double gamma, const double* scale,
+                       double* factors, double* weights, void* stream);
 
 #ifdef __cplusplus
 }

@@ -95,16 +95,17 @@ define("proximal_",
 # MMPareto's combine (mmmod/reference/combine.py, docs/semantics.md section 11), two passes
 # over each (fused, summed) gradient pair of a modality. _pair_moments: float64 [T, 3] rows
 # (|a|^2, |b|^2, a.b) of a = fused_scale g_mm, b = g_sum - a, summed in a fixed order (thread
-# and GPU independent; sharded runs all-reduce these rows). combine_: from those rows (in
-# registration order) the modality's weights (w_mm, w_m) (returned, float64 [2]) and each
-# tensor's factors, then in place g_sum <- c_fused (fused_scale g_mm) + c_summed g_sum; gamma
-# is MMPareto's alpha
+# and GPU independent; sharded runs all-reduce these rows); one call may cover several
+# modalities (the rows are per tensor). combine_: per modality (groups[m] consecutive tensors),
+# from its rows (in registration order) its weights (w_mm, w_m) (returned, float64 [M, 2]) and
+# each tensor's factors, then in place g_sum <- c_fused (fused_scale g_mm) + c_summed g_sum;
+# gamma is MMPareto's alpha
 define("_pair_moments",
        "_pair_moments(Tensor[] fused, Tensor[] summed, Tensor? fused_scale=None) -> Tensor",
        ref.pair_moments, FAKES["_pair_moments"])
 define("combine_",
-       "combine_(Tensor(a!)[] summed, Tensor[] fused, Tensor moments, float gamma, "
-       "Tensor? fused_scale=None) -> Tensor",
+       "combine_(Tensor(a!)[] summed, Tensor[] fused, Tensor moments, int[] groups, "
+       "float gamma, Tensor? fused_scale=None) -> Tensor",
        ref.combine_, FAKES["combine_"])
 
 

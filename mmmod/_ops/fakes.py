@@ -79,10 +79,11 @@ def _pair_moments_fake(fused, summed, fused_scale=None):
                        device=summed[0].device if summed else "cpu")
 
 
-def _combine_fake(summed, fused, moments, gamma, fused_scale=None):
+def _combine_fake(summed, fused, moments, groups, gamma, fused_scale=None):
     combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
     combine.check_moments("mmmod.combine_", summed, moments)
-    return moments.new_empty((2,), dtype=torch.float64)
+    combine.check_groups("mmmod.combine_", summed, groups)
+    return moments.new_empty((len(groups), 2), dtype=torch.float64)
 
 
 def _no_output(*args):

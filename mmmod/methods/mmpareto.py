@@ -56,29 +56,34 @@ class MMPareto(Method):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
         # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on the
-        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls. The
-        # moments are rows per tensor, blind to modality bounds: one call covers every modality
-        # on a device (a call's tensor lists cost more than its arithmetic at encoder sizes)
+        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls per
+        # device, each covering every modality there (a call's tensor lists cost more than its
+        # arithmetic at encoder sizes): the moments are rows per tensor, the combine takes each
+        # modality's number of tensors
         by_device: dict[torch.device, list[int]] = {}
         for m, s in enumerate(summed):
             by_device.setdefault(s[0].device, []).append(m)
-        moments: list = [None] * len(summed)
-        for device, ms in by_device.items():
-            rows = backends.kernel("_pair_moments", backend, device)(
-                [t for m in ms for t in fused[m]], [t for m in ms for t in summed[m]],
-                fused_scale)
-            for m, r in zip(ms, rows.split([len(summed[m]) for m in ms]) if len(ms) > 1
-                            else (rows,)):
-                moments[m] = r
-        if shards is not None:
-            moments = shards.sum_rows_over_shards(moments, kept)
-        w = [backends.kernel("combine_", backend, s[0].device)(s, a, mom, float(alpha),
-                                                               fused_scale)
-             for a, s, mom in zip(fused, summed, moments)]
-        if len(by_device) == 1 and weights.device == summed[0][0].device:
-            torch.stack(w, out=weights)
-        else:
-            weights.copy_(torch.stack([x.to(weights.device) for x in w]))
+        flat = {dev: ([t for m in ms for t in fused[m]], [t for m in ms for t in summed[m]])
+                for dev, ms in by_device.items()}
+        rows = {dev: backends.kernel("_pair_moments", backend, dev)(f, s, fused_scale)
+                for dev, (f, s) in flat.items()}
+        if shards is not None:  # the per-shard rows of each modality summed over its shards
+            per_modality = [None] * len(summed)
+            for dev, ms in by_device.items():
+                for m, r in zip(ms, rows[dev].split([len(summed[m]) for m in ms])):
+                    per_modality[m] = r
+            per_modality = shards.sum_rows_over_shards(per_modality, kept)
+            rows = {dev: torch.cat([per_modality[m] for m in ms])
+                    for dev, ms in by_device.items()}
+        for dev, ms in by_device.items():
+            f, s = flat[dev]
+            w = backends.kernel("combine_", backend, dev)(
+                s, f, rows[dev], [len(summed[m]) for m in ms], float(alpha), fused_scale)
+            if len(ms) == len(summed) and weights.device == dev:
+                weights.copy_(w)
+            else:
+                for m, wm in zip(ms, w.to(weights.device).unbind()):
+                    weights[m].copy_(wm)
 
     def log_values(self, state):
         return {"w_mm": state["weights"][:, 0].float()}

@@ -13,6 +13,9 @@ device, no host sync:
    factors ``(c_fused, c_summed)``;
 3. :func:`combine_`: one write, ``g_sum <- c_fused g_mm + c_summed g_sum`` per tensor.
 
+The op ``combine_`` takes every modality at once: ``groups`` gives each modality's number of
+consecutive tensors, and steps 2 and 3 run per modality (:func:`weights_and_combine_`).
+
 Bytes of the op this defines (the byte model's entry): per element two reads of the pair
 (``g_mm`` and ``g_sum``: the reduction pass and the write pass) and one write of ``g_sum``,
 20 B per fp32 element; plus O(tensors) float64 scalars. This reference itself goes through
@@ -74,6 +77,18 @@ def check_moments(op: str, summed, moments) -> None:
     if n and moments.device != summed[0].device:
         raise ValueError(f"{op}: moments are on {moments.device}, the gradients on "
                          f"{summed[0].device}")
+
+
+def check_groups(op: str, summed, groups) -> None:
+    """``groups``: the number of tensors of each modality, in order, each at least one, adding
+    up to the number of tensors."""
+    groups = list(groups)
+    if not groups or any(int(g) < 1 for g in groups):
+        raise ValueError(f"{op}: groups must list each modality's number of tensors (each at "
+                         f"least 1), got {groups}")
+    if sum(groups) != len(summed):
+        raise ValueError(f"{op}: groups {groups} add up to {sum(groups)} tensors, the gradients "
+                         f"are {len(summed)}")
 
 
 def _pair64(a: torch.Tensor, s: torch.Tensor, scale: torch.Tensor | None):
@@ -159,12 +174,23 @@ def combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
 @torch.no_grad()
 def weights_and_combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
                          moments: torch.Tensor, gamma: float,
-                         fused_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Steps 2 and 3 from the modality's moments (this rank's, or summed over shards): the
-    weights, each tensor's factors and the write; returns ``(w_mm, w_m)``."""
-    weights = mmpareto_weights(ordered_sum(moments))
-    combine_(fused, summed, mmpareto_factors(moments, weights, gamma), fused_scale)
-    return weights
+                         fused_scale: torch.Tensor | None = None,
+                         groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Steps 2 and 3 from the moments (this rank's, or summed over shards): per modality (its
+    ``groups[m]`` consecutive tensors; one modality of every tensor when ``groups`` is None)
+    the weights, each tensor's factors and the write; returns ``(w_mm, w_m)`` per modality,
+    float64 ``[len(groups), 2]`` (``[2]`` without ``groups``)."""
+    if groups is None:
+        weights = mmpareto_weights(ordered_sum(moments))
+        combine_(fused, summed, mmpareto_factors(moments, weights, gamma), fused_scale)
+        return weights
+    out, start = [], 0
+    for n in groups:
+        end = start + int(n)
+        out.append(weights_and_combine_(fused[start:end], summed[start:end], moments[start:end],
+                                        gamma, fused_scale))
+        start = end
+    return torch.stack(out)
 
 
 @torch.no_grad()

@@ -69,10 +69,11 @@ def pair_moments(fused, summed, fused_scale=None):
     return out.to(summed[0].device) if len(summed) == 0 else out
 
 
-def combine_(summed, fused, moments, gamma, fused_scale=None):
+def combine_(summed, fused, moments, groups, gamma, fused_scale=None):
     combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
     combine.check_moments("mmmod.combine_", summed, moments)
-    return combine.weights_and_combine_(fused, summed, moments, gamma, fused_scale)
+    combine.check_groups("mmmod.combine_", summed, groups)
+    return combine.weights_and_combine_(fused, summed, moments, gamma, fused_scale, groups)
 
 
 def fused_sgd_(params, grads, momentum_buffers, buffer_ready, offsets, k, sigma, update_scale, lr,

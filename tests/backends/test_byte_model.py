@@ -430,7 +430,7 @@ def test_mmpareto_model_is_the_launchers():
         moments = torch.ones(len(numels), 3, dtype=torch.float64)
         with aot.record_launches(execute=False) as launches:
             combine.pair_moments(be, fused, summed, scale)
-            combine.combine_(be, summed, fused, moments, 1.5, scale)
+            combine.combine_(be, summed, fused, moments, [2, len(numels) - 2], 1.5, scale)
         model = bm.mmpareto_combine(numels, 4, scaled)
         assert [launch["kernel"].split(":")[1] for launch in launches] == [t.kernel for t in model]
         chunks = sum(-(-n // bm.TRITON_BLOCK) for n in numels)

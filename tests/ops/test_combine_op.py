@@ -67,8 +67,8 @@ def test_combine_is_the_references_bits(backend, dtype):
         for sign in (1, -1):  # equal weights / the min-norm branch
             moments = ref.pair_moments(fused, [sign * t for t in summed], scale)
             got, want = [t.clone() for t in summed], [t.clone() for t in summed]
-            w = backends.kernel("combine_", backend, dev)(got, fused, moments, 1.5, scale)
-            w_ref = combine.weights_and_combine_(fused, want, moments, 1.5, scale)
+            w = backends.kernel("combine_", backend, dev)(got, fused, moments, [4], 1.5, scale)
+            w_ref = combine.weights_and_combine_(fused, want, moments, 1.5, scale)[None]
             assert torch.equal(w.cpu(), w_ref.cpu()), (w, w_ref)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
             assert not torch.equal(got[0], summed[0])  # it wrote
@@ -141,3 +141,43 @@ def test_cpu_moments_take_non_contiguous_pairs():
     got = backends.kernel("_pair_moments", "cpu", "cpu")(fused, summed, None)
     want = ref.pair_moments([t.contiguous() for t in fused], [t.contiguous() for t in summed])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+def test_combine_takes_every_modality_in_one_call(backend):
+    """``groups`` splits one call's tensors into modalities: each modality's weights and writes
+    are those of a call with its tensors alone (one modality conflicting, one not)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(6)
+    shapes = ((37,), (3, 50), (20000,), (8, 8), (0,))
+    fused = [torch.randn(s, generator=g).to(dev) for s in shapes]
+    summed = [torch.randn(s, generator=g).to(dev) for s in shapes]
+    summed[:3] = [-3 * t for t in summed[:3]]
+    groups = [3, 2]
+    run = backends.kernel("combine_", backend, dev)
+    moments = ref.pair_moments(fused, summed)
+    got = [t.clone() for t in summed]
+    w = run(got, fused, moments, groups, 1.5, None)
+    assert w.shape == (2, 2) and w.dtype == torch.float64
+    start = 0
+    for m, n in enumerate(groups):
+        alone = [t.clone() for t in summed[start:start + n]]
+        w_alone = run(alone, fused[start:start + n], moments[start:start + n], [n], 1.5, None)
+        assert torch.equal(w[m], w_alone[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[start:start + n], alone))
+        start += n
+    assert not torch.equal(w[0], w[1])  # the two modalities differ: the split matters
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+@pytest.mark.parametrize("groups, match", [([1, 1], "add up to 2 tensors"),
+                                           ([3, 0], "each at least 1"), ([], "each at least 1")])
+def test_combine_refuses_bad_groups_before_writing(backend, groups, match):
+    dev = device_for(backend)
+    fused = [torch.randn(5, device=dev), torch.randn(4, device=dev), torch.randn(3, device=dev)]
+    summed = [torch.randn(5, device=dev), torch.randn(4, device=dev), torch.randn(3, device=dev)]
+    before = [t.clone() for t in summed]
+    moments = ref.pair_moments(fused, summed)
+    with pytest.raises(ValueError, match=match):
+        backends.kernel("combine_", backend, dev)(summed, fused, moments, groups, 1.5, None)
+    assert all(torch.equal(a, b) for a, b in zip(summed, before))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ...reference.combine import (check_moments, check_pair_inputs, mmpareto_factors,
-                                  mmpareto_weights, ordered_sum)
+from ...reference.combine import (check_groups, check_moments, check_pair_inputs,
+                                  mmpareto_factors, mmpareto_weights, ordered_sum)
 from .launch import launch, on, tl_dtype
 from .table import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
 
@@ -32,7 +32,7 @@ def _rows(be, items, device) -> torch.Tensor:
     return be.meta_cache.flags([x[0] for x in items], device)
 
 
-def _groups(fused, summed):
+def _by_dtype(fused, summed):
     """dtype -> [(row, fused, contiguous summed, summed)] of the non-empty tensors."""
     out: dict = {}
     for i, (a, s) in enumerate(zip(fused, summed)):
@@ -46,13 +46,13 @@ def pair_moments(be, fused, summed, fused_scale=None) -> torch.Tensor:
     check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale)
     device = summed[0].device if len(summed) else torch.device("cpu")
     out = torch.zeros((len(summed), 3), dtype=torch.float64, device=device)
-    groups = _groups(fused, summed)
-    if not groups:
+    by_dtype = _by_dtype(fused, summed)
+    if not by_dtype:
         return out
     K, cache = be.modules.combine, be.meta_cache
     scale = fused_scale if fused_scale is not None else out  # unread when HAS_SCALE is False
     with on(device):
-        for dtype, items in groups.items():
+        for dtype, items in by_dtype.items():
             fs, ss = [x[1] for x in items], [x[2] for x in items]
             zeros = [0] * len(fs)
             fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
@@ -66,20 +66,28 @@ def pair_moments(be, fused, summed, fused_scale=None) -> torch.Tensor:
     return out
 
 
-def combine_(be, summed, fused, moments, gamma, fused_scale=None) -> torch.Tensor:
+def combine_(be, summed, fused, moments, groups, gamma, fused_scale=None) -> torch.Tensor:
     check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
     check_moments("mmmod.combine_", summed, moments)
-    # the weights and factors: O(tensors) float64 device ops of the reference, no host read
-    weights = mmpareto_weights(ordered_sum(moments))
-    groups = _groups(fused, summed)
-    if not groups:
+    check_groups("mmmod.combine_", summed, groups)
+    # per modality its weights and its tensors' factors: O(tensors) float64 device ops of the
+    # reference, no host read
+    ws, facs, start = [], [], 0
+    for n in groups:
+        rows = moments[start:start + n]
+        ws.append(mmpareto_weights(ordered_sum(rows)))
+        facs.append(mmpareto_factors(rows, ws[-1], gamma))
+        start += n
+    weights = torch.stack(ws)
+    by_dtype = _by_dtype(fused, summed)
+    if not by_dtype:
         return weights
     device = summed[0].device
     K, cache = be.modules.combine, be.meta_cache
-    fac = mmpareto_factors(moments, weights, gamma).contiguous()
+    fac = torch.cat(facs).contiguous()
     scale = fused_scale if fused_scale is not None else fac  # unread when HAS_SCALE is False
     with on(device):
-        for dtype, items in groups.items():
+        for dtype, items in by_dtype.items():
             fs, ss = [x[1] for x in items], [x[2] for x in items]
             zeros = [0] * len(fs)
             fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
