@@ -242,6 +242,9 @@ def _combine_samples(device):
                                None), dtype))
         out.append(Sample(f"{dtype}-scaled", ([x.clone() for x in summed], fused, moments,
                                               [len(summed)], 1.5, _pair_scale(device)), dtype))
+        out.append(Sample(f"{dtype}-own-moments", ([x.clone() for x in summed], fused, None,
+                                                   [len(summed)], 1.5, _pair_scale(device)),
+                          dtype))
         if len(summed) > 1:
             out.append(Sample(f"{dtype}-two-modalities",
                               ([x.clone() for x in summed], fused, moments,

@@ -214,16 +214,18 @@ void weights_and_factors(const double* mom, int64_t n, double gamma, double* wei
   }
 }
 
-at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused, const at::Tensor& moments,
-                       at::IntArrayRef groups, double gamma,
-                       const std::optional<at::Tensor>& fused_scale) {
+at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused,
+                       const std::optional<at::Tensor>& moments, at::IntArrayRef groups,
+                       double gamma, const std::optional<at::Tensor>& fused_scale) {
   check_pair_inputs("mmmod.combine_", fused, summed, fused_scale);
-  check_combine_moments("mmmod.combine_", summed, moments);
+  if (moments.has_value()) check_combine_moments("mmmod.combine_", summed, *moments);
   check_combine_groups("mmmod.combine_", summed, groups);
   const double scale = scale_value(fused_scale);
-  const at::Tensor mom = moments.contiguous();
+  // no moments given: this call's own first pass (no collective between the two passes)
+  const at::Tensor mom = moments.has_value() ? moments->contiguous()
+                                             : pair_moments_cpu(fused, summed, fused_scale);
   const int64_t ngroups = static_cast<int64_t>(groups.size());
-  at::Tensor weights = at::empty({ngroups, 2}, moments.options());
+  at::Tensor weights = at::empty({ngroups, 2}, mom.options());
   // per modality its weights and its tensors' factors, from its own rows
   std::vector<double> fac(2 * summed.size()), group_fac;
   int64_t start = 0;

@@ -84,21 +84,23 @@ at::Tensor pair_moments_cuda(at::TensorList fused, at::TensorList summed,
   return out;
 }
 
-at::Tensor combine_cuda(at::TensorList summed, at::TensorList fused, const at::Tensor& moments,
-                        at::IntArrayRef groups, double gamma,
-                        const std::optional<at::Tensor>& fused_scale) {
+at::Tensor combine_cuda(at::TensorList summed, at::TensorList fused,
+                        const std::optional<at::Tensor>& moments, at::IntArrayRef groups,
+                        double gamma, const std::optional<at::Tensor>& fused_scale) {
   const char* op = "mmmod.combine_";
   check_pair_inputs(op, fused, summed, fused_scale);
-  check_combine_moments(op, summed, moments);
+  if (moments.has_value()) check_combine_moments(op, summed, *moments);
   check_combine_groups(op, summed, groups);
-  const at::Device device = moments.device();
+  const at::Device device = summed[0].device();  // groups >= 1 tensor each: there is one
   c10::DeviceGuard guard(device);
-  at::Tensor weights = at::empty({static_cast<int64_t>(groups.size()), 2}, moments.options());
-  const at::Tensor mom = moments.contiguous();
+  // no moments given: this call's own first pass (no collective between the two passes)
+  const at::Tensor mom = moments.has_value() ? moments->contiguous()
+                                             : pair_moments_cuda(fused, summed, fused_scale);
+  at::Tensor weights = at::empty({static_cast<int64_t>(groups.size()), 2}, mom.options());
   Plan p = make_plan("combine_", fused, summed, device);
   at::Tensor keep;
   const double* sc = scale_ptr(fused_scale, keep);
-  at::Tensor factors = at::empty({2 * p.table.ntensors + 1}, moments.options());
+  at::Tensor factors = at::empty({2 * p.table.ntensors + 1}, mom.options());
   check(mmmod_cuda_combine(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks,
                            mom.const_data_ptr<double>(), groups.data(),
                            static_cast<int64_t>(groups.size()), gamma, sc,

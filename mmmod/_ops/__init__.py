@@ -99,12 +99,13 @@ define("proximal_",
 # modalities (the rows are per tensor). combine_: per modality (groups[m] consecutive tensors),
 # from its rows (in registration order) its weights (w_mm, w_m) (returned, float64 [M, 2]) and
 # each tensor's factors, then in place g_sum <- c_fused (fused_scale g_mm) + c_summed g_sum;
-# gamma is MMPareto's alpha
+# gamma is MMPareto's alpha. moments None: the kernel takes _pair_moments' rows itself (one
+# call for both passes where no collective sits between them)
 define("_pair_moments",
        "_pair_moments(Tensor[] fused, Tensor[] summed, Tensor? fused_scale=None) -> Tensor",
        ref.pair_moments, FAKES["_pair_moments"])
 define("combine_",
-       "combine_(Tensor(a!)[] summed, Tensor[] fused, Tensor moments, int[] groups, "
+       "combine_(Tensor(a!)[] summed, Tensor[] fused, Tensor? moments, int[] groups, "
        "float gamma, Tensor? fused_scale=None) -> Tensor",
        ref.combine_, FAKES["combine_"])
 

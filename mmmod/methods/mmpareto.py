@@ -56,25 +56,25 @@ class MMPareto(Method):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
         # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on the
-        # device by the second: mmmod.reference.combine.mmpareto_combine_ in two calls per
-        # device, each covering every modality there (a call's tensor lists cost more than its
-        # arithmetic at encoder sizes): the moments are rows per tensor, the combine takes each
-        # modality's number of tensors
+        # device between them: mmmod.reference.combine.mmpareto_combine_, in one combine_ call
+        # per device covering every modality there (a call's tensor lists cost more than its
+        # arithmetic at encoder sizes; groups: each modality's number of tensors). On shards the
+        # moments are summed over the shard groups between the passes: _pair_moments first.
         by_device: dict[torch.device, list[int]] = {}
         for m, s in enumerate(summed):
             by_device.setdefault(s[0].device, []).append(m)
         flat = {dev: ([t for m in ms for t in fused[m]], [t for m in ms for t in summed[m]])
                 for dev, ms in by_device.items()}
-        rows = {dev: backends.kernel("_pair_moments", backend, dev)(f, s, fused_scale)
-                for dev, (f, s) in flat.items()}
-        if shards is not None:  # the per-shard rows of each modality summed over its shards
+        rows = dict.fromkeys(by_device)
+        if shards is not None:
             per_modality = [None] * len(summed)
             for dev, ms in by_device.items():
-                for m, r in zip(ms, rows[dev].split([len(summed[m]) for m in ms])):
-                    per_modality[m] = r
+                f, s = flat[dev]
+                r = backends.kernel("_pair_moments", backend, dev)(f, s, fused_scale)
+                for m, rm in zip(ms, r.split([len(summed[m]) for m in ms])):
+                    per_modality[m] = rm
             per_modality = shards.sum_rows_over_shards(per_modality, kept)
-            rows = {dev: torch.cat([per_modality[m] for m in ms])
-                    for dev, ms in by_device.items()}
+            rows = {dev: torch.cat([per_modality[m] for m in ms]) for dev, ms in by_device.items()}
         for dev, ms in by_device.items():
             f, s = flat[dev]
             w = backends.kernel("combine_", backend, dev)(

@@ -71,8 +71,11 @@ def pair_moments(fused, summed, fused_scale=None):
 
 def combine_(summed, fused, moments, groups, gamma, fused_scale=None):
     combine.check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
-    combine.check_moments("mmmod.combine_", summed, moments)
+    if moments is not None:
+        combine.check_moments("mmmod.combine_", summed, moments)
     combine.check_groups("mmmod.combine_", summed, groups)
+    if moments is None:
+        moments = combine.pair_moments(fused, summed, fused_scale)
     return combine.weights_and_combine_(fused, summed, moments, gamma, fused_scale, groups)
 
 

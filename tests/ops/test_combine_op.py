@@ -181,3 +181,24 @@ def test_combine_refuses_bad_groups_before_writing(backend, groups, match):
     with pytest.raises(ValueError, match=match):
         backends.kernel("combine_", backend, dev)(summed, fused, moments, groups, 1.5, None)
     assert all(torch.equal(a, b) for a, b in zip(summed, before))
+
+
+@pytest.mark.parametrize("backend", LIVE_BACKENDS)
+def test_combine_without_moments_takes_its_own_first_pass(backend):
+    """``moments=None``: the kernel runs the backend's own ``_pair_moments`` first; the same
+    bits as the two calls."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(8)
+    shapes = ((37,), (3, 50), (20000,), (0,))
+    fused = [torch.randn(s, generator=g).to(dev) for s in shapes]
+    summed = [torch.randn(s, generator=g).to(dev) for s in shapes]
+    summed[0] = -summed[0]
+    scale = torch.tensor([2.0 ** -3], dtype=torch.float64, device=dev)
+    moments = backends.kernel("_pair_moments", backend, dev)(fused, summed, scale)
+    run = backends.kernel("combine_", backend, dev)
+    one, two = [t.clone() for t in summed], [t.clone() for t in summed]
+    w_one = run(one, fused, None, [1, 3], 1.5, scale)
+    w_two = run(two, fused, moments, [1, 3], 1.5, scale)
+    assert torch.equal(w_one, w_two)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert not torch.equal(one[2], summed[2])

@@ -68,8 +68,11 @@ def pair_moments(be, fused, summed, fused_scale=None) -> torch.Tensor:
 
 def combine_(be, summed, fused, moments, groups, gamma, fused_scale=None) -> torch.Tensor:
     check_pair_inputs("mmmod.combine_", fused, summed, fused_scale)
-    check_moments("mmmod.combine_", summed, moments)
+    if moments is not None:
+        check_moments("mmmod.combine_", summed, moments)
     check_groups("mmmod.combine_", summed, groups)
+    if moments is None:
+        moments = pair_moments(be, fused, summed, fused_scale)
     # per modality its weights and its tensors' factors: O(tensors) float64 device ops of the
     # reference, no host read
     ws, facs, start = [], [], 0
