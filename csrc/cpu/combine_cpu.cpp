@@ -154,14 +154,11 @@ void operands(at::TensorList fused, at::TensorList summed, Operands& op) {
 
 }  // namespace
 
-at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
-                            const std::optional<at::Tensor>& fused_scale) {
-  check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale);
-  const cpu::KernelTable& K = cpu::kernels_for_op();  // may raise: before anything is read
-  const double scale = scale_value(fused_scale);
-  Operands op;
-  operands(fused, summed, op);
-  const std::vector<Chunk> chunks = cpu::make_chunks(summed);
+namespace {
+
+// The rows (|a|^2, |b|^2, a.b) of every tensor from its contiguous operands.
+at::Tensor moments_of(const cpu::KernelTable& K, at::TensorList summed, const Operands& op,
+                      const std::vector<Chunk>& chunks, double scale) {
   std::vector<std::array<double, 3>> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -183,6 +180,17 @@ at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
     for (int k = 0; k < 3; ++k) row[k] += partial[c][k];
   }
   return out;
+}
+
+}  // namespace
+
+at::Tensor pair_moments_cpu(at::TensorList fused, at::TensorList summed,
+                            const std::optional<at::Tensor>& fused_scale) {
+  check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale);
+  const cpu::KernelTable& K = cpu::kernels_for_op();  // may raise: before anything is read
+  Operands op;
+  operands(fused, summed, op);
+  return moments_of(K, summed, op, cpu::make_chunks(summed), scale_value(fused_scale));
 }
 
 // mmmod/reference/combine.py: ordered_sum, min_norm_weights, mmpareto_weights and
@@ -220,10 +228,15 @@ at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused,
   check_pair_inputs("mmmod.combine_", fused, summed, fused_scale);
   if (moments.has_value()) check_combine_moments("mmmod.combine_", summed, *moments);
   check_combine_groups("mmmod.combine_", summed, groups);
+  // no moments given: this call's own first pass over the same operands (no collective sits
+  // between the two passes)
+  const cpu::KernelTable* K = moments.has_value() ? nullptr : &cpu::kernels_for_op();  // may raise
   const double scale = scale_value(fused_scale);
-  // no moments given: this call's own first pass (no collective between the two passes)
+  Operands op;
+  operands(fused, summed, op);
+  const std::vector<Chunk> chunks = cpu::make_chunks(summed);
   const at::Tensor mom = moments.has_value() ? moments->contiguous()
-                                             : pair_moments_cpu(fused, summed, fused_scale);
+                                             : moments_of(*K, summed, op, chunks, scale);
   const int64_t ngroups = static_cast<int64_t>(groups.size());
   at::Tensor weights = at::empty({ngroups, 2}, mom.options());
   // per modality its weights and its tensors' factors, from its own rows
@@ -236,9 +249,6 @@ at::Tensor combine_cpu(at::TensorList summed, at::TensorList fused,
     start += groups[g];
   }
   const double* fp = fac.data();
-  Operands op;
-  operands(fused, summed, op);
-  const std::vector<Chunk> chunks = cpu::make_chunks(summed);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const Chunk& ch = chunks[c];
