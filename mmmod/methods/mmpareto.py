@@ -65,12 +65,15 @@ class MMPareto(Method):
             by_device.setdefault(s[0].device, []).append(m)
         flat = {dev: ([t for m in ms for t in fused[m]], [t for m in ms for t in summed[m]])
                 for dev, ms in by_device.items()}
+        # the GradScaler's inverse scale where each device's kernels read it (a device copy)
+        scale = {dev: fused_scale if fused_scale is None or fused_scale.device == dev
+                 else fused_scale.to(dev, non_blocking=True) for dev in by_device}
         rows = dict.fromkeys(by_device)
         if shards is not None:
             per_modality = [None] * len(summed)
             for dev, ms in by_device.items():
                 f, s = flat[dev]
-                r = backends.kernel("_pair_moments", backend, dev)(f, s, fused_scale)
+                r = backends.kernel("_pair_moments", backend, dev)(f, s, scale[dev])
                 for m, rm in zip(ms, r.split([len(summed[m]) for m in ms])):
                     per_modality[m] = rm
             per_modality = shards.sum_rows_over_shards(per_modality, kept)
@@ -78,7 +81,7 @@ class MMPareto(Method):
         for dev, ms in by_device.items():
             f, s = flat[dev]
             w = backends.kernel("combine_", backend, dev)(
-                s, f, rows[dev], [len(summed[m]) for m in ms], float(alpha), fused_scale)
+                s, f, rows[dev], [len(summed[m]) for m in ms], float(alpha), scale[dev])
             if len(ms) == len(summed) and weights.device == dev:
                 weights.copy_(w)
             else:
