@@ -51,15 +51,29 @@ class MMPareto(Method):
         if weights.shape[0] != len(summed):
             raise ValueError(f"MMPareto state holds {weights.shape[0]} modalities, the "
                              f"gradients {len(summed)}")
-        backend = backend or "auto"
         for m, s in enumerate(summed):
             if not s:
                 raise ValueError(f"modality {names[m]!r}: no tensor to combine")
+        backend = backend or "auto"
         # the ops' two passes (mmmod/_ops: the backend's kernels), the weights computed on the
         # device between them: mmmod.reference.combine.mmpareto_combine_, in one combine_ call
-        # per device covering every modality there (a call's tensor lists cost more than its
-        # arithmetic at encoder sizes; groups: each modality's number of tensors). On shards the
-        # moments are summed over the shard groups between the passes: _pair_moments first.
+        # per device covering every modality there (groups: each modality's number of
+        # tensors). At encoder sizes a call's tensor lists and this method's own Python cost
+        # as much as the arithmetic, so the usual case (one device, no shards) is one call and
+        # no copy: the returned weights become the state's.
+        dev = summed[0][0].device
+        if shards is None and all(s[0].device == dev for s in summed) and weights.device == dev:
+            state["weights"] = backends.kernel("combine_", backend, dev)(
+                [t for row in summed for t in row], [t for row in fused for t in row], None,
+                [len(row) for row in summed], float(alpha), fused_scale)
+            return
+        self._combine_per_device(fused, summed, state, alpha, fused_scale, backend, shards, kept)
+
+    @staticmethod
+    def _combine_per_device(fused, summed, state, alpha, fused_scale, backend, shards, kept):
+        """The general case: modalities on several devices, or shards (on shards the moments
+        are summed over the shard groups between the passes: _pair_moments first)."""
+        weights = state["weights"]
         by_device: dict[torch.device, list[int]] = {}
         for m, s in enumerate(summed):
             by_device.setdefault(s[0].device, []).append(m)
@@ -82,11 +96,8 @@ class MMPareto(Method):
             f, s = flat[dev]
             w = backends.kernel("combine_", backend, dev)(
                 s, f, rows[dev], [len(summed[m]) for m in ms], float(alpha), scale[dev])
-            if len(ms) == len(summed) and weights.device == dev:
-                weights.copy_(w)
-            else:
-                for m, wm in zip(ms, w.to(weights.device).unbind()):
-                    weights[m].copy_(wm)
+            for m, wm in zip(ms, w.to(weights.device).unbind()):
+                weights[m].copy_(wm)
 
     def log_values(self, state):
         return {"w_mm": state["weights"][:, 0].float()}
