@@ -6,9 +6,10 @@
 // a = double(g_mm) * fused_scale, b = double(g_sum) - a (each one rounding, as the reference;
 // no multiplication when fused_scale is 1: the same bits), and the rows (|a|^2, |b|^2, a.b) of
 // every tensor, each product added with one fused multiply-add (the kernel table's
-// pair_lanes_*, cpu_kernels.h: the same bits in every table). combine_: from those rows the
-// modality's weights and each tensor's factors (mmpareto_weights / mmpareto_factors, the same
-// float64 operations in the same order), then one more read of the pair and the one write
+// pair_lanes_*, cpu_kernels.h: the same bits in every table). combine_ (given those rows, or
+// without them running that pass itself over the same operands): per modality (groups) its
+// weights and its tensors' factors (mmpareto_weights / mmpareto_factors, the same float64
+// operations in the same order), then one more read of the pair and the one write
 // g_sum <- T(float(g_mm) * float(c_fused * fused_scale) + float(g_sum) * float(c_summed))
 // (float64 arithmetic for float64 gradients; each operation rounded: the build passes
 // -ffp-contract=off, so no FMA here), bit-identical to the reference.
