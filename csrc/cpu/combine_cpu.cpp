@@ -64,15 +64,6 @@ using cpu::Chunk;
 #define MMMOD_PER_ISA
 #endif
 
-template <typename T>
-inline double as_double(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-inline double as_double<double>(double v) {
-  return v;
-}
-
 // (|a|^2, |b|^2, a.b) of one chunk: the kernel table over the first n - n % 16 elements (float16
 // and bfloat16 through float32 blocks: exact), the last few on the same lanes with std::fma (one
 // rounding, as the table's FMA), then the 16 lanes in the statistics' fixed tree.
@@ -98,9 +89,9 @@ std::array<double, 3> chunk_moments(const cpu::KernelTable& K, const T* f, const
   }
   for (int64_t i = n16; i < n; ++i) {
     const int64_t j = i - n16;
-    double a = as_double(f[i]);
+    double a = cpu::float64_of(f[i]);
     if (scale != 1.0) a = a * scale;
-    const double b = as_double(s[i]) - a;
+    const double b = cpu::float64_of(s[i]) - a;
     aa[j] = std::fma(a, a, aa[j]);
     bb[j] = std::fma(b, b, bb[j]);
     ab[j] = std::fma(a, b, ab[j]);

@@ -66,23 +66,14 @@ void scale_f32_scalar(float* x, int64_t n, float k) {
 // The accumulation passes of the statistics (cpu_kernels.h): element i into float64 lane i % 16,
 // in element order; n a multiple of 16. The AVX2 and AVX-512 tables do exactly this, four and
 // eight lanes per register.
-// The statistics read every value as float32 then float64, except float64 input, whose values are
-// taken as they are (the reference's g.double()).
-template <typename T>
-inline double stat_value(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-inline double stat_value<double>(double v) {
-  return v;
-}
+// The statistics read every value through float64_of (cpu_kernels.h).
 
 // The one-pass sums about a shift c: s1 += d, s2 += d * d (separately rounded) for d = x - c.
 template <typename T>
 void lanes_shifted(const T* x, int64_t n, double c, double* s1, double* s2) {
   for (int64_t i = 0; i < n; i += kMomentLanes) {
     for (int j = 0; j < kMomentLanes; ++j) {
-      const double d = stat_value<T>(x[i + j]) - c;
+      const double d = float64_of<T>(x[i + j]) - c;
       s1[j] += d;
       s2[j] += d * d;
     }
@@ -94,7 +85,7 @@ template <typename T>
 void lanes_sqdev(const T* x, int64_t n, double mean, double* a) {
   for (int64_t i = 0; i < n; i += kMomentLanes) {
     for (int j = 0; j < kMomentLanes; ++j) {
-      const double d = stat_value<T>(x[i + j]) - mean;
+      const double d = float64_of<T>(x[i + j]) - mean;
       a[j] += d * d;
     }
   }
@@ -249,7 +240,7 @@ struct ChunkStats {
   ChunkStats(const KernelTable& k, const T* data, int64_t len)
       : K(k), x(data), n(len), n16(len - len % kMomentLanes) {
     const int64_t m = std::min<int64_t>(len, kMomentLanes);
-    for (int64_t i = 0; i < m; ++i) shift += stat_value<T>(x[i]);
+    for (int64_t i = 0; i < m; ++i) shift += float64_of<T>(x[i]);
     shift /= static_cast<double>(m);
   }
 
@@ -277,7 +268,7 @@ struct ChunkStats {
   Moments finish() {
     sum(n16);
     for (int64_t i = n16; i < n; ++i) {
-      const double d = stat_value<T>(x[i]) - shift;
+      const double d = float64_of<T>(x[i]) - shift;
       s1[i - n16] += d;
       s2[i - n16] += d * d;
     }
@@ -289,7 +280,7 @@ struct ChunkStats {
     if (!(drift <= m2)) {  // also taken for NaN / inf: the two-pass mean and M2
       double a[kMomentLanes] = {0}, unused[kMomentLanes] = {0};
       lanes(0.0, a, unused);  // the plain sum: x - 0 is x
-      for (int64_t i = n16; i < n; ++i) a[i - n16] += stat_value<T>(x[i]);
+      for (int64_t i = n16; i < n; ++i) a[i - n16] += float64_of<T>(x[i]);
       mean = moment_lanes_sum(a) / nd;
       std::fill(a, a + kMomentLanes, 0.0);
       if constexpr (std::is_same<T, float>::value) {
@@ -298,7 +289,7 @@ struct ChunkStats {
         lanes_sqdev<T>(x, n16, mean, a);
       }
       for (int64_t i = n16; i < n; ++i) {
-        const double d = stat_value<T>(x[i]) - mean;
+        const double d = float64_of<T>(x[i]) - mean;
         a[i - n16] += d * d;
       }
       m2 = moment_lanes_sum(a);

@@ -98,6 +98,17 @@ bool avx2_supported();
 // and opmask state enabled by the OS (independent of the env).
 bool avx512_supported();
 
+// A gradient element as the float64 sums read it: float16, bfloat16 and float32 through float32
+// (exact), float64 as it is (the references' g.double()).
+template <typename T>
+inline double float64_of(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+inline double float64_of<double>(double v) {
+  return v;
+}
+
 // Fixed combination of the 16 lanes of the statistics pass (shared by both tables).
 static inline double moment_lanes_sum(const double* a) {
   double s8[8], s4[4];

@@ -24,6 +24,7 @@
 
 #include "common/ops.h"
 #include "cpu/chunks.h"
+#include "cpu/cpu_kernels.h"
 
 namespace mmmod {
 namespace proximal_cpu {
@@ -32,15 +33,6 @@ namespace {
 constexpr int kLanes = 8;  // independent float64 accumulators per chunk (fixed pattern)
 
 using cpu::Chunk;
-
-template <typename T>
-inline double as_double(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-inline double as_double<double>(double v) {
-  return v;
-}
 
 // Sum of squares of one chunk in float64, lane j taking elements j, j + kLanes, ... then the
 // lanes added pairwise in a fixed tree; with write, the corrected values are stored first.
@@ -55,7 +47,7 @@ double chunk_pass(T* g, const T* p, const T* p0, int64_t n, float beta, bool wri
         const float v = static_cast<float>(g[i + j]) + beta * d;
         const T r = static_cast<T>(v);
         g[i + j] = r;
-        const double x = as_double(r);
+        const double x = cpu::float64_of(r);
         acc[j] += x * x;
       }
     }
@@ -63,18 +55,18 @@ double chunk_pass(T* g, const T* p, const T* p0, int64_t n, float beta, bool wri
       const float d = static_cast<float>(p[i]) - static_cast<float>(p0[i]);
       const T r = static_cast<T>(static_cast<float>(g[i]) + beta * d);
       g[i] = r;
-      const double x = as_double(r);
+      const double x = cpu::float64_of(r);
       acc[j] += x * x;
     }
   } else {
     for (; i + kLanes <= n; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
-        const double x = as_double(g[i + j]);
+        const double x = cpu::float64_of(g[i + j]);
         acc[j] += x * x;
       }
     }
     for (int j = 0; i < n; ++i, ++j) {
-      const double x = as_double(g[i]);
+      const double x = cpu::float64_of(g[i]);
       acc[j] += x * x;
     }
   }

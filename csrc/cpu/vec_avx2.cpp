@@ -323,61 +323,19 @@ void lanes_sqdev_f32_avx2(const float* x, int64_t n, double mean, double* lanes)
   _mm256_storeu_pd(lanes + 12, a3);
 }
 
-// ---- MMPareto's pair moments: lanes 4r .. 4r + 3 in register r -------------------------------
-template <bool Scaled, typename T>
-void pair_lanes_avx2(const T* f, const T* s, int64_t n, double scale, double* aa, double* bb,
-                     double* ab) {
-  const __m256d sc = _mm256_set1_pd(scale);
-  __m256d A[4], B[4], X[4];
-  for (int r = 0; r < 4; ++r) {
-    A[r] = _mm256_loadu_pd(aa + 4 * r);
-    B[r] = _mm256_loadu_pd(bb + 4 * r);
-    X[r] = _mm256_loadu_pd(ab + 4 * r);
-  }
-  for (int64_t i = 0; i < n; i += 16) {
-    // two streams of reads and little arithmetic per line: the hardware prefetchers alone leave
-    // ~20 % of a DRAM-sized pass on the table (measured: 4.3 -> 3.4 ms for 5.9 M float pairs)
-    _mm_prefetch(reinterpret_cast<const char*>(f + i) + kStatsPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(s + i) + kStatsPrefetchBytes, _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      __m256d a, g;
-      if constexpr (std::is_same_v<T, float>) {
-        a = _mm256_cvtps_pd(_mm_loadu_ps(f + i + 4 * r));
-        g = _mm256_cvtps_pd(_mm_loadu_ps(s + i + 4 * r));
-      } else {
-        a = _mm256_loadu_pd(f + i + 4 * r);
-        g = _mm256_loadu_pd(s + i + 4 * r);
-      }
-      if constexpr (Scaled) a = _mm256_mul_pd(a, sc);
-      const __m256d b = _mm256_sub_pd(g, a);
-      A[r] = _mm256_fmadd_pd(a, a, A[r]);
-      B[r] = _mm256_fmadd_pd(b, b, B[r]);
-      X[r] = _mm256_fmadd_pd(a, b, X[r]);
-    }
-  }
-  for (int r = 0; r < 4; ++r) {
-    _mm256_storeu_pd(aa + 4 * r, A[r]);
-    _mm256_storeu_pd(bb + 4 * r, B[r]);
-    _mm256_storeu_pd(ab + 4 * r, X[r]);
-  }
-}
-void pair_lanes_f32_avx2(const float* f, const float* s, int64_t n, double scale, double* aa,
-                         double* bb, double* ab) {
-  if (scale == 1.0) {
-    pair_lanes_avx2<false>(f, s, n, scale, aa, bb, ab);
-  } else {
-    pair_lanes_avx2<true>(f, s, n, scale, aa, bb, ab);
-  }
-}
-void pair_lanes_f64_avx2(const double* f, const double* s, int64_t n, double scale, double* aa,
-                         double* bb, double* ab) {
-  if (scale == 1.0) {
-    pair_lanes_avx2<false>(f, s, n, scale, aa, bb, ab);
-  } else {
-    pair_lanes_avx2<true>(f, s, n, scale, aa, bb, ab);
-  }
-}
+// ---- MMPareto's pair moments: pair_lanes.h over 4 doubles per register ----------------------
+struct Avx2Doubles {
+  using Reg = __m256d;
+  static constexpr int kWidth = 4;
+  static Reg set1(double x) { return _mm256_set1_pd(x); }
+  static Reg loadu(const double* p) { return _mm256_loadu_pd(p); }
+  static void storeu(double* p, Reg v) { _mm256_storeu_pd(p, v); }
+  static Reg widen(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_pd(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm256_sub_pd(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_pd(a, b, c); }
+};
+#include "cpu/pair_lanes.h"
 
 // ---- scores ---------------------------------------------------------------------------------
 double row_lse_f32_avx2(const float* row, int64_t C) {
@@ -414,8 +372,9 @@ double row_lse_f32_avx2(const float* row, int64_t C) {
 }
 
 const KernelTable kAvx2 = {"avx2", normals_avx2, modulate_f32_avx2, scale_f32_avx2, lanes_shifted_f32_avx2,
-                           lanes_sqdev_f32_avx2, row_lse_f32_avx2, pair_lanes_f32_avx2,
-                           pair_lanes_f64_avx2};
+                           lanes_sqdev_f32_avx2, row_lse_f32_avx2,
+                           pair_lanes<Avx2Doubles, float>,
+                           pair_lanes<Avx2Doubles, double>};
 
 }  // namespace
 

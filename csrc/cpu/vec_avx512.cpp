@@ -21,8 +21,9 @@
 //
 // The ISA is switched on for this translation unit alone with a target pragma: the equivalent of
 // compiling it with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma (setuptools' extensions take
-// one flag set for all sources). Only <immintrin.h> and this project's constants are used here,
-// so no inline function of a shared header is emitted with AVX-512 instructions (the file sorts
+// one flag set for all sources). Only <immintrin.h>, this project's constants and cpu/pair_lanes.h
+// (included inside this file's anonymous namespace) are used here, so no inline function of a
+// shared header is emitted with AVX-512 instructions (the file sorts
 // after the baseline objects too, so the linker would keep their copies first anyway). The
 // extension is compiled with -ffp-contract=off: only the explicit FMAs below fuse.
 #include "cpu/cpu_kernels.h"
@@ -313,69 +314,28 @@ void lanes_sqdev_f32_avx512(const float* x, int64_t n, double mean, double* lane
   _mm512_storeu_pd(lanes + 8, a1);
 }
 
-// ---- MMPareto's pair moments: lanes 0-7 in one register, 8-15 in the other -------------------
-template <bool Scaled, typename T>
-void pair_lanes_avx512(const T* f, const T* s, int64_t n, double scale, double* aa, double* bb,
-                       double* ab) {
-  const __m512d sc = _mm512_set1_pd(scale);
-  __m512d A[2], B[2], X[2];
-  for (int r = 0; r < 2; ++r) {
-    A[r] = _mm512_loadu_pd(aa + 8 * r);
-    B[r] = _mm512_loadu_pd(bb + 8 * r);
-    X[r] = _mm512_loadu_pd(ab + 8 * r);
-  }
-  for (int64_t i = 0; i < n; i += 16) {
-    // two streams of reads and little arithmetic per line: the hardware prefetchers alone leave
-    // ~20 % of a DRAM-sized pass on the table (measured: 4.3 -> 3.4 ms for 5.9 M float pairs)
-    _mm_prefetch(reinterpret_cast<const char*>(f + i) + kStatsPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(s + i) + kStatsPrefetchBytes, _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      __m512d a, g;
-      if constexpr (std::is_same_v<T, float>) {
-        a = _mm512_cvtps_pd(_mm256_loadu_ps(f + i + 8 * r));
-        g = _mm512_cvtps_pd(_mm256_loadu_ps(s + i + 8 * r));
-      } else {
-        a = _mm512_loadu_pd(f + i + 8 * r);
-        g = _mm512_loadu_pd(s + i + 8 * r);
-      }
-      if constexpr (Scaled) a = _mm512_mul_pd(a, sc);
-      const __m512d b = _mm512_sub_pd(g, a);
-      A[r] = _mm512_fmadd_pd(a, a, A[r]);
-      B[r] = _mm512_fmadd_pd(b, b, B[r]);
-      X[r] = _mm512_fmadd_pd(a, b, X[r]);
-    }
-  }
-  for (int r = 0; r < 2; ++r) {
-    _mm512_storeu_pd(aa + 8 * r, A[r]);
-    _mm512_storeu_pd(bb + 8 * r, B[r]);
-    _mm512_storeu_pd(ab + 8 * r, X[r]);
-  }
-}
-void pair_lanes_f32_avx512(const float* f, const float* s, int64_t n, double scale, double* aa,
-                           double* bb, double* ab) {
-  if (scale == 1.0) {
-    pair_lanes_avx512<false>(f, s, n, scale, aa, bb, ab);
-  } else {
-    pair_lanes_avx512<true>(f, s, n, scale, aa, bb, ab);
-  }
-}
-void pair_lanes_f64_avx512(const double* f, const double* s, int64_t n, double scale, double* aa,
-                           double* bb, double* ab) {
-  if (scale == 1.0) {
-    pair_lanes_avx512<false>(f, s, n, scale, aa, bb, ab);
-  } else {
-    pair_lanes_avx512<true>(f, s, n, scale, aa, bb, ab);
-  }
-}
+// ---- MMPareto's pair moments: pair_lanes.h over 8 doubles per register ----------------------
+struct Avx512Doubles {
+  using Reg = __m512d;
+  static constexpr int kWidth = 8;
+  static Reg set1(double x) { return _mm512_set1_pd(x); }
+  static Reg loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static void storeu(double* p, Reg v) { _mm512_storeu_pd(p, v); }
+  static Reg widen(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_pd(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm512_sub_pd(a, b); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
+};
+#include "cpu/pair_lanes.h"
 
 }  // namespace
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table = {"avx512", normals_avx512, modulate_f32_avx512, scale_f32_avx512,
                                     lanes_shifted_f32_avx512, lanes_sqdev_f32_avx512,
-                                    avx2_kernels().row_lse_f32, pair_lanes_f32_avx512,
-                                    pair_lanes_f64_avx512};
+                                    avx2_kernels().row_lse_f32,
+                                    pair_lanes<Avx512Doubles, float>,
+                                    pair_lanes<Avx512Doubles, double>};
   return table;
 }
 
