@@ -171,6 +171,19 @@ def combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
         s.copy_(out.to(s.dtype))
 
 
+def grouped_factors(moments: torch.Tensor, groups: Sequence[int], gamma: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per modality (its ``groups[m]`` consecutive rows) its weights and its tensors' factors:
+    ``([len(groups), 2], [T, 2])`` float64, on the moments' device."""
+    weights, factors, start = [], [], 0
+    for n in groups:
+        rows = moments[start:start + int(n)]
+        weights.append(mmpareto_weights(ordered_sum(rows)))
+        factors.append(mmpareto_factors(rows, weights[-1], gamma))
+        start += int(n)
+    return torch.stack(weights), torch.cat(factors)
+
+
 @torch.no_grad()
 def weights_and_combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.Tensor],
                          moments: torch.Tensor, gamma: float,
@@ -180,17 +193,10 @@ def weights_and_combine_(fused: Sequence[torch.Tensor], summed: Sequence[torch.T
     ``groups[m]`` consecutive tensors; one modality of every tensor when ``groups`` is None)
     the weights, each tensor's factors and the write; returns ``(w_mm, w_m)`` per modality,
     float64 ``[len(groups), 2]`` (``[2]`` without ``groups``)."""
-    if groups is None:
-        weights = mmpareto_weights(ordered_sum(moments))
-        combine_(fused, summed, mmpareto_factors(moments, weights, gamma), fused_scale)
-        return weights
-    out, start = [], 0
-    for n in groups:
-        end = start + int(n)
-        out.append(weights_and_combine_(fused[start:end], summed[start:end], moments[start:end],
-                                        gamma, fused_scale))
-        start = end
-    return torch.stack(out)
+    weights, factors = grouped_factors(moments, [len(summed)] if groups is None else groups,
+                                       gamma)
+    combine_(fused, summed, factors, fused_scale)
+    return weights[0] if groups is None else weights
 
 
 @torch.no_grad()

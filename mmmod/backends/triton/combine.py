@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...reference.combine import (check_groups, check_moments, check_pair_inputs,
-                                  mmpareto_factors, mmpareto_weights, ordered_sum)
+                                  grouped_factors)
 from .launch import launch, on, tl_dtype
 from .table import F_NUMEL, F_PTR, F_SCHUNK, META_FIELDS
 
@@ -32,38 +32,44 @@ def _rows(be, items, device) -> torch.Tensor:
     return be.meta_cache.flags([x[0] for x in items], device)
 
 
-def _by_dtype(fused, summed):
-    """dtype -> [(row, fused, contiguous summed, summed)] of the non-empty tensors."""
-    out: dict = {}
+def _tables(be, fused, summed):
+    """Per dtype of the non-empty tensors: (dtype, [(row, fused, contiguous summed, summed)],
+    the fused and the summed gradients' bucket tables from the backend's cache; equal sizes, so
+    equal chunks). Built once per op call, both passes of a combine share them."""
+    by_dtype: dict = {}
     for i, (a, s) in enumerate(zip(fused, summed)):
         if s.numel() > 0:
-            out.setdefault(s.dtype, []).append(
+            by_dtype.setdefault(s.dtype, []).append(
                 (i, a.detach().contiguous(), s if s.is_contiguous() else s.contiguous(), s))
+    out, cache = [], be.meta_cache
+    for dtype, items in by_dtype.items():
+        zeros = [0] * len(items)
+        out.append((dtype, items, cache.get([x[1] for x in items], zeros, BLOCK, _NOISE_BLOCK),
+                    cache.get([x[2] for x in items], zeros, BLOCK, _NOISE_BLOCK)))
+    return out
+
+
+def _moments(be, tables, n, fused_scale, device) -> torch.Tensor:
+    out = torch.zeros((n, 3), dtype=torch.float64, device=device)
+    if not tables:
+        return out
+    K = be.modules.combine
+    scale = fused_scale if fused_scale is not None else out  # unread when HAS_SCALE is False
+    with on(device):
+        for dtype, items, fm, sm in tables:
+            partial = torch.empty(3 * sm.n_stats_chunks, dtype=torch.float64, device=device)
+            launch(K._pair_moments_kernel, (sm.n_stats_chunks,), fm.meta, sm.meta, sm.stats_map,
+                   scale, partial, HAS_SCALE=fused_scale is not None, BLOCK=BLOCK,
+                   DT=tl_dtype(dtype), F_PTR=F_PTR, num_warps=WARPS, **_FIELDS)
+            launch(K._pair_moments_finish_kernel, (len(items),), sm.meta, partial,
+                   _rows(be, items, device), out, BLOCK=BLOCK, BLOCK_P=BLOCK_P, **_FIELDS)
     return out
 
 
 def pair_moments(be, fused, summed, fused_scale=None) -> torch.Tensor:
     check_pair_inputs("mmmod._pair_moments", fused, summed, fused_scale)
     device = summed[0].device if len(summed) else torch.device("cpu")
-    out = torch.zeros((len(summed), 3), dtype=torch.float64, device=device)
-    by_dtype = _by_dtype(fused, summed)
-    if not by_dtype:
-        return out
-    K, cache = be.modules.combine, be.meta_cache
-    scale = fused_scale if fused_scale is not None else out  # unread when HAS_SCALE is False
-    with on(device):
-        for dtype, items in by_dtype.items():
-            fs, ss = [x[1] for x in items], [x[2] for x in items]
-            zeros = [0] * len(fs)
-            fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
-            sm = cache.get(ss, zeros, BLOCK, _NOISE_BLOCK)
-            partial = torch.empty(3 * sm.n_stats_chunks, dtype=torch.float64, device=device)
-            launch(K._pair_moments_kernel, (sm.n_stats_chunks,), fm.meta, sm.meta, sm.stats_map,
-                   scale, partial, HAS_SCALE=fused_scale is not None, BLOCK=BLOCK,
-                   DT=tl_dtype(dtype), F_PTR=F_PTR, num_warps=WARPS, **_FIELDS)
-            launch(K._pair_moments_finish_kernel, (len(ss),), sm.meta, partial,
-                   _rows(be, items, device), out, BLOCK=BLOCK, BLOCK_P=BLOCK_P, **_FIELDS)
-    return out
+    return _moments(be, _tables(be, fused, summed), len(summed), fused_scale, device)
 
 
 def combine_(be, summed, fused, moments, groups, gamma, fused_scale=None) -> torch.Tensor:
@@ -71,30 +77,20 @@ def combine_(be, summed, fused, moments, groups, gamma, fused_scale=None) -> tor
     if moments is not None:
         check_moments("mmmod.combine_", summed, moments)
     check_groups("mmmod.combine_", summed, groups)
-    if moments is None:
-        moments = pair_moments(be, fused, summed, fused_scale)
+    device = summed[0].device  # each group holds a tensor
+    tables = _tables(be, fused, summed)
+    if moments is None:  # this call's own first pass, over the same tables
+        moments = _moments(be, tables, len(summed), fused_scale, device)
     # per modality its weights and its tensors' factors: O(tensors) float64 device ops of the
     # reference, no host read
-    ws, facs, start = [], [], 0
-    for n in groups:
-        rows = moments[start:start + n]
-        ws.append(mmpareto_weights(ordered_sum(rows)))
-        facs.append(mmpareto_factors(rows, ws[-1], gamma))
-        start += n
-    weights = torch.stack(ws)
-    by_dtype = _by_dtype(fused, summed)
-    if not by_dtype:
+    weights, fac = grouped_factors(moments, groups, gamma)
+    if not tables:
         return weights
-    device = summed[0].device
-    K, cache = be.modules.combine, be.meta_cache
-    fac = torch.cat(facs).contiguous()
+    K = be.modules.combine
+    fac = fac.contiguous()
     scale = fused_scale if fused_scale is not None else fac  # unread when HAS_SCALE is False
     with on(device):
-        for dtype, items in by_dtype.items():
-            fs, ss = [x[1] for x in items], [x[2] for x in items]
-            zeros = [0] * len(fs)
-            fm = cache.get(fs, zeros, BLOCK, _NOISE_BLOCK)
-            sm = cache.get(ss, zeros, BLOCK, _NOISE_BLOCK)
+        for dtype, items, fm, sm in tables:
             launch(K._combine_kernel, (sm.n_stats_chunks,), fm.meta, sm.meta, sm.stats_map,
                    _rows(be, items, device), fac, scale, HAS_SCALE=fused_scale is not None,
                    BLOCK=BLOCK, DT=tl_dtype(dtype), F_PTR=F_PTR, num_warps=WARPS, **_FIELDS)
