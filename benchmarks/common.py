@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .host import cpu_name
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: where a run writes unless told otherwise: the committed RESULTS_DIR changes only on request
 DEFAULT_OUT = "benchmarks_out"
@@ -306,20 +308,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda
         env["device_memory_gib"] = round(p.total_memory / 2**30, 1)
     else:
-        env["device_name"] = _cpu_name()
+        env["device_name"] = cpu_name()
     env["backends"] = live_backends(device)
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def device_tag(device: torch.device) -> str:

@@ -38,6 +38,8 @@ import tempfile
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
+from .host import cpu_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = os.path.join(HERE, "revision_probe.py")
 #: contender names that run mmmod's code (the rest are baselines: the paper's code, plain torch,
@@ -299,17 +301,6 @@ def _agreement_line(agree: Mapping[str, Any]) -> str:
     return text + "."
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--a", required=True, help="the baseline checkout (built in place)")
@@ -331,7 +322,7 @@ def main(argv=None) -> dict[str, Any]:
     date = _dt.datetime.now(_dt.timezone.utc)
     meta: dict[str, Any] = {
         "title": f"{' '.join(['run_all', *suite])}: B against A, same host, alternating rounds",
-        "date": date.isoformat(timespec="seconds"), "host": platform.node(), "cpu": _cpu_name(),
+        "date": date.isoformat(timespec="seconds"), "host": platform.node(), "cpu": cpu_name(),
         "nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "rounds": args.rounds, "suite": " ".join(["run_all", *suite]),
         "a": {"path": trees["a"], "commit": commit(trees["a"])},
