@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "cuda/combine_cuda_api.h"
+#include "cuda/block_reduce.cuh"
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
 #include "cuda/multi_tensor.cuh"
@@ -31,20 +32,6 @@ namespace {
 constexpr int kThreads = 256;
 
 using mmmod::Cvt;
-
-__device__ double block_sum(double v, double* sh) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) {
-      sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
-    }
-    __syncthreads();
-  }
-  const double out = sh[0];
-  __syncthreads();
-  return out;
-}
 
 template <typename T>
 __device__ void chunk_moments(const T* f, const T* s, int64_t len, double scale, double* acc) {
@@ -88,7 +75,7 @@ struct MomentsChunk {
         break;
     }
     for (int k = 0; k < 3; ++k) {
-      const double s = block_sum(acc[k], sh);
+      const double s = mmmod::block_sum_tree<kThreads>(acc[k], sh);
       if (threadIdx.x == 0) partial[3 * c + k] = s;
     }
   }
@@ -105,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) moments_finish_kernel(mmmod::comb::T
     for (int64_t j = threadIdx.x; j < te.chunk_count; j += kThreads) {
       s = __dadd_rn(s, partial[3 * (te.first_chunk + j) + k]);
     }
-    s = block_sum(s, sh);
+    s = mmmod::block_sum_tree<kThreads>(s, sh);
     if (threadIdx.x == 0) moments[3 * t + k] = s;
   }
 }

@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda/block_reduce.cuh"
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_dtypes.cuh"
 #include "cuda/multi_tensor.cuh"
@@ -49,19 +50,6 @@ __device__ double chunk_pass(T* g, const T* p, const T* p0, int64_t len, float b
     }
   }
   return acc;
-}
-
-// fixed-order tree over the block's threads; the result is valid in thread 0
-__device__ double block_sum(double v, double* sh) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] = __dadd_rn(sh[threadIdx.x], sh[threadIdx.x + s]);
-    __syncthreads();
-  }
-  const double out = sh[0];
-  __syncthreads();  // sh is reused by the caller's next block_sum
-  return out;
 }
 
 // one chunk of the table: its elements' pass, then the block's sum into partial[chunk]
@@ -98,7 +86,7 @@ struct ProximalChunk {
                          reinterpret_cast<const double*>(te.ptr[kSnapshot]) + ch.start, len, b);
         break;
     }
-    const double s = block_sum(acc, sh);
+    const double s = mmmod::block_sum_tree<kThreads>(acc, sh);
     if (threadIdx.x == 0) partial[c] = s;
   }
 };
@@ -115,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) proximal_finish_kernel(mmmod::prox::
     for (int64_t k = threadIdx.x; k < te.chunk_count; k += kThreads) {
       s = __dadd_rn(s, partial[te.first_chunk + k]);
     }
-    s = block_sum(s, sh);
+    s = mmmod::block_sum_tree<kThreads>(s, sh);
     if (threadIdx.x == 0) total = __dadd_rn(total, __ddiv_rn(s, static_cast<double>(te.numel)));
   }
   if (threadIdx.x == 0) out[0] = total;
