@@ -73,6 +73,28 @@ struct NoiseArgs {
   uint32_t step, modality;
 };
 
+// What both updates read once per call: the noise stream, k and the update scale (CPU tensors:
+// memory reads, not device syncs) and sigma's contiguous data (kept alive by `sig`).
+struct CallValues {
+  at::Tensor sig;
+  NoiseArgs nz;
+  float k, u;
+  const float* sigma;
+};
+
+CallValues call_values(const at::Tensor& k, const std::optional<at::Tensor>& sigma,
+                       const std::optional<at::Tensor>& update_scale, int64_t seed, int64_t step,
+                       int64_t modality) {
+  CallValues v;
+  v.sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
+  v.nz = {sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+          static_cast<uint32_t>(modality)};
+  v.k = k.item<float>();
+  v.u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
+  v.sigma = sigma.has_value() ? v.sig.const_data_ptr<float>() : nullptr;
+  return v;
+}
+
 // the modulated gradient as the unfused modulation stores it (float32 math, cast to T)
 template <typename T>
 inline __attribute__((always_inline)) acc_t<T> mod_grad(T g, float k, float sigma, const float* z,
@@ -457,15 +479,13 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   std::vector<char> ready(params.size(), 0);
   for (size_t i = 0; use_momentum && i < params.size(); ++i) ready[i] = buffer_ready.get(i);
   const std::vector<Chunk> chunks = make_chunks(params);
-  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
   const SgdScalars s{maximize, nesterov, weight_decay != 0.0, use_momentum,
                      update_scale.has_value(), torch_uses_fma(), lr, weight_decay, momentum,
                      dampening};
-  const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                     static_cast<uint32_t>(modality)};
-  const float kv = k.item<float>();  // a CPU tensor: a memory read
-  const float u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
-  const float* sp = sigma.has_value() ? sig.const_data_ptr<float>() : nullptr;
+  const CallValues cv = call_values(k, sigma, update_scale, seed, step, modality);
+  const NoiseArgs& nz = cv.nz;
+  const float kv = cv.k, u = cv.u;
+  const float* sp = cv.sigma;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "mmmod_fused_sgd_cpu", [&] {
     using T = scalar_t;
@@ -535,14 +555,12 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                           update_scale, c10::DeviceType::CPU);
   if (params.empty()) return;
   const std::vector<Chunk> chunks = make_chunks(params);
-  const at::Tensor sig = sigma.has_value() ? sigma->contiguous() : at::Tensor();
   const AdamScalars s{maximize, weight_decay != 0.0, decoupled, update_scale.has_value(),
                       torch_uses_fma(), lr, beta1, beta2, eps, weight_decay};
-  const NoiseArgs nz{sigma.has_value(), static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                     static_cast<uint32_t>(modality)};
-  const float kv = k.item<float>();
-  const float u = update_scale.has_value() ? update_scale->item<float>() : 1.0f;
-  const float* sp = sigma.has_value() ? sig.const_data_ptr<float>() : nullptr;
+  const CallValues cv = call_values(k, sigma, update_scale, seed, step, modality);
+  const NoiseArgs& nz = cv.nz;
+  const float kv = cv.k, u = cv.u;
+  const float* sp = cv.sigma;
   const at::ScalarType dtype = params[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmmod_fused_adam_cpu", [&] {
     using T = scalar_t;
