@@ -9,75 +9,9 @@ import torch.nn as nn
 
 import mmmod
 from mmmod import backends
+from _ogm_official import SumAVNet, batches, official_ogm_epoch
 
 BACKENDS = [b for b in ("torch", "cpu") if backends.status(b)[0]]
-
-
-class SumAVNet(nn.Module):
-    """The official AVClassifier with fusion_method "sum": audio_net, visual_net and
-    fusion_module = SumFusion (fc_x on audio, fc_y on visual, both with a bias)."""
-
-    def __init__(self, classes=4, width=3):
-        super().__init__()
-        self.audio_net = nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.Conv2d(width, width, 3),
-                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.visual_net = nn.Sequential(nn.Conv2d(2, width, 3), nn.ReLU(), nn.Conv2d(width, width, 3),
-                                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fusion_module = nn.Module()
-        self.fusion_module.fc_x = nn.Linear(width, classes)
-        self.fusion_module.fc_y = nn.Linear(width, classes)
-        with torch.no_grad():  # biases far from 0, so the split matters
-            self.fusion_module.fc_x.bias.copy_(torch.linspace(-2.0, 2.0, classes))
-            self.fusion_module.fc_y.bias.copy_(torch.linspace(1.5, -1.5, classes))
-
-    def forward(self, spec, image):
-        a, v = self.audio_net(spec), self.visual_net(image)
-        return a, v, self.fusion_module.fc_x(a) + self.fusion_module.fc_y(v)
-
-
-def official_sum_ogm_epoch(alpha, epoch, window, model, batches, optimizer):
-    """main.py @ 0f64793 train_epoch, fusion_method "sum", modulation "OGM" (lines 82-86 for
-    out_v / out_a, 95-98, 105-124, 132-148, 153; no DataParallel: split('.')[0])."""
-    criterion = nn.CrossEntropyLoss()
-    softmax = nn.Softmax(dim=1)
-    relu = nn.ReLU(inplace=True)
-    tanh = nn.Tanh()
-    coeffs = []
-    for spec, image, label in batches:
-        optimizer.zero_grad()
-        a, v, out = model(spec, image)
-        out_v = (torch.mm(v, torch.transpose(model.fusion_module.fc_y.weight, 0, 1)) +
-                 model.fusion_module.fc_y.bias / 2)
-        out_a = (torch.mm(a, torch.transpose(model.fusion_module.fc_x.weight, 0, 1)) +
-                 model.fusion_module.fc_x.bias / 2)
-        loss = criterion(out, label)
-        loss.backward()
-        score_v = sum([softmax(out_v)[i][label[i]] for i in range(out_v.size(0))])
-        score_a = sum([softmax(out_a)[i][label[i]] for i in range(out_a.size(0))])
-        ratio_v = score_v / score_a
-        ratio_a = 1 / ratio_v
-        if ratio_v > 1:
-            coeff_v = 1 - tanh(alpha * relu(ratio_v))
-            coeff_a = 1
-        else:
-            coeff_a = 1 - tanh(alpha * relu(ratio_a))
-            coeff_v = 1
-        coeffs.append(tuple(float(torch.as_tensor(c).detach()) for c in (coeff_a, coeff_v)))
-        if window[0] <= epoch <= window[1]:
-            for name, parms in model.named_parameters():
-                layer = str(name).split('.')[0]
-                if 'audio' in layer and len(parms.grad.size()) == 4:
-                    parms.grad *= coeff_a
-                if 'visual' in layer and len(parms.grad.size()) == 4:
-                    parms.grad *= coeff_v
-        optimizer.step()
-    return coeffs
-
-
-def _batches(seed, n=4, b=6, classes=4):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, 1, 8, 8, generator=g) * (1 + i % 2), torch.randn(b, 2, 8, 8, generator=g),
-             torch.randint(0, classes, (b,), generator=g)) for i in range(n)]
 
 
 def test_sum_logits_take_half_of_each_branch_bias():
@@ -100,9 +34,10 @@ def test_official_ogm_loop_with_sum_fusion(seed, backend):
     torch.manual_seed(seed)
     model = SumAVNet()
     ref = cp.deepcopy(model)
-    epochs = [_batches(seed * 10 + e) for e in range(3)]
+    epochs = [batches(seed * 10 + e) for e in range(3)]
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    want = [official_sum_ogm_epoch(0.8, e, (0, 1), ref, epochs[e], opt_ref) for e in range(3)]
+    args = {"alpha": 0.8, "modulation": "OGM", "modulation_starts": 0, "modulation_ends": 1}
+    want = [official_ogm_epoch(args, e, ref, epochs[e], opt_ref) for e in range(3)]
 
     opt = mmmod.ModulatedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4),
