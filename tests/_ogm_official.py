@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 
-def _encoder(channels: int, width: int) -> nn.Module:
+def conv_encoder(channels: int, width: int) -> nn.Module:
+    """The small conv encoder of the test nets (two 3x3 convolutions, pooled)."""
     return nn.Sequential(nn.Conv2d(channels, width, 3), nn.ReLU(), nn.Conv2d(width, width, 3),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
@@ -18,7 +19,7 @@ class AVNet(nn.Module):
 
     def __init__(self, classes=4, width=3):
         super().__init__()
-        self.audio_net, self.visual_net = _encoder(1, width), _encoder(2, width)
+        self.audio_net, self.visual_net = conv_encoder(1, width), conv_encoder(2, width)
         self.fusion_module = nn.Module()
         self.fusion_module.fc_out = nn.Linear(2 * width, classes)
 
@@ -34,7 +35,7 @@ class SumAVNet(nn.Module):
 
     def __init__(self, classes=4, width=3):
         super().__init__()
-        self.audio_net, self.visual_net = _encoder(1, width), _encoder(2, width)
+        self.audio_net, self.visual_net = conv_encoder(1, width), conv_encoder(2, width)
         self.fusion_module = nn.Module()
         self.fusion_module.fc_x = nn.Linear(width, classes)
         self.fusion_module.fc_y = nn.Linear(width, classes)

@@ -7,8 +7,8 @@ The authors' side runs their model layout, transcribed from ``models/MLB_Models.
 linear classifier, ``fc_0_lin`` with the bias, ``fc_1_lin`` without, fused logits
 ``a W0^T + b/2 + v W1^T + b/2``), their step (``agents/general_agent/helpers/Trainer.py``,
 ``train_one_step``) and their method classes (``Bias_Infusion.py``). mmmod's side runs the
-late-fusion model of tests/methods/test_authors_loops.py (conv encoders, one concat head ``fc_out``)
-plus unimodal heads, started from the same numbers: ``fc_out.weight = [W0 W1]``, ``fc_out.bias =
+late-fusion model of the OGM-GE tests (tests/_ogm_official.py: conv encoders, one concat head
+``fc_out``) plus unimodal heads, started from the same numbers: ``fc_out.weight = [W0 W1]``, ``fc_out.bias =
 b``. The two layouts compute the same function, so any difference is the optimizer's.
 """
 
@@ -21,30 +21,19 @@ import mmmod
 from mmmod import backends, methods
 from mmmod.methods.mslr import MSLR
 from _mslr_official import AuthorsMSLR
+from _ogm_official import AVNet, conv_encoder
 
 BACKENDS = [b for b in ("torch", "cpu") if backends.status(b)[0]]
 WIDTH, CLASSES = 3, 4
 
 
-def _conv_encoder(cin):
-    return nn.Sequential(nn.Conv2d(cin, WIDTH, 3), nn.ReLU(), nn.Conv2d(WIDTH, WIDTH, 3),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-class LateFusionNet(nn.Module):
-    """mmmod's side: tests/methods/test_authors_loops.py's AVNet plus a linear unimodal head per
-    encoder (MLB trains them; MSLR leaves them unused)."""
+class LateFusionNet(AVNet):
+    """mmmod's side: the official OGM-GE layout (tests/_ogm_official.py's AVNet) plus a linear
+    unimodal head per encoder (MLB trains them; MSLR leaves them unused)."""
 
     def __init__(self):
-        super().__init__()
-        self.audio_net, self.visual_net = _conv_encoder(1), _conv_encoder(2)
+        super().__init__(classes=CLASSES, width=WIDTH)
         self.head_audio, self.head_visual = nn.Linear(WIDTH, CLASSES), nn.Linear(WIDTH, CLASSES)
-        self.fusion_module = nn.Module()
-        self.fusion_module.fc_out = nn.Linear(2 * WIDTH, CLASSES)
-
-    def forward(self, spec, image):
-        a, v = self.audio_net(spec), self.visual_net(image)
-        return a, v, self.fusion_module.fc_out(torch.cat((a, v), 1))
 
 
 class AuthorsEncoder(nn.Module):
@@ -67,8 +56,8 @@ class AuthorsBaseModel(nn.Module):
     def __init__(self, net: LateFusionNet, method: str):
         super().__init__()
         self.method = method
-        self.enc_0 = AuthorsEncoder(_conv_encoder(1), nn.Linear(WIDTH, CLASSES))
-        self.enc_1 = AuthorsEncoder(_conv_encoder(2), nn.Linear(WIDTH, CLASSES))
+        self.enc_0 = AuthorsEncoder(conv_encoder(1, WIDTH), nn.Linear(WIDTH, CLASSES))
+        self.enc_1 = AuthorsEncoder(conv_encoder(2, WIDTH), nn.Linear(WIDTH, CLASSES))
         self.fc_0_lin = nn.Linear(WIDTH, CLASSES)
         self.fc_1_lin = nn.Linear(WIDTH, CLASSES, bias=False)
         with torch.no_grad():  # the same numbers as mmmod's model
