@@ -24,16 +24,6 @@ namespace mmmod {
 namespace combine_cuda {
 namespace {
 
-void check(int rc, const char* op, const char* what) {
-  TORCH_CHECK(rc == 0, op, ": CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
-}
-
-int64_t dtype_code(at::ScalarType t) {
-  const int code = cuda_dtype_code(t);
-  TORCH_CHECK_TYPE(code >= 0, "mmmod combine: unsupported dtype ", t);
-  return code;
-}
-
 // The operands (contiguous; copies of non-contiguous ones) and the device table of one call.
 struct Plan {
   std::vector<at::Tensor> f, s;
@@ -51,7 +41,7 @@ Plan make_plan(const char* name, at::TensorList fused, at::TensorList summed,
     p.f.push_back(fused[i].contiguous());
     p.s.push_back(summed[i].contiguous());
     builder.add({p.f.back().data_ptr(), p.s.back().data_ptr()}, summed[i].numel(),
-                {dtype_code(summed[i].scalar_type())});
+                {kernel_dtype(summed[i].scalar_type(), "mmmod combine")});
   }
   p.table = mt::upload(builder, device, name);
   return p;
@@ -77,10 +67,10 @@ at::Tensor pair_moments_cuda(at::TensorList fused, at::TensorList summed,
   at::Tensor keep;
   const double* sc = scale_ptr(fused_scale, keep);
   at::Tensor partial = at::empty({3 * p.table.nchunks + 1}, out.options());
-  check(mmmod_cuda_pair_moments(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks, sc,
-                                partial.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(),
-                                p.stream),
-        op, "launch");
+  check_launch(mmmod_cuda_pair_moments(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks, sc,
+                                       partial.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(),
+                                       p.stream),
+               op, "launch");
   return out;
 }
 
@@ -101,12 +91,12 @@ at::Tensor combine_cuda(at::TensorList summed, at::TensorList fused,
   at::Tensor keep;
   const double* sc = scale_ptr(fused_scale, keep);
   at::Tensor factors = at::empty({2 * p.table.ntensors + 1}, mom.options());
-  check(mmmod_cuda_combine(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks,
-                           mom.const_data_ptr<double>(), groups.data(),
-                           static_cast<int64_t>(groups.size()), gamma, sc,
-                           factors.mutable_data_ptr<double>(), weights.mutable_data_ptr<double>(),
-                           p.stream),
-        op, "launch");
+  check_launch(mmmod_cuda_combine(p.table.words.const_data_ptr(), p.table.ntensors, p.table.nchunks,
+                                  mom.const_data_ptr<double>(), groups.data(),
+                                  static_cast<int64_t>(groups.size()), gamma, sc,
+                                  factors.mutable_data_ptr<double>(), weights.mutable_data_ptr<double>(),
+                                  p.stream),
+               op, "launch");
   for (size_t t = 0; t < summed.size(); ++t) {
     if (!p.s[t].is_same(summed[t])) summed[t].copy_(p.s[t]);
   }

@@ -31,16 +31,6 @@ namespace {
 
 void* current_stream(const at::Device& device) { return cuda_current_stream(device); }
 
-void check(int rc, const char* what) {
-  TORCH_CHECK(rc == 0, "mmmod: CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
-}
-
-int dtype_code(at::ScalarType t) {
-  const int code = cuda_dtype_code(t);
-  TORCH_CHECK_TYPE(code >= 0, "mmmod: unsupported dtype ", t);
-  return code;
-}
-
 using mt::DeviceTable;
 using BucketBuilder = mt::TableBuilder<bucket::kDepth, bucket::kExtra>;
 
@@ -83,7 +73,7 @@ at::Tensor scores_cuda(at::TensorList logits, const at::Tensor& labels) {
   const int64_t B = labels.size(0);
   // every dtype is checked before the first launch, so a bad one writes nothing
   std::vector<int> codes;
-  for (const auto& z : logits) codes.push_back(dtype_code(z.scalar_type()));
+  for (const auto& z : logits) codes.push_back(kernel_dtype(z.scalar_type(), "mmmod"));
   const at::Tensor y = labels.to(at::kLong).contiguous();
   void* stream = current_stream(labels.device());
   // the row blocks' partials of one call of up to MMMOD_CUDA_SCORES_MAX_M modalities; the calls
@@ -99,9 +89,9 @@ at::Tensor scores_cuda(at::TensorList logits, const at::Tensor& labels) {
       mods[j] = {reinterpret_cast<int64_t>(z.const_data_ptr()), codes[m0 + j],
                  z.size(1), z.stride(0), z.stride(1)};
     }
-    check(mmmod_cuda_scores(mods, count, B, y.const_data_ptr<int64_t>(),
-                            out.mutable_data_ptr<float>() + m0, partial.data_ptr(), stream),
-          "scores");
+    check_launch(mmmod_cuda_scores(mods, count, B, y.const_data_ptr<int64_t>(),
+                                   out.mutable_data_ptr<float>() + m0, partial.data_ptr(), stream),
+                 "mmmod", "scores");
   }
   return out;
 }
@@ -116,10 +106,10 @@ at::Tensor coefficients_cuda(const at::Tensor& scores, int64_t rule, double alph
   c10::DeviceGuard guard(scores.device());
   const at::Tensor s = scores.to(at::kFloat).contiguous();
   at::Tensor k = at::empty({s.size(0)}, s.options());
-  check(mmmod_cuda_coefficients(s.const_data_ptr<float>(), k.mutable_data_ptr<float>(), s.size(0),
-                                code, static_cast<float>(alpha), static_cast<float>(beta_max),
-                                current_stream(s.device())),
-        "coefficients");
+  check_launch(mmmod_cuda_coefficients(s.const_data_ptr<float>(), k.mutable_data_ptr<float>(), s.size(0),
+                                       code, static_cast<float>(alpha), static_cast<float>(beta_max),
+                                       current_stream(s.device())),
+               "mmmod", "coefficients");
   return k;
 }
 
@@ -129,13 +119,13 @@ void launch_modulate(at::TensorList tensors, const DeviceTable& t, const at::Ten
                      const at::Device& device) {
   if (t.nchunks == 0) return;
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_modulate(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                            dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
-                            gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
-                            static_cast<uint64_t>(seed), step_ptr, static_cast<uint32_t>(step),
-                            static_cast<uint32_t>(modality), ws.mutable_data_ptr(),
-                            current_stream(device)),
-        "modulate_");
+  check_launch(mmmod_cuda_modulate(t.words.const_data_ptr(), t.ntensors, t.nchunks,
+                                   kernel_dtype(tensors[0].scalar_type(), "mmmod"), k.const_data_ptr<float>(),
+                                   gate.const_data_ptr<float>(), noise ? 1 : 0, scaled ? 1 : 0,
+                                   static_cast<uint64_t>(seed), step_ptr, static_cast<uint32_t>(step),
+                                   static_cast<uint32_t>(modality), ws.mutable_data_ptr(),
+                                   current_stream(device)),
+               "mmmod", "modulate_");
 }
 
 void modulate_cuda(at::TensorList tensors, at::IntArrayRef offsets, const at::Tensor& k,
@@ -227,14 +217,14 @@ void modulate_sigma_cuda(at::TensorList tensors, at::IntArrayRef offsets, const 
   const DeviceTable t = given_or_uploaded_table(tensors, offsets, table, device, "modulate_sigma_");
   if (t.nchunks == 0) return;
   const at::Tensor s = sigma.contiguous();  // a device copy at most, never a sync
-  check(mmmod_cuda_modulate_sigma(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                  dtype_code(tensors[0].scalar_type()), k.const_data_ptr<float>(),
-                                  gate.const_data_ptr<float>(), s.const_data_ptr<float>(),
-                                  static_cast<uint64_t>(seed),
-                                  step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr,
-                                  static_cast<uint32_t>(step), static_cast<uint32_t>(modality),
-                                  current_stream(device)),
-        "modulate_sigma_");
+  check_launch(mmmod_cuda_modulate_sigma(t.words.const_data_ptr(), t.ntensors, t.nchunks,
+                                         kernel_dtype(tensors[0].scalar_type(), "mmmod"), k.const_data_ptr<float>(),
+                                         gate.const_data_ptr<float>(), s.const_data_ptr<float>(),
+                                         static_cast<uint64_t>(seed),
+                                         step64.defined() ? step64.const_data_ptr<int64_t>() : nullptr,
+                                         static_cast<uint32_t>(step), static_cast<uint32_t>(modality),
+                                         current_stream(device)),
+               "mmmod", "modulate_sigma_");
 }
 
 at::Tensor bucket_std_cuda(at::TensorList tensors) {
@@ -250,10 +240,10 @@ at::Tensor bucket_std_cuda(at::TensorList tensors) {
   const DeviceTable t = upload_table(flat, {}, device, "bucket_std");
   at::Tensor out = at::empty({t.ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_bucket_std(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                              dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
-                              out.mutable_data_ptr<double>(), current_stream(device)),
-        "bucket_std");
+  check_launch(mmmod_cuda_bucket_std(t.words.const_data_ptr(), t.ntensors, t.nchunks,
+                                     kernel_dtype(flat[0].scalar_type(), "mmmod"), ws.mutable_data_ptr(),
+                                     out.mutable_data_ptr<double>(), current_stream(device)),
+               "mmmod", "bucket_std");
   return out;
 }
 
@@ -272,10 +262,10 @@ at::Tensor bucket_moments_cuda(at::TensorList tensors) {
   const DeviceTable t = upload_table(flat, {}, device, "_bucket_moments");
   at::Tensor out = at::empty({T, 3}, at::TensorOptions().dtype(at::kDouble).device(device));
   at::Tensor ws = workspace(t, device);
-  check(mmmod_cuda_bucket_moments(t.words.const_data_ptr(), t.ntensors, t.nchunks,
-                                  dtype_code(flat[0].scalar_type()), ws.mutable_data_ptr(),
-                                  out.mutable_data_ptr<double>(), current_stream(device)),
-        "_bucket_moments");
+  check_launch(mmmod_cuda_bucket_moments(t.words.const_data_ptr(), t.ntensors, t.nchunks,
+                                         kernel_dtype(flat[0].scalar_type(), "mmmod"), ws.mutable_data_ptr(),
+                                         out.mutable_data_ptr<double>(), current_stream(device)),
+               "mmmod", "_bucket_moments");
   return out;
 }
 
@@ -285,11 +275,11 @@ void philox_normal_cuda(const at::Tensor& out, int64_t seed, int64_t step, int64
                     "mmmod.philox_normal_: out must be a contiguous float32 tensor");
   TORCH_CHECK_VALUE(offset >= 0, "mmmod.philox_normal_: negative offset");
   c10::DeviceGuard guard(out.device());
-  check(mmmod_cuda_philox_normal(out.mutable_data_ptr<float>(), out.numel(),
-                                 static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
-                                 static_cast<uint32_t>(modality), static_cast<uint64_t>(offset),
-                                 current_stream(out.device())),
-        "philox_normal_");
+  check_launch(mmmod_cuda_philox_normal(out.mutable_data_ptr<float>(), out.numel(),
+                                        static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                                        static_cast<uint32_t>(modality), static_cast<uint64_t>(offset),
+                                        current_stream(out.device())),
+               "mmmod", "philox_normal_");
 }
 
 }  // namespace cuda

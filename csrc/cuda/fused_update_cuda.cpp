@@ -32,7 +32,7 @@ namespace fused_cuda {
 namespace {
 
 void check_rc(int rc, const char* op, const char* what) {
-  TORCH_CHECK(rc == 0, "mmmod.", op, ": CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
+  check_launch(rc, (std::string("mmmod.") + op).c_str(), what);
 }
 
 bool has_elements(at::TensorList params) {

@@ -23,16 +23,6 @@ namespace mmmod {
 namespace proximal_cuda {
 namespace {
 
-void check(int rc, const char* what) {
-  TORCH_CHECK(rc == 0, "mmmod.proximal_: CUDA ", what, " failed: ", mmmod_cuda_error_string(rc));
-}
-
-int64_t dtype_code(at::ScalarType t) {
-  const int code = cuda_dtype_code(t);
-  TORCH_CHECK_TYPE(code >= 0, "mmmod.proximal_: unsupported dtype ", t);
-  return code;
-}
-
 }  // namespace
 
 at::Tensor proximal_cuda(at::TensorList grads, at::TensorList params, at::TensorList snapshots,
@@ -53,16 +43,16 @@ at::Tensor proximal_cuda(at::TensorList grads, at::TensorList params, at::Tensor
     p0.push_back(snapshots[i].contiguous());
     index.push_back(i);
     builder.add({g.back().data_ptr(), p.back().data_ptr(), p0.back().data_ptr()}, n,
-                {dtype_code(grads[i].scalar_type()), grads[i].dim() >= 2 ? 1 : 0});
+                {kernel_dtype(grads[i].scalar_type(), "mmmod.proximal_"), grads[i].dim() >= 2 ? 1 : 0});
   }
   if (builder.ntensors() == 0) return out;
   const mt::DeviceTable table = mt::upload(builder, device, "proximal_");
   const at::Tensor b = beta.to(at::kFloat).reshape({1}).contiguous();
   at::Tensor partial = at::empty({table.nchunks}, beta.options().dtype(at::kDouble));
-  check(mmmod_cuda_proximal(table.words.const_data_ptr(), table.ntensors, table.nchunks,
-                            b.const_data_ptr<float>(), partial.mutable_data_ptr<double>(),
-                            out.mutable_data_ptr<double>(), cuda_current_stream(device)),
-        "proximal_");
+  check_launch(mmmod_cuda_proximal(table.words.const_data_ptr(), table.ntensors, table.nchunks,
+                                   b.const_data_ptr<float>(), partial.mutable_data_ptr<double>(),
+                                   out.mutable_data_ptr<double>(), cuda_current_stream(device)),
+               "mmmod.proximal_", "proximal_");
   // beta is not known here: a copied gradient goes back whatever it is (unchanged when 0)
   for (size_t k = 0; k < index.size(); ++k) {
     if (!g[k].is_same(grads[index[k]])) grads[index[k]].copy_(g[k]);
