@@ -240,43 +240,60 @@ FU_HD void sgd_element(typename Num<T>::A x, typename Num<T>::A& p, typename Num
   p = pn;
 }
 
-// Chunk ci's groups tid, tid + nthreads, ... (a thread of the block that owns the chunk).
-template <typename T, bool NOISE>
-FU_HD void sgd_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
-                     const SgdConsts<typename Num<T>::A>& c, const float* sigma, uint64_t seed,
-                     uint32_t step, uint32_t modality) {
+// ---- the chunk walk both updates share ------------------------------------------------------------
+// Chunk ci's groups tid, tid + nthreads, ... of four elements (a thread of the block that owns the
+// chunk): each element's gradient modulated, then U::element on the parameter and the update's
+// state buffers, through 16-byte accesses where the chunk and every buffer allow them. U gives
+// kStates, the per-tensor values (per_tensor), its state pointers (states: null for a state the
+// step has none of), whether they are read (reads: else they start at 0) and element.
+template <typename T, bool NOISE, class U>
+FU_HD void update_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads, const U& u,
+                        const float* sigma, uint64_t seed, uint32_t step, uint32_t modality) {
   using N = Num<T>;
   using A = typename N::A;
+  constexpr int S = U::kStates;
   const ChunkEntry ch = tb.chunks[ci];
   const FusedEntry te = tb.tensors[ch.tensor];
   const ChunkView cv = chunk_view(ch, te, NOISE);
   T* p = reinterpret_cast<T*>(te.ptr[fu::kParam]) + cv.start;
   const T* g = reinterpret_cast<const T*>(te.ptr[fu::kGrad]) + cv.start;
-  T* buf = c.use_momentum ? reinterpret_cast<T*>(te.ptr[fu::kState1]) + cv.start : nullptr;
-  const bool ready = c.use_momentum && te.extra[fu::kFlag] != 0;
+  T* st[S];
+  u.states(te, cv.start, st);
+  const typename U::PerTensor pt = u.per_tensor(te);
+  const bool read = u.reads(pt);
   const float sg = NOISE ? sigma[ch.tensor] : 0.0f;
-  const bool vec = cv.lead == 0 && group_aligned<T>(p) && group_aligned<T>(g) &&
-                   group_aligned<T>(buf);
+  bool vec = cv.lead == 0 && group_aligned<T>(p) && group_aligned<T>(g);
+#pragma unroll
+  for (int j = 0; j < S; ++j) vec = vec && group_aligned<T>(st[j]);
 #pragma unroll 1
   for (int gi = tid; gi < cv.groups; gi += nthreads) {
     float z[4];
     group_normals<NOISE>(seed, step, modality, cv.q0 + static_cast<uint64_t>(gi), z);
     const int e0 = 4 * gi - cv.lead;
     if (vec && e0 + 4 <= cv.len) {
-      T gv[4], pv[4], bv[4];
+      T gv[4], pv[4], sv[S][4];
       Vec4<T>::load4(g + e0, gv);
       Vec4<T>::load4(p + e0, pv);
-      if (ready) Vec4<T>::load4(buf + e0, bv);
+#pragma unroll
+      for (int j = 0; j < S; ++j) {
+        if (read) Vec4<T>::load4(st[j] + e0, sv[j]);
+      }
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         A pa = N::to_a(pv[l]);
-        A ba = ready ? N::to_a(bv[l]) : static_cast<A>(0);
-        sgd_element<T>(modulated<T, NOISE>(gv[l], c.k, sg, z[l]), pa, ba, ready, c);
+        A sa[S];
+#pragma unroll
+        for (int j = 0; j < S; ++j) sa[j] = read ? N::to_a(sv[j][l]) : static_cast<A>(0);
+        u.element(modulated<T, NOISE>(gv[l], u.c.k, sg, z[l]), pa, sa, pt);
         pv[l] = N::from_a(pa);
-        bv[l] = N::from_a(ba);
+#pragma unroll
+        for (int j = 0; j < S; ++j) sv[j][l] = N::from_a(sa[j]);
       }
       Vec4<T>::store4(p + e0, pv);
-      if (buf != nullptr) Vec4<T>::store4(buf + e0, bv);
+#pragma unroll
+      for (int j = 0; j < S; ++j) {
+        if (st[j] != nullptr) Vec4<T>::store4(st[j] + e0, sv[j]);
+      }
       continue;
     }
 #pragma unroll
@@ -284,12 +301,46 @@ FU_HD void sgd_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
       const int e = e0 + l;
       if (e < 0 || e >= cv.len) continue;
       A pa = N::to_a(load(p + e));
-      A ba = ready ? N::to_a(load(buf + e)) : static_cast<A>(0);
-      sgd_element<T>(modulated<T, NOISE>(load(g + e), c.k, sg, z[l]), pa, ba, ready, c);
+      A sa[S];
+#pragma unroll
+      for (int j = 0; j < S; ++j) sa[j] = read ? N::to_a(load(st[j] + e)) : static_cast<A>(0);
+      u.element(modulated<T, NOISE>(load(g + e), u.c.k, sg, z[l]), pa, sa, pt);
       store(p + e, N::from_a(pa));
-      if (buf != nullptr) store(buf + e, N::from_a(ba));
+#pragma unroll
+      for (int j = 0; j < S; ++j) {
+        if (st[j] != nullptr) store(st[j] + e, N::from_a(sa[j]));
+      }
     }
   }
+}
+
+// SGD as update_chunk's U: one state, the momentum buffer (none without momentum), read once the
+// buffer is ready (else the element starts it from the gradient, as torch's first step)
+template <typename T>
+struct SgdUpdate {
+  using A = typename Num<T>::A;
+  static constexpr int kStates = 1;
+  SgdConsts<A> c;
+  struct PerTensor {
+    bool ready;
+  };
+  FU_HD PerTensor per_tensor(const FusedEntry& te) const {
+    return {c.use_momentum && te.extra[fu::kFlag] != 0};
+  }
+  FU_HD void states(const FusedEntry& te, int64_t start, T** st) const {
+    st[0] = c.use_momentum ? reinterpret_cast<T*>(te.ptr[fu::kState1]) + start : nullptr;
+  }
+  FU_HD bool reads(const PerTensor& pt) const { return pt.ready; }
+  FU_HD void element(A x, A& p, A* s, const PerTensor& pt) const {
+    sgd_element<T>(x, p, s[0], pt.ready, c);
+  }
+};
+
+template <typename T, bool NOISE>
+FU_HD void sgd_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
+                     const SgdConsts<typename Num<T>::A>& c, const float* sigma, uint64_t seed,
+                     uint32_t step, uint32_t modality) {
+  update_chunk<T, NOISE>(tb, ci, tid, nthreads, SgdUpdate<T>{c}, sigma, seed, step, modality);
 }
 
 // ---- Adam / AdamW ---------------------------------------------------------------------------------
@@ -355,60 +406,35 @@ FU_HD void adam_element(typename Num<T>::A x, typename Num<T>::A& p, typename Nu
   p = pn;
 }
 
+// Adam as update_chunk's U: two states (exp_avg, exp_avg_sq), always read; per tensor its step
+// size and bias correction (doubles in the table, bit for bit)
+template <typename T>
+struct AdamUpdate {
+  using A = typename Num<T>::A;
+  static constexpr int kStates = 2;
+  AdamConsts<A> c;
+  struct PerTensor {
+    A neg_step, bc2s;
+  };
+  FU_HD PerTensor per_tensor(const FusedEntry& te) const {
+    return {static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kNegStepSize])),
+            static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kBc2Sqrt]))};
+  }
+  FU_HD void states(const FusedEntry& te, int64_t start, T** st) const {
+    st[0] = reinterpret_cast<T*>(te.ptr[fu::kState1]) + start;
+    st[1] = reinterpret_cast<T*>(te.ptr[fu::kState2]) + start;
+  }
+  FU_HD bool reads(const PerTensor&) const { return true; }
+  FU_HD void element(A x, A& p, A* s, const PerTensor& pt) const {
+    adam_element<T>(x, p, s[0], s[1], pt.neg_step, pt.bc2s, c);
+  }
+};
+
 template <typename T, bool NOISE>
 FU_HD void adam_chunk(const FusedTable& tb, int64_t ci, int tid, int nthreads,
                       const AdamConsts<typename Num<T>::A>& c, const float* sigma, uint64_t seed,
                       uint32_t step, uint32_t modality) {
-  using N = Num<T>;
-  using A = typename N::A;
-  const ChunkEntry ch = tb.chunks[ci];
-  const FusedEntry te = tb.tensors[ch.tensor];
-  const ChunkView cv = chunk_view(ch, te, NOISE);
-  T* p = reinterpret_cast<T*>(te.ptr[fu::kParam]) + cv.start;
-  const T* g = reinterpret_cast<const T*>(te.ptr[fu::kGrad]) + cv.start;
-  T* ea = reinterpret_cast<T*>(te.ptr[fu::kState1]) + cv.start;
-  T* es = reinterpret_cast<T*>(te.ptr[fu::kState2]) + cv.start;
-  const A neg_step = static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kNegStepSize]));
-  const A bc2s = static_cast<A>(mmmod::mt::word_as_double(te.extra[fu::kBc2Sqrt]));
-  const float sg = NOISE ? sigma[ch.tensor] : 0.0f;
-  const bool vec = cv.lead == 0 && group_aligned<T>(p) && group_aligned<T>(g) &&
-                   group_aligned<T>(ea) && group_aligned<T>(es);
-#pragma unroll 1
-  for (int gi = tid; gi < cv.groups; gi += nthreads) {
-    float z[4];
-    group_normals<NOISE>(seed, step, modality, cv.q0 + static_cast<uint64_t>(gi), z);
-    const int e0 = 4 * gi - cv.lead;
-    if (vec && e0 + 4 <= cv.len) {
-      T gv[4], pv[4], av[4], sv[4];
-      Vec4<T>::load4(g + e0, gv);
-      Vec4<T>::load4(p + e0, pv);
-      Vec4<T>::load4(ea + e0, av);
-      Vec4<T>::load4(es + e0, sv);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        A pa = N::to_a(pv[l]), ma = N::to_a(av[l]), va = N::to_a(sv[l]);
-        adam_element<T>(modulated<T, NOISE>(gv[l], c.k, sg, z[l]), pa, ma, va, neg_step, bc2s, c);
-        pv[l] = N::from_a(pa);
-        av[l] = N::from_a(ma);
-        sv[l] = N::from_a(va);
-      }
-      Vec4<T>::store4(p + e0, pv);
-      Vec4<T>::store4(ea + e0, av);
-      Vec4<T>::store4(es + e0, sv);
-      continue;
-    }
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const int e = e0 + l;
-      if (e < 0 || e >= cv.len) continue;
-      A pa = N::to_a(load(p + e)), ma = N::to_a(load(ea + e)), va = N::to_a(load(es + e));
-      adam_element<T>(modulated<T, NOISE>(load(g + e), c.k, sg, z[l]), pa, ma, va, neg_step, bc2s,
-                      c);
-      store(p + e, N::from_a(pa));
-      store(ea + e, N::from_a(ma));
-      store(es + e, N::from_a(va));
-    }
-  }
+  update_chunk<T, NOISE>(tb, ci, tid, nthreads, AdamUpdate<T>{c}, sigma, seed, step, modality);
 }
 
 // ---- the functors, applied over the table by multi_tensor_apply (block b takes chunks b,
